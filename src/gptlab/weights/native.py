@@ -1,0 +1,129 @@
+"""gptlab's own model directory: ``config.json`` + ``model.safetensors`` + tokenizer files.
+
+This is what training writes (``RUN/model``) and what ``generate`` loads.
+``config.json`` holds ``ModelConfig.to_dict()`` (with its ``family``) under the
+key ``"model"``, plus ``"format": "gptlab"``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gptlab.errors import GptlabError
+from gptlab.fileio import atomic_save, atomic_write_json
+from gptlab.models import build_model
+from gptlab.models.config import ConfigError, ModelConfig
+
+FORMAT = "gptlab"
+
+
+def is_native_dir(path: str | Path) -> bool:
+    p = Path(path) / "config.json"
+    if not p.is_file():
+        return False
+    try:
+        return json.loads(p.read_text()).get("format") == FORMAT
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def save_model_dir(model: nn.Module, out: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
+    """Write weights (safetensors, tied weights stored once), config and tokenizer atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {}
+    seen: dict[int, str] = {}
+    for name, t in model.state_dict().items():
+        key = t.data_ptr()
+        if key in seen and t.numel() > 0:  # a tied weight: stored once
+            continue
+        seen[key] = name
+        state[name] = t.detach().contiguous().cpu()
+    atomic_save(out / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    meta = {"format": FORMAT, "model": model.cfg.to_dict()}
+    if extra:
+        meta.update(extra)
+    atomic_write_json(out / "config.json", meta)
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return out
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    p = Path(path) / "config.json"
+    try:
+        meta = json.loads(p.read_text())
+        return ModelConfig.from_dict(meta["model"])
+    except FileNotFoundError:
+        raise GptlabError(f"{p} not found; a gptlab model directory needs config.json and model.safetensors") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise GptlabError(f"{p} is not a valid gptlab config ({e}); re-export or retrain the model") from None
+    except ConfigError as e:
+        raise GptlabError(f"{p}: {e}") from None
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model``, naming every missing, unexpected or mis-shaped key."""
+    own = model.state_dict()
+    # Tied weights are stored once; a key is satisfied when an alias of it is present.
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    tied = {n for names in aliases.values() if len(names) > 1 and any(m in state for m in names) for n in names}
+    missing = sorted(set(own) - set(state) - tied)
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if shapes:
+        problems.append("wrong shapes " + "; ".join(shapes[:5]))
+    if problems:
+        raise GptlabError(f"{source} does not match its config: " + "; ".join(problems)
+                          + " (was the checkpoint written for another model size?)")
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(model.cfg, "tie_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def load_model_dir(path: str | Path, *, dtype: torch.dtype | None = None, device=None) -> nn.Module:
+    """Load a gptlab model directory, strictly checked. Builds on the meta device (no double RAM)."""
+    path = Path(path)
+    cfg = read_config(path)
+    wfile = path / "model.safetensors"
+    if not wfile.is_file():
+        raise GptlabError(f"{wfile} not found; the model directory is incomplete (was training interrupted before the first checkpoint?)")
+    try:
+        state = load_file(str(wfile), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GptlabError(f"{wfile} is corrupt or truncated ({e}); restore it from another checkpoint") from None
+    with torch.device("meta"):
+        model = build_model(cfg)
+    load_state_strict(model, state, str(wfile))
+    _retie(model)
+    if hasattr(model, "reset_buffers"):  # non-persistent buffers (e.g. RoPE tables) left on meta
+        model.reset_buffers()
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def _retie(model: nn.Module) -> None:
+    """After assign=True loading, re-point tied output weights at the embedding."""
+    cfg = model.cfg
+    if getattr(cfg, "tie_embeddings", False):
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        elif hasattr(model, "out_head") and hasattr(model, "tok_emb"):
+            model.out_head.weight = model.tok_emb.weight
