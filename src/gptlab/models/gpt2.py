@@ -92,6 +92,11 @@ class GPT2(nn.Module):
             self.out_head.weight = self.tok_emb.weight
         self.reset_parameters()
 
+    def tie_weights(self) -> None:
+        """Share the output head with the token embedding when ``cfg.tie_embeddings``."""
+        if self.cfg.tie_embeddings:
+            self.out_head.weight = self.tok_emb.weight
+
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/√(2L)."""
         for name, p in self.named_parameters():

@@ -1,0 +1,309 @@
+"""The Llama family, read bottom-up: RMSNorm -> MLP -> attention -> decoder layer -> model.
+
+One file covers Llama 2, Llama 3 / 3.x, Mistral, Qwen2, SmolLM2 and Gemma (1).
+Their differences are config fields, never model names:
+
+    rope_theta, rope_scaling   RoPE base and Llama 3.1 frequency scaling
+    n_kv_heads                 grouped-query attention (Llama 2 70B, Llama 3, Mistral, ...)
+    sliding_window             Mistral: each token sees only the last W tokens
+    qkv_bias                   Qwen2: bias on the q/k/v projections
+    mlp_act                    "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)
+    embed_scale                Gemma: embeddings multiplied by √d
+    norm_unit_offset           Gemma: RMSNorm scales by (1 + w) instead of w
+
+Versus GPT-2 (``models/gpt2.py``): RMSNorm instead of LayerNorm, rotary
+positions instead of learned ones, a gated feed-forward, no biases, and
+usually untied output weights. Module names follow the Hugging Face
+checkpoints (``q_proj``, ``gate_proj``, ``input_layernorm``, ...) so the key
+map in ``weights/keymaps.py`` is near 1:1. Shapes follow the legend in
+``models/config.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptlab.models.attention import KVCache, apply_rope, attend, rope_cos_sin, rope_frequencies
+from gptlab.models.config import ConfigError, ModelConfig, register_family, register_preset
+
+MLP_ACTS = ("silu", "gelu_tanh")
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@register_family
+@dataclass
+class LlamaConfig(ModelConfig):
+    """Llama-style decoder: RMSNorm, RoPE, gated MLP, optional GQA / sliding window.
+
+    ``hidden_dim`` (the gated MLP's width F) is required: published models do
+    not follow one formula (Llama 2 7B: 11008 for d=4096; Llama 3 8B: 14336).
+    """
+
+    family: ClassVar[str] = "llama"
+
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3.1: factor, low/high_freq_factor, original_max_position_embeddings
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    mlp_act: str = "silu"
+    embed_scale: bool = False
+    norm_unit_offset: bool = False
+    sliding_window: int | None = None
+    bos_id: int | None = None
+    eos_id: int | list[int] | None = None
+    attn_impl: str = "sdpa"  # "sdpa" | "math"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hidden_dim is None:
+            raise ConfigError(
+                "llama config needs hidden_dim (the MLP width F); published models use about "
+                f"8/3·emb_dim rounded up, e.g. hidden_dim={_suggest_hidden(self.emb_dim)} for emb_dim={self.emb_dim}"
+            )
+        if not isinstance(self.hidden_dim, int) or self.hidden_dim < 1:
+            raise ConfigError(f"hidden_dim={self.hidden_dim!r} must be a positive integer")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.mlp_act not in MLP_ACTS:
+            raise ConfigError(f"mlp_act={self.mlp_act!r} must be one of {', '.join(MLP_ACTS)}")
+        if self.attn_impl not in ("sdpa", "math"):
+            raise ConfigError(f"attn_impl={self.attn_impl!r} must be 'sdpa' or 'math'")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta={self.rope_theta} must be > 0")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"norm_eps={self.norm_eps} must be > 0")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"sliding_window={self.sliding_window} must be >= 1 (or None for full attention)")
+        if self.rope_scaling is not None:
+            missing = [k for k in ROPE_SCALING_KEYS if k not in self.rope_scaling]
+            if missing:
+                raise ConfigError(
+                    f"rope_scaling is missing {', '.join(missing)}; Llama 3 scaling needs all of "
+                    f"{', '.join(ROPE_SCALING_KEYS)} (or set rope_scaling=None)"
+                )
+
+    def param_counts(self) -> dict[str, int]:
+        """Exact parameter counts by group (tied output weights counted once)."""
+        d, F_, L, V = self.emb_dim, self.hidden_dim, self.n_layers, self.vocab_size
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        bias = (q_out + 2 * kv_out) if self.qkv_bias else 0
+        attn = d * q_out + 2 * d * kv_out + bias + q_out * d
+        mlp = 3 * d * F_
+        block = attn + mlp + 2 * d  # two RMSNorm weights
+        tok = V * d
+        head = 0 if self.tie_embeddings else V * d
+        total = tok + L * block + d + head
+        return {
+            "total": total,
+            "embedding": tok,
+            "non_embedding": total - tok,
+            "lm_head": V * d,
+            "tied": V * d if self.tie_embeddings else 0,
+            "per_block": block,
+        }
+
+
+def _suggest_hidden(d: int) -> int:
+    return 256 * math.ceil(8 * d / 3 / 256)
+
+
+# ---- building blocks ----
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467).
+
+    x / sqrt(mean(x²) + eps), computed in fp32 and cast back (as the Hugging
+    Face reference does, so bf16 results match). With ``unit_offset`` (Gemma)
+    the learned scale is (1 + w), so w is initialised to 0.
+    """
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
+        super().__init__()
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:  # Gemma scales in fp32, then casts
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * normed.to(x.dtype)  # Llama casts, then scales
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU / GeGLU feed-forward (Shazeer 2020, https://arxiv.org/abs/2002.05202).
+
+    down(act(gate(x)) * up(x)): d -> F (twice) -> d, no biases.
+    """
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.emb_dim, bias=False)
+        self.act = F.silu if cfg.mlp_act == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # (B, T, d)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with rotary positions and grouped-query K/V heads."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.emb_dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.emb_dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.emb_dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.emb_dim, bias=False)
+        self.window, self.impl = cfg.sliding_window, cfg.attn_impl
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # rotate before caching
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd)
+        y = attend(q, k, v, impl=self.impl, window=self.window)  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
+        return self.o_proj(y)  # (B, T, d)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.emb_dim, cfg.norm_eps, cfg.norm_unit_offset)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.emb_dim, cfg.norm_eps, cfg.norm_unit_offset)
+        self.mlp = GatedMLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """Llama-family language model: ``model(ids) -> logits``.
+
+    ids (B, T) int64 -> logits (B, T, V). With a :class:`KVCache`, the T ids are
+    taken to follow the ``cache.pos`` tokens already cached.
+    """
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, cfg.norm_unit_offset)
+        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        # RoPE inverse frequencies (hd/2,): derived from the config, never saved.
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.reset_parameters()
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the output head with the embedding when ``cfg.tie_embeddings``."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (after building on the meta device)."""
+        device = self.embed_tokens.weight.device
+        self.inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling).to(device)
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) weights, residual outputs scaled by 1/√(2L), norms at identity."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:  # identity scale: w = 1, or w = 0 with Gemma's (1 + w)
+                nn.init.constant_(p, 0.0 if self.cfg.norm_unit_offset else 1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, std=0.02)
+        self.reset_buffers()
+
+    def features(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, d), before the output head."""
+        B, T = ids.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.context_length:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds context_length {self.cfg.context_length}; "
+                "crop the input (generate() does this) or use a model with a longer context"
+            )
+        x = self.embed_tokens(ids)  # (B, T, d)
+        if self.cfg.embed_scale:  # Gemma: √d, rounded to the activation dtype as in the reference
+            x = x * torch.tensor(self.cfg.emb_dim ** 0.5, dtype=x.dtype)
+        pos = torch.arange(start, start + T, device=ids.device)
+        cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)  # each (T, hd)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return self.lm_head(self.features(ids, cache))  # (B, T, V)
+
+    def new_cache(self, batch: int, max_len: int | None = None, *, dtype=None, device=None) -> KVCache:
+        """An empty KV cache sized for this model (default: its full context)."""
+        p = self.embed_tokens.weight
+        return KVCache(self.cfg.n_layers, batch, self.cfg.n_kv_heads, max_len or self.cfg.context_length,
+                       self.cfg.head_dim, dtype=dtype or p.dtype, device=device or p.device)
+
+
+# ---- presets: published shapes (from each model's config.json), plus a tiny trainable one ----
+
+_LLAMA3_SCALING = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+
+for _name, _cfg in {
+    "llama-2-7b": LlamaConfig(vocab_size=32000, context_length=4096, emb_dim=4096, n_layers=32, n_heads=32,
+                              hidden_dim=11008, tie_embeddings=False, bos_id=1, eos_id=2),
+    "llama-3-8b": LlamaConfig(vocab_size=128256, context_length=8192, emb_dim=4096, n_layers=32, n_heads=32,
+                              n_kv_heads=8, hidden_dim=14336, rope_theta=500000.0, tie_embeddings=False,
+                              bos_id=128000, eos_id=128001),
+    "llama-3.2-1b": LlamaConfig(vocab_size=128256, context_length=131072, emb_dim=2048, n_layers=16, n_heads=32,
+                                n_kv_heads=8, hidden_dim=8192, rope_theta=500000.0, rope_scaling=dict(_LLAMA3_SCALING),
+                                bos_id=128000, eos_id=128001),
+    "llama-3.2-3b": LlamaConfig(vocab_size=128256, context_length=131072, emb_dim=3072, n_layers=28, n_heads=24,
+                                n_kv_heads=8, hidden_dim=8192, rope_theta=500000.0, rope_scaling=dict(_LLAMA3_SCALING),
+                                bos_id=128000, eos_id=128001),
+    "mistral-7b": LlamaConfig(vocab_size=32000, context_length=32768, emb_dim=4096, n_layers=32, n_heads=32,
+                              n_kv_heads=8, hidden_dim=14336, sliding_window=4096, tie_embeddings=False,
+                              bos_id=1, eos_id=2),
+    "mistral-small-24b": LlamaConfig(vocab_size=131072, context_length=32768, emb_dim=5120, n_layers=40,
+                                     n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=32768,
+                                     rope_theta=100000000.0, tie_embeddings=False, bos_id=1, eos_id=2),
+    "gemma-2b": LlamaConfig(vocab_size=256000, context_length=8192, emb_dim=2048, n_layers=18, n_heads=8,
+                            n_kv_heads=1, head_dim=256, hidden_dim=16384, norm_eps=1e-6, mlp_act="gelu_tanh",
+                            embed_scale=True, norm_unit_offset=True, bos_id=2, eos_id=1),
+    "qwen2.5-0.5b": LlamaConfig(vocab_size=151936, context_length=32768, emb_dim=896, n_layers=24, n_heads=14,
+                                n_kv_heads=2, hidden_dim=4864, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True,
+                                eos_id=151643),
+    "smollm2-135m": LlamaConfig(vocab_size=49152, context_length=8192, emb_dim=576, n_layers=30, n_heads=9,
+                                n_kv_heads=3, hidden_dim=1536, rope_theta=100000.0, bos_id=1, eos_id=2),
+    "smollm2-360m": LlamaConfig(vocab_size=49152, context_length=8192, emb_dim=960, n_layers=32, n_heads=15,
+                                n_kv_heads=5, hidden_dim=2560, rope_theta=100000.0, bos_id=1, eos_id=2),
+    "smollm2-1.7b": LlamaConfig(vocab_size=49152, context_length=8192, emb_dim=2048, n_layers=24, n_heads=32,
+                                hidden_dim=8192, rope_theta=130000.0, bos_id=1, eos_id=2),
+    # Trains on a laptop CPU; vocab_size is replaced by the tokenizer's at train time.
+    "llama-micro": LlamaConfig(vocab_size=50257, context_length=128, emb_dim=256, n_layers=4, n_heads=4,
+                               n_kv_heads=2, hidden_dim=688),
+}.items():
+    register_preset(_name, _cfg)
