@@ -1,0 +1,41 @@
+"""``gptlab eval``: loss and perplexity of a model on a corpus."""
+
+from __future__ import annotations
+
+import json
+
+from gptlab.evaluation.perplexity import perplexity
+
+
+def eval_command(model: str, data: str | None = None, max_length: int | None = None, stride: int | None = None,
+                 batch_size: int = 8, max_tokens: int | None = None, device: str = "auto",
+                 dtype: str | None = None, as_json: bool = False) -> int:
+    """Loss and perplexity of a model on a corpus (every token scored once).
+
+    Args:
+        model: a gptlab run or model directory, Hugging Face directory, .gguf file or pkg: ref.
+        data: text file, directory of .txt, .jsonl, or a named corpus; default: the built-in corpus.
+        max_length: window length (default: the model's context length).
+        stride: window step; smaller than max_length gives each token more left context.
+        batch_size: windows per forward pass.
+        max_tokens: score only the first N tokens of the corpus.
+        device: auto, cpu, cuda or mps.
+        dtype: weights dtype (fp32, bf16, fp16).
+        as_json: print JSON.
+    """
+    from gptlab.data import load_corpus
+    from gptlab.device import parse_dtype, pick_device
+    from gptlab.tokenizers import load_tokenizer
+    from gptlab.weights import load_model
+
+    net = load_model(model, dtype=parse_dtype(dtype), device=pick_device(device))
+    tok = load_tokenizer(model)
+    ids = tok.encode(load_corpus(data), allowed_special="all")
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    r = perplexity(net, ids, max_length, stride, batch_size)
+    if as_json:
+        print(json.dumps(r))
+    else:
+        print(f"tokens scored: {r['tokens']:,}\nloss: {r['loss']:.4f}\nperplexity: {r['perplexity']:.2f}")
+    return 0
