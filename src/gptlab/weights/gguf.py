@@ -1,0 +1,287 @@
+"""Loading llama.cpp GGUF checkpoints into gptlab's Llama model.
+
+A GGUF file is one memory-mapped container: a metadata table (architecture
+hyperparameters under ``{arch}.*``, the tokenizer under ``tokenizer.*``) and
+named tensors, most of them quantized in blocks (``weights/dequant.py``).
+
+Loading is: metadata -> :class:`LlamaConfig` (``gguf_config``), build the model
+on the meta device (no memory), then for each tensor: dequantize, undo
+llama.cpp's row permutation of the query/key projections, cast, and assign —
+one tensor at a time, so peak memory is about the final model plus one tensor.
+
+Names (``KEY_MAP``; N is the layer index):
+
+    token_embd              embed_tokens
+    blk.N.attn_norm         layers.N.input_layernorm
+    blk.N.attn_{q,k,v}      layers.N.self_attn.{q,k,v}_proj   (q, k rows permuted in the file)
+    blk.N.attn_output       layers.N.self_attn.o_proj
+    blk.N.ffn_norm          layers.N.post_attention_layernorm
+    blk.N.ffn_{gate,up,down} layers.N.mlp.{gate,up,down}_proj
+    output_norm             norm
+    output                  lm_head                             (absent: tied to the embedding)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from gptlab.errors import GptlabError
+from gptlab.weights.dequant import FORMATS, dequantize
+
+# GGUF tensor name pattern -> our parameter name ({n} = layer index). ".weight"/".bias" suffixes carry over.
+KEY_MAP: dict[str, str] = {
+    "token_embd": "embed_tokens",
+    "output_norm": "norm",
+    "output": "lm_head",
+    "blk.{n}.attn_norm": "layers.{n}.input_layernorm",
+    "blk.{n}.attn_q": "layers.{n}.self_attn.q_proj",
+    "blk.{n}.attn_k": "layers.{n}.self_attn.k_proj",
+    "blk.{n}.attn_v": "layers.{n}.self_attn.v_proj",
+    "blk.{n}.attn_output": "layers.{n}.self_attn.o_proj",
+    "blk.{n}.ffn_norm": "layers.{n}.post_attention_layernorm",
+    "blk.{n}.ffn_gate": "layers.{n}.mlp.gate_proj",
+    "blk.{n}.ffn_up": "layers.{n}.mlp.up_proj",
+    "blk.{n}.ffn_down": "layers.{n}.mlp.down_proj",
+}
+
+# Architectures whose q/k rows llama.cpp's converter permutes (it uses the
+# interleaved-pairs RoPE layout; Hugging Face checkpoints use "rotate half").
+PERMUTED_ARCHS = {"llama"}
+SUPPORTED_ARCHS = {"llama", "qwen2"}
+# Tensors that describe the model but are not parameters.
+NON_PARAMETERS = {"rope_freqs.weight"}
+
+
+def _compile_key_map() -> list[tuple[re.Pattern, str]]:
+    out = []
+    for src, dst in KEY_MAP.items():
+        pattern = re.escape(src).replace(r"\{n\}", r"(?P<n>\d+)")
+        out.append((re.compile(rf"^{pattern}\.(?P<kind>weight|bias)$"), dst))
+    return out
+
+
+_KEY_RES = _compile_key_map()
+
+
+def map_name(gguf_name: str) -> str | None:
+    """Our parameter name for a GGUF tensor name, or None if the key map has no entry."""
+    for rx, dst in _KEY_RES:
+        m = rx.match(gguf_name)
+        if m:
+            n = m.groupdict().get("n")
+            return dst.format(n=n) + "." + m.group("kind")
+    return None
+
+
+# ---- reading the file ----
+
+def _open(path: str | Path):
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise GptlabError(f"GGUF file {path} not found; check the path")
+    try:
+        return GGUFReader(str(path), "r")
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise GptlabError(f"{path} is not a readable GGUF file ({e}); is it truncated or another format?") from None
+
+
+def read_metadata(path: str | Path, *, tensors: bool = False) -> dict[str, Any]:
+    """The metadata key/values of a GGUF file as plain Python values.
+
+    Args:
+        path: the .gguf file.
+        tensors: also include ``"__tensors__"``: {name: (type name, shape)} in PyTorch order.
+    """
+    reader = _open(path)
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        meta[key] = field.contents()
+    if tensors:
+        meta["__tensors__"] = {t.name: (t.tensor_type.name, tuple(int(x) for x in reversed(t.shape)))
+                               for t in reader.tensors}
+    return meta
+
+
+# ---- metadata -> config ----
+
+def _rope_scaling_from_freqs(freqs: np.ndarray, head_dim: int, theta: float, meta: dict, arch: str) -> dict:
+    """Recover the Llama 3 rope_scaling dict from llama.cpp's precomputed ``rope_freqs`` tensor.
+
+    llama.cpp stores the per-frequency divisors (1 for short wavelengths, ``factor``
+    for long ones, interpolated between) instead of the four scaling numbers. We
+    take ``factor`` = the largest divisor, Llama 3's low/high frequency factors
+    (1, 4) and the original context, and accept them only if they reproduce the tensor.
+    """
+    from gptlab.models.attention import rope_frequencies
+
+    orig = int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192))
+    scaling = {"rope_type": "llama3", "factor": float(freqs.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": orig}
+    base = rope_frequencies(head_dim, theta)
+    ours = rope_frequencies(head_dim, theta, scaling)
+    if not torch.allclose(base / ours, torch.from_numpy(np.asarray(freqs, np.float32)), rtol=1e-3):
+        raise GptlabError("the GGUF file's rope_freqs tensor is not Llama 3 scaling with low/high frequency "
+                          "factors 1/4; this RoPE scaling is not supported")
+    return scaling
+
+
+def gguf_config(meta: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, ...]]] | None = None,
+                freqs: np.ndarray | None = None, source: str = "GGUF file"):
+    """Build a :class:`LlamaConfig` from GGUF metadata.
+
+    Args:
+        meta: ``read_metadata(path)``.
+        tensors: {name: (type, shape)}; used to detect tied embeddings (no ``output.weight``)
+            and q/k/v biases. Defaults to ``meta["__tensors__"]``.
+        freqs: the ``rope_freqs.weight`` values, if the file has them (Llama 3 scaling).
+        source: file name for error messages.
+    """
+    from gptlab.models.llama import LlamaConfig
+
+    tensors = tensors if tensors is not None else meta.get("__tensors__", {})
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise GptlabError(f"{source}: architecture {arch!r} is not supported "
+                          f"(supported: {', '.join(sorted(SUPPORTED_ARCHS))})")
+
+    def get(key: str, default: Any = None, required: bool = True) -> Any:
+        full = f"{arch}.{key}"
+        if full in meta:
+            return meta[full]
+        if required and default is None:
+            raise GptlabError(f"{source}: metadata key {full} is missing; the file is incomplete")
+        return default
+
+    n_heads = int(get("attention.head_count"))
+    emb_dim = int(get("embedding_length"))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if "token_embd.weight" in tensors:
+        vocab = tensors["token_embd.weight"][1][0]
+    elif tokens is not None:
+        vocab = len(tokens)
+    else:
+        vocab = int(get("vocab_size"))
+    head_dim = int(get("attention.key_length", emb_dim // n_heads, required=False))
+    theta = float(get("rope.freq_base", 10000.0, required=False))
+    scaling = None
+    stype = get("rope.scaling.type", None, required=False)
+    if freqs is not None:
+        scaling = _rope_scaling_from_freqs(freqs, head_dim, theta, meta, arch)
+    elif stype not in (None, "none") and float(get("rope.scaling.factor", 1.0, required=False)) != 1.0:
+        raise GptlabError(f"{source}: RoPE scaling type {stype!r} is not supported (only Llama 3 scaling is)")
+    kw: dict[str, Any] = dict(
+        vocab_size=int(vocab),
+        context_length=int(get("context_length")),
+        emb_dim=emb_dim,
+        n_layers=int(get("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(get("attention.head_count_kv", n_heads, required=False)),
+        head_dim=head_dim,
+        hidden_dim=int(get("feed_forward_length")),
+        tie_embeddings="output.weight" not in tensors,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        name=str(meta.get("general.name", "gguf")),
+    )
+    fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+    for ours, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id")):
+        if ours in fields and f"tokenizer.ggml.{key}" in meta:
+            kw[ours] = int(meta[f"tokenizer.ggml.{key}"])
+    kw = {k: v for k, v in kw.items() if k in fields}
+    try:
+        return LlamaConfig(**kw)
+    except ValueError as e:
+        raise GptlabError(f"{source}: its hyperparameters do not form a valid config: {e}") from None
+
+
+# ---- tensors ----
+
+def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (inverse of its converter's ``permute``).
+
+    Within each head, the converter reorders the hd rows from Hugging Face's
+    "rotate half" layout [x_0 .. x_{hd/2-1}, y_0 .. y_{hd/2-1}] to interleaved
+    pairs [x_0, y_0, x_1, y_1, ...]. Reading rows as (head, hd/2, 2) and swapping
+    the last two axes restores the first layout. Works for weights (rows, in) and biases (rows,).
+    """
+    rows = w.shape[0]
+    rest = w.shape[1:]
+    return (w.reshape(n_heads, rows // n_heads // 2, 2, *rest)  # (H, hd/2, 2, ...)
+            .transpose(1, 2)  # (H, 2, hd/2, ...)
+            .reshape(rows, *rest))
+
+
+def tensor_to_torch(t, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantize one ``GGUFReader`` tensor to a torch tensor in PyTorch shape order."""
+    shape = tuple(int(x) for x in reversed(t.shape))
+    arr = dequantize(t.data, t.tensor_type.name, shape)
+    return torch.from_numpy(arr).to(dtype)
+
+
+def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None) -> nn.Module:
+    """Load a GGUF checkpoint as a gptlab Llama model (dequantized to ``dtype``).
+
+    Args:
+        path: the .gguf file.
+        dtype: weights dtype (default float32). bf16 halves memory and is fast on
+            CPUs with native bf16.
+        device: where to put the model (default CPU).
+
+    Every tensor in the file must map to a parameter and every parameter must be
+    present, with the right shape; otherwise a GptlabError names the offenders.
+    """
+    from gptlab.models import build_model
+    from gptlab.weights.native import load_state_strict
+
+    path = Path(path)
+    dtype = dtype or torch.float32
+    reader = _open(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    by_name = {t.name: t for t in reader.tensors}
+    info = {n: (t.tensor_type.name, tuple(int(x) for x in reversed(t.shape))) for n, t in by_name.items()}
+    unsupported = sorted({ty for ty, _ in info.values()} - set(FORMATS))
+    if unsupported:
+        raise GptlabError(f"{path} uses tensor types {', '.join(unsupported)} that gptlab cannot dequantize "
+                          f"(supported: {', '.join(FORMATS)}); use a file quantized as e.g. Q4_K_M, Q8_0 or F16")
+    freqs = tensor_to_torch(by_name["rope_freqs.weight"]).numpy() if "rope_freqs.weight" in by_name else None
+    cfg = gguf_config(meta, info, freqs, source=str(path))
+    arch = meta["general.architecture"]
+
+    unexpected = sorted(n for n in by_name if n not in NON_PARAMETERS and map_name(n) is None)
+    if unexpected:
+        raise GptlabError(f"{path}: tensors with no place in the model: {unexpected[:5]}"
+                          f"{' ...' if len(unexpected) > 5 else ''} (an unsupported architecture variant?)")
+    with torch.device("meta"):
+        model = build_model(cfg)
+    state: dict[str, torch.Tensor] = {}
+    for name, t in by_name.items():
+        if name in NON_PARAMETERS:
+            continue
+        ours = map_name(name)
+        w = tensor_to_torch(t, torch.float32)
+        if arch in PERMUTED_ARCHS and (".attn_q." in name or ".attn_k." in name):
+            heads = cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads
+            w = unpermute_rows(w, heads)
+        state[ours] = w.to(dtype=dtype, device=device) if device is not None else w.to(dtype)
+        del w
+    load_state_strict(model, state, str(path))
+    if hasattr(model, "reset_buffers"):
+        model.reset_buffers()
+    if cfg.tie_embeddings and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
