@@ -1,0 +1,24 @@
+"""Corpora, sliding windows and memmapped token files.
+
+    from gptlab.data import load_corpus, split_text, WindowDataset, create_dataloader
+    text = load_corpus()                      # built-in corpus (offline)
+    train, val = split_text(text, 0.9)
+    loader = create_dataloader(tok.encode(train), batch_size=8, max_length=256, stride=256)
+
+    from gptlab.data import prepare_corpus, load_prepared
+    prepare_corpus("big.txt", "data/big", tokenizer="gpt2")   # bounded memory
+    data = load_prepared("data/big")          # data.train / data.val: np.memmap
+
+See docs/data.md.
+"""
+
+from gptlab.data.corpus import builtin_corpus, iter_corpus, load_corpus
+from gptlab.data.download import DATASETS, cache_dir, fetch_dataset
+from gptlab.data.prepare import PreparedData, TokenFile, boundary_chunks, load_prepared, prepare_corpus, token_dtype
+from gptlab.data.windows import WindowDataset, create_dataloader, split_text
+
+__all__ = [
+    "DATASETS", "PreparedData", "TokenFile", "WindowDataset", "boundary_chunks", "builtin_corpus", "cache_dir",
+    "create_dataloader", "fetch_dataset", "iter_corpus", "load_corpus", "load_prepared", "prepare_corpus",
+    "split_text", "token_dtype",
+]

@@ -1,0 +1,232 @@
+"""Tokenize a corpus of any size into memmapped token files, in bounded memory.
+
+    prepare_corpus("big.txt", "data/big", tokenizer="path/to/gpt2")
+    data = load_prepared("data/big")      # data.train, data.val: np.memmap of token ids
+
+The output directory holds ``train.bin`` and ``val.bin`` (raw little-endian
+ids, ``uint16`` when every id fits, else ``uint32``), ``meta.json`` and the
+tokenizer (``gptlab_tokenizer.json`` + its files), so ``load_tokenizer(DIR)``
+gives back the tokenizer the ids were made with.
+
+Memory stays bounded: the corpus is read ``chunk_chars`` characters at a
+time, each chunk is cut where no token can straddle the cut (see
+:func:`boundary_chunks`), encoded, and appended to ``train.bin``. At the end
+the last ``val_ratio`` of the tokens is moved to ``val.bin``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from gptlab.data.corpus import corpus_bytes, iter_corpus, iter_pieces
+from gptlab.errors import GptlabError
+from gptlab.fileio import atomic_path, atomic_write_json
+from gptlab.tokenizers import Tokenizer, load_tokenizer, train_bpe
+
+META = "meta.json"
+FORMAT = "gptlab-tokens"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """``uint16`` when every id (< vocab_size) fits in 16 bits, else ``uint32``."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _last_boundary(text: str) -> int:
+    """Index ``i`` of the last whitespace character followed by a non-whitespace one, or -1.
+
+    Cutting before ``text[i]`` is safe for GPT-2-style pre-tokenizers: pieces
+    never run across "whitespace then word", and a run of whitespace before a
+    word is split as ``run[:-1]`` + ``run[-1] + word`` either way.
+    """
+    for i in range(len(text) - 2, -1, -1):
+        if text[i].isspace() and not text[i + 1].isspace():
+            return i
+    return -1
+
+
+def boundary_chunks(pieces: Iterable[str], chunk_chars: int) -> Iterator[str]:
+    """Regroup text pieces into chunks of about ``chunk_chars`` characters cut at whitespace boundaries.
+
+    ``"".join(boundary_chunks(p, n)) == "".join(p)``. A chunk with no boundary at all
+    (``chunk_chars`` characters without a space) is cut where it is.
+    """
+    buf = ""
+    for piece in pieces:
+        buf += piece
+        while len(buf) >= chunk_chars:
+            cut = _last_boundary(buf[:chunk_chars + 1])
+            if cut <= 0:
+                cut = chunk_chars
+            yield buf[:cut]
+            buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+def _sample(data: Any, sample_chars: int, chunk_chars: int) -> Iterator[str]:
+    """The first ``sample_chars`` characters of the corpus, in pieces."""
+    left = sample_chars
+    for piece in iter_corpus(data, min(chunk_chars, sample_chars)):
+        yield piece[:left]
+        left -= len(piece)
+        if left <= 0:
+            return
+
+
+def prepare_corpus(data: str | Path | None, out: str | Path, tokenizer: str | Path | Tokenizer | None = None,
+                   val_ratio: float = 0.1, chunk_chars: int = 1_000_000, vocab_size: int = 8192,
+                   sample_chars: int = 5_000_000, progress: bool = True) -> dict[str, Any]:
+    """Tokenize corpus ``data`` into ``out/train.bin``, ``out/val.bin``, ``out/meta.json`` + the tokenizer.
+
+    Args:
+        data: corpus spec (see :mod:`gptlab.data.corpus`): "builtin", a dataset
+            name, a .txt file, a directory of .txt files or a .jsonl file.
+        out: output directory (created).
+        tokenizer: tokenizer spec or object; None trains a byte-level BPE of
+            ``vocab_size`` on the first ``sample_chars`` characters of the corpus.
+        val_ratio: fraction of the tokens (taken from the end) that go to val.bin.
+        chunk_chars: characters read and encoded at a time (bounds the memory).
+        vocab_size: vocabulary of the trained tokenizer (only when ``tokenizer`` is None).
+        sample_chars: how much text the tokenizer is trained on (only when ``tokenizer`` is None).
+        progress: show a progress bar on stderr.
+
+    Returns:
+        The contents of ``meta.json``.
+    """
+    if not 0.0 <= val_ratio < 1.0:
+        raise GptlabError(f"val_ratio={val_ratio} must be in [0, 1)")
+    if chunk_chars < 1:
+        raise GptlabError(f"chunk_chars={chunk_chars} must be >= 1")
+    out = Path(out)
+    total_bytes = corpus_bytes(data)  # also checks that the corpus exists
+    if tokenizer is None:
+        tok = train_bpe(_sample(data, sample_chars, chunk_chars), vocab_size=vocab_size)
+    else:
+        tok = load_tokenizer(tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress,
+               file=sys.stderr)
+    n_chars = 0
+
+    def pieces() -> Iterator[str]:
+        nonlocal n_chars
+        for text, n_bytes in iter_pieces(data, chunk_chars):
+            n_chars += len(text)
+            bar.update(n_bytes)
+            yield text
+
+    with atomic_path(out / "train.bin") as tmp_train:
+        n_tokens = 0
+        with open(tmp_train, "wb") as f:
+            for chunk in boundary_chunks(pieces(), chunk_chars):
+                ids = tok.encode_array(chunk)
+                f.write(ids.astype(dtype).tobytes())
+                n_tokens += len(ids)
+        bar.close()
+        if n_tokens == 0:
+            raise GptlabError(f"corpus {data!r} is empty; nothing to tokenize")
+        n_val = int(round(n_tokens * val_ratio))
+        n_train = n_tokens - n_val
+        if n_train < 1:
+            raise GptlabError(f"only {n_tokens} tokens: too few to keep any for training; give more text")
+        with atomic_path(out / "val.bin") as tmp_val:
+            _move_tail(tmp_train, tmp_val, n_train * dtype.itemsize, chunk_chars * dtype.itemsize)
+    tok.save(out)
+    meta = {"format": FORMAT, "dtype": dtype.name, "train_tokens": n_train, "val_tokens": n_val,
+            "tokenizer_kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+            "source": str(data) if data is not None else "builtin", "chars": n_chars, "bytes": total_bytes,
+            "val_ratio": val_ratio}
+    atomic_write_json(out / META, meta)
+    return meta
+
+
+def _move_tail(src: Path, dst: Path, keep_bytes: int, block: int) -> None:
+    """Copy ``src[keep_bytes:]`` to ``dst`` in blocks, then truncate ``src`` to ``keep_bytes``."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        fin.seek(keep_bytes)
+        for data in iter(lambda: fin.read(max(block, 1 << 16)), b""):
+            fout.write(data)
+    os.truncate(src, keep_bytes)
+
+
+class TokenFile:
+    """A token file (``train.bin``/``val.bin``) as a read-only ``np.memmap``.
+
+    ``dtype`` defaults to the one in ``meta.json`` beside the file.
+    """
+
+    def __init__(self, path: str | Path, dtype: str | np.dtype | None = None):
+        """Map ``path``; nothing is read until a slice is used."""
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise GptlabError(f"{self.path} not found; run `gptlab prepare --data ... --out {self.path.parent}` first")
+        if dtype is None:
+            dtype = _read_meta(self.path.parent)["dtype"]
+        self.dtype = np.dtype(dtype)
+        size = self.path.stat().st_size
+        if size % self.dtype.itemsize:
+            raise GptlabError(f"{self.path} has {size} bytes, not a whole number of {self.dtype.name} ids; "
+                              "the file is truncated, run `gptlab prepare` again")
+        self.array: np.ndarray = (np.memmap(self.path, dtype=self.dtype, mode="r") if size
+                                  else np.empty(0, dtype=self.dtype))
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index):
+        return self.array[index]
+
+    def __array__(self, dtype=None, copy=None):
+        return self.array if dtype is None else self.array.astype(dtype)
+
+
+@dataclass
+class PreparedData:
+    """What ``gptlab prepare`` wrote: token memmaps, metadata, and where the tokenizer is."""
+
+    directory: Path
+    train: np.ndarray
+    val: np.ndarray
+    meta: dict[str, Any]
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the ids were made with."""
+        return load_tokenizer(self.directory)
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / META
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GptlabError(f"{path} not found; {directory} is not a prepared corpus "
+                          f"(run `gptlab prepare --data ... --out {directory}`)") from None
+    except json.JSONDecodeError as e:
+        raise GptlabError(f"{path} is not valid JSON ({e}); run `gptlab prepare` again") from None
+    if meta.get("format") != FORMAT or "dtype" not in meta:
+        raise GptlabError(f"{path} is not a gptlab token-file description; run `gptlab prepare` again")
+    return meta
+
+
+def load_prepared(directory: str | Path) -> PreparedData:
+    """Open a directory written by :func:`prepare_corpus`; checks the token counts against meta.json."""
+    directory = Path(directory)
+    meta = _read_meta(directory)
+    train, val = TokenFile(directory / "train.bin", meta["dtype"]), TokenFile(directory / "val.bin", meta["dtype"])
+    for name, tf in (("train", train), ("val", val)):
+        if len(tf) != meta[f"{name}_tokens"]:
+            raise GptlabError(f"{tf.path} holds {len(tf)} tokens but meta.json says {meta[f'{name}_tokens']}; "
+                              "the files are from different runs, run `gptlab prepare` again")
+    return PreparedData(directory, train.array, val.array, meta)
