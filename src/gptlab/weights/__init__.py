@@ -134,4 +134,32 @@ def load_model(ref: str | Path, dtype: torch.dtype | str | None = None, device=N
                       "give a model directory or a .gguf file")
 
 
+def _model_ref_tokenizer(spec: str):
+    """Tokenizer resolver for model references: pkg:..., Hub repo ids and training runs.
+
+    The reference is resolved to a local path exactly as :func:`load_model` does,
+    and that path is handed back to ``load_tokenizer`` (HF dirs, .gguf files and
+    gptlab dirs are recognised there).
+    """
+    p = Path(spec)
+    is_run = (p.is_dir() and not (p / "config.json").is_file() and (p / "model").is_dir()
+              and not (p / "gptlab_tokenizer.json").is_file())
+    if not (spec.startswith("pkg:") or is_run or (not p.exists() and _looks_like_repo_id(spec))):
+        return None
+    from gptlab.tokenizers import load_tokenizer
+
+    return load_tokenizer(str(resolve(spec)))
+
+
+def _register_tokenizer_resolver() -> None:
+    try:
+        from gptlab.tokenizers import register_resolver
+    except ImportError:
+        return
+    register_resolver(_model_ref_tokenizer, "a model reference: training run dir, Hub repo id (owner/name) "
+                      "or pkg:PACKAGE/PATH")
+
+
+_register_tokenizer_resolver()
+
 __all__ = ["LOADERS", "Loader", "load_model", "package_path", "resolve"]

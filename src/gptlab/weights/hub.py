@@ -1,0 +1,125 @@
+"""Downloading Hugging Face Hub repos into the local cache.
+
+``download("owner/name")`` fetches what gptlab reads (config, safetensors
+weights, tokenizer files, GGUF files) with ``huggingface_hub.snapshot_download``
+into its usual cache (``$HF_HOME``, default ``~/.cache/huggingface``), so a
+second call, or transformers itself, reuses the files. A repo already in the
+cache is used without touching the network. Freshly downloaded weight files
+are checked against the SHA-256 the Hub lists for them.
+
+Without a network connection the error says how to use a local directory instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from gptlab.errors import GptlabError
+
+# What gptlab needs from a repo; pickled *.bin / *.pth weights are never fetched.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+GGUF_PATTERNS = ["*.json", "*.gguf"]
+
+
+def _offline_error(repo_id: str, cause: Exception) -> GptlabError:
+    return GptlabError(
+        f"cannot download {repo_id!r} from the Hugging Face Hub and it is not in the local cache "
+        f"({type(cause).__name__}: {str(cause).splitlines()[0][:160]}). Without internet, copy the model "
+        "directory (config.json + model.safetensors + tokenizer files) to this machine and pass its path instead"
+    )
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    """Hex SHA-256 of a file, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checksums(directory: str | Path, expected: dict[str, str]) -> list[str]:
+    """Check files in ``directory`` against ``{relative name: sha256}``; returns the names checked.
+
+    Raises GptlabError naming every file whose hash differs (a corrupt or partial download).
+    """
+    directory = Path(directory)
+    bad, checked = [], []
+    for name, digest in sorted(expected.items()):
+        f = directory / name
+        if not f.is_file():
+            continue
+        checked.append(name)
+        if sha256_file(f) != digest.lower():
+            bad.append(name)
+    if bad:
+        raise GptlabError(f"checksum mismatch for {', '.join(bad)} in {directory}: the download is corrupt; "
+                          "delete those files (or the cache folder) and download again")
+    return checked
+
+
+def _hub_checksums(repo_id: str, revision: str | None) -> dict[str, str]:
+    """SHA-256 of the repo's LFS files (the weights), as listed by the Hub."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    return {s.rfilename: s.lfs.sha256 for s in info.siblings or [] if getattr(s, "lfs", None)}
+
+
+def download(repo_id: str, revision: str | None = None, cache_dir: str | None = None,
+             include_gguf: bool = False, verify: bool = True) -> Path:
+    """Local directory of a Hub repo (from the cache if present, else downloaded and verified)."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    except ImportError:
+        raise GptlabError("downloading needs huggingface_hub: pip install huggingface_hub") from None
+    patterns = GGUF_PATTERNS if include_gguf else ALLOW_PATTERNS
+    kw = dict(revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, **kw))
+    except HFValidationError as e:
+        raise GptlabError(f"{repo_id!r} is not a valid Hub repo id (owner/name): {e}") from None
+    except Exception:  # not cached (completely): go to the network
+        pass
+    try:
+        path = Path(snapshot_download(repo_id, etag_timeout=10, **kw))
+    except GatedRepoError:
+        raise GptlabError(f"{repo_id} is gated: accept its license on huggingface.co and log in "
+                          "(`hf auth login` or set HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise GptlabError(f"Hub repo {repo_id!r} not found (or private: set HF_TOKEN); check the spelling") from None
+    except Exception as e:  # connection refused, DNS failure, HF_HUB_OFFLINE=1, ...
+        raise _offline_error(repo_id, e) from None
+    if verify:
+        try:
+            expected = _hub_checksums(repo_id, revision)
+        except Exception as e:
+            print(f"note: could not fetch checksums for {repo_id} ({type(e).__name__}); files not verified")
+        else:
+            verify_checksums(path, expected)
+    return path
+
+
+def download_command(repo_id: str, revision: str | None = None, cache_dir: str | None = None,
+                     gguf: bool = False, verify: bool = True) -> int:
+    """Download a Hugging Face model repo into the local cache and print its path.
+
+    Only what gptlab reads is fetched: config, safetensors weights and tokenizer
+    files (or, with --gguf, the .gguf files). The printed path can be passed to
+    any command that takes a model.
+
+    Args:
+        repo_id: the Hub repo, e.g. HuggingFaceTB/SmolLM2-135M.
+        revision: a branch, tag or commit (default: main).
+        cache_dir: where to cache (default: the Hugging Face cache, $HF_HOME).
+        gguf: fetch the repo's .gguf files instead of safetensors.
+        verify: check the weights' SHA-256 against the Hub's listing.
+    """
+    path = download(repo_id, revision=revision, cache_dir=cache_dir, include_gguf=gguf, verify=verify)
+    print(path)
+    return 0
+
+
+__all__ = ["download", "download_command", "sha256_file", "verify_checksums"]
