@@ -1,0 +1,96 @@
+"""Export to Hugging Face format: transformers loads the result with identical logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_hf_parity import CASES, IDS, make_hf, make_hf_gpt2  # noqa: E402  (tests/weights is on sys.path)
+
+from gptlab.cli import run  # noqa: E402
+from gptlab.errors import GptlabError  # noqa: E402
+from gptlab.models import build_model  # noqa: E402
+from gptlab.models.config import GPT2Config  # noqa: E402
+from gptlab.models.llama import LlamaConfig  # noqa: E402
+from gptlab.weights import load_model  # noqa: E402
+from gptlab.weights.export import config_to_hf, export_hf  # noqa: E402
+
+
+def _hf_logits(path, ids=IDS):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return hf(ids).logits, hf
+
+
+@pytest.mark.parametrize("case", list(CASES) + ["gpt2"])
+def test_round_trip_hf_to_gptlab_to_hf(case, tmp_path):
+    _, src = make_hf_gpt2(tmp_path) if case == "gpt2" else make_hf(case, tmp_path)
+    ours = load_model(src)
+    out = export_hf(ours, tmp_path / "exported")
+    ref, hf = _hf_logits(out)
+    assert type(hf).__name__ == json.loads((src / "config.json").read_text())["architectures"][0]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), ref, atol=1e-5, rtol=1e-5)
+    again = load_model(out)  # and back into gptlab, bit for bit
+    with torch.no_grad():
+        assert torch.equal(again(IDS), ours(IDS))
+
+
+@pytest.mark.parametrize("fields, arch", [
+    (dict(), "LlamaForCausalLM"),
+    (dict(qkv_bias=True, tie_embeddings=False), "Qwen2ForCausalLM"),
+    (dict(sliding_window=3, rope_theta=5e5, rope_scaling={"factor": 8.0, "low_freq_factor": 1.0,
+                                                          "high_freq_factor": 4.0,
+                                                          "original_max_position_embeddings": 16}),
+     "MistralForCausalLM"),
+    (dict(embed_scale=True, norm_unit_offset=True, mlp_act="gelu_tanh", head_dim=24), "GemmaForCausalLM"),
+])
+def test_gptlab_trained_llama_exports(fields, arch, tmp_path):
+    cfg = LlamaConfig(vocab_size=80, context_length=64, emb_dim=48, n_layers=2, n_heads=4, n_kv_heads=2,
+                      hidden_dim=64, **fields)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # non-trivial norm scales and biases
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.normal_(0.0, 0.2)
+    out = export_hf(model, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["architectures"] == [arch]
+    ref, _ = _hf_logits(out, IDS % 80)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS % 80), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_export_command_copies_tokenizer(tmp_path, capsys):
+    _, src = make_hf("llama-tied", tmp_path)
+    (src / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>", "chat_template": "x"}')
+    (src / "tokenizer.json").write_text("{}")
+    out = tmp_path / "out"
+    assert run(["export", str(src), "--out", str(out)]) == 0
+    assert "LlamaForCausalLM" in capsys.readouterr().out
+    assert (out / "tokenizer.json").read_text() == "{}"
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == "x"
+    torch.testing.assert_close(_hf_logits(out)[0], _hf_logits(src)[0])
+
+
+def test_export_command_bad_input(tmp_path, capsys):
+    _, src = make_hf("llama-tied", tmp_path)
+    assert run(["export", str(src), "--out", str(tmp_path / "o"), "--format", "gguf"]) == 1
+    assert "--format 'gguf' is not supported; use --format hf" in capsys.readouterr().err
+    assert run(["export", str(src)]) == 1
+    assert "--out DIR" in capsys.readouterr().err
+    assert run(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def test_unrepresentable_configs_are_refused():
+    with pytest.raises(GptlabError, match="only exportable together with mlp_act='gelu_tanh'"):
+        config_to_hf(LlamaConfig(emb_dim=32, n_heads=2, n_layers=1, hidden_dim=64, embed_scale=True))
+    with pytest.raises(GptlabError, match="qkv_bias together with sliding_window"):
+        config_to_hf(LlamaConfig(emb_dim=32, n_heads=2, n_layers=1, hidden_dim=64, qkv_bias=True, sliding_window=8))
+    with pytest.raises(GptlabError, match="qkv_bias=False"):
+        config_to_hf(GPT2Config(emb_dim=32, n_heads=2, n_layers=1, qkv_bias=False))
