@@ -1,0 +1,332 @@
+"""The one estimator: memory and speed of a model, for inference and training.
+
+Every view (table, plan, JSON, TUI, --verify) calls these functions; nothing
+else computes a size or a speed.
+
+Inference memory = weights at the quant + KV cache + compute buffer + runtime:
+
+    weights   = parameters · bits per weight / 8          (exact file bytes for a GGUF at its own quant)
+    KV cache  = 2 · L · Hkv · hd · min(T, window) · B · bytes per element
+    compute   = activations of one forward chunk; dominated by the logits (chunk · V · 4 bytes)
+    runtime   = the process itself (measured RSS of python + torch + gptlab; an assumed
+                figure for llama.cpp)
+
+Decode speed (per token, batch 1):
+
+    t = max(bytes read / bandwidth, FLOPs / matmul peak) + eager ops · op latency
+
+with the measured GEMV bandwidth and matmul peak of the device (``hardware``).
+Bytes read are the weights every token touches (all but the input embedding
+tables, of which one row is read; the tied output head is read in full) plus
+the cached K/V. The op term is PyTorch's per-op dispatch cost, which is what
+limits small models in gptlab's eager runtime.
+
+Training memory = weights + gradients + optimizer state + activations + runtime,
+with activations counted from what autograd saves per layer per token (below);
+training speed = matmul peak · MFU / (6 · N + 12 · L · T · H · hd) FLOPs per token
+(Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from gptlab.errors import GptlabError
+from gptlab.fit.catalog import ModelSpec
+from gptlab.fit.hardware import GPU, Hardware
+from gptlab.fit.quant import TORCH_DTYPES, get_quant, kv_bytes_per_element
+
+GiB = 2**30
+
+
+# ---------------------------------------------------------------- engines
+@dataclass(frozen=True)
+class Engine:
+    """How a runtime uses memory and time. Every constant says where it comes from."""
+
+    name: str
+    quantized_weights: bool  # keeps GGUF blocks in memory (llama.cpp) vs. dequantizes (gptlab)
+    bandwidth_efficiency: float  # fraction of the measured GEMV bandwidth its decode reaches
+    matmul_efficiency: float  # fraction of the measured square-matmul peak its prefill reaches
+    runtime_bytes: int | None  # process memory; None = measured (gptlab)
+    compute_chunk: int  # tokens per forward chunk at prefill (sizes the compute buffer)
+    eager: bool  # per-op dispatch cost applies
+
+
+ENGINES: dict[str, Engine] = {
+    # gptlab: our own PyTorch runtime. Bandwidth and matmul peak are measured with
+    # the same torch kernels, so efficiency 1.0 is by construction; the gap to
+    # reality is the per-op overhead, which is counted, not fudged.
+    "gptlab": Engine("gptlab", False, 1.0, 0.8, None, 512, True),
+    # llama.cpp / Ollama: not measurable here. Assumed: its quantized GEMV kernels
+    # reach 80% of the bandwidth torch's fp32 GEMV reaches; ~150 MiB process + graph
+    # overhead; 512-token ubatch; graph execution (no Python per op).
+    "llama.cpp": Engine("llama.cpp", True, 0.8, 0.5, 150 * 2**20, 512, False),
+}
+
+# Eager aten ops per decode step of gptlab's models: (per layer, fixed), counted
+# with a TorchDispatchMode on one cached decode step (tests/fit recount them).
+EAGER_OPS = {"gpt2": (37, 10), "llama": (81, 20)}
+# generate() adds its own per-token ops (sampling, cat, eos bookkeeping).
+GENERATE_OPS = 25
+
+
+def get_engine(name: str) -> Engine:
+    """Look up an inference engine by name (gptlab or llama.cpp)."""
+    if name not in ENGINES:
+        raise GptlabError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}")
+    return ENGINES[name]
+
+
+def check_quant(spec: ModelSpec, quant: str, engine: Engine) -> str:
+    """The canonical quant name, rejecting formats the engine cannot hold in memory."""
+    q = get_quant(quant).name
+    if not engine.quantized_weights and q not in TORCH_DTYPES:
+        raise GptlabError(
+            f"quant {quant} is a GGUF block format, but the gptlab engine dequantizes weights to "
+            f"{'/'.join(TORCH_DTYPES)}; pass --quant BF16 (or F32), or --engine llama.cpp to size quantized inference"
+        )
+    return q
+
+
+# ---------------------------------------------------------------- memory
+def weights_bytes(spec: ModelSpec, quant: str) -> float:
+    """Bytes of all weights at ``quant`` (exact file bytes for a GGUF at its own format)."""
+    q = get_quant(quant)
+    if spec.native_weight_bytes is not None and q.name == spec.native_quant:
+        return float(spec.native_weight_bytes)
+    return spec.params_total * q.bits / 8
+
+
+def kv_cache_bytes(spec: ModelSpec, context: int, batch: int = 1, kv_quant: str = "f16") -> float:
+    """K and V for ``context`` tokens: 2 · L · Hkv · hd · min(T, window) · B · bytes.
+
+    With a sliding window (Mistral) only the last ``window`` tokens are kept.
+    """
+    if context < 1 or batch < 1:
+        raise GptlabError(f"context ({context}) and batch ({batch}) must be at least 1")
+    kept = min(context, spec.sliding_window) if spec.sliding_window else context
+    return 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * kept * batch * kv_bytes_per_element(kv_quant)
+
+
+def compute_buffer_bytes(spec: ModelSpec, context: int, engine: Engine, batch: int = 1) -> float:
+    """Activations of one forward chunk: logits (fp32) plus a few d-wide hidden states."""
+    chunk = min(context, engine.compute_chunk)
+    if engine.name == "llama.cpp":
+        logits = spec.vocab_size * 4  # llama.cpp keeps logits of the last token only
+    else:
+        logits = chunk * spec.vocab_size * 4  # gptlab's forward returns logits for every position
+    return batch * (logits + chunk * 8 * spec.emb_dim * 4)
+
+
+def runtime_bytes(hw: Hardware, engine: Engine) -> float:
+    """Memory of the process itself before any model is loaded."""
+    return float(engine.runtime_bytes if engine.runtime_bytes is not None else hw.runtime_rss)
+
+
+@dataclass
+class InferenceMemory:
+    """Bytes needed to run a model for inference, by part."""
+
+    weights: float
+    kv_cache: float
+    compute: float
+    runtime: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.kv_cache + self.compute + self.runtime
+
+    @property
+    def device(self) -> float:
+        """What must sit on an accelerator (everything but the host process)."""
+        return self.weights + self.kv_cache + self.compute
+
+    def gib(self) -> dict[str, float]:
+        d = {f"{k}_gib": v / GiB for k, v in asdict(self).items()}
+        d["kv_cache_gib"] = d.pop("kv_cache_gib")
+        d["total_gib"] = self.total / GiB
+        return d
+
+
+def inference_memory(spec: ModelSpec, hw: Hardware, quant: str, context: int, batch: int = 1,
+                     kv_quant: str = "f16", engine: str = "llama.cpp") -> InferenceMemory:
+    """Weights + KV cache + compute buffer + runtime, for ``context`` tokens at ``quant``."""
+    eng = get_engine(engine)
+    q = check_quant(spec, quant, eng)
+    return InferenceMemory(
+        weights=weights_bytes(spec, q),
+        kv_cache=kv_cache_bytes(spec, context, batch, kv_quant),
+        compute=compute_buffer_bytes(spec, context, eng, batch),
+        runtime=runtime_bytes(hw, eng),
+    )
+
+
+# ---------------------------------------------------------------- speed
+def bytes_per_token(spec: ModelSpec, quant: str, context: int, kv_quant: str = "f16") -> float:
+    """Bytes a decode step reads: active weights (one row of input embeddings) + the cached K/V."""
+    q = get_quant(quant)
+    touched = spec.params_active - spec.params_embedding + (spec.params_lm_head if spec.tied else 0)
+    if spec.native_weight_bytes is not None and q.name == spec.native_quant:
+        bits = 8 * spec.native_weight_bytes / spec.params_total  # the file's real average
+    else:
+        bits = q.bits
+    return touched * bits / 8 + kv_cache_bytes(spec, context, 1, kv_quant)
+
+
+def flops_per_token(spec: ModelSpec, context: int) -> float:
+    """Forward FLOPs for one token attending to ``context`` tokens: 2·N_active + 4·L·T·H·hd."""
+    matmul = 2 * (spec.params_active - spec.params_embedding + spec.params_lm_head)
+    kept = min(context, spec.sliding_window) if spec.sliding_window else context
+    return matmul + 4 * spec.n_layers * kept * spec.n_heads * spec.head_dim
+
+
+def eager_ops_per_token(spec: ModelSpec) -> int:
+    """PyTorch ops one decode step dispatches in gptlab (model + generate loop)."""
+    per_layer, fixed = EAGER_OPS.get(spec.family if spec.family in EAGER_OPS else "llama")
+    return spec.n_layers * per_layer + fixed + GENERATE_OPS
+
+
+def _device_speed(hw: Hardware, gpu: GPU | None, quant: str) -> tuple[float, float]:
+    """(bandwidth bytes/s, matmul FLOP/s) of the CPU or a GPU for weights in ``quant``."""
+    if gpu is not None:
+        return gpu.bandwidth or 0.0, gpu.matmul_bf16 or 0.0
+    peak = hw.cpu_matmul_fp32 if quant == "F32" else max(hw.cpu_matmul_bf16, hw.cpu_matmul_fp32)
+    return hw.cpu_bandwidth, peak
+
+
+def decode_seconds(spec: ModelSpec, hw: Hardware, quant: str, context: int, engine: str = "llama.cpp",
+                   gpu: GPU | None = None, kv_quant: str = "f16") -> float:
+    """Seconds per generated token on the CPU (``gpu=None``) or on ``gpu``."""
+    eng = get_engine(engine)
+    bw, peak = _device_speed(hw, gpu, quant)
+    t_mem = bytes_per_token(spec, quant, context, kv_quant) / (bw * eng.bandwidth_efficiency)
+    t_flop = flops_per_token(spec, context) / (peak * eng.matmul_efficiency)
+    t_ops = eager_ops_per_token(spec) * max(hw.op_latency, 5e-6 if gpu else 0.0) if eng.eager else 0.0
+    return max(t_mem, t_flop) + t_ops
+
+
+def decode_tokens_per_s(spec: ModelSpec, hw: Hardware, quant: str, context: int, engine: str = "llama.cpp",
+                        gpu: GPU | None = None, kv_quant: str = "f16") -> float:
+    """Decode tokens/s = 1 / decode_seconds (batch 1, at ``context`` tokens of history)."""
+    return 1.0 / decode_seconds(spec, hw, quant, context, engine, gpu, kv_quant)
+
+
+def prefill_seconds(spec: ModelSpec, hw: Hardware, quant: str, prompt_tokens: int,
+                    engine: str = "llama.cpp", gpu: GPU | None = None) -> float:
+    """Seconds to process a prompt: FLOP-bound for long prompts, one weight read at least."""
+    eng = get_engine(engine)
+    bw, peak = _device_speed(hw, gpu, quant)
+    # P tokens through the matmuls, plus causal attention over on average P/2 keys each.
+    kept = min(prompt_tokens, spec.sliding_window) if spec.sliding_window else prompt_tokens
+    flops = prompt_tokens * flops_per_token(spec, max(1, kept // 2))
+    t_mem = bytes_per_token(spec, quant, 1) / (bw * eng.bandwidth_efficiency)
+    return max(flops / (peak * eng.matmul_efficiency), t_mem)
+
+
+# ---------------------------------------------------------------- training
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1, "lion": 1}
+PRECISIONS = ("fp32", "bf16-mixed", "bf16")
+
+
+def activation_elements_per_token(spec: ModelSpec) -> tuple[float, float]:
+    """(elements autograd saves per token per layer, elements per token at the output head).
+
+    Per layer (a = H·hd, kv = Hkv·hd, F = MLP width): both families save the
+    block input and norm outputs, q/k/v and the attention output, the MLP
+    intermediates. GPT-2 (LayerNorm, GELU MLP): 4d + 5a + 2F. Llama (RMSNorm in
+    fp32 saves x, x², rsqrt·x; RoPE saves q, k before rotation; gated MLP saves
+    gate, up, act(gate), product): 8d + 6a + 4kv + 4F.
+    Head: the fp32 logits, their log-softmax and its gradient, 3V.
+    """
+    d, a, kv = spec.emb_dim, spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    F = _mlp_width(spec)
+    if spec.family == "gpt2":
+        per_layer = 4 * d + 5 * a + 2 * F
+    else:
+        per_layer = 8 * d + 6 * a + 4 * kv + 4 * F
+    return per_layer, 3 * spec.vocab_size
+
+
+def _mlp_width(spec: ModelSpec) -> int:
+    if spec.config is not None and spec.config.hidden_dim:
+        return spec.config.hidden_dim
+    # Recover F from the counts: per-layer MLP params ≈ 3·d·F (gated) or 2·d·F (GPT-2).
+    per_layer = (spec.params_active - spec.params_embedding - (0 if spec.tied else spec.params_lm_head)) / spec.n_layers
+    attn = 2 * spec.emb_dim * (spec.n_heads + spec.n_kv_heads) * spec.head_dim
+    return max(1, int((per_layer - attn) / ((2 if spec.family == "gpt2" else 3) * spec.emb_dim)))
+
+
+@dataclass
+class TrainingMemory:
+    """Bytes needed for one training step, by part."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    runtime: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
+
+    @property
+    def device(self) -> float:
+        return self.total - self.runtime
+
+    def gib(self) -> dict[str, float]:
+        d = {f"{k}_gib": v / GiB for k, v in asdict(self).items()}
+        d["total_gib"] = self.total / GiB
+        return d
+
+
+def training_memory(spec: ModelSpec, hw: Hardware, batch: int, context: int, precision: str = "fp32",
+                    optimizer: str = "adamw", checkpointing: bool = False) -> TrainingMemory:
+    """Peak memory of a training step (from the second step on, when optimizer state exists).
+
+    precision: ``fp32``; ``bf16-mixed`` (fp32 weights, grads, moments; autocast bf16
+    activations); ``bf16`` (everything bf16; PyTorch keeps optimizer state in the
+    parameter dtype). With ``checkpointing`` only each block's input is kept and
+    one block's activations are recomputed at a time.
+    """
+    if precision not in PRECISIONS:
+        raise GptlabError(f"precision {precision!r} must be one of {', '.join(PRECISIONS)}")
+    if optimizer not in OPTIMIZER_STATES:
+        raise GptlabError(f"optimizer {optimizer!r} must be one of {', '.join(OPTIMIZER_STATES)}")
+    if batch < 1 or context < 1:
+        raise GptlabError(f"batch ({batch}) and context ({context}) must be at least 1")
+    P = spec.params_total
+    wbytes = 2 if precision == "bf16" else 4
+    abytes = 4 if precision == "fp32" else 2
+    per_layer, head = activation_elements_per_token(spec)
+    tokens = batch * context
+    if checkpointing:
+        layers = tokens * (spec.n_layers * spec.emb_dim * 4 + per_layer * abytes)
+    else:
+        layers = tokens * spec.n_layers * per_layer * abytes
+    acts = layers + tokens * head * 4
+    return TrainingMemory(
+        weights=P * wbytes, gradients=P * wbytes, optimizer=P * wbytes * OPTIMIZER_STATES[optimizer],
+        activations=acts, runtime=float(hw.runtime_rss),
+    )
+
+
+def train_flops_per_token(spec: ModelSpec, context: int) -> float:
+    """Forward + backward FLOPs per token: 3 × forward (6·N + 12·L·T·H·hd, T averaged causally)."""
+    return 3 * flops_per_token(spec, max(1, context // 2))
+
+
+# MFU reached by gptlab's training loop; CPU value measured on this runtime (see docs/fit.md).
+TRAIN_MFU = {"cpu": 0.35, "gpu": 0.35}
+
+
+def train_tokens_per_s(spec: ModelSpec, hw: Hardware, context: int, precision: str = "fp32",
+                       gpu: GPU | None = None) -> float:
+    """Training tokens/s = matmul peak × MFU / training FLOPs per token."""
+    if gpu is not None:
+        peak, mfu = (gpu.matmul_bf16 or 0.0), TRAIN_MFU["gpu"]
+    else:
+        peak = hw.cpu_matmul_fp32 if precision == "fp32" else hw.cpu_matmul_bf16
+        mfu = TRAIN_MFU["cpu"]
+    return peak * mfu / train_flops_per_token(spec, context)

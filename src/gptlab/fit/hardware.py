@@ -1,0 +1,466 @@
+"""What this machine has: CPU, RAM, GPUs, Ollama — and how fast it really is.
+
+Sizes are detected (psutil, NVML, sysfs, macOS sysctl); speeds are *measured*
+by a few-second microbenchmark and cached per machine, because published peak
+figures are what make fit estimates 3x off:
+
+- memory bandwidth: the rate a matrix-vector product streams a 256 MiB fp32
+  matrix (exactly what decoding one token does with the weights), with all
+  threads and with one (how many cores it takes to saturate memory);
+- matmul throughput: best of a few 2048x2048 fp32 and bf16 matmuls;
+- per-op latency: the cost of one tiny PyTorch op (eager dispatch overhead,
+  which dominates decoding of small models in gptlab's runtime);
+- runtime memory: peak RSS of a clean Python process after importing torch
+  and gptlab (the fixed cost every gptlab process pays).
+
+The cache is ``$GPTLAB_CACHE/fit-calibration.json`` (default
+``~/.cache/gptlab``), keyed by CPU, core count, torch version and GPU names;
+``gptlab fit --calibrate`` re-measures. Anything that cannot be detected or
+measured becomes a stated entry in ``Hardware.assumptions``, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import psutil
+
+from gptlab.errors import GptlabError
+from gptlab.fileio import atomic_write_json
+
+GiB = 2**30
+
+# Used only when a GPU's speed cannot be measured (no CUDA-enabled torch, or a
+# simulated --vram GPU). Stated in Hardware.assumptions whenever used.
+ASSUMED_GPU_BANDWIDTH = 500e9  # bytes/s, a mid-range discrete GPU
+ASSUMED_GPU_MATMUL = 50e12  # FLOP/s bf16
+
+
+@dataclass
+class GPU:
+    """One GPU (or MIG instance, or Apple unified-memory GPU)."""
+
+    name: str
+    vram_total: int  # bytes
+    vram_free: int  # bytes
+    backend: str  # "cuda" | "rocm" | "metal" | "simulated"
+    bandwidth: float | None = None  # bytes/s, measured
+    matmul_bf16: float | None = None  # FLOP/s, measured
+    mig_uuids: list[str] = field(default_factory=list)
+
+    @property
+    def cuda_visible_devices(self) -> str | None:
+        """The CUDA_VISIBLE_DEVICES value that selects this GPU's MIG instances."""
+        return ",".join(self.mig_uuids) if self.mig_uuids else None
+
+
+@dataclass
+class Hardware:
+    """The machine the planner sizes for (real, or simulated with --ram/--vram/--cores)."""
+
+    cpu_name: str
+    cores: int
+    ram_total: int
+    ram_available: int
+    gpus: list[GPU]
+    unified_memory: bool
+    ollama: bool
+    cpu_bandwidth: float  # bytes/s
+    cpu_bandwidth_1core: float  # bytes/s with one thread
+    cpu_matmul_fp32: float  # FLOP/s
+    cpu_matmul_bf16: float  # FLOP/s
+    op_latency: float  # seconds per small eager PyTorch op
+    runtime_rss: int  # bytes: a fresh python + torch + gptlab process
+    calibrated: bool = False
+    simulated: bool = False
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def gpu(self) -> GPU | None:
+        """The biggest GPU (the planner places a model on one device)."""
+        return max(self.gpus, key=lambda g: g.vram_total) if self.gpus else None
+
+    def summary(self) -> str:
+        """One status line: CPU | RAM | GPU | Ollama."""
+        g = self.gpu
+        if g is None:
+            gpu = "none"
+        elif g.backend == "metal":
+            gpu = f"{g.name} ({g.vram_total / GiB:.1f} GiB shared, Metal)"
+        else:
+            gpu = f"{g.name} ({g.vram_free / GiB:.1f} GiB free / {g.vram_total / GiB:.1f} GiB)"
+            if g.mig_uuids:
+                gpu += f" MIG x{len(g.mig_uuids)}: CUDA_VISIBLE_DEVICES={g.cuda_visible_devices}"
+        sim = " [simulated]" if self.simulated else ""
+        return (f"CPU: {self.cpu_name} ({self.cores} cores) | RAM: {self.ram_available / GiB:.1f} GiB avail / "
+                f"{self.ram_total / GiB:.1f} GiB total | GPU: {gpu} | Ollama: {'yes' if self.ollama else 'no'}"
+                f"{sim}\nMeasured: {self.cpu_bandwidth / 1e9:.1f} GB/s memory, "
+                f"{self.cpu_matmul_fp32 / 1e9:.0f} GFLOP/s fp32, {self.cpu_matmul_bf16 / 1e9:.0f} GFLOP/s bf16, "
+                f"{self.op_latency * 1e6:.1f} us/op")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- detection
+def cpu_name() -> str:
+    """The CPU model name (Linux /proc/cpuinfo, macOS sysctl, else platform)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                  text=True, timeout=2).stdout.strip() or platform.processor()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity/cgroup aware where the OS says)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def ollama_running(host: str = "127.0.0.1", port: int = 11434, timeout: float = 0.25) -> bool:
+    """True when something accepts connections on Ollama's port (short timeout)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+_MIG_RE = re.compile(r"MIG-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def parse_mig_uuids(nvidia_smi_l: str) -> list[str]:
+    """MIG instance UUIDs from ``nvidia-smi -L`` output."""
+    return _MIG_RE.findall(nvidia_smi_l)
+
+
+def _nvml_gpus(notes: list[str]) -> list[GPU]:
+    try:
+        import pynvml  # from nvidia-ml-py; optional
+    except ImportError:
+        if shutil.which("nvidia-smi"):
+            notes.append("nvidia-smi present but nvidia-ml-py is not installed; pip install nvidia-ml-py for GPU details")
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no driver: not an error, just no NVIDIA GPU
+        return []
+    gpus = []
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            name = name.decode() if isinstance(name, bytes) else name
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            migs = []
+            try:
+                current, _pending = pynvml.nvmlDeviceGetMigMode(h)
+                if current:
+                    for j in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(h)):
+                        try:
+                            mh = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(h, j)
+                        except pynvml.NVMLError:
+                            continue
+                        u = pynvml.nvmlDeviceGetUUID(mh)
+                        migs.append(u.decode() if isinstance(u, bytes) else u)
+            except pynvml.NVMLError:
+                pass
+            gpus.append(GPU(name, int(mem.total), int(mem.free), "cuda", mig_uuids=migs))
+    finally:
+        pynvml.nvmlShutdown()
+    return gpus
+
+
+def _amd_gpus() -> list[GPU]:
+    """AMD GPUs from the amdgpu driver's sysfs files (best effort)."""
+    gpus = []
+    for dev in sorted(Path("/sys/class/drm").glob("card[0-9]*/device")):
+        total, used = dev / "mem_info_vram_total", dev / "mem_info_vram_used"
+        if not total.is_file():
+            continue
+        try:
+            t = int(total.read_text())
+            u = int(used.read_text()) if used.is_file() else 0
+        except (OSError, ValueError):
+            continue
+        gpus.append(GPU(f"AMD GPU ({dev.parent.name})", t, t - u, "rocm"))
+    return gpus
+
+
+def _apple_gpu(ram_total: int) -> GPU | None:
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        # Unified memory: Metal may use about 2/3-3/4 of RAM by default; we report the total.
+        return GPU(f"{cpu_name()} GPU", ram_total, ram_total, "metal")
+    return None
+
+
+# ---------------------------------------------------------------- calibration
+def cache_dir() -> Path:
+    """Where gptlab caches things: $GPTLAB_CACHE or ~/.cache/gptlab."""
+    return Path(os.environ.get("GPTLAB_CACHE") or Path.home() / ".cache" / "gptlab")
+
+
+def _fingerprint(gpus: list[GPU]) -> str:
+    import torch
+
+    return "|".join([cpu_name(), str(usable_cores()), torch.__version__, *sorted(g.name for g in gpus)])
+
+
+def _best_time(fn, repeat: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure_bandwidth(device: str = "cpu", mib: int = 256) -> float:
+    """Bytes/s a matrix-vector product streams from an fp32 matrix of ``mib`` MiB."""
+    import torch
+
+    rows = mib * 2**20 // 4 // 4096
+    W = torch.randn(rows, 4096, device=device)
+    x = torch.randn(4096, 1, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run():
+        for _ in range(4):
+            W @ x
+        sync()
+
+    return 4 * W.numel() * 4 / _best_time(run, 3)
+
+
+def measure_matmul(dtype: str = "fp32", device: str = "cpu", n: int = 2048) -> float:
+    """FLOP/s of an n x n matmul in ``dtype`` (best of a few)."""
+    import torch
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run():
+        a @ b
+        sync()
+
+    return 2 * n**3 / _best_time(run, 3)
+
+
+def measure_op_latency() -> float:
+    """Seconds per tiny eager op: the dispatch overhead of PyTorch on this CPU."""
+    import torch
+
+    x = torch.randn(1, 64)
+    w = torch.randn(64, 64)
+
+    def run():
+        y = x
+        for _ in range(200):
+            y = torch.nn.functional.linear(y, w).add_(x)  # 2 ops per iteration
+    return _best_time(run, 5) / 400
+
+
+def measure_runtime_rss() -> int:
+    """Peak RSS (bytes) of a fresh process that imports what gptlab inference imports."""
+    code = ("import resource, torch, gptlab.models.llama, gptlab.models.gpt2, gptlab.weights, gptlab.generation\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed")
+    kib = int(out.stdout.strip().splitlines()[-1])
+    return kib * (1 if sys.platform == "darwin" else 1024)
+
+
+def _one_thread(fn, *args):
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(n)
+
+
+def calibrate(gpus: list[GPU] | None = None) -> dict:
+    """Run the microbenchmarks (a few seconds) and return the measured figures."""
+    import torch
+
+    res = {
+        "cpu_bandwidth": measure_bandwidth("cpu"),
+        "cpu_bandwidth_1core": _one_thread(measure_bandwidth, "cpu"),
+        "cpu_matmul_fp32": measure_matmul("fp32"),
+        "cpu_matmul_bf16": measure_matmul("bf16"),
+        "op_latency": measure_op_latency(),
+        "runtime_rss": measure_runtime_rss(),
+        "torch_threads": torch.get_num_threads(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "gpus": {},
+    }
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            dev = f"cuda:{i}"
+            with torch.cuda.device(i):
+                res["gpus"][torch.cuda.get_device_name(i)] = {
+                    "bandwidth": measure_bandwidth("cuda", 1024),
+                    "matmul_bf16": measure_matmul("bf16", "cuda", 4096),
+                }
+            del dev
+    return res
+
+
+def load_calibration(gpus: list[GPU], refresh: bool = False) -> tuple[dict, bool]:
+    """Cached figures for this machine, measuring (and caching atomically) if absent or ``refresh``.
+
+    Returns (figures, freshly_measured).
+    """
+    path = cache_dir() / "fit-calibration.json"
+    key = _fingerprint(gpus)
+    cache: dict = {}
+    if path.is_file():
+        try:
+            cache = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            cache = {}
+    if not refresh and key in cache:
+        return cache[key], False
+    figures = calibrate(gpus)
+    cache[key] = figures
+    try:
+        atomic_write_json(path, cache)
+    except OSError:
+        pass  # a read-only home still gets the figures, just not cached
+    return figures, True
+
+
+# ---------------------------------------------------------------- the entry point
+def detect_hardware(calibrate_now: bool = False, measure: bool = True, ram: float | None = None,
+                    vram: float | None = None, cores: int | None = None) -> Hardware:
+    """Detect this machine; optionally simulate another with ``ram``/``vram`` (GiB) and ``cores``.
+
+    ``measure=False`` skips the microbenchmark when nothing is cached and uses
+    stated conservative defaults instead (for quick listings and tests).
+    """
+    for flag, v in (("--ram", ram), ("--vram", vram), ("--cores", cores)):
+        if v is not None and v <= 0:
+            raise GptlabError(f"{flag} {v} must be positive (GiB for memory, a count for cores)")
+    notes: list[str] = []
+    vm = psutil.virtual_memory()
+    gpus = _nvml_gpus(notes) or _amd_gpus()
+    apple = _apple_gpu(vm.total)
+    if apple is not None:
+        gpus = [apple]
+    if not gpus:
+        try:
+            import torch
+
+            if torch.cuda.is_available():  # CUDA torch without NVML
+                for i in range(torch.cuda.device_count()):
+                    free, total = torch.cuda.mem_get_info(i)
+                    gpus.append(GPU(torch.cuda.get_device_name(i), total, free, "cuda"))
+        except Exception as e:  # a broken driver must not stop a CPU plan
+            notes.append(f"CUDA query failed ({e}); planning for CPU only")
+    if gpus and any(g.backend == "cuda" for g in gpus) and not any(g.mig_uuids for g in gpus) \
+            and shutil.which("nvidia-smi"):
+        try:
+            migs = parse_mig_uuids(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                                  timeout=5).stdout)
+            if migs:
+                gpus[0].mig_uuids = migs
+        except (OSError, subprocess.SubprocessError):
+            pass
+
+    figures: dict = {}
+    calibrated = False
+    if measure or calibrate_now:
+        try:
+            figures, _ = load_calibration(gpus, refresh=calibrate_now)
+            calibrated = True
+        except Exception as e:  # measurement must never crash a plan
+            notes.append(f"calibration failed ({e}); using conservative default speeds")
+    else:
+        path = cache_dir() / "fit-calibration.json"
+        try:
+            figures = json.loads(path.read_text()).get(_fingerprint(gpus), {})
+            calibrated = bool(figures)
+        except (OSError, json.JSONDecodeError):
+            figures = {}
+    if not calibrated:
+        notes.append("speeds not measured on this machine (run `gptlab fit --calibrate`); "
+                     "assuming 10 GB/s memory, 100 GFLOP/s, 10 us/op, 300 MiB runtime")
+    n_cores = usable_cores()
+    hw = Hardware(
+        cpu_name=cpu_name(), cores=n_cores, ram_total=vm.total, ram_available=vm.available, gpus=gpus,
+        unified_memory=apple is not None, ollama=ollama_running(),
+        cpu_bandwidth=figures.get("cpu_bandwidth", 10e9),
+        cpu_bandwidth_1core=figures.get("cpu_bandwidth_1core", 10e9),
+        cpu_matmul_fp32=figures.get("cpu_matmul_fp32", 100e9),
+        cpu_matmul_bf16=figures.get("cpu_matmul_bf16", 100e9),
+        op_latency=figures.get("op_latency", 10e-6),
+        runtime_rss=int(figures.get("runtime_rss", 300 * 2**20)),
+        calibrated=calibrated, assumptions=notes,
+    )
+    for g in hw.gpus:
+        m = figures.get("gpus", {}).get(g.name)
+        if m:
+            g.bandwidth, g.matmul_bf16 = m["bandwidth"], m["matmul_bf16"]
+        elif g.backend == "metal":
+            g.bandwidth, g.matmul_bf16 = hw.cpu_bandwidth, hw.cpu_matmul_bf16
+            notes.append("Apple GPU speed taken from the CPU measurement of the same unified memory")
+        else:
+            g.bandwidth, g.matmul_bf16 = ASSUMED_GPU_BANDWIDTH, ASSUMED_GPU_MATMUL
+            notes.append(f"{g.name}: speed not measured (needs CUDA-enabled torch); assuming "
+                         f"{ASSUMED_GPU_BANDWIDTH / 1e9:.0f} GB/s, {ASSUMED_GPU_MATMUL / 1e12:.0f} TFLOP/s bf16")
+    return simulate(hw, ram=ram, vram=vram, cores=cores)
+
+
+def simulate(hw: Hardware, ram: float | None = None, vram: float | None = None,
+             cores: int | None = None) -> Hardware:
+    """A copy of ``hw`` with other RAM/VRAM (GiB, all of it free) or core count."""
+    if ram is None and vram is None and cores is None:
+        return hw
+    notes = list(hw.assumptions)
+    hw = replace(hw, gpus=[replace(g) for g in hw.gpus], simulated=True, assumptions=notes)
+    if ram is not None:
+        hw.ram_total = hw.ram_available = int(ram * GiB)
+    if vram is not None:
+        if hw.gpus:
+            g = hw.gpu
+            hw.gpus = [replace(g, vram_total=int(vram * GiB), vram_free=int(vram * GiB))]
+        else:
+            hw.gpus = [GPU("simulated GPU", int(vram * GiB), int(vram * GiB), "simulated",
+                           ASSUMED_GPU_BANDWIDTH, ASSUMED_GPU_MATMUL)]
+            notes.append(f"simulated GPU speed assumed: {ASSUMED_GPU_BANDWIDTH / 1e9:.0f} GB/s, "
+                         f"{ASSUMED_GPU_MATMUL / 1e12:.0f} TFLOP/s bf16")
+    if cores is not None:
+        scale = cores / hw.cores
+        hw.cpu_matmul_fp32 *= scale
+        hw.cpu_matmul_bf16 *= scale
+        hw.cores = int(cores)
+        notes.append("--cores scales measured matmul throughput linearly; memory bandwidth kept as measured")
+    return hw
