@@ -39,15 +39,21 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
+# Unicode White_Space, what ``\s`` means in the tokenizers' regex engines (str.isspace
+# differs: it also counts the separators U+001C..U+001F).
+WHITE_SPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
+                        + "".join(chr(c) for c in range(0x2000, 0x200B)))
+
+
 def _last_boundary(text: str) -> int:
     """Index ``i`` of the last whitespace character followed by a non-whitespace one, or -1.
 
     Cutting before ``text[i]`` is safe for GPT-2-style pre-tokenizers: pieces
-    never run across "whitespace then word", and a run of whitespace before a
-    word is split as ``run[:-1]`` + ``run[-1] + word`` either way.
+    never run across "whitespace then non-whitespace", and a run of whitespace
+    before a word is split as ``run[:-1]`` + ``run[-1] + word`` either way.
     """
     for i in range(len(text) - 2, -1, -1):
-        if text[i].isspace() and not text[i + 1].isspace():
+        if text[i] in WHITE_SPACE and text[i + 1] not in WHITE_SPACE:
             return i
     return -1
 
