@@ -32,7 +32,9 @@ def train_bpe(texts: str | Iterable[str], vocab_size: int, special_tokens: Itera
         show_progress: print the trainer's progress bar.
 
     Returns:
-        An :class:`HFTokenizer` with ``eos_token`` = the first special token.
+        An :class:`HFTokenizer` with ``eos_token`` = the first special token. On a
+        small or repetitive text it can hold fewer than ``vocab_size`` ids: the
+        trainer stops when no pair occurs ``min_frequency`` times.
     """
     specials = list(special_tokens)
     if len(set(specials)) != len(specials):
