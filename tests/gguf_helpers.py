@@ -51,9 +51,53 @@ def write_gguf(path: Path, arch: str, kv: dict, tensors: dict[str, tuple[np.ndar
         elif qtype == "F16":
             w.add_tensor(name, arr.astype(np.float16))
         else:
-            w.add_tensor(name, gguf.quants.quantize(arr, t), raw_shape=arr.shape, raw_dtype=t)
+            w.add_tensor(name, gguf.quants.quantize(arr, t), raw_dtype=t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter: q/k rows from "rotate half" order to interleaved pairs, per head."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_llama_to_gguf(model, path: Path, qtype: str = "F32", extra_kv: dict | None = None,
+                     extra_tensors: dict | None = None) -> Path:
+    """Write a Hugging Face LlamaForCausalLM as a GGUF file the way llama.cpp's converter does.
+
+    Norms stay F32; matrices use ``qtype``; q/k rows are permuted.
+    """
+    c = model.config
+    kv = {
+        "llama.block_count": c.num_hidden_layers, "llama.context_length": c.max_position_embeddings,
+        "llama.embedding_length": c.hidden_size, "llama.feed_forward_length": c.intermediate_size,
+        "llama.attention.head_count": c.num_attention_heads,
+        "llama.attention.head_count_kv": c.num_key_value_heads,
+        "llama.rope.freq_base": float(c.rope_theta) if hasattr(c, "rope_theta") and c.rope_theta else
+        float(c.rope_parameters["rope_theta"]),
+        "llama.attention.layer_norm_rms_epsilon": float(c.rms_norm_eps),
+        "llama.rope.dimension_count": c.hidden_size // c.num_attention_heads,
+    }
+    kv.update(extra_kv or {})
+    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    tensors = {"token_embd.weight": (sd["model.embed_tokens.weight"], qtype),
+               "output_norm.weight": (sd["model.norm.weight"], "F32")}
+    if not c.tie_word_embeddings:
+        tensors["output.weight"] = (sd["lm_head.weight"], qtype)
+    for i in range(c.num_hidden_layers):
+        for g, h in names.items():
+            w = sd[f"model.layers.{i}.{h}.weight"]
+            if g == "attn_q":
+                w = llama_cpp_permute(w, c.num_attention_heads)
+            elif g == "attn_k":
+                w = llama_cpp_permute(w, c.num_key_value_heads)
+            tensors[f"blk.{i}.{g}.weight"] = (w, "F32" if w.ndim == 1 else qtype)
+    tensors.update(extra_tensors or {})
+    return write_gguf(path, "llama", kv, tensors)
