@@ -76,10 +76,11 @@ def _read_file(path: Path, chunk_chars: int) -> Iterator[tuple[str, int]]:
     with open(path, "rb") as f:
         while True:
             raw = f.read(chunk_chars)
+            pending = len(decoder.getstate()[0])  # bytes of a character left over from the last read
             try:
                 text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as e:
-                raise GptlabError(f"{path} is not UTF-8 text (bad byte near offset {offset + e.start}); "
+                raise GptlabError(f"{path} is not UTF-8 text (bad byte at offset {offset - pending + e.start}); "
                                   "convert it to UTF-8 first") from None
             offset += len(raw)
             if not raw:

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import tiktoken
 
 from gptlab.errors import GptlabError
@@ -135,6 +136,13 @@ class GPT2Tokenizer(Tokenizer):
             raise GptlabError(f"encode() needs a str, got {type(text).__name__}; decode bytes first")
         allowed = self._allowed_set(allowed_special)
         return self.encoding.encode(text, allowed_special=allowed, disallowed_special=())
+
+    def encode_array(self, text: str, allowed_special="all") -> np.ndarray:
+        """Token ids as an int64 array, without building a Python list (big corpora)."""
+        if not isinstance(text, str):
+            raise GptlabError(f"encode() needs a str, got {type(text).__name__}; decode bytes first")
+        allowed = self._allowed_set(allowed_special)
+        return self.encoding.encode_to_numpy(text, allowed_special=allowed, disallowed_special=()).astype(np.int64)
 
     def _encode_ordinary(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
