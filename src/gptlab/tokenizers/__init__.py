@@ -23,3 +23,4 @@ __all__ = [
     "RegexWordTokenizer", "SimpleBPE", "Tokenizer", "load_saved", "load_tokenizer", "register_resolver",
     "train_bpe",
 ]
+from gptlab.tokenizers import gguf_tokenizer as _gguf_tokenizer  # noqa: E402,F401  registers the .gguf resolver

@@ -25,6 +25,8 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from gptlab.errors import GptlabError
+from gptlab.tokenizers.hf import HFTokenizer
+from gptlab.tokenizers.loading import register_resolver
 
 # ---- pre-tokenizers: llama.cpp's `tokenizer.ggml.pre` names -> how text is split ----
 # Split regexes (facts from the reference tokenizers these names stand for).
@@ -128,17 +130,30 @@ def special_tokens(meta: dict[str, Any]) -> dict[str, str | None]:
             (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))}
 
 
-def load_gguf_tokenizer(path: str | Path):
+def load_gguf_tokenizer(path: str | Path) -> HFTokenizer:
     """The tokenizer of a ``.gguf`` file as a gptlab ``HFTokenizer`` (with its chat template).
 
     Args:
         path: the .gguf file.
     """
-    from gptlab.tokenizers import HFTokenizer
     from gptlab.weights.gguf import read_metadata
 
-    meta = read_metadata(path, tensors=False)
+    meta = read_metadata(path)
     tok = build_tokenizer(meta, str(path))
     sp = special_tokens(meta)
-    return HFTokenizer(tok, eos_token=sp["eos"], bos_token=sp["bos"],
+    return HFTokenizer(tok, eos_token=sp["eos"], bos_token=sp["bos"], pad_token=sp["pad"],
                        chat_template=meta.get("tokenizer.chat_template"))
+
+
+def _resolve_gguf(spec: str) -> HFTokenizer | None:
+    """load_tokenizer resolver: a ``.gguf`` file path or ``pkg:PACKAGE/....gguf``."""
+    if not spec.endswith(".gguf"):
+        return None
+    if spec.startswith("pkg:"):
+        from gptlab.weights import package_path
+
+        return load_gguf_tokenizer(package_path(spec))
+    return load_gguf_tokenizer(spec)
+
+
+register_resolver(_resolve_gguf, "a .gguf file (or pkg:PACKAGE/FILE.gguf): the tokenizer in its metadata")
