@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,32 +46,43 @@ WHITE_SPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000
                         + "".join(chr(c) for c in range(0x2000, 0x200B)))
 
 
-def _last_boundary(text: str) -> int:
-    """Index ``i`` of the last whitespace character followed by a non-whitespace one, or -1.
+_BOUNDARY = re.compile("[" + re.escape("".join(sorted(WHITE_SPACE))) + "](?=[^" + re.escape("".join(sorted(WHITE_SPACE))) + "])")
+
+
+def _last_boundary(text: str, end: int) -> int:
+    """Index ``i < end`` of the last whitespace character followed by a non-whitespace one, or -1.
 
     Cutting before ``text[i]`` is safe for GPT-2-style pre-tokenizers: pieces
     never run across "whitespace then non-whitespace", and a run of whitespace
     before a word is split as ``run[:-1]`` + ``run[-1] + word`` either way.
     """
-    for i in range(len(text) - 2, -1, -1):
+    for i in range(min(end, len(text) - 1) - 1, -1, -1):
         if text[i] in WHITE_SPACE and text[i + 1] not in WHITE_SPACE:
             return i
     return -1
 
 
-def boundary_chunks(pieces: Iterable[str], chunk_chars: int) -> Iterator[str]:
+def boundary_chunks(pieces: Iterable[str], chunk_chars: int, max_factor: int = 8) -> Iterator[str]:
     """Regroup text pieces into chunks of about ``chunk_chars`` characters cut at whitespace boundaries.
 
-    ``"".join(boundary_chunks(p, n)) == "".join(p)``. A chunk with no boundary at all
-    (``chunk_chars`` characters without a space) is cut where it is.
+    ``"".join(boundary_chunks(p, n)) == "".join(p)``, and encoding the chunks one
+    by one gives the same ids as encoding the whole text. A stretch with no
+    boundary is kept whole up to ``max_factor * chunk_chars`` characters and only
+    then cut where it is (the one case where a token could be split).
     """
     buf = ""
     for piece in pieces:
-        buf += piece
+        buf = buf + piece if buf else piece
         while len(buf) >= chunk_chars:
-            cut = _last_boundary(buf[:chunk_chars + 1])
-            if cut <= 0:
-                cut = chunk_chars
+            cut = _last_boundary(buf, chunk_chars + 1)
+            if cut <= 0:  # none in the first chunk_chars: take the first one after it
+                m = _BOUNDARY.search(buf, 1)
+                if m is not None:
+                    cut = m.start()
+                elif len(buf) >= max_factor * chunk_chars:
+                    cut = max_factor * chunk_chars
+                else:
+                    break  # wait for more text
             yield buf[:cut]
             buf = buf[cut:]
     if buf:
