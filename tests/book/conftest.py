@@ -52,3 +52,14 @@ def tiny_cfg() -> dict:
     """A course-style config small enough to train in a second on CPU (GPT-2's vocabulary)."""
     return {"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
             "drop_rate": 0.1, "qkv_bias": False}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """These tests use tiny tensors, where one thread beats two on a shared machine; restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
