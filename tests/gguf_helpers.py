@@ -101,3 +101,23 @@ def hf_llama_to_gguf(model, path: Path, qtype: str = "F32", extra_kv: dict | Non
             tensors[f"blk.{i}.{g}.weight"] = (w, "F32" if w.ndim == 1 else qtype)
     tensors.update(extra_tensors or {})
     return write_gguf(path, "llama", kv, tensors)
+
+
+def tokenizer_kv(backend, *, pre: str = "gpt-2", eos: str | None = None, bos: str | None = None,
+                 chat_template: str | None = None) -> dict:
+    """GGUF ``tokenizer.*`` metadata for a byte-level BPE ``tokenizers.Tokenizer`` (as llama.cpp writes it)."""
+    import json
+
+    model = json.loads(backend.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    added = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+    kv = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+          "tokenizer.ggml.merges": [" ".join(m) if isinstance(m, list) else m for m in model["merges"]],
+          "tokenizer.ggml.token_type": [3 if t in added else 1 for t in tokens]}
+    if eos is not None:
+        kv["tokenizer.ggml.eos_token_id"] = tokens.index(eos)
+    if bos is not None:
+        kv["tokenizer.ggml.bos_token_id"] = tokens.index(bos)
+    if chat_template is not None:
+        kv["tokenizer.chat_template"] = chat_template
+    return kv

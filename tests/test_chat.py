@@ -1,0 +1,175 @@
+"""ChatSession and `gptlab chat`: history, templates, stop tokens, streaming, /reset and /exit."""
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gguf_helpers import hf_llama_to_gguf, tokenizer_kv  # noqa: E402
+
+from gptlab.chat import ChatSession, run_chat_loop
+from gptlab.errors import GptlabError
+from gptlab.generation import generate
+from gptlab.models.attention import KVCache
+from gptlab.tokenizers import train_bpe
+from gptlab.tokenizers.chat_template import ChatTemplate
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TEXT = ("What is the capital of France? Paris is the capital of France. Hello there, how are you? "
+        "I am fine, thank you. The quick brown fox jumps over the lazy dog. ") * 20
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = train_bpe(TEXT, vocab_size=320, special_tokens=SPECIALS, min_frequency=2)
+    t.chat_template = CHATML
+    return t
+
+
+class ScriptedModel(nn.Module):
+    """A stand-in LM that answers every prompt with the same token script (then repeats its last token)."""
+
+    def __init__(self, vocab: int, script: list[int], context_length: int = 512):
+        super().__init__()
+        self.script, self.vocab = script, vocab
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.cfg = type("Cfg", (), {"context_length": context_length})()
+        self.prompt_len = 0
+
+    def forward(self, ids, cache=None):
+        assert cache is not None, "chat decodes with the KV cache"
+        if cache.pos == 0:  # prefill: a new prompt
+            self.prompt_len = ids.shape[1]
+        k = cache.pos + ids.shape[1] - self.prompt_len  # tokens generated before this step's output
+        cache.advance(ids.shape[1])
+        nxt = self.script[min(k, len(self.script) - 1)]
+        logits = torch.zeros(ids.shape[0], ids.shape[1], self.vocab)
+        logits[:, -1, nxt] = 10.0
+        return logits  # (B, T, V)
+
+    def new_cache(self, batch, max_len=None, **_):
+        return KVCache(0, batch, 1, max_len or self.cfg.context_length, 1, dtype=torch.float32, device="cpu")
+
+
+def scripted(tok, reply: str, then: str = "<|im_end|>"):
+    """A model that says ``reply`` and then emits ``then``."""
+    end = tok.special_tokens[then] if then in tok.special_tokens else tok.encode(then)[0]
+    return ScriptedModel(tok.vocab_size, tok.encode(reply) + [end])
+
+
+def test_send_renders_history_and_stops_at_end_of_turn(tok):
+    model = scripted(tok, "Paris!")
+    session = ChatSession(model, tok, system="Be brief.")
+    pieces = []
+    assert session.send("What is the capital of France?", stream=pieces.append) == "Paris!"
+    assert "".join(pieces) == "Paris!"
+    assert session.messages == [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "What is the capital of France?"},
+                                {"role": "assistant", "content": "Paris!"}]
+    session.send("And of Italy?")
+    assert len(session.messages) == 5
+    expected = ChatTemplate(CHATML).render(session.messages, add_generation_prompt=True)
+    assert expected.count("<|im_start|>") == 6
+    assert tok.decode(session.prompt_ids()) == expected
+    session.reset()
+    assert session.messages == [{"role": "system", "content": "Be brief."}]
+
+
+def test_alpaca_style_stops_at_next_section(tok):
+    model = scripted(tok, "Paris.\n\n### Instruction:\nmore", then="x")
+    session = ChatSession(model, tok, style="alpaca", max_new_tokens=40)
+    streamed = []
+    assert session.send("Capital of France?", stream=streamed.append) == "Paris."
+    assert "".join(streamed) == "Paris."
+
+
+def test_greedy_reply_equals_generate_on_rendered_prompt(tok):
+    torch.manual_seed(0)
+    from gptlab.models.llama import Llama, LlamaConfig
+
+    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, context_length=256, emb_dim=32, n_layers=2,
+                              n_heads=4, n_kv_heads=2, hidden_dim=64)).eval()
+    session = ChatSession(model, tok, max_new_tokens=12)
+    reply = session.send("Hello there")
+    prompt = ChatTemplate(CHATML).render([{"role": "user", "content": "Hello there"}], add_generation_prompt=True)
+    ids = torch.tensor([tok.encode(prompt)])
+    out = generate(model, ids, 12)[0, ids.shape[1]:].tolist()
+    stops = {tok.special_tokens["<|im_end|>"], tok.special_tokens["<|endoftext|>"]}
+    cut = next((i for i, t in enumerate(out) if t in stops), len(out))
+    assert reply == tok.decode(out[:cut])
+
+
+def test_long_history_drops_oldest_turns(tok):
+    model = scripted(tok, "ok")
+    model.cfg.context_length = 120
+    session = ChatSession(model, tok, system="S", max_new_tokens=10)
+    for i in range(12):
+        session.send(f"message number {i} about the quick brown fox")
+    assert session.messages[0]["role"] == "system"
+    assert len(tok.encode(ChatTemplate(CHATML).render(session.messages))) <= 120
+    assert session.messages[-1] == {"role": "assistant", "content": "ok"}
+    with pytest.raises(GptlabError, match="send a shorter message"):
+        session.send("fox " * 200)
+    assert session.messages[-1]["role"] == "assistant"  # the refused message was not kept
+
+
+def test_bad_arguments(tok):
+    model = scripted(tok, "hi")
+    with pytest.raises(GptlabError, match="temperature"):
+        ChatSession(model, tok, temperature=-1)
+    with pytest.raises(GptlabError, match="unknown prompt style"):
+        ChatSession(model, tok, style="nope")
+    tok2 = train_bpe(TEXT, vocab_size=300, special_tokens=SPECIALS)
+    with pytest.raises(GptlabError, match="no chat template"):
+        ChatSession(model, tok2)
+    with pytest.raises(GptlabError, match="needs the message as a str"):
+        ChatSession(model, tok).send(123)
+
+
+def test_chat_loop_commands(tok):
+    session = ChatSession(scripted(tok, "Paris!"), tok)
+    out = io.StringIO()
+    n = run_chat_loop(session, io.StringIO("hi\n\n/reset\n/bogus\nagain\n/exit\nnever answered\n"), out)
+    assert n == 2
+    assert out.getvalue() == ("Paris!\n(conversation reset)\nunknown command /bogus; commands: /reset, /exit\n"
+                              "Paris!\n")
+    assert len(session.messages) == 2  # reset cleared the first exchange
+
+
+def test_gptlab_chat_cli_on_a_gguf(tmp_path, tok, monkeypatch, capsys):
+    transformers = pytest.importorskip("transformers")
+    from gptlab.cli import run
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)).eval()
+    kv = tokenizer_kv(tok.backend, eos="<|im_end|>", bos="<|im_start|>", chat_template=CHATML)
+    path = hf_llama_to_gguf(hf, tmp_path / "tiny-chat.gguf", extra_kv=kv)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n/reset\nWhat is the capital of France?\n/exit\n"))
+    code = run(["chat", str(path), "--temperature", "0", "--max-new-tokens", "8", "--dtype", "fp32"])
+    printed = capsys.readouterr().out.splitlines()
+    assert code == 0
+    # The same conversation through the Python API gives the same replies.
+    from gptlab.tokenizers import load_tokenizer
+    from gptlab.weights import load_model
+
+    session = ChatSession(load_model(str(path)), load_tokenizer(str(path)), max_new_tokens=8)
+    first = session.send("Hello there")
+    session.reset()
+    second = session.send("What is the capital of France?")
+    text = "\n".join(printed)
+    assert text == f"{first}\n(conversation reset)\n{second}"
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    from gptlab.cli import run
+
+    assert run(["chat", str(tmp_path / "absent.gguf")]) == 1
+    assert "not found" in capsys.readouterr().err
