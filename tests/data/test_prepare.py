@@ -21,7 +21,8 @@ TRICKY = st.lists(st.sampled_from(["word", " ", "  ", "\n", "\n\n", "\t", "\r\n"
 @settings(max_examples=150, deadline=None)
 @given(text=TRICKY, size=st.integers(1, 40))
 def test_chunk_cuts_never_change_gpt2_tokens(gpt2_tok, text, size):
-    chunks = list(boundary_chunks(iter([text[i:i + 7] for i in range(0, len(text), 7)]), size, max_factor=10_000))
+    chunks = list(boundary_chunks(iter([text[i:i + 7] for i in range(0, len(text), 7)]), size, gpt2_tok.special_tokens,
+                                  max_factor=10_000))
     assert "".join(chunks) == text
     assert [t for c in chunks for t in gpt2_tok.encode(c)] == gpt2_tok.encode(text)
 
@@ -44,7 +45,7 @@ def small_bpe(shared_data):
 @settings(max_examples=80, deadline=None)
 @given(text=TRICKY, size=st.integers(1, 40))
 def test_chunk_cuts_never_change_trained_bpe_tokens(small_bpe, text, size):
-    chunks = list(boundary_chunks([text], size, max_factor=10_000))
+    chunks = list(boundary_chunks([text], size, small_bpe.special_tokens, max_factor=10_000))
     assert [t for c in chunks for t in small_bpe.encode(c)] == small_bpe.encode(text)
 
 

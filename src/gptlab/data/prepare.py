@@ -49,40 +49,55 @@ WHITE_SPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000
 _BOUNDARY = re.compile("[" + re.escape("".join(sorted(WHITE_SPACE))) + "](?=[^" + re.escape("".join(sorted(WHITE_SPACE))) + "])")
 
 
-def _last_boundary(text: str, end: int) -> int:
+def _last_boundary(text: str, end: int, specials: tuple[str, ...] = ()) -> int:
     """Index ``i < end`` of the last whitespace character followed by a non-whitespace one, or -1.
 
     Cutting before ``text[i]`` is safe for GPT-2-style pre-tokenizers: pieces
     never run across "whitespace then non-whitespace", and a run of whitespace
     before a word is split as ``run[:-1]`` + ``run[-1] + word`` either way.
+    Not before a special token, though: the text is split at specials first,
+    so a whitespace run ending at one is encoded whole.
     """
     for i in range(min(end, len(text) - 1) - 1, -1, -1):
-        if text[i] in WHITE_SPACE and text[i + 1] not in WHITE_SPACE:
+        if text[i] in WHITE_SPACE and text[i + 1] not in WHITE_SPACE and not _at_special(text, i + 1, specials):
             return i
     return -1
 
 
-def boundary_chunks(pieces: Iterable[str], chunk_chars: int, max_factor: int = 8) -> Iterator[str]:
+def _at_special(text: str, j: int, specials: tuple[str, ...]) -> bool:
+    """Does a special token start at ``text[j]`` (or might, once more text arrives)?"""
+    return any(s.startswith(text[j:j + len(s)]) for s in specials)
+
+
+def _first_boundary(text: str, start: int, specials: tuple[str, ...] = ()) -> int:
+    for m in _BOUNDARY.finditer(text, start):
+        if not _at_special(text, m.start() + 1, specials):
+            return m.start()
+    return -1
+
+
+def boundary_chunks(pieces: Iterable[str], chunk_chars: int, specials: Iterable[str] = (),
+                    max_factor: int = 8) -> Iterator[str]:
     """Regroup text pieces into chunks of about ``chunk_chars`` characters cut at whitespace boundaries.
 
     ``"".join(boundary_chunks(p, n)) == "".join(p)``, and encoding the chunks one
-    by one gives the same ids as encoding the whole text. A stretch with no
-    boundary is kept whole up to ``max_factor * chunk_chars`` characters and only
-    then cut where it is (the one case where a token could be split).
+    by one gives the same ids as encoding the whole text (pass the tokenizer's
+    special-token strings as ``specials``). A stretch with no boundary is kept
+    whole up to ``max_factor * chunk_chars`` characters and only then cut where
+    it is (the one case where a token could be split).
     """
+    specials = tuple(specials)
     buf = ""
     for piece in pieces:
         buf = buf + piece if buf else piece
         while len(buf) >= chunk_chars:
-            cut = _last_boundary(buf, chunk_chars + 1)
+            cut = _last_boundary(buf, chunk_chars + 1, specials)
             if cut <= 0:  # none in the first chunk_chars: take the first one after it
-                m = _BOUNDARY.search(buf, 1)
-                if m is not None:
-                    cut = m.start()
-                elif len(buf) >= max_factor * chunk_chars:
+                cut = _first_boundary(buf, 1, specials)
+                if cut < 0:
+                    if len(buf) < max_factor * chunk_chars:
+                        break  # wait for more text
                     cut = max_factor * chunk_chars
-                else:
-                    break  # wait for more text
             yield buf[:cut]
             buf = buf[cut:]
     if buf:
@@ -148,7 +163,7 @@ def prepare_corpus(data: str | Path | None, out: str | Path, tokenizer: str | Pa
     with atomic_path(out / "train.bin") as tmp_train:
         n_tokens = 0
         with open(tmp_train, "wb") as f:
-            for chunk in boundary_chunks(pieces(), chunk_chars):
+            for chunk in boundary_chunks(pieces(), chunk_chars, specials=tok.special_tokens):
                 ids = tok.encode_array(chunk)
                 f.write(ids.astype(dtype).tobytes())
                 n_tokens += len(ids)
