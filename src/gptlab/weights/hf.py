@@ -9,14 +9,17 @@ Supported architectures and what they become:
     Qwen2ForCausalLM, GemmaForCausalLM   -> LlamaConfig (differences are config fields)
 
 Loading is memory-efficient: the model is built on the meta device (no
-memory), each tensor is read from the memory-mapped file once, converted to
-the target dtype and assigned in place, so peak memory stays close to the
-size of the weights.
+memory) and each parameter becomes a zero-copy view of the memory-mapped
+file (private, copy-on-write), so loading is nearly instant and memory grows
+only to the size of the weights as they are used. Only a dtype conversion or
+a transposed GPT-2 weight makes a copy, one tensor at a time.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import struct
 from pathlib import Path
 from typing import Any, Callable
 
@@ -194,6 +197,7 @@ class SafetensorsCheckpoint:
             raise GptlabError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}{hint}")
         self.path = path
         self._handles: dict[Path, Any] = {}
+        self._maps: dict[Path, tuple[mmap.mmap, int, dict]] = {}
         if self.files is None:
             f = self._open(path / SINGLE_FILE)
             self.files = {k: path / SINGLE_FILE for k in f.keys()}
@@ -224,11 +228,37 @@ class SafetensorsCheckpoint:
         return out
 
     def get(self, key: str) -> torch.Tensor:
+        """The tensor ``key``: a zero-copy view of the memory-mapped file when possible.
+
+        The mapping is private (copy-on-write), so the tensor is writable (e.g. for
+        fine-tuning) without ever changing the file, and pages are read from disk
+        only when first used.
+        """
         file = self.files[key]
+        self._open(file)  # validates the header and that the file is complete
+        view = self._view(file, key)
+        if view is not None:
+            return view
         try:
             return self._open(file).get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise GptlabError(f"{file}: cannot read tensor {key!r} ({e}); the file is corrupt, re-download it") from None
+
+    def _view(self, file: Path, key: str) -> torch.Tensor | None:
+        if file not in self._maps:
+            with open(file, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            n = struct.unpack("<Q", mm[:8])[0]  # safetensors: u64 header size, JSON header, data
+            self._maps[file] = (mm, 8 + n, json.loads(mm[8:8 + n]))
+        mm, base, header = self._maps[file]
+        entry = header[key]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        start, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        if dtype is None or (base + start) % dtype.itemsize or end == start:
+            return None  # unusual dtype, unaligned or empty: let safetensors copy it
+        count = (end - start) // dtype.itemsize
+        return torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start).view(shape)
 
     def dtype(self) -> torch.dtype:
         """The dtype most weights are stored in (the first floating tensor's)."""
@@ -240,7 +270,9 @@ class SafetensorsCheckpoint:
         return torch.float32
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -276,7 +308,8 @@ def load_hf_dir(path: str | Path, *, dtype: torch.dtype | None = None, device=No
         t = ckpt.get(stored)
         if transpose:
             t = t.t()
-        # .to() is a no-op when the dtype already matches; contiguous copies only transposed tensors.
+        # .to() is a no-op when the dtype matches and .contiguous() copies only transposed
+        # tensors: otherwise the parameter stays a view of the memory-mapped file.
         state[ours] = t.to(target).contiguous() if t.is_floating_point() else t
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()

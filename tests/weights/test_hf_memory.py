@@ -1,0 +1,79 @@
+"""Loading a Hugging Face checkpoint needs little more memory than its weights.
+
+The loader builds the model on the meta device and makes each parameter a view
+of the memory-mapped file, so peak RSS growth through ``load_model``, a
+forward pass and reading every weight stays below 1.3x the checkpoint's weight
+bytes. Measured in a fresh subprocess (ru_maxrss, so file-backed pages count).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+CHILD = r"""
+import json, resource, sys
+import psutil, torch
+from gptlab.weights import load_model
+from gptlab.models import build_model
+from gptlab.models.llama import LlamaConfig
+# One-time costs (imports, first use of the meta device and CPU kernels, ~80 MB) are not the loader's.
+warm = build_model(LlamaConfig(vocab_size=8, context_length=8, emb_dim=8, n_layers=1, n_heads=2, hidden_dim=8))
+with torch.device("meta"):
+    build_model(warm.cfg)
+with torch.no_grad():
+    warm(torch.tensor([[1, 2, 3]]))
+before = psutil.Process().memory_info().rss
+model = load_model(sys.argv[1])
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+with torch.no_grad():
+    model(torch.tensor([[1, 2, 3]]))
+    sum(float(p.sum()) for p in model.parameters())  # reads every byte (the forward skips most embedding rows)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+n = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({"before": before, "loaded": loaded, "peak": peak, "param_bytes": n}))
+"""
+
+
+def _write_checkpoint(path, d=512, layers=4, vocab=20000) -> int:
+    """An untied Llama-shaped checkpoint of about 120 MB written tensor by tensor."""
+    path.mkdir()
+    F = 1024
+    g = torch.Generator().manual_seed(0)
+    state = {"model.embed_tokens.weight": torch.randn(vocab, d, generator=g),
+             "lm_head.weight": torch.randn(vocab, d, generator=g), "model.norm.weight": torch.ones(d)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name, shape in [("self_attn.q_proj", (d, d)), ("self_attn.k_proj", (d // 2, d)),
+                            ("self_attn.v_proj", (d // 2, d)), ("self_attn.o_proj", (d, d)),
+                            ("mlp.gate_proj", (F, d)), ("mlp.up_proj", (F, d)), ("mlp.down_proj", (d, F))]:
+            state[p + name + ".weight"] = torch.randn(*shape, generator=g) * 0.02
+        state[p + "input_layernorm.weight"] = torch.ones(d)
+        state[p + "post_attention_layernorm.weight"] = torch.ones(d)
+    save_file(state, str(path / "model.safetensors"))
+    cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": vocab, "hidden_size": d, "intermediate_size": F,
+           "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 4,
+           "max_position_embeddings": 256, "tie_word_embeddings": False}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss units differ off Linux")
+def test_peak_memory_is_close_to_weight_bytes(tmp_path):
+    pytest.importorskip("psutil")
+    weight_bytes = _write_checkpoint(tmp_path / "ckpt")
+    out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "ckpt")], capture_output=True, text=True,
+                         timeout=300, check=True)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    assert m["param_bytes"] == weight_bytes
+    growth = m["peak"] - m["before"]
+    ratio = growth / weight_bytes
+    print(f"weights {weight_bytes / 1e6:.1f} MB; peak RSS growth: after load "
+          f"{(m['loaded'] - m['before']) / 1e6:.1f} MB, after a forward pass and reading every weight {growth / 1e6:.1f} MB "
+          f"(ratio {ratio:.2f})")
+    assert ratio < 1.3
