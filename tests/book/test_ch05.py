@@ -235,3 +235,25 @@ def test_offline_download_says_where_to_put_the_files(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(GptlabError, match=r"repo 'gpt2-medium'.*place config.json and model.safetensors .*355M"):
         download_and_load_gpt2("355M", tmp_path / "models")
+
+
+@pytest.mark.slow
+def test_first_training_step_gives_the_course_losses(tokenizer, verdict):
+    """The course's first printed line: "Ep 1 (Step 000000): Train loss 9.781, Val loss 9.933"."""
+    split = int(0.90 * len(verdict))
+    torch.manual_seed(123)
+    train_loader = create_dataloader_v1(verdict[:split], batch_size=2, max_length=256, stride=256,
+                                        drop_last=True, shuffle=True, tokenizer=tokenizer)
+    val_loader = create_dataloader_v1(verdict[split:], batch_size=2, max_length=256, stride=256,
+                                      drop_last=False, shuffle=False, tokenizer=tokenizer)
+    torch.manual_seed(123)
+    model = GPTModel(GPT_CONFIG_124M)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0004, weight_decay=0.1)
+    # train_model_simple's first step, then its first evaluation (same order of random draws).
+    model.train()
+    input_batch, target_batch = next(iter(train_loader))
+    optimizer.zero_grad()
+    calc_loss_batch(input_batch, target_batch, model, "cpu").backward()
+    optimizer.step()
+    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, "cpu", eval_iter=5)
+    assert f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}" == "Train loss 9.781, Val loss 9.933"

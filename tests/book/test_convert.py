@@ -64,3 +64,20 @@ def test_conversion_errors_are_explained(tiny_cfg):
     del state["trf_blocks.0.att.W_query.lora_A"], state["final_norm.scale"]
     with pytest.raises(GptlabError, match="lacks 'final_norm.scale'"):
         book_state_to_gptlab(state, tiny_cfg["n_layers"], False)
+
+
+def test_a_course_model_runs_in_the_full_toolkit(tiny_cfg, tmp_path, data_dir):
+    """docs/course.md's path: book model -> gptlab GPT2 -> model dir -> gptlab.load_model / load_tokenizer."""
+    from gptlab.tokenizers import load_tokenizer
+    from gptlab.weights import load_model
+    from gptlab.weights.native import save_model_dir
+
+    torch.manual_seed(123)
+    book = GPTModel(tiny_cfg).eval()
+    tok = load_tokenizer(str(data_dir / "gpt2"))
+    save_model_dir(book_to_gptlab(book), tmp_path / "my-model", tokenizer=tok)
+    loaded = load_model(tmp_path / "my-model").eval()
+    ids = torch.tensor([tok.encode("Every effort moves you")])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids), book(ids), atol=1e-5)
+    assert load_tokenizer(str(tmp_path / "my-model")).encode("Every effort moves you") == [6109, 3626, 6100, 345]

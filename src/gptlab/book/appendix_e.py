@@ -22,7 +22,10 @@ from gptlab.errors import GptlabError
 
 
 class LoRALayer(nn.Module):
-    """The low-rank update ``alpha · x·A·B``: x (..., in_dim) -> (..., out_dim)."""
+    """The low-rank update ``alpha · x·A·B``: x (..., in_dim) -> (..., out_dim).
+
+    Full strength: LoRA in ``gptlab.finetune`` (``gptlab finetune ... --lora``).
+    """
 
     def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float):
         super().__init__()
@@ -38,7 +41,10 @@ class LoRALayer(nn.Module):
 
 
 class LinearWithLoRA(nn.Module):
-    """A frozen-able ``nn.Linear`` plus a :class:`LoRALayer` on the same input."""
+    """A frozen-able ``nn.Linear`` plus a :class:`LoRALayer` on the same input.
+
+    Full strength: LoRA in ``gptlab.finetune``, which can also merge the update into the weight.
+    """
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float):
         super().__init__()
@@ -53,7 +59,7 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float) -> None:
     """Wrap every ``nn.Linear`` inside ``model`` in a :class:`LinearWithLoRA`, in place.
 
     Freeze the model first (``p.requires_grad = False`` for all parameters) so only
-    the new A and B matrices train.
+    the new A and B matrices train. Full strength: LoRA in ``gptlab.finetune``.
     """
     if rank < 1:
         raise GptlabError(f"LoRA rank={rank} must be >= 1")

@@ -25,7 +25,7 @@ class SelfAttention_v1(nn.Module):
     """Scaled dot-product self-attention with plain weight matrices (no mask).
 
     x (T, d_in) -> context vectors (T, d_out). Weights start uniform in [0, 1)
-    (``torch.rand``), as in the course.
+    (``torch.rand``), as in the course. Full strength: ``gptlab.models.attention.attend``.
     """
 
     def __init__(self, d_in: int, d_out: int):
@@ -44,7 +44,10 @@ class SelfAttention_v1(nn.Module):
 
 
 class SelfAttention_v2(nn.Module):
-    """Self-attention with ``nn.Linear`` projections (better initialisation than v1)."""
+    """Self-attention with ``nn.Linear`` projections (better initialisation than v1).
+
+    Full strength: ``gptlab.models.attention.attend``.
+    """
 
     def __init__(self, d_in: int, d_out: int, qkv_bias: bool = False):
         super().__init__()
@@ -72,6 +75,7 @@ class CausalAttention(nn.Module):
 
     x (b, T, d_in) -> (b, T, d_out). Future positions are masked with -inf
     before the softmax, using the ``mask`` buffer (1 above the diagonal).
+    Full strength: ``gptlab.models.attention.attend(q, k, v, impl="math")`` (same masked softmax).
     """
 
     def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, qkv_bias: bool = False):
@@ -100,6 +104,7 @@ class MultiHeadAttentionWrapper(nn.Module):
     """``num_heads`` independent :class:`CausalAttention` heads, outputs concatenated.
 
     x (b, T, d_in) -> (b, T, num_heads * d_out).
+    Full strength: ``gptlab.models.gpt2.CausalSelfAttention`` (all heads in one matmul).
     """
 
     def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
@@ -120,6 +125,7 @@ class MultiHeadAttention(nn.Module):
 
     x (b, T, d_in) -> (b, T, d_out); each of the H heads works on hd = d_out / H
     dimensions, and ``out_proj`` mixes the concatenated heads.
+    Full strength: ``gptlab.models.gpt2.CausalSelfAttention`` (fused q/k/v, SDPA, KV cache).
     """
 
     def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,

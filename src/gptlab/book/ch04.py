@@ -70,6 +70,7 @@ class LayerNorm(nn.Module):
 
     (x - mean) / sqrt(var + eps), biased variance, eps = 1e-5 — the same numbers
     as ``nn.LayerNorm`` (whose ``weight``/``bias`` are our ``scale``/``shift``).
+    Full strength: ``nn.LayerNorm`` as used in ``gptlab.models.gpt2``.
     """
 
     def __init__(self, emb_dim: int):
@@ -86,14 +87,20 @@ class LayerNorm(nn.Module):
 
 
 class GELU(nn.Module):
-    """GELU, tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (Hendrycks & Gimpel 2016)."""
+    """GELU, tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (Hendrycks & Gimpel 2016).
+
+    Full strength: ``F.gelu(x, approximate="tanh")`` (one fused kernel), as gptlab's GPT-2 uses.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: emb_dim -> 4·emb_dim -> GELU -> emb_dim (``layers`` = Sequential)."""
+    """Position-wise MLP: emb_dim -> 4·emb_dim -> GELU -> emb_dim (``layers`` = Sequential).
+
+    Full strength: ``gptlab.models.gpt2.MLP``.
+    """
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -108,7 +115,10 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN block: x + drop(att(norm1(x))), then x + drop(ff(norm2(x)))."""
+    """Pre-LN block: x + drop(att(norm1(x))), then x + drop(ff(norm2(x))).
+
+    Full strength: ``gptlab.models.gpt2.Block``.
+    """
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -136,6 +146,9 @@ class GPTModel(nn.Module):
     Attributes: ``tok_emb, pos_emb, drop_emb, trf_blocks, final_norm, out_head``.
     The output head is not tied to the token embedding (so 163,009,536
     parameters at context 1024, 162,419,712 at 256).
+
+    Full strength: ``gptlab.build_model(gptlab.get_preset("gpt2-124m"))`` — a
+    ``gptlab.models.gpt2.GPT2``; convert with :func:`gptlab.book.book_to_gptlab`.
     """
 
     def __init__(self, cfg: dict):

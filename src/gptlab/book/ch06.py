@@ -102,6 +102,7 @@ class SpamDataset(Dataset):
     ``max_length=None`` uses the longest encoded message (the course's training
     set gives 120); the validation and test sets are built with the training
     set's ``max_length``. Items are ``(ids (max_length,), label ())`` tensors.
+    Full strength: ``gptlab finetune classify`` reads the TSV directly.
     """
 
     def __init__(self, csv_file: str | os.PathLike, tokenizer, max_length: int | None = None,
@@ -138,7 +139,10 @@ class SpamDataset(Dataset):
 
 
 def calc_accuracy_loader(data_loader, model, device, num_batches: int | None = None) -> float:
-    """Share of correct argmax predictions on the last token over ``num_batches`` batches (default: all)."""
+    """Share of correct argmax predictions on the last token over ``num_batches`` batches (default: all).
+
+    Full strength: the accuracy ``gptlab finetune classify`` reports at every evaluation.
+    """
     model.eval()
     correct_predictions, num_examples = 0, 0
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))

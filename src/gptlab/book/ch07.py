@@ -24,6 +24,7 @@ def format_input(entry: dict) -> str:
     """The Alpaca-style prompt of an ``{"instruction", "input", "output"}`` entry (without the response).
 
     The ``### Input:`` section is left out when ``entry["input"]`` is empty.
+    Full strength: ``gptlab finetune instruct`` (Alpaca and chat-template prompts).
     """
     try:
         instruction_text = (
@@ -38,7 +39,10 @@ def format_input(entry: dict) -> str:
 
 
 class InstructionDataset(Dataset):
-    """Token ids of ``format_input(entry) + "\\n\\n### Response:\\n" + output`` for each entry."""
+    """Token ids of ``format_input(entry) + "\\n\\n### Response:\\n" + output`` for each entry.
+
+    Full strength: ``gptlab finetune instruct``.
+    """
 
     def __init__(self, data: list[dict], tokenizer):
         self.data = data
