@@ -1,0 +1,474 @@
+"""Instruction fine-tuning (the course's chapter 7): teach a pretrained LM to follow instructions.
+
+Recipe:
+
+    read entries (Alpaca JSON/JSONL: instruction, input, output; or chat-messages JSONL)
+    -> the course's 85/10/5 split in file order (train / test / val)
+    -> render each entry in a prompt style: alpaca, phi3, or chat (the model's own template)
+    -> token ids = prompt + response + end-of-text
+    -> collate: pad to the batch's longest, targets = inputs shifted by one, padding in the
+       targets -> -100 except the first end-of-text, optional masking of the prompt tokens,
+       allowed_max_length truncation
+    -> fit() with the ordinary next-token loss (targets of -100 are ignored)
+    -> greedy responses for the test split, saved with a ``model_response`` field per entry
+       (the course's ``instruction-data-with-response.json``)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from gptlab.errors import GptlabError
+from gptlab.fileio import atomic_write_json, atomic_write_text
+from gptlab.finetune.common import load_model_and_tokenizer, pad_id_of, prepare_out_dir, split_fractions
+from gptlab.training.batches import Batch, IndexedBatches
+
+IGNORE = -100
+ALPACA_HEADER = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.")
+STYLES = ("alpaca", "phi3", "chat")
+RESPONSES_FILE = "instruction-data-with-response.json"
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+def _from_messages(messages: list[dict], where: str) -> dict:
+    """A chat-messages record -> an entry (the last assistant turn is the output)."""
+    if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise GptlabError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+    if messages[-1]["role"] != "assistant":
+        raise GptlabError(f"{where}: the last message must be the assistant's answer (role 'assistant')")
+    users = [m["content"] for m in messages[:-1] if m["role"] == "user"]
+    return {"instruction": users[-1] if users else "", "input": "", "output": messages[-1]["content"],
+            "messages": messages}
+
+
+def load_instruction_data(data: str | Path) -> list[dict]:
+    """Entries with ``instruction``, ``input``, ``output`` (and ``messages`` for chat records).
+
+    Accepts a JSON array or JSONL of Alpaca-style objects, JSONL of
+    ``{"messages": [...]}`` chat records, or the named dataset ``instruction-data``.
+    """
+    if str(data) == "instruction-data":
+        from gptlab.data.download import fetch_dataset
+
+        data = fetch_dataset("instruction-data")
+    p = Path(data)
+    if not p.is_file():
+        raise GptlabError(f"instruction data {p} not found; give a .json/.jsonl file or 'instruction-data'")
+    raw = p.read_text(encoding="utf-8")
+    try:
+        if raw.lstrip().startswith("["):
+            records = json.loads(raw)
+        else:
+            records = [json.loads(line) for line in raw.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise GptlabError(f"{p} is not valid JSON/JSONL ({e})") from None
+    entries = []
+    for n, r in enumerate(records, 1):
+        where = f"{p} record {n}"
+        if isinstance(r, dict) and "messages" in r:
+            entries.append(_from_messages(r["messages"], where))
+        elif isinstance(r, dict) and "instruction" in r and "output" in r:
+            entries.append({"instruction": str(r["instruction"]), "input": str(r.get("input") or ""),
+                            "output": str(r["output"])})
+        else:
+            raise GptlabError(f"{where} needs 'instruction' and 'output' keys (Alpaca style) or 'messages'")
+    if not entries:
+        raise GptlabError(f"{p} holds no entries")
+    return entries
+
+
+def course_split(entries: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """The course's split in file order: first 85% train, next 10% test, the rest validation."""
+    train, test, val = split_fractions(entries, (0.85, 0.10, 0.05))
+    return train, test, val
+
+
+# ---- prompt styles -----------------------------------------------------------------------------
+
+def format_input(entry: dict, style: str = "alpaca") -> str:
+    """The instruction part of an entry (the course's ``format_input``), without the response header."""
+    if style == "alpaca":
+        text = f"{ALPACA_HEADER}\n\n### Instruction:\n{entry['instruction']}"
+        return text + (f"\n\n### Input:\n{entry['input']}" if entry.get("input") else "")
+    if style == "phi3":
+        return f"<|user|>\n{entry['instruction']}" + (f"\n{entry['input']}" if entry.get("input") else "")
+    raise GptlabError(f"prompt style {style!r} has no plain-text input format; use one of {', '.join(STYLES)}")
+
+
+def _chat_messages(entry: dict) -> list[dict]:
+    if "messages" in entry:
+        return entry["messages"][:-1]
+    user = entry["instruction"] + (f"\n\n{entry['input']}" if entry.get("input") else "")
+    return [{"role": "user", "content": user}]
+
+
+def render_chat(template: str, messages: list[dict], tokenizer=None, add_generation_prompt: bool = True) -> str:
+    """Render a model's Jinja chat template (Hugging Face conventions) for ``messages``."""
+    try:
+        from gptlab.tokenizers.chat_template import render  # the shared renderer, when present
+    except ImportError:
+        render = None
+    if render is not None:
+        try:
+            return render(template, messages, add_generation_prompt=add_generation_prompt, tokenizer=tokenizer)
+        except TypeError:
+            pass
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg):
+        raise GptlabError(f"the chat template refused the messages: {msg}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=getattr(tokenizer, "bos_token", "") or "", eos_token=getattr(tokenizer, "eos_token", "") or "")
+    except jinja2.TemplateError as e:
+        raise GptlabError(f"the model's chat template failed to render ({e})") from None
+
+
+def format_example(entry: dict, style: str = "alpaca", tokenizer=None) -> tuple[str, str]:
+    """(prompt, response): the prompt ends right where the model's answer begins.
+
+    alpaca: ``format_input`` + ``"\\n\\n### Response:\\n"`` | output
+    phi3:   ``<|user|>\\n...`` + ``"\\n<|assistant|>\\n"`` | output
+    chat:   the tokenizer's chat template with the generation prompt | output
+    """
+    if style == "alpaca":
+        return format_input(entry, style) + "\n\n### Response:\n", entry["output"]
+    if style == "phi3":
+        return format_input(entry, style) + "\n<|assistant|>\n", entry["output"]
+    if style == "chat":
+        template = getattr(tokenizer, "chat_template", None)
+        if not template:
+            raise GptlabError("prompt style 'chat' needs a tokenizer with a chat template; this one has none "
+                              "(use --style alpaca or phi3)")
+        return render_chat(template, _chat_messages(entry), tokenizer), entry["output"]
+    raise GptlabError(f"unknown prompt style {style!r}; use one of {', '.join(STYLES)}")
+
+
+def encode_example(tok, entry: dict, style: str) -> tuple[list[int], int]:
+    """(token ids of prompt + response, number of prompt tokens). The end-of-text is added by the collate."""
+    prompt, response = format_example(entry, style, tok)
+    p = tok.encode(prompt, allowed_special="all")  # the template's own control tokens are meant
+    r = tok.encode(response, allowed_special="none")
+    return p + r, len(p)
+
+
+# ---- collate -----------------------------------------------------------------------------------
+
+def collate(items: list[list[int]], *, pad_id: int, eos_id: int | None = None, ignore_index: int = IGNORE,
+            allowed_max_length: int | None = None, prompt_lengths: list[int] | None = None,
+            mask_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The course's ``custom_collate_fn``: (inputs (B, T), targets (B, T)).
+
+    Each item gets one end-of-text appended (``eos_id``, default ``pad_id``);
+    items are right-padded with ``pad_id`` to the batch's longest; targets are
+    the inputs shifted left by one, with every padding position after the
+    end-of-text set to ``ignore_index``. With ``mask_prompt`` the targets that
+    are prompt tokens are ignored too, so only the response is learned. Both
+    tensors are cut to ``allowed_max_length``.
+    """
+    if not items:
+        raise GptlabError("cannot collate an empty batch")
+    if mask_prompt and prompt_lengths is None:
+        raise GptlabError("mask_prompt needs the prompt length of every item")
+    eos = pad_id if eos_id is None else eos_id
+    T = max(len(it) + 1 for it in items)
+    inputs = torch.full((len(items), T - 1 if T > 1 else 1), pad_id, dtype=torch.long)  # (B, T-1)
+    targets = torch.full_like(inputs, ignore_index)  # (B, T-1)
+    for b, it in enumerate(items):
+        seq = list(it) + [eos]
+        inputs[b, :len(seq) - 1] = torch.tensor(seq[:-1], dtype=torch.long)
+        targets[b, :len(seq) - 1] = torch.tensor(seq[1:], dtype=torch.long)
+        if mask_prompt:
+            targets[b, :max(0, prompt_lengths[b] - 1)] = ignore_index  # target j is token j+1
+    if allowed_max_length is not None:
+        inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
+    return inputs, targets
+
+
+def instruction_batches(encoded: list[tuple[list[int], int]], batch_size: int, *, pad_id: int, eos_id: int,
+                        allowed_max_length: int | None, mask_prompt: bool, shuffle: bool, drop_last: bool,
+                        seed: int = 0) -> IndexedBatches:
+    """Batch source for :func:`gptlab.training.fit` over encoded (ids, prompt_length) examples."""
+
+    def fetch(idx: torch.Tensor) -> Batch:
+        rows = [encoded[i] for i in idx.tolist()]
+        return collate([r[0] for r in rows], pad_id=pad_id, eos_id=eos_id, allowed_max_length=allowed_max_length,
+                       prompt_lengths=[r[1] for r in rows], mask_prompt=mask_prompt)
+
+    return IndexedBatches(len(encoded), batch_size, fetch, shuffle=shuffle, drop_last=drop_last, seed=seed,
+                          tokens_per_item=max(1, sum(len(e[0]) for e in encoded) // max(1, len(encoded))))
+
+
+class InstructionTask:
+    """Next-token cross-entropy over the targets that are not -100 (a batch with none counts 0, not NaN)."""
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        x, y = batch[0], batch[1]
+        logits = model(x)  # (B, T, V)
+        total = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
+        return total / (y != IGNORE).sum().clamp(min=1)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: list[Batch]) -> dict[str, float]:
+        import math
+
+        losses = [float(self.loss(model, b)) for b in batches]
+        loss = sum(losses) / max(1, len(losses))
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+# ---- responses ---------------------------------------------------------------------------------
+
+def stop_ids(tok) -> list[int]:
+    """Token ids that end a response: end-of-text plus any chat end-of-turn tokens the tokenizer has."""
+    ids = {tok.eos_id} if tok.eos_id is not None else set()
+    for name in ("<|im_end|>", "<|end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
+        if name in tok.special_tokens:
+            ids.add(tok.special_tokens[name])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate_responses(model: nn.Module, tok, entries: list[dict], style: str = "alpaca",
+                       max_new_tokens: int = 128, progress: bool = True) -> list[dict]:
+    """Copies of ``entries`` with a ``model_response`` field: the greedy continuation of each prompt."""
+    from gptlab.generation import generate
+
+    device = next(model.parameters()).device
+    stops = stop_ids(tok)
+    out = []
+    it = entries
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(entries, desc="responses", unit="entry", dynamic_ncols=True)
+    for entry in it:
+        prompt, _ = format_example(entry, style, tok)
+        ids = torch.tensor([tok.encode(prompt, allowed_special="all")], device=device)
+        gen = generate(model, ids, max_new_tokens, temperature=0.0, eos_id=stops or None)[0, ids.shape[1]:].tolist()
+        cut = next((i for i, t in enumerate(gen) if t in stops), len(gen))
+        text = tok.decode(gen[:cut]).replace("### Response:", "").strip()
+        e = {k: v for k, v in entry.items() if k != "messages"}
+        e["model_response"] = text
+        out.append(e)
+    return out
+
+
+# ---- resuming -----------------------------------------------------------------------------------
+
+def restore_checkpoint(model: nn.Module, run: Path) -> dict[str, Any]:
+    """Load the latest checkpoint's weights of ``run`` into ``model`` (strict); return its resume state."""
+    from safetensors.torch import load_file
+
+    from gptlab.training.checkpoint import latest_checkpoint
+    from gptlab.weights.native import load_state_strict
+
+    ck = latest_checkpoint(run)
+    state = load_file(str(ck / "model.safetensors"))
+    device = next(model.parameters()).device
+    load_state_strict(model, {k: v.to(device) for k, v in state.items()}, str(ck / "model.safetensors"))
+    if getattr(model.cfg, "tie_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return torch.load(ck / "state.pt", map_location=device, weights_only=False)
+
+
+# ---- the whole run -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class InstructSettings:
+    """What an instruction run records in ``OUT/instruct_config.json`` (and ``--resume`` reads back)."""
+
+    model: str
+    data: str
+    style: str = "alpaca"
+    trainable: str = "last-4"
+    mask_prompt: bool = False
+    allowed_max_length: int = 256
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["all-linear"])
+    max_new_tokens: int = 128
+    max_test: int | None = None
+
+
+def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "alpaca", trainable: str = "last-4",
+                      mask_prompt: bool = False, allowed_max_length: int = 256, epochs: float = 2,
+                      max_steps: int | None = None, batch_size: int = 8, lr: float = 5e-5,
+                      weight_decay: float = 0.1, eval_every: int | None = None, eval_iters: int = 5,
+                      lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
+                      lora_targets: list[str] | None = None, max_new_tokens: int = 128, max_test: int | None = None,
+                      resume: str | Path | None = None, precision: str = "auto", device: str = "auto",
+                      seed: int = 123, overwrite: bool = False, progress: bool = True) -> dict:
+    """Instruction-tune ``model`` on ``data``; returns a summary (see :func:`instruct_command`)."""
+    from gptlab.device import pick_device
+    from gptlab.finetune.lora import LoraConfig, add_lora, merged_copy, save_adapter
+    from gptlab.finetune.surgery import apply_freezing
+    from gptlab.training.loop import TrainConfig, fit
+    from gptlab.weights.native import save_model_dir
+
+    dev = pick_device(device)
+    resume_state = None
+    if resume is not None:
+        run = Path(resume)
+        saved = run / "instruct_config.json"
+        if not saved.is_file():
+            raise GptlabError(f"{run} is not an instruction run (no instruct_config.json); check the --resume path")
+        meta = json.loads(saved.read_text())
+        s = InstructSettings(**meta["settings"])
+        tcfg = TrainConfig(**meta["train"])
+        if max_steps is not None:  # only the stopping limit may change on resume
+            tcfg.max_steps, tcfg.epochs = max_steps, None
+    else:
+        if style not in STYLES:
+            raise GptlabError(f"unknown prompt style {style!r}; use one of {', '.join(STYLES)}")
+        s = InstructSettings(model=str(model), data=str(data), style=style, trainable=trainable,
+                             mask_prompt=mask_prompt, allowed_max_length=allowed_max_length, lora_rank=lora_rank,
+                             lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                             lora_targets=list(lora_targets or ["all-linear"]), max_new_tokens=max_new_tokens,
+                             max_test=max_test)
+        tcfg = TrainConfig(epochs=None if max_steps else epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                           weight_decay=weight_decay, eval_every=eval_every or 50, eval_iters=eval_iters,
+                           warmup_steps=0, min_lr=lr, precision=precision, seed=seed, device=str(dev))
+        tcfg.validate()
+        run = prepare_out_dir(out, overwrite)
+
+    entries = load_instruction_data(s.data)
+    train, test, val = course_split(entries)
+    if len(train) < tcfg.batch_size:
+        raise GptlabError(f"only {len(train)} training entries for batch_size={tcfg.batch_size}; "
+                          "give more data or a smaller batch size")
+    torch.manual_seed(tcfg.seed)
+    net, tok = load_model_and_tokenizer(s.model, dev)
+    pad = pad_id_of(tok)
+    eos = tok.eos_id if tok.eos_id is not None else pad
+    limit = min(s.allowed_max_length, net.cfg.context_length)
+    enc = {k: [encode_example(tok, e, s.style) for e in part] for k, part in (("train", train), ("val", val))}
+    if s.mask_prompt:  # an example whose prompt fills the whole window would teach nothing
+        for k in enc:
+            kept = [e for e in enc[k] if e[1] < limit]
+            if len(kept) < len(enc[k]):
+                print(f"note: {len(enc[k]) - len(kept)} {k} examples dropped: their prompt alone reaches "
+                      f"allowed_max_length={limit}", flush=True)
+            enc[k] = kept
+        if not enc["train"]:
+            raise GptlabError(f"every training prompt is at least allowed_max_length={limit} tokens long, so "
+                              "nothing is left to learn; raise --allowed_max_length or drop --mask_prompt")
+    lora = s.trainable.strip().lower() == "lora"
+    if lora:
+        add_lora(net, LoraConfig(rank=s.lora_rank, alpha=s.lora_alpha, dropout=s.lora_dropout, targets=s.lora_targets))
+    counts = apply_freezing(net, s.trainable)
+    net.to(dev)
+    if resume is not None:
+        resume_state = restore_checkpoint(net, run)
+        print(f"resuming {run} at step {resume_state['step']}", flush=True)
+    else:
+        if eval_every is None:
+            tcfg.eval_every = max(1, len(train) // tcfg.batch_size // 2)  # twice per epoch
+        atomic_write_json(run / "instruct_config.json",
+                          {"settings": dataclasses.asdict(s), "train": dataclasses.asdict(tcfg)})
+    kw = dict(pad_id=pad, eos_id=eos, allowed_max_length=limit, mask_prompt=s.mask_prompt)
+    train_b = instruction_batches(enc["train"], tcfg.batch_size, shuffle=True, drop_last=True, seed=tcfg.seed, **kw)
+    val_b = instruction_batches(enc["val"], tcfg.batch_size, shuffle=False, drop_last=False, **kw) if enc["val"] else None
+    print(f"data: {len(train)} train / {len(test)} test / {len(val)} val entries, style {s.style}"
+          f"{', prompt masked' if s.mask_prompt else ''}; model: {counts['trainable'] / 1e6:.2f}M of "
+          f"{counts['total'] / 1e6:.2f}M parameters train ({s.trainable}); device {dev}", flush=True)
+
+    def save(m: nn.Module, d: Path) -> None:
+        save_model_dir(merged_copy(m) if lora else m, d, tok)
+        if lora:
+            save_adapter(m, d / "adapter", base_model=s.model)
+
+    sample_entry = (val or test or train)[0]
+
+    def sample(m: nn.Module) -> str:
+        return generate_responses(m, tok, [sample_entry], s.style, min(48, s.max_new_tokens), progress=False)[0][
+            "model_response"]
+
+    result = fit(net, train_b, val_b, tcfg, run, task=InstructionTask(), tokenizer=tok, resume_state=resume_state, sample_fn=sample,
+                 save_model=save, progress=progress)
+    if lora:
+        save_adapter(net, run / "adapter", base_model=s.model)
+    from gptlab.weights import load_model
+
+    best = load_model(run / "model", device=dev)  # best by validation loss
+    todo = test if s.max_test is None else test[:s.max_test]
+    responses = generate_responses(best, tok, todo, s.style, s.max_new_tokens, progress=progress)
+    atomic_write_text(run / RESPONSES_FILE, json.dumps(responses, indent=4, ensure_ascii=False))
+    summary = {"steps": result.step, "best_val_loss": result.best_val_loss, "best_step": result.best_step,
+               "n_train": len(train), "n_test": len(test), "n_val": len(val), "responses": str(run / RESPONSES_FILE)}
+    atomic_write_json(run / "summary.json", summary)
+    print(f"stopped ({result.stopped_because}) at step {result.step}; best val loss "
+          f"{result.best_val_loss if result.best_val_loss is None else round(result.best_val_loss, 3)}; "
+          f"{len(responses)} test responses in {run / RESPONSES_FILE}", flush=True)
+    print(f"next: gptlab judge --responses {run / RESPONSES_FILE} --judge REF_OR_URL", flush=True)
+    return summary
+
+
+def instruct_command(model: str | None = None, data: str = "instruction-data", out: str = "runs/instruct",
+                     style: str = "alpaca", trainable: str = "last-4", mask_prompt: bool = False,
+                     allowed_max_length: int = 256, epochs: float = 2, max_steps: int | None = None,
+                     batch_size: int = 8, lr: float = 5e-5, weight_decay: float = 0.1, eval_every: int | None = None,
+                     eval_iters: int = 5, lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
+                     lora_targets: list[str] | None = None, max_new_tokens: int = 128, max_test: int | None = None,
+                     resume: str | None = None, precision: str = "auto", device: str = "auto", seed: int = 123,
+                     overwrite: bool = False, progress: bool = True) -> int:
+    """Instruction fine-tuning (Alpaca / Phi-3 / the model's chat template), then test-set responses.
+
+    Writes OUT/model (best by validation loss; LoRA adapters merged, and also saved
+    alone in OUT/adapter in the peft format), OUT/instruction-data-with-response.json
+    (the test entries with a model_response field), metrics.jsonl and loss.png.
+
+    Args:
+        model: pretrained model: run/model dir, Hugging Face dir, .gguf file or pkg:PACKAGE/PATH.
+        data: instruction-data (downloaded, checksummed), or a JSON/JSONL file of
+            {instruction, input, output} or {messages: [...]} records.
+        out: run directory to create.
+        style: prompt style: alpaca, phi3, or chat (the model's own chat template).
+        trainable: what trains: last-N (last N blocks + final norm + head), head, all, or lora.
+        mask_prompt: learn only the response tokens (the prompt's targets are ignored).
+        allowed_max_length: truncate every example to this many tokens.
+        epochs: passes over the training split.
+        max_steps: stop after this many optimizer steps instead.
+        batch_size: examples per batch.
+        lr: learning rate (AdamW, constant).
+        weight_decay: AdamW weight decay.
+        eval_every: evaluate, sample and checkpoint every N steps (default: twice per epoch).
+        eval_iters: batches per evaluation.
+        lora_rank: LoRA rank (with --trainable lora).
+        lora_alpha: LoRA alpha (with --trainable lora).
+        lora_dropout: dropout on the LoRA input (with --trainable lora).
+        lora_targets: module names that get adapters (default: all linear layers of the blocks).
+        max_new_tokens: longest generated response.
+        max_test: generate responses for only the first N test entries.
+        resume: continue the run in this directory from its latest checkpoint.
+        precision: auto (bf16 where fast), fp32, bf16 or fp16.
+        device: auto, cpu, cuda or mps.
+        seed: random seed.
+        overwrite: replace an existing run in --out.
+        progress: show progress bars.
+    """
+    if not model and not resume:
+        raise GptlabError("give the pretrained model to start from: --model REF (or --resume RUN_DIR)")
+    finetune_instruct(model or "", data, out, style=style, trainable=trainable, mask_prompt=mask_prompt,
+                      allowed_max_length=allowed_max_length, epochs=epochs, max_steps=max_steps,
+                      batch_size=batch_size, lr=lr, weight_decay=weight_decay, eval_every=eval_every,
+                      eval_iters=eval_iters, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                      lora_targets=lora_targets, max_new_tokens=max_new_tokens, max_test=max_test, resume=resume,
+                      precision=precision, device=device, seed=seed, overwrite=overwrite, progress=progress)
+    return 0
