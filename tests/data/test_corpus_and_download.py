@@ -70,6 +70,19 @@ def test_corrupt_cached_file_is_replaced(cache, shared_data, monkeypatch):
     assert fetch_dataset("the-verdict").read_bytes() == good
 
 
+def test_wrong_hand_placed_file_offline_is_reported_not_deleted(cache, monkeypatch):
+    cache.mkdir(parents=True)
+    (cache / "the-verdict.txt").write_text("some other story")
+
+    def offline(url, timeout=60.0):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(download, "download_url", offline)
+    with pytest.raises(GptlabError, match=r"the-verdict.txt is there but has SHA-256 .*expected b41e41a6"):
+        fetch_dataset("the-verdict")
+    assert (cache / "the-verdict.txt").read_text() == "some other story"
+
+
 def test_offline_error_names_url_and_path(cache, monkeypatch):
     def offline(url, timeout=60.0):
         raise urllib.error.URLError("Temporary failure in name resolution")

@@ -42,11 +42,44 @@ def small_bpe(shared_data):
     return train_bpe((shared_data / "the-verdict.txt").read_text(), vocab_size=400)
 
 
+# Llama 3's split regex (a fact from its tokenizer.json): unlike GPT-2's it glues
+# newlines to punctuation (".\n\n") and to preceding whitespace, so a cut inside a
+# whitespace run would change the ids; cuts are made only at "word| word".
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.fixture(scope="module")
+def llama3_style_bpe(shared_data):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from gptlab.tokenizers import HFTokenizer
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = (shared_data / "tinyshakespeare.txt").read_text()[:100_000]
+    backend.train_from_iterator([text], trainer=trainer)
+    return HFTokenizer(backend), text
+
+
 @settings(max_examples=80, deadline=None)
 @given(text=TRICKY, size=st.integers(1, 40))
-def test_chunk_cuts_never_change_trained_bpe_tokens(small_bpe, text, size):
-    chunks = list(boundary_chunks([text], size, small_bpe.special_tokens, max_factor=10_000))
-    assert [t for c in chunks for t in small_bpe.encode(c)] == small_bpe.encode(text)
+def test_chunk_cuts_never_change_trained_bpe_tokens(small_bpe, llama3_style_bpe, text, size):
+    for tok in (small_bpe, llama3_style_bpe[0]):
+        chunks = list(boundary_chunks([text], size, tok.special_tokens, max_factor=10_000))
+        assert [t for c in chunks for t in tok.encode(c)] == tok.encode(text)
+
+
+def test_chunked_llama3_style_ids_equal_whole_text(llama3_style_bpe):
+    tok, text = llama3_style_bpe  # Shakespeare: ".\n\n" after every speech
+    whole = tok.encode(text)
+    for size in (200, 3000):
+        assert [t for c in boundary_chunks([text], size, tok.special_tokens) for t in tok.encode(c)] == whole
 
 
 def test_prepare_builtin_equals_whole_encoding(tmp_path, gpt2_tok):
@@ -72,6 +105,14 @@ def test_prepare_trains_a_tokenizer_when_none_given(tmp_path):
     assert meta["tokenizer_kind"] == "hf" and tok.vocab_size <= 300
     # Lossless end to end: the token files decode back to the exact corpus.
     assert tok.decode(np.concatenate([data.train, data.val]).tolist()) == load_corpus(docs)
+
+
+def test_char_vocabulary_built_from_the_corpus(tmp_path, shared_data):
+    meta = prepare_corpus(shared_data / "tinyshakespeare.txt", tmp_path, tokenizer="char", progress=False)
+    assert meta["tokenizer_kind"] == "char" and meta["vocab_size"] == 65 + 1  # nanoGPT's 65 characters
+    assert meta["train_tokens"] + meta["val_tokens"] == 1_115_394  # one token per character
+    data = load_prepared(tmp_path)
+    assert data.tokenizer().decode(data.val[-20:].tolist()) == (shared_data / "tinyshakespeare.txt").read_text()[-20:]
 
 
 def test_uint32_when_ids_exceed_16_bits(tmp_path):

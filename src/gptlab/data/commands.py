@@ -17,7 +17,8 @@ def prepare(data: str = "builtin", out: str | None = None, tokenizer: str | None
             a .txt file, a directory of .txt files, or a .jsonl file with a "text" field.
         out: output directory (required).
         tokenizer: tokenizer spec ("gpt2", a dir with encoder.json + vocab.bpe, a tokenizer.json,
-            a saved gptlab tokenizer dir). Omit it to train a byte-level BPE on the corpus.
+            a saved gptlab tokenizer dir, a .gguf file), or "char" for a character vocabulary
+            built from the corpus. Omit it (or say "bpe") to train a byte-level BPE on the corpus.
         val_ratio: fraction of the tokens, from the end, kept for validation.
         chunk_chars: characters read and tokenized at a time; bounds the memory used.
         vocab_size: vocabulary size of the trained BPE (only without --tokenizer).

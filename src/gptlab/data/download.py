@@ -84,15 +84,19 @@ def fetch_dataset(name: str) -> Path:
         raise GptlabError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     ds = DATASETS[name]
     path = cache_dir() / ds.filename
+    stale = ""
     if path.is_file():
-        if path.stat().st_size == ds.size and sha256_file(path) == ds.sha256:
+        digest = sha256_file(path)
+        if digest == ds.sha256:
             return path
-        path.unlink()  # a stale or corrupt copy: fetch again
+        # A truncated download or a wrong file put there by hand: fetch a good copy,
+        # which replaces it; if that fails, say so and leave the file for the user.
+        stale = f"{path} is there but has SHA-256 {digest}, expected {ds.sha256}; "
     hint = f"download {ds.url} by hand and put {'its ' + ds.zip_member + ' as ' if ds.zip_member else 'it at '}{path}"
     try:
         data = download_url(ds.url)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise GptlabError(f"could not download dataset {name!r} ({e}); offline? {hint}") from None
+        raise GptlabError(f"{stale}could not download dataset {name!r} ({e}); offline? {hint}") from None
     if ds.zip_member:
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as z:

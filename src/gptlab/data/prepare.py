@@ -29,7 +29,7 @@ import numpy as np
 from gptlab.data.corpus import corpus_bytes, iter_corpus, iter_pieces
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_path, atomic_write_json
-from gptlab.tokenizers import Tokenizer, load_tokenizer, train_bpe
+from gptlab.tokenizers import CharTokenizer, Tokenizer, load_tokenizer, train_bpe
 
 META = "meta.json"
 FORMAT = "gptlab-tokens"
@@ -46,39 +46,46 @@ WHITE_SPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000
                         + "".join(chr(c) for c in range(0x2000, 0x200B)))
 
 
-_BOUNDARY = re.compile("[" + re.escape("".join(sorted(WHITE_SPACE))) + "](?=[^" + re.escape("".join(sorted(WHITE_SPACE))) + "])")
+def _is_cut(text: str, i: int, specials: tuple[str, ...]) -> bool:
+    r"""May the text be cut just before ``text[i]``?
+
+    Only before a single space between two non-whitespace characters
+    ("word| word"). No piece of the GPT-2, Llama 3 or Qwen2 split regexes runs
+    across such a space (Llama 3's ``[\r\n]*`` and ``\s*[\r\n]+`` make a cut
+    inside a run of whitespace unsafe), so encoding both sides separately gives
+    the same ids. Never before or inside a special token, nor before the start
+    of one that may complete in the next piece of text.
+    """
+    if not (0 < i < len(text) - 1 and text[i] == " " and text[i - 1] not in WHITE_SPACE
+            and text[i + 1] not in WHITE_SPACE):
+        return False
+    return not any(s.startswith(text[i + 1:i + 1 + len(s)]) or
+                   text.find(s, max(0, i - len(s) + 1), i + len(s)) != -1 for s in specials)
 
 
 def _last_boundary(text: str, end: int, specials: tuple[str, ...] = ()) -> int:
-    """Index ``i < end`` of the last whitespace character followed by a non-whitespace one, or -1.
-
-    Cutting before ``text[i]`` is safe for GPT-2-style pre-tokenizers: pieces
-    never run across "whitespace then non-whitespace", and a run of whitespace
-    before a word is split as ``run[:-1]`` + ``run[-1] + word`` either way.
-    Not before a special token, though: the text is split at specials first,
-    so a whitespace run ending at one is encoded whole.
-    """
-    for i in range(min(end, len(text) - 1) - 1, -1, -1):
-        if text[i] in WHITE_SPACE and text[i + 1] not in WHITE_SPACE and not _at_special(text, i + 1, specials):
+    """The last cut position ``i < end`` (see :func:`_is_cut`), or -1."""
+    i = text.rfind(" ", 1, end)
+    while i > 0:
+        if _is_cut(text, i, specials):
             return i
+        i = text.rfind(" ", 1, i)
     return -1
 
 
-def _at_special(text: str, j: int, specials: tuple[str, ...]) -> bool:
-    """Does a special token start at ``text[j]`` (or might, once more text arrives)?"""
-    return any(s.startswith(text[j:j + len(s)]) for s in specials)
-
-
 def _first_boundary(text: str, start: int, specials: tuple[str, ...] = ()) -> int:
-    for m in _BOUNDARY.finditer(text, start):
-        if not _at_special(text, m.start() + 1, specials):
-            return m.start()
+    """The first cut position ``i >= start``, or -1."""
+    i = text.find(" ", start)
+    while i != -1:
+        if _is_cut(text, i, specials):
+            return i
+        i = text.find(" ", i + 1)
     return -1
 
 
 def boundary_chunks(pieces: Iterable[str], chunk_chars: int, specials: Iterable[str] = (),
                     max_factor: int = 8) -> Iterator[str]:
-    """Regroup text pieces into chunks of about ``chunk_chars`` characters cut at whitespace boundaries.
+    """Regroup text pieces into chunks of about ``chunk_chars`` characters, cut only where safe.
 
     ``"".join(boundary_chunks(p, n)) == "".join(p)``, and encoding the chunks one
     by one gives the same ids as encoding the whole text (pass the tokenizer's
@@ -123,8 +130,9 @@ def prepare_corpus(data: str | Path | None, out: str | Path, tokenizer: str | Pa
         data: corpus spec (see :mod:`gptlab.data.corpus`): "builtin", a dataset
             name, a .txt file, a directory of .txt files or a .jsonl file.
         out: output directory (created).
-        tokenizer: tokenizer spec or object; None trains a byte-level BPE of
-            ``vocab_size`` on the first ``sample_chars`` characters of the corpus.
+        tokenizer: tokenizer spec or object. None (or "bpe") trains a byte-level
+            BPE of ``vocab_size`` on the first ``sample_chars`` characters of the
+            corpus; "char" builds a character vocabulary from the whole corpus.
         val_ratio: fraction of the tokens (taken from the end) that go to val.bin.
         chunk_chars: characters read and encoded at a time (bounds the memory).
         vocab_size: vocabulary of the trained tokenizer (only when ``tokenizer`` is None).
@@ -140,8 +148,13 @@ def prepare_corpus(data: str | Path | None, out: str | Path, tokenizer: str | Pa
         raise GptlabError(f"chunk_chars={chunk_chars} must be >= 1")
     out = Path(out)
     total_bytes = corpus_bytes(data)  # also checks that the corpus exists
-    if tokenizer is None:
+    if tokenizer is None or tokenizer == "bpe":
         tok = train_bpe(_sample(data, sample_chars, chunk_chars), vocab_size=vocab_size)
+    elif tokenizer == "char":  # one streaming pass for the alphabet
+        alphabet: set[str] = set()
+        for piece in iter_corpus(data, chunk_chars):
+            alphabet.update(piece)
+        tok = CharTokenizer(sorted(alphabet))
     else:
         tok = load_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
