@@ -77,3 +77,31 @@ def test_dataset_window_count_and_errors(tokenizer):
         GPTDatasetV1("short", tokenizer, max_length=8, stride=8)
     with pytest.raises(GptlabError, match="stride=0"):
         GPTDatasetV1("short text", tokenizer, max_length=2, stride=0)
+
+
+def test_course_signature_uses_tiktoken_and_offline_failure_is_explained(tokenizer, verdict, monkeypatch):
+    # `tokenizer` set TIKTOKEN_CACHE_DIR, so the course's call (no tokenizer argument) works offline.
+    loader = create_dataloader_v1(verdict, batch_size=2, max_length=8, stride=8, shuffle=False)
+    x, _ = next(iter(loader))
+    assert x.tolist() == [tokenizer.encode(verdict)[i:i + 8] for i in (0, 8)]
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(GptlabError, match="could not load the GPT-2 tokenizer.*encoder.json and vocab.bpe"):
+        create_dataloader_v1(verdict)
+
+
+def test_gptlab_tokenizers_work_with_the_lecture_functions(tokenizer, verdict, data_dir):
+    from gptlab.book import text_to_token_ids, token_ids_to_text
+    from gptlab.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(str(data_dir / "gpt2"))
+    ids = text_to_token_ids("Every effort moves you<|endoftext|>", tok)
+    assert ids.tolist() == [[6109, 3626, 6100, 345, 50256]]
+    assert token_ids_to_text(ids, tok) == "Every effort moves you<|endoftext|>"
+    ds = GPTDatasetV1(verdict[:500], tok, max_length=4, stride=4)
+    ref = GPTDatasetV1(verdict[:500], tokenizer, max_length=4, stride=4)
+    assert len(ds) == len(ref) and all(torch.equal(ds[i][0], ref[i][0]) for i in range(len(ds)))
