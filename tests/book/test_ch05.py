@@ -257,3 +257,43 @@ def test_first_training_step_gives_the_course_losses(tokenizer, verdict):
     optimizer.step()
     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, "cpu", eval_iter=5)
     assert f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}" == "Train loss 9.781, Val loss 9.933"
+
+
+def test_hub_downloads_are_checksum_verified(tmp_path, monkeypatch):
+    """A Hub cache blob is named by its sha256; a corrupt download is refused, a good one loads."""
+    import hashlib
+    import shutil
+
+    import huggingface_hub
+
+    src = tmp_path / "src"
+    _tiny_hf_gpt2(src)
+    models_dir = tmp_path / "models"
+    snap = models_dir / "hf-cache" / "models--gpt2" / "snapshots" / "abc"
+    blobs = models_dir / "hf-cache" / "models--gpt2" / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir(parents=True)
+    data = (src / "model.safetensors").read_bytes()
+    good = blobs / hashlib.sha256(data).hexdigest()
+    good.write_bytes(data)
+    shutil.copy(src / "config.json", blobs / "0123abcd")  # git-stored files are named by git hash
+    (snap / "config.json").symlink_to(blobs / "0123abcd")
+    (snap / "model.safetensors").symlink_to(good)
+    calls = []
+
+    def fake_download(repo_id, filename, cache_dir):
+        calls.append((repo_id, filename))
+        return str(snap / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    settings, params = download_and_load_gpt2("124M", models_dir)
+    assert calls == [("gpt2", "config.json"), ("gpt2", "model.safetensors")]
+    assert settings["n_layer"] == 2 and params["wte"].shape == (120, 32)
+    assert json.loads((models_dir / "hf-cache" / "gptlab-verified.json").read_text()) == [good.name]
+
+    bad_name = "f" * 64  # content does not hash to its name
+    (blobs / bad_name).write_bytes(data[:-1] + b"\x00")
+    (snap / "model.safetensors").unlink()
+    (snap / "model.safetensors").symlink_to(blobs / bad_name)
+    with pytest.raises(GptlabError, match="checksum mismatch .*corrupt; delete"):
+        download_and_load_gpt2("124M", models_dir)

@@ -19,6 +19,7 @@ Full strength: ``gptlab.load_model("gpt2")`` / ``gptlab download gpt2``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -55,21 +56,56 @@ def _local_files(models_dir: Path, model_size: str) -> Path | None:
     return None
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+VERIFIED = "gptlab-verified.json"  # blobs whose sha256 was checked once, under the cache dir
+
+
+def verify_blob(path: str | os.PathLike, cache_dir: Path) -> None:
+    """Check a Hub download against its sha256.
+
+    The Hub cache stores a large (LFS) file as ``blobs/<sha256 of the content>``
+    with a symlink to it, so the expected checksum is the blob's own name. Each
+    blob is hashed once; verified names are recorded in ``cache_dir/gptlab-verified.json``.
+    Small git-stored files (config.json) are named by their git hash and are skipped.
+    """
+    blob = Path(path).resolve()
+    if not _SHA256.match(blob.name):
+        return
+    record = cache_dir / VERIFIED
+    try:
+        done = set(json.loads(record.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError):
+        done = set()
+    if blob.name in done:
+        return
+    h = hashlib.sha256()
+    with open(blob, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != blob.name:
+        raise GptlabError(f"checksum mismatch for {path} (sha256 {h.hexdigest()[:12]}..., expected "
+                          f"{blob.name[:12]}...): the download is corrupt; delete {blob} and run again")
+    from gptlab.fileio import atomic_write_json
+
+    atomic_write_json(record, sorted(done | {blob.name}))
+
+
 def _hub_files(model_size: str, models_dir: Path) -> Path:
-    """Download (or reuse the cached) config.json + model.safetensors of the HF repo."""
+    """Download (or reuse the cached) config.json + model.safetensors of the HF repo, checksum-verified."""
     repo = HF_REPOS[model_size]
+    cache = models_dir / "hf-cache"
     try:
         from huggingface_hub import hf_hub_download
 
-        # hf_hub_download checks the file's sha256 against the Hub's record and
-        # keeps a content-addressed cache under models_dir.
-        paths = [hf_hub_download(repo_id=repo, filename=f, cache_dir=str(models_dir / "hf-cache")) for f in FILES]
+        paths = [hf_hub_download(repo_id=repo, filename=f, cache_dir=str(cache)) for f in FILES]
     except Exception as e:  # offline, DNS failure, HTTP error, disk full ...
         raise GptlabError(
             f"could not download GPT-2 {model_size} from Hugging Face repo {repo!r} ({type(e).__name__}); "
             f"offline, place {' and '.join(FILES)} from https://huggingface.co/{repo} in "
             f"{models_dir / model_size}"
         ) from None
+    for p in paths:
+        verify_blob(p, cache)
     return Path(paths[1]).parent
 
 
