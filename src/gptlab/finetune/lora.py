@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -206,7 +206,6 @@ def save_adapter(model: nn.Module, out: str | Path, base_model: str = "") -> Pat
         "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "target_modules": sorted(targets), "fan_in_fan_out": transposed.pop(), "bias": "none",
         "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
-        "gptlab": {"lora_config": asdict(cfg)},
     })
     return out
 

