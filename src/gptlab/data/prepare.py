@@ -159,6 +159,7 @@ def prepare_corpus(data: str | Path | None, out: str | Path, tokenizer: str | Pa
         tok = load_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
+    (out / META).unlink(missing_ok=True)  # until the new files are complete, DIR is not a prepared corpus
 
     from tqdm import tqdm
 
@@ -182,7 +183,7 @@ def prepare_corpus(data: str | Path | None, out: str | Path, tokenizer: str | Pa
                 n_tokens += len(ids)
         bar.close()
         if n_tokens == 0:
-            raise GptlabError(f"corpus {data!r} is empty; nothing to tokenize")
+            raise GptlabError(f"corpus '{data}' is empty; nothing to tokenize")
         n_val = int(round(n_tokens * val_ratio))
         n_train = n_tokens - n_val
         if n_train < 1:
