@@ -11,8 +11,12 @@ A :class:`gptlab.errors.GptlabError` is printed as one line and exits 1.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
+import io
 import os
+import re
 import sys
 
 # name -> ("module:function", one-line summary shown by `gptlab --help`)
@@ -53,6 +57,66 @@ def _resolve(argv: list[str]) -> tuple[str, list[str]]:
     return "", argv
 
 
+_FLAG = re.compile(r"--([a-z0-9]+(?:_[a-z0-9]+)+)")
+
+
+def _normalize(args: list[str], func) -> list[str]:
+    """Turn the user's words into the parser's flags.
+
+    - ``--max-steps`` is accepted for the parser's ``--max_steps``;
+    - bare words fill the required parameters in order, so ``gptlab inspect
+      gpt2-124m`` means ``--model gpt2-124m`` (both spellings work).
+    Every flag takes exactly one value (booleans too: ``--compile true``).
+    """
+    required = [n for n, p in inspect.signature(func).parameters.items()
+                if p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD]
+    flags, bare, given = [], [], set()
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--") and len(a) > 2:
+            name, eq, value = a[2:].partition("=")
+            name = name.replace("-", "_")
+            given.add(name)
+            if eq or name in ("help", "print_config"):
+                flags.append(f"--{name}{eq}{value}")
+            else:
+                flags.append(f"--{name}")
+                if i + 1 < len(args):
+                    flags.append(args[i + 1])
+                    i += 1
+        elif a == "-h":
+            flags.append(a)
+        else:
+            bare.append(a)
+        i += 1
+    free = [n for n in required if n not in given]
+    if len(bare) > len(free):
+        extra = " ".join(bare[len(free):])
+        raise _UsageError(f"unexpected argument(s): {extra}" + (f" (expected: {', '.join(free).upper()})" if free else ""))
+    for name, value in zip(free, bare):
+        flags += [f"--{name}", value]
+    return flags
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _DashedHelp(io.TextIOBase):
+    """Shows flags as --max-steps in help and usage text (the parser's names use _)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s: str) -> int:
+        self.stream.write(_FLAG.sub(lambda m: "--" + m.group(1).replace("_", "-"), s))
+        return len(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def run(argv: list[str]) -> int:
     """Run one command line; returns the exit status."""
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -77,11 +141,15 @@ def run(argv: list[str]) -> int:
 
     try:
         func = getattr(importlib.import_module(module), func_name)
-        result = CLI(func, args=rest, prog=f"gptlab {name}", as_positional=True,
-                     fail_untyped=False, env_prefix="GPTLAB", default_env=False)
+        with contextlib.redirect_stdout(_DashedHelp(sys.stdout)), contextlib.redirect_stderr(_DashedHelp(sys.stderr)):
+            result = CLI(func, args=_normalize(rest, func), prog=f"gptlab {name}", as_positional=False,
+                         fail_untyped=False, env_prefix="GPTLAB", default_env=False)
     except GptlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except _UsageError as e:
+        print(f"error: {e}; run `gptlab {name} --help`", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -48,7 +48,7 @@ def _data(data: str | None, tokenizer_spec: str | None, vocab_size: int, val_rat
 
     if data is not None and Path(data).is_dir() and (Path(data) / "meta.json").is_file():
         prepared = D.load_prepared(data)  # memmapped train/val token files from `gptlab prepare`
-        tok = prepared.tokenizer if tokenizer_spec is None else _build_tokenizer(tokenizer_spec, "", vocab_size, "")
+        tok = prepared.tokenizer() if tokenizer_spec is None else _build_tokenizer(tokenizer_spec, "", vocab_size, "")
         return tok, prepared.train, prepared.val, True
     text = D.load_corpus(data)
     train_text, val_text = D.split_text(text, 1.0 - val_ratio)

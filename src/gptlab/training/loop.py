@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +121,7 @@ def fit(model: nn.Module, train: IndexedBatches, val: IndexedBatches | None, cfg
         resume_state: dict[str, Any] | None = None,
         sample_fn: Callable[[nn.Module], str] | None = None,
         save_model: Callable[[nn.Module, Path], None] | None = None,
-        progress: bool = True, echo: Callable[[str], None] = print) -> TrainResult:
+        progress: bool = True, echo: Callable[[str], None] | None = None) -> TrainResult:
     """Train ``model`` on batches from ``train``, evaluating on ``val``; write the run directory.
 
     Args:
@@ -138,6 +139,7 @@ def fit(model: nn.Module, train: IndexedBatches, val: IndexedBatches | None, cfg
         echo: where status lines go.
     """
     cfg.validate()
+    echo = echo or (lambda msg: print(msg, flush=True))
     task = task or LanguageModeling()
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -180,7 +182,8 @@ def fit(model: nn.Module, train: IndexedBatches, val: IndexedBatches | None, cfg
                 "bad_evals": bad_evals, "elapsed": elapsed, "config": dataclasses.asdict(cfg)}
 
     bar = None
-    if progress:
+    plain_progress = progress and not sys.stderr.isatty()  # logs/CI: a line every log_every steps
+    if progress and not plain_progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True, leave=True)
@@ -188,6 +191,7 @@ def fit(model: nn.Module, train: IndexedBatches, val: IndexedBatches | None, cfg
     window_tokens, window_time, last_loss = 0, 0.0, float("nan")
     t_start = time.perf_counter() - elapsed
     step_rng, tokens_at_step_start = rng_state(), tokens
+    start_step, start_elapsed = step, elapsed
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
     try:
         while True:
@@ -235,6 +239,11 @@ def fit(model: nn.Module, train: IndexedBatches, val: IndexedBatches | None, cfg
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{window_tokens / max(window_time, 1e-9):,.0f}",
                                 refresh=False)
+            elif plain_progress and step % cfg.log_every == 0:
+                rate = (step - start_step) / max(elapsed - start_elapsed, 1e-9)
+                eta = f", eta {(max_steps - step) / rate:.0f}s" if max_steps and rate > 0 else ""
+                echo(f"step {step}{f'/{max_steps}' if max_steps else ''}: loss {last_loss:.3f}, "
+                     f"{window_tokens / max(window_time, 1e-9):,.0f} tok/s{eta}")
 
             if step % cfg.eval_every == 0 or step == max_steps:
                 model.eval()

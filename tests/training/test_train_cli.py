@@ -1,0 +1,120 @@
+"""`gptlab train` end to end: run directory, resume, generate, eval, and every bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gptlab.cli import run
+from gptlab.training import TrainConfig, train
+
+VERDICT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "the-verdict.txt"
+pytestmark = pytest.mark.skipif(not VERDICT.exists(), reason="shared/data/the-verdict.txt not found")
+
+TINY = ["--preset", "gpt2-nano", "--context-length", "32", "--vocab-size", "300", "--batch-size", "4",
+        "--eval-every", "5", "--eval-iters", "2", "--precision", "fp32", "--progress", "false"]
+
+
+def _metrics(run_dir):
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "verdict"
+    assert run(["train", "--data", str(VERDICT), "--out", str(out), "--max-steps", "10", *TINY]) == 0
+    return out
+
+
+def test_train_writes_a_complete_run(trained):
+    for name in ("train_config.yaml", "metrics.jsonl", "loss.png", "samples.txt", "model/model.safetensors",
+                 "model/config.json", "checkpoints/latest"):
+        assert (trained / name).exists(), name
+    assert [r["step"] for r in _metrics(trained)] == [5, 10]
+
+
+def test_resume_continues_where_it_stopped(trained, capsys):
+    assert run(["train", "--resume", str(trained), "--max-steps", "15", "--progress", "false"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert [r["step"] for r in _metrics(trained)] == [5, 10, 15]
+
+
+def test_generate_and_eval_from_the_run(trained, capsys):
+    assert run(["generate", "--model", str(trained), "--prompt", "I HAD always", "--max-new-tokens", "8",
+                "--seed", "1", "--stream", "false"]) == 0
+    assert capsys.readouterr().out.startswith("I HAD always")
+    assert run(["eval", str(trained), "--data", str(VERDICT), "--as-json", "true"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["tokens"] > 1000 and r["perplexity"] > 1
+
+
+def _err(capsys, argv):
+    code = run(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_existing_run_is_not_overwritten(trained, capsys):
+    before = (trained / "model" / "model.safetensors").read_bytes()
+    code, err = _err(capsys, ["train", "--data", str(VERDICT), "--out", str(trained), "--max-steps", "2", *TINY])
+    assert code == 1 and "already holds a run" in err and "--resume" in err
+    assert (trained / "model" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("content,msg", [
+    (None, "not found"),
+    ("", "empty"),
+    ("too short to train on", "one window needs 33"),
+])
+def test_bad_corpora(tmp_path, capsys, content, msg):
+    f = tmp_path / "corpus.txt"
+    if content is not None:
+        f.write_text(content)
+    code, err = _err(capsys, ["train", "--data", str(f), "--out", str(tmp_path / "r"), "--max-steps", "2",
+                              "--tokenizer", "char", *TINY])
+    assert code == 1 and err.startswith("error:") and msg in err and len(err.splitlines()) == 1
+
+
+def test_corrupt_and_truncated_checkpoints(trained, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained / "model", bad)
+    w = bad / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: len(w.read_bytes()) // 2])
+    code, err = _err(capsys, ["generate", "--model", str(bad), "--prompt", "x"])
+    assert code == 1 and "corrupt or truncated" in err
+    w.write_bytes(b"\x00" * 64)
+    code, err = _err(capsys, ["generate", "--model", str(bad), "--prompt", "x"])
+    assert code == 1 and "corrupt or truncated" in err
+
+    run_copy = tmp_path / "run"
+    shutil.copytree(trained, run_copy)
+    ck = run_copy / "checkpoints" / (run_copy / "checkpoints" / "latest").read_text().strip()
+    (ck / "state.pt").write_bytes(b"garbage")
+    code, err = _err(capsys, ["train", "--resume", str(run_copy), "--max-steps", "30", "--progress", "false"])
+    assert code == 1 and "state.pt is corrupt or truncated" in err
+
+
+def test_wrong_shapes_are_named(trained, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "shapes"
+    shutil.copytree(trained / "model", bad)
+    meta = json.loads((bad / "config.json").read_text())
+    meta["model"]["emb_dim"] = 32
+    meta["model"]["head_dim"] = None
+    meta["model"]["hidden_dim"] = None
+    (bad / "config.json").write_text(json.dumps(meta))
+    code, err = _err(capsys, ["generate", "--model", str(bad), "--prompt", "x"])
+    assert code == 1 and "wrong shapes" in err and "tok_emb.weight" in err
+
+
+def test_verdict_train_loss_below_one(tmp_path):
+    """A small model memorises the-verdict: training loss < 1.0 within 300 steps on CPU."""
+    cfg = TrainConfig(max_steps=300, batch_size=16, lr=3e-3, warmup_steps=20, eval_every=50, eval_iters=4,
+                      precision="fp32", weight_decay=0.0, seed=1)
+    res = train(str(VERDICT), preset="gpt2-micro", out=tmp_path / "mem", vocab_size=512, context_length=64,
+                n_layers=2, emb_dim=128, n_heads=4, dropout=0.0, stride=16, progress=False, train_cfg=cfg)
+    losses = [r["train_loss"] for r in res.records]
+    assert losses[-1] < 1.0, losses
