@@ -20,7 +20,7 @@ install: $(STAMP)
 
 ## The main job: train a small GPT on the built-in corpus (no downloads), a few minutes on 2 CPU cores.
 demo: $(STAMP)
-	$(BIN)/gptlab train --out runs/demo
+	$(BIN)/gptlab train --out runs/demo --overwrite true
 
 ## The test suite (what CI runs).
 test: $(STAMP)

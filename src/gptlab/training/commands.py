@@ -175,7 +175,7 @@ def train(data: str | None = None, preset: str = "gpt2-mini", out: str = "runs/d
     """Pretrain a GPT (or any preset) on a corpus and write a run directory.
 
     With no flags this trains gpt2-mini on the built-in corpus (CPython's
-    documentation text; no download) for 600 steps, a few minutes on 2 CPU cores.
+    documentation text; no download) for 300 steps, a few minutes on 2 CPU cores.
 
     Args:
         data: text file, directory of .txt files, .jsonl with a "text" field, a
@@ -186,7 +186,7 @@ def train(data: str | None = None, preset: str = "gpt2-mini", out: str = "runs/d
         resume: continue the run in this directory from its latest checkpoint (exact).
         tokenizer: gpt2, char, or a tokenizer path; default: train a byte-level BPE on the training split.
         vocab_size: vocabulary size of the trained BPE tokenizer.
-        max_steps: optimizer steps (default 600 when no other limit is given).
+        max_steps: optimizer steps (default 300 when no other limit is given).
         epochs: train for this many passes over the training windows instead.
         max_time: stop after this many seconds.
         batch_size: sequences per micro-batch.
@@ -215,7 +215,7 @@ def train(data: str | None = None, preset: str = "gpt2-mini", out: str = "runs/d
         progress: show a progress bar.
     """
     if max_steps is None and epochs is None and max_time is None and resume is None:
-        max_steps = 600
+        max_steps = 300
     cfg = TrainConfig(max_steps=max_steps, epochs=epochs, max_time=max_time, batch_size=batch_size,
                       grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
                       weight_decay=weight_decay, grad_clip=grad_clip or None, precision=precision,
