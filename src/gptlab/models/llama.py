@@ -211,7 +211,8 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         # RoPE inverse frequencies (hd/2,): derived from the config, never saved.
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
-        self.reset_parameters()
+        if not self.embed_tokens.weight.is_meta:  # on meta, a loader assigns weights, then calls reset_buffers()
+            self.reset_parameters()
         self.tie_weights()
 
     def tie_weights(self) -> None:

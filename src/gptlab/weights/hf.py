@@ -17,6 +17,7 @@ a transposed GPT-2 weight makes a copy, one tensor at a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import struct
@@ -275,6 +276,30 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
+                   "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Skip torch.nn.init while building: on the meta device it only costs time
+    (its first call imports torch._dynamo, seconds on a busy machine)."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+def empty_model(cfg: ModelConfig) -> nn.Module:
+    """The model for ``cfg`` on the meta device: no memory, no initialisation, ready for assign-loading."""
+    with _no_init(), torch.device("meta"):
+        return build_model(cfg)
+
+
 def is_hf_dir(path: str | Path) -> bool:
     """True for a directory with a HF ``config.json`` (not a gptlab one)."""
     p = Path(path) / "config.json"
@@ -296,8 +321,7 @@ def load_hf_dir(path: str | Path, *, dtype: torch.dtype | None = None, device=No
     hf = read_hf_config(path)
     cfg = config_from_hf(hf)
     ckpt = SafetensorsCheckpoint(path)
-    with torch.device("meta"):
-        model = build_model(cfg)
+    model = empty_model(cfg)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         own.pop("out_head.weight" if cfg.family == "gpt2" else "lm_head.weight", None)
