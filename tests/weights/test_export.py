@@ -113,3 +113,27 @@ def test_real_smollm2_exports_to_transformers(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), ref_logits, atol=2e-4, rtol=1e-4)
     assert tok.chat_template  # the chat template travelled with the tokenizer
+
+
+def test_gpt2_export_with_tokenizer_loads_in_transformers(tmp_path):
+    """A GPT-2 model + gptlab's GPT-2 tokenizer export as a directory transformers fully understands."""
+    from pathlib import Path
+
+    from gptlab.tokenizers import load_tokenizer
+
+    files = Path("/work/shared/data/gpt2")
+    if not (files / "encoder.json").is_file():
+        pytest.skip("GPT-2 tokenizer files not available")
+    tok = load_tokenizer(str(files))
+    cfg = GPT2Config(vocab_size=tok.vocab_size, context_length=32, emb_dim=32, n_layers=1, n_heads=2)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    out = export_hf(model, tmp_path / "gpt2-out", tokenizer=tok)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "Hello, do you like tea? In the sunlit terraces"
+    assert hf_tok.encode(text) == tok.encode(text)
+    assert hf_tok.eos_token_id == 50256
+    ids = torch.tensor([tok.encode(text)])
+    ref, _ = _hf_logits(out, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ref, atol=1e-5, rtol=1e-5)

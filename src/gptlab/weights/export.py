@@ -29,7 +29,7 @@ from gptlab.weights.keymaps import expand
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # Files a Hugging Face tokenizer may consist of (copied verbatim from a source directory).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "generation_config.json")
+                   "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
 
 def _gpt2_hf_config(cfg) -> dict:
@@ -136,7 +136,22 @@ def export_hf(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
         copy_tokenizer_files(tokenizer, out)
     elif tokenizer is not None:
         tokenizer.save(out)
+        _gpt2_files_for_transformers(out)
     return out
+
+
+def _gpt2_files_for_transformers(out: Path) -> None:
+    """GPT-2's encoder.json / vocab.bpe are byte for byte HF's vocab.json / merges.txt: add those names."""
+    enc, bpe = out / "encoder.json", out / "vocab.bpe"
+    if not (enc.is_file() and bpe.is_file()) or (out / "vocab.json").exists():
+        return
+    atomic_write_bytes(out / "vocab.json", enc.read_bytes())
+    atomic_write_bytes(out / "merges.txt", bpe.read_bytes())
+    if not (out / "tokenizer_config.json").exists():
+        eot = "<|endoftext|>"
+        atomic_write_json(out / "tokenizer_config.json", {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot,
+                                                          "eos_token": eot, "unk_token": eot,
+                                                          "add_prefix_space": False})
 
 
 def copy_tokenizer_files(src: str | Path, out: str | Path) -> list[str]:
