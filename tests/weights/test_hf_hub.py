@@ -145,3 +145,36 @@ def test_tokenizer_from_hf_dir_and_references(tmp_path, monkeypatch):
         assert t.decode(t.encode("hello world")) == "hello world"
         assert t.eos_id == tok.token_to_id("<|im_end|>")
         assert t.chat_template == "{{ messages }}"
+
+
+def test_generate_command_on_hf_directory_matches_transformers(tmp_path, capsys):
+    """`gptlab generate HF_DIR` (model + tokenizer from the same directory) = transformers greedy decoding."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from gptlab.cli import run
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=None))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat and the dog sat on the log"] * 20, trainer)
+    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
+                                   eos_token_id=None, bos_token_id=None)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+    path = tmp_path / "m"
+    hf.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    prompt = "the cat sat"
+    ids = torch.tensor([tok.encode(prompt).ids])
+    with torch.no_grad():
+        for _ in range(6):
+            ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    expected = prompt + tok.decode(ids[0, len(tok.encode(prompt).ids):].tolist(), skip_special_tokens=False)
+    assert run(["generate", str(path), "--prompt", prompt, "--max-new-tokens", "6", "--temperature", "0",
+                "--stop-at-eos", "false", "--stream", "false"]) == 0
+    assert capsys.readouterr().out.strip() == expected.strip()
