@@ -250,3 +250,18 @@ def test_unsupported_options_are_refused(tmp_path):
         config_from_hf({**base, "mlp_bias": True})
     with pytest.raises(GptlabError, match="has no 'hidden_size'"):
         config_from_hf({k: v for k, v in base.items() if k != "hidden_size"})
+
+
+def test_tied_checkpoint_that_also_stores_lm_head(tmp_path):
+    """Some tied repos store lm_head.weight anyway: it is the embedding, so it is accepted and ignored."""
+    from safetensors.torch import load_file, save_file
+
+    hf, path = make_hf("qwen2-bias", tmp_path)
+    state = load_file(str(path / "model.safetensors"))
+    assert "lm_head.weight" not in state
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(path / "model.safetensors"))
+    model = load_model(path)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), hf(IDS).logits, atol=1e-5, rtol=1e-5)
