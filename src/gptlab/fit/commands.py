@@ -93,7 +93,8 @@ def fit_command(model: str | None = None, context: int | None = None, quant: str
                 sort: str = "fit", family: str | None = None, fit: str | None = None, search: str | None = None,
                 min_size: str | None = None, max_size: str | None = None, limit: int | None = None,
                 json: bool = False, tui: bool = False, calibrate: bool = False, verify: str | None = None,
-                ram: float | None = None, vram: float | None = None, cores: int | None = None) -> int:
+                ram: float | None = None, vram: float | None = None, cores: int | None = None,
+                threads: int | None = None) -> int:
     """Will a model fit on this machine, and how fast will it run? (inference and training)
 
     Without --model: a table of models (gptlab presets plus --add refs) ranked for
@@ -130,7 +131,10 @@ def fit_command(model: str | None = None, context: int | None = None, quant: str
         ram: simulate this much RAM (GiB).
         vram: simulate a GPU with this much VRAM (GiB).
         cores: simulate this many CPU cores.
+        threads: torch threads for --verify (default: torch's; 1 is steadier on a busy machine).
     """
+    if threads is not None and threads < 1:
+        raise GptlabError(f"--threads {threads} must be at least 1")
     if batch < 1:
         raise GptlabError(f"--batch {batch} must be at least 1")
     if limit is not None and limit < 1:
@@ -139,7 +143,7 @@ def fit_command(model: str | None = None, context: int | None = None, quant: str
     if verify is not None:
         from gptlab.fit.verify import render_verify, verify_model
 
-        res = verify_model(verify, hw, train=train, context=context, batch=batch if train else 1)
+        res = verify_model(verify, hw, train=train, context=context, batch=batch if train else 1, threads=threads)
         print(_json.dumps(res, indent=2) if json else render_verify(res))
         return 0 if res["within_targets"] else 2
     if tui:
@@ -153,8 +157,6 @@ def fit_command(model: str | None = None, context: int | None = None, quant: str
                          optimizer=optimizer)
         print(_json.dumps(plan.to_dict(), indent=2) if json else render_plan(plan))
         return 0
-    if calibrate and not (add or family or search):
-        print(hw.summary())
     rows = [table_row(s, hw, context, engine, quant, kv_quant) for s in catalog(add)]
     rows = rank(rows, sort, family, fit, search, min_size, max_size)[:limit]
     if json:

@@ -4,13 +4,14 @@ Sizes are detected (psutil, NVML, sysfs, macOS sysctl); speeds are *measured*
 by a few-second microbenchmark and cached per machine, because published peak
 figures are what make fit estimates 3x off:
 
-- memory bandwidth: the rate a matrix-vector product streams a 256 MiB fp32
-  matrix (exactly what decoding one token does with the weights), with all
-  threads and with one (how many cores it takes to saturate memory);
-- matmul throughput: best of a few 2048x2048 fp32 and bf16 matmuls;
-- per-op latency: the cost of one tiny PyTorch op (eager dispatch overhead,
-  which dominates decoding of small models in gptlab's runtime);
-- runtime memory: peak RSS of a clean Python process after importing torch
+- memory bandwidth: the rate ``F.linear`` streams 256 MiB of fp32 weight
+  matrices for one token's vector (what a decode step does), with all threads
+  and with one (how many cores it takes to saturate memory);
+- matmul throughput: median of a few 2048x2048 fp32 and bf16 matmuls;
+- per-op latency: the cost of one tiny PyTorch op (eager dispatch overhead);
+- decode overhead: seconds per layer and per step of gptlab's eager decode on
+  tiny models of each family (what dominates decoding of small models);
+- runtime memory: RSS of a clean Python process after importing torch
   and gptlab (the fixed cost every gptlab process pays).
 
 The cache is ``$GPTLAB_CACHE/fit-calibration.json`` (default
@@ -80,6 +81,7 @@ class Hardware:
     cpu_matmul_fp32: float  # FLOP/s
     cpu_matmul_bf16: float  # FLOP/s
     op_latency: float  # seconds per small eager PyTorch op
+    decode_overhead: dict  # {family: {"per_layer": s, "fixed": s}} of gptlab's eager decode step
     runtime_rss: int  # bytes: a fresh python + torch + gptlab process
     calibrated: bool = False
     simulated: bool = False
@@ -228,31 +230,41 @@ def _fingerprint(gpus: list[GPU]) -> str:
     return "|".join([cpu_name(), str(usable_cores()), torch.__version__, *sorted(g.name for g in gpus)])
 
 
-def _best_time(fn, repeat: int) -> float:
+def _median_time(fn, repeat: int) -> float:
+    """Median seconds of ``repeat`` runs after a warm-up.
+
+    The median, not the best: decoding is a sustained stream, and on a shared
+    machine the best run describes a moment nobody else was using the memory bus.
+    """
     fn()  # warm-up
-    best = float("inf")
+    times = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
 
 
 def measure_bandwidth(device: str = "cpu", mib: int = 256) -> float:
-    """Bytes/s a matrix-vector product streams from an fp32 matrix of ``mib`` MiB."""
-    import torch
+    """Bytes/s that decode-shaped matrix-vector products stream from fp32 weights.
 
-    rows = mib * 2**20 // 4 // 4096
-    W = torch.randn(rows, 4096, device=device)
-    x = torch.randn(4096, 1, device=device)
+    ``mib`` MiB of (4096 x 1024) and (1024 x 4096) matrices, each applied to one
+    token's vector with ``F.linear`` — the kernel and shapes a decode step runs.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n = max(2, mib * 2**20 // (4096 * 1024 * 4))
+    mats = [torch.randn(*((4096, 1024) if i % 2 else (1024, 4096)), device=device) for i in range(n)]
+    xs = {1024: torch.randn(1, 1024, device=device), 4096: torch.randn(1, 4096, device=device)}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def run():
-        for _ in range(4):
-            W @ x
+        for w in mats:
+            F.linear(xs[w.shape[1]], w)
         sync()
 
-    return 4 * W.numel() * 4 / _best_time(run, 3)
+    return sum(w.numel() * 4 for w in mats) / _median_time(run, 5)
 
 
 def measure_matmul(dtype: str = "fp32", device: str = "cpu", n: int = 2048) -> float:
@@ -268,7 +280,7 @@ def measure_matmul(dtype: str = "fp32", device: str = "cpu", n: int = 2048) -> f
         a @ b
         sync()
 
-    return 2 * n**3 / _best_time(run, 3)
+    return 2 * n**3 / _median_time(run, 5)
 
 
 def measure_op_latency() -> float:
@@ -282,18 +294,17 @@ def measure_op_latency() -> float:
         y = x
         for _ in range(200):
             y = torch.nn.functional.linear(y, w).add_(x)  # 2 ops per iteration
-    return _best_time(run, 5) / 400
+    return _median_time(run, 5) / 400
 
 
 def measure_runtime_rss() -> int:
-    """Peak RSS (bytes) of a fresh process that imports what gptlab inference imports."""
-    code = ("import resource, torch, gptlab.models.llama, gptlab.models.gpt2, gptlab.weights, gptlab.generation\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    """RSS (bytes) of a fresh process after importing what gptlab inference imports."""
+    code = ("import gc, psutil, torch, gptlab.models.llama, gptlab.models.gpt2, gptlab.weights, gptlab.generation\n"
+            "gc.collect(); print(psutil.Process().memory_info().rss)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed")
-    kib = int(out.stdout.strip().splitlines()[-1])
-    return kib * (1 if sys.platform == "darwin" else 1024)
+    return int(out.stdout.strip().splitlines()[-1])
 
 
 def _one_thread(fn, *args):
@@ -307,16 +318,57 @@ def _one_thread(fn, *args):
         torch.set_num_threads(n)
 
 
+def measure_decode_overhead(layers: tuple[int, int] = (1, 5), tokens: int = 12) -> dict[str, dict[str, float]]:
+    """Seconds of eager overhead per decode step, per family: {family: {"per_layer", "fixed"}}.
+
+    Times ``generate`` on two tiny models of each family (d=64, so the weights
+    cost nothing) with different layer counts: the slope is the cost of running
+    one layer's Python and kernel launches, the intercept the rest of a step
+    (embedding, head, sampling). This is the runtime's overhead, not a model's.
+    """
+    import torch
+
+    from gptlab.generation import generate
+    from gptlab.models import build_model, get_preset
+
+    tiny = {"gpt2": get_preset("gpt2-nano").replace(emb_dim=64, n_heads=4, vocab_size=256, context_length=64),
+            "llama": get_preset("llama-micro").replace(emb_dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                                                      vocab_size=256, context_length=64)}
+    out = {}
+    for fam, cfg in tiny.items():
+        per_step = []
+        for L in layers:
+            model = build_model(cfg.replace(n_layers=L)).eval()
+            stamps: list[float] = []
+            ids = torch.zeros(1, 4, dtype=torch.long)
+            with torch.no_grad():
+                generate(model, ids, 3)
+                generate(model, ids, tokens, stream=lambda _t: stamps.append(time.perf_counter()))
+            gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+            per_step.append(gaps[len(gaps) // 2])
+        slope = max(0.0, (per_step[1] - per_step[0]) / (layers[1] - layers[0]))
+        out[fam] = {"per_layer": slope, "fixed": max(0.0, per_step[0] - slope * layers[0])}
+    return out
+
+
+def measure_speeds() -> dict:
+    """CPU bandwidth, matmul peaks, op latency and decode overhead with the current thread count."""
+    return {
+        "cpu_bandwidth": measure_bandwidth("cpu"),
+        "cpu_matmul_fp32": measure_matmul("fp32"),
+        "cpu_matmul_bf16": measure_matmul("bf16"),
+        "op_latency": measure_op_latency(),
+        "decode_overhead": measure_decode_overhead(),
+    }
+
+
 def calibrate(gpus: list[GPU] | None = None) -> dict:
     """Run the microbenchmarks (a few seconds) and return the measured figures."""
     import torch
 
     res = {
-        "cpu_bandwidth": measure_bandwidth("cpu"),
+        **measure_speeds(),
         "cpu_bandwidth_1core": _one_thread(measure_bandwidth, "cpu"),
-        "cpu_matmul_fp32": measure_matmul("fp32"),
-        "cpu_matmul_bf16": measure_matmul("bf16"),
-        "op_latency": measure_op_latency(),
         "runtime_rss": measure_runtime_rss(),
         "torch_threads": torch.get_num_threads(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -422,6 +474,7 @@ def detect_hardware(calibrate_now: bool = False, measure: bool = True, ram: floa
         cpu_matmul_fp32=figures.get("cpu_matmul_fp32", 100e9),
         cpu_matmul_bf16=figures.get("cpu_matmul_bf16", 100e9),
         op_latency=figures.get("op_latency", 10e-6),
+        decode_overhead=figures.get("decode_overhead", {}),
         runtime_rss=int(figures.get("runtime_rss", 300 * 2**20)),
         calibrated=calibrated, assumptions=notes,
     )
