@@ -118,3 +118,27 @@ def test_verdict_train_loss_below_one(tmp_path):
                 n_layers=2, emb_dim=128, n_heads=4, dropout=0.0, stride=16, progress=False, train_cfg=cfg)
     losses = [r["train_loss"] for r in res.records]
     assert losses[-1] < 1.0, losses
+
+
+def test_train_on_prepared_memmaps(tmp_path, capsys):
+    prepared = tmp_path / "prep"
+    assert run(["prepare", "--data", str(VERDICT), "--out", str(prepared), "--vocab-size", "300",
+                "--progress", "false"]) == 0
+    out = tmp_path / "run"
+    assert run(["train", "--data", str(prepared), "--out", str(out), "--max-steps", "5", *TINY]) == 0
+    assert [r["step"] for r in _metrics(out)] == [5]
+    # the run's tokenizer is the prepared one
+    assert (out / "model" / "gptlab_tokenizer.json").exists()
+
+
+def test_yaml_config_with_command_line_override(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"data: {VERDICT}\nmax_steps: 50\nbatch_size: 4\npreset: gpt2-nano\ncontext_length: 32\n"
+                   "vocab_size: 300\neval_every: 5\neval_iters: 2\nprecision: fp32\nprogress: false\n")
+    out = tmp_path / "r"
+    assert run(["train", "--config", str(cfg), "--max-steps", "5", "--out", str(out)]) == 0
+    import yaml
+
+    saved = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 5 and saved["train"]["batch_size"] == 4
+    assert saved["model"]["context_length"] == 32
