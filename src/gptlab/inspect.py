@@ -68,11 +68,10 @@ def _human(n: float) -> str:
 
 
 def _load_for_inspect(ref: str) -> nn.Module:
-    from gptlab.models import build_model, get_preset, list_presets
+    from gptlab.models import empty_model, get_preset, list_presets
 
     if ref in list_presets():
-        with torch.device("meta"):  # shapes only: a 24B preset costs no memory
-            return build_model(get_preset(ref))
+        return empty_model(get_preset(ref))  # shapes only: a 24B preset costs no memory
     from gptlab.weights import load_model
 
     return load_model(ref)

@@ -90,7 +90,8 @@ class GPT2(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
-        self.reset_parameters()
+        if not self.tok_emb.weight.is_meta:  # on meta, a loader assigns the weights
+            self.reset_parameters()
 
     def tie_weights(self) -> None:
         """Share the output head with the token embedding when ``cfg.tie_embeddings``."""

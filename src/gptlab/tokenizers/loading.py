@@ -100,7 +100,7 @@ ACCEPTED: list[str] = [
 """Human-readable list of accepted specs, shown when nothing matches."""
 
 
-EXTENSION_MODULES: list[str] = ["gptlab.tokenizers.gguf_tokenizer"]
+EXTENSION_MODULES: list[str] = ["gptlab.tokenizers.gguf_tokenizer", "gptlab.weights"]
 """Modules imported on the first :func:`load_tokenizer` call; each registers its resolvers on import.
 EXTENSION POINT: append a module name here (or import it yourself) to add specs."""
 

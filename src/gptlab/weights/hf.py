@@ -17,7 +17,6 @@ a transposed GPT-2 weight makes a copy, one tensor at a time.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import mmap
 import struct
@@ -29,7 +28,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from gptlab.errors import GptlabError
-from gptlab.models import build_model
+from gptlab.models import build_model, empty_model
 from gptlab.models.config import ConfigError, GPT2Config, ModelConfig
 from gptlab.weights.keymaps import plan_import
 
@@ -274,30 +273,6 @@ class SafetensorsCheckpoint:
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
-
-
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
-                   "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
-
-
-@contextlib.contextmanager
-def _no_init():
-    """Skip torch.nn.init while building: on the meta device it only costs time
-    (its first call imports torch._dynamo, seconds on a busy machine)."""
-    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
-    try:
-        for name in _INIT_FUNCTIONS:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
-
-
-def empty_model(cfg: ModelConfig) -> nn.Module:
-    """The model for ``cfg`` on the meta device: no memory, no initialisation, ready for assign-loading."""
-    with _no_init(), torch.device("meta"):
-        return build_model(cfg)
 
 
 def is_hf_dir(path: str | Path) -> bool:

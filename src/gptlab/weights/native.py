@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_save, atomic_write_json
-from gptlab.models import build_model
+from gptlab.models import empty_model
 from gptlab.models.config import ConfigError, ModelConfig
 
 FORMAT = "gptlab"
@@ -106,8 +106,7 @@ def load_model_dir(path: str | Path, *, dtype: torch.dtype | None = None, device
         state = load_file(str(wfile), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise GptlabError(f"{wfile} is corrupt or truncated ({e}); restore it from another checkpoint") from None
-    with torch.device("meta"):
-        model = build_model(cfg)
+    model = empty_model(cfg)
     load_state_strict(model, state, str(wfile))
     _retie(model)
     if hasattr(model, "reset_buffers"):  # non-persistent buffers (e.g. RoPE tables) left on meta
