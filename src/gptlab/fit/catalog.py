@@ -19,7 +19,6 @@ Sources (``spec_from_ref`` picks by the reference's shape):
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,8 +146,10 @@ def _hf_llama_like(cfg: dict, mtype: str, name: str, path: str | None) -> ModelS
     F = cfg["intermediate_size"]
     q, kv = H * hd, Hkv * hd
     attn = d * q + 2 * d * kv + q * d
-    if cfg.get("attention_bias") or mtype.startswith("qwen2"):
-        attn += q + 2 * kv  # q/k/v biases (Qwen2 has them unconditionally; o_proj has none)
+    if mtype.startswith("qwen2"):
+        attn += q + 2 * kv  # Qwen2: q/k/v biases, unconditionally; none on o_proj
+    elif cfg.get("attention_bias"):
+        attn += q + 2 * kv + d  # Llama-style attention_bias: all four projections
     if mtype.startswith("qwen3"):
         attn += 2 * hd  # per-head RMSNorm on q and k
     mlp_bias = 2 * F + d if cfg.get("mlp_bias") else 0
@@ -240,14 +241,9 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
 def resolve_path(ref: str) -> Path | None:
     """``pkg:PACKAGE/FILE`` or a filesystem path -> an existing Path (None if not a path)."""
     if ref.startswith("pkg:"):
-        pkg, _, rel = ref[4:].partition("/")
-        spec = importlib.util.find_spec(pkg) if pkg else None
-        if spec is None or not spec.submodule_search_locations:
-            raise GptlabError(f"{ref}: Python package {pkg!r} is not installed; pip install it or pass a path")
-        p = Path(list(spec.submodule_search_locations)[0]) / rel
-        if not p.exists():
-            raise GptlabError(f"{ref}: package {pkg!r} has no file {rel!r}")
-        return p
+        from gptlab.weights import package_path
+
+        return package_path(ref)
     p = Path(ref).expanduser()
     return p if p.exists() else None
 

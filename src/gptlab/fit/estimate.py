@@ -269,9 +269,10 @@ def activation_elements_per_token(spec: ModelSpec) -> tuple[float, float]:
 
     Per layer (a = H·hd, kv = Hkv·hd, F = MLP width): both families save the
     block input and norm outputs, q/k/v and the attention output, the MLP
-    intermediates. GPT-2 (LayerNorm, GELU MLP): 4d + 5a + 2F. Llama (RMSNorm in
-    fp32 saves x, x², rsqrt·x; RoPE saves q, k before rotation; gated MLP saves
-    gate, up, act(gate), product): 8d + 6a + 4kv + 4F.
+    intermediates. GPT-2 (LayerNorm, GELU MLP): 4d + 5a + 2F. Llama (each RMSNorm
+    saves x and the normed x; RoPE saves q, k and their rotated halves; attention
+    saves rotated q, k, v and its output; gated MLP saves gate, up, act(gate),
+    product): 4d + 5a + 4kv + 4F. Checked against ``saved_tensors_hooks``.
     Head: the fp32 logits, their log-softmax and its gradient, 3V.
     """
     d, a, kv = spec.emb_dim, spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
@@ -279,7 +280,7 @@ def activation_elements_per_token(spec: ModelSpec) -> tuple[float, float]:
     if spec.family == "gpt2":
         per_layer = 4 * d + 5 * a + 2 * F
     else:
-        per_layer = 8 * d + 6 * a + 4 * kv + 4 * F
+        per_layer = 4 * d + 5 * a + 4 * kv + 4 * F
     return per_layer, 3 * spec.vocab_size
 
 

@@ -1,0 +1,175 @@
+"""The one estimator: KV cache, weights, training memory, activations, speed."""
+
+import pytest
+import torch
+
+from gptlab.errors import GptlabError
+from gptlab.fit.catalog import spec_from_config, spec_from_ref
+from gptlab.fit.estimate import (EAGER_OPS, activation_elements_per_token, bytes_per_token, decode_tokens_per_s,
+                                 inference_memory, kv_cache_bytes, prefill_seconds, train_tokens_per_s,
+                                 training_memory, weights_bytes)
+from gptlab.models import build_model, get_preset
+
+from conftest import make_hw
+
+GiB = 2**30
+
+
+def test_kv_cache_exact_figures():
+    # 2 · 32 layers · 32 heads · 128 · 8192 · 2 bytes = 4 GiB; Llama 3 has 8 KV heads (GQA): 1 GiB.
+    assert kv_cache_bytes(spec_from_ref("llama-2-7b"), 8192, kv_quant="f16") == 4 * GiB
+    assert kv_cache_bytes(spec_from_ref("llama-3-8b"), 8192, kv_quant="f16") == 1 * GiB
+    assert kv_cache_bytes(spec_from_ref("llama-3-8b"), 8192, kv_quant="q8_0") == pytest.approx(GiB * 34 / 64)
+    # The config's own formula agrees.
+    cfg = get_preset("llama-3-8b")
+    assert kv_cache_bytes(spec_from_ref("llama-3-8b"), 1000, 3) == cfg.kv_cache_bytes(1000, batch=3)
+
+
+def test_kv_cache_respects_sliding_window():
+    mistral = spec_from_ref("mistral-7b")
+    assert mistral.sliding_window == 4096
+    assert kv_cache_bytes(mistral, 32768) == kv_cache_bytes(mistral, 4096) == 0.5 * GiB
+    assert kv_cache_bytes(mistral, 1024) == 0.125 * GiB
+    with pytest.raises(GptlabError, match="must be at least 1"):
+        kv_cache_bytes(mistral, 0)
+
+
+def test_kv_cache_matches_a_real_gptlab_cache():
+    cfg = get_preset("llama-micro")
+    model = build_model(cfg)
+    cache = model.new_cache(2, 100, dtype=torch.float16)
+    real = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    assert kv_cache_bytes(spec_from_config(cfg), 100, 2, "f16") == real
+
+
+def test_weights_at_quants(smollm2_path):
+    s = spec_from_ref("llama-3-8b")
+    assert weights_bytes(s, "BF16") == s.params_total * 2
+    assert weights_bytes(s, "Q4_K_M") / GiB == pytest.approx(8_030_261_248 * 4.85 / 8 / GiB, rel=0.01)
+    g = spec_from_ref(str(smollm2_path))
+    assert weights_bytes(g, "Q4_1") == g.native_weight_bytes  # the file's real size, not an average
+    assert weights_bytes(g, "F32") == g.params_total * 4
+
+
+def test_inference_memory_parts(hw):
+    s = spec_from_ref("llama-3-8b")
+    m = inference_memory(s, hw, "Q4_K_M", 8192, engine="llama.cpp")
+    assert m.kv_cache == GiB
+    assert m.total == pytest.approx(m.weights + m.kv_cache + m.compute + m.runtime)
+    d = m.gib()
+    assert {"weights_gib", "kv_cache_gib", "total_gib"} <= d.keys()
+    with pytest.raises(GptlabError, match="gptlab engine dequantizes"):
+        inference_memory(s, hw, "Q4_K_M", 8192, engine="gptlab")
+    with pytest.raises(GptlabError, match="unknown engine 'vllm'"):
+        inference_memory(s, hw, "BF16", 8192, engine="vllm")
+
+
+def test_training_memory_per_optimizer_and_precision(hw):
+    s = spec_from_ref("gpt2-124m")
+    P = s.params_total
+    m = training_memory(s, hw, 1, 128, "fp32", "adamw")
+    assert (m.weights, m.gradients, m.optimizer) == (4 * P, 4 * P, 8 * P)  # 16 bytes/param
+    assert training_memory(s, hw, 1, 128, "fp32", "sgd").optimizer == 0
+    assert training_memory(s, hw, 1, 128, "fp32", "sgd-momentum").optimizer == 4 * P
+    assert training_memory(s, hw, 1, 128, "fp32", "lion").optimizer == 4 * P
+    bf = training_memory(s, hw, 1, 128, "bf16", "adamw")
+    assert (bf.weights, bf.gradients, bf.optimizer) == (2 * P, 2 * P, 4 * P)
+    mixed = training_memory(s, hw, 1, 128, "bf16-mixed", "adamw")
+    assert mixed.weights == 4 * P and mixed.activations < m.activations
+    big = training_memory(s, hw, 8, 1024, "fp32", "adamw")
+    ckpt = training_memory(s, hw, 8, 1024, "fp32", "adamw", checkpointing=True)
+    per_layer, _ = activation_elements_per_token(s)
+    saved = 8 * 1024 * (s.n_layers * per_layer * 4 - s.n_layers * s.emb_dim * 4 - per_layer * 4)
+    assert big.activations - ckpt.activations == pytest.approx(saved)  # keeps block inputs + one block
+    assert big.activations == pytest.approx(64 * m.activations)  # linear in batch x context
+    with pytest.raises(GptlabError, match="optimizer 'adafactor' must be one of"):
+        training_memory(s, hw, 1, 128, "fp32", "adafactor")
+    with pytest.raises(GptlabError, match="precision 'fp8' must be one of"):
+        training_memory(s, hw, 1, 128, "fp8")
+
+
+@pytest.mark.parametrize("preset", ["gpt2-micro", "llama-micro"])
+def test_activation_count_matches_what_autograd_saves(preset):
+    """Saved-tensor bytes of one fp32 forward vs the per-token formula (within 25%)."""
+    cfg = get_preset(preset).replace(vocab_size=512)
+    model = build_model(cfg)
+    B, T = 2, 64
+    ids = torch.randint(0, 512, (B, T))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(ids)
+    total = [sum(storages.values())]
+    per_layer, _head = activation_elements_per_token(spec_from_config(cfg))
+    predicted = B * T * cfg.n_layers * per_layer * 4
+    measured_layers = total[0] - B * T * cfg.emb_dim * 4 * 2  # minus final norm input/output
+    assert logits.shape == (B, T, 512)
+    assert predicted == pytest.approx(measured_layers, rel=0.25)
+
+
+@pytest.mark.parametrize("preset,family", [("gpt2-nano", "gpt2"), ("llama-micro", "llama")])
+def test_eager_op_counts_are_current(preset, family):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for L in (2, 4):
+        Count.n = 0
+        model = build_model(get_preset(preset).replace(n_layers=L)).eval()
+        cache = model.new_cache(1, 16)
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]), cache)
+            with Count():
+                model(torch.tensor([[4]]), cache)
+        counts.append(Count.n)
+    per_layer = (counts[1] - counts[0]) // 2
+    assert (per_layer, counts[0] - 2 * per_layer) == EAGER_OPS[family]
+
+
+def test_decode_speed_follows_bandwidth_and_quant():
+    s = spec_from_ref("llama-3-8b")
+    slow, fast = make_hw(bandwidth=50e9), make_hw(bandwidth=100e9)
+    t_slow = decode_tokens_per_s(s, slow, "Q4_K_M", 4096)
+    assert decode_tokens_per_s(s, fast, "Q4_K_M", 4096) == pytest.approx(2 * t_slow)
+    # memory-bound: tok/s = efficiency · bandwidth / bytes per token
+    assert t_slow == pytest.approx(0.8 * 50e9 / bytes_per_token(s, "Q4_K_M", 4096))
+    assert decode_tokens_per_s(s, slow, "Q8_0", 4096) < t_slow
+    assert decode_tokens_per_s(s, slow, "Q4_K_M", 8000) < t_slow  # longer history, more KV to read
+    # prefill is FLOP-bound: 512 tokens take ~ 512 · 2 · N / (peak · eff)
+    p = prefill_seconds(s, slow, "Q4_K_M", 512)
+    assert p == pytest.approx(512 * 2 * 7.5e9 / (2e12 * 0.5), rel=0.15)
+
+
+def test_moe_reads_only_active_experts(hw):
+    import transformers as tf
+
+    from gptlab.fit.catalog import spec_from_hf_config
+
+    cfg = tf.MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                           num_experts_per_tok=2).to_dict()
+    s = spec_from_hf_config(cfg, "mixtral-8x7b")
+    assert s.params_total / 1e9 == pytest.approx(46.7, abs=0.1)
+    assert s.params_active / 1e9 == pytest.approx(12.9, abs=0.1)
+    assert weights_bytes(s, "BF16") == 2 * s.params_total
+    assert bytes_per_token(s, "BF16", 1) < 2 * s.params_active
+
+
+def test_training_speed_uses_six_n(hw):
+    s = spec_from_ref("gpt2-124m")
+    tps = train_tokens_per_s(s, hw, 256, "fp32")
+    flops = 3 * 2 * (s.params_total - s.params_embedding + s.params_lm_head)  # + a small attention term
+    assert tps == pytest.approx(1e12 * 0.35 / flops, rel=0.05)
