@@ -1,0 +1,68 @@
+"""`gptlab fit` end to end through the CLI: table, plan, JSON, errors."""
+
+import json
+
+import pytest
+
+from gptlab.cli import run
+from gptlab.fit import hardware
+
+from test_hardware import FIGURES
+
+
+@pytest.fixture(autouse=True)
+def cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware, "_nvml_gpus", lambda notes: [])
+    monkeypatch.setattr(hardware, "_amd_gpus", lambda: [])
+    (tmp_path / "fit-calibration.json").write_text(json.dumps({hardware._fingerprint([]): FIGURES}))
+
+
+def test_table_text(capsys):
+    assert run(["fit", "--ram", "16", "--family", "smollm2", "--sort", "params"]) == 0
+    out = capsys.readouterr().out
+    assert "RAM: 16.0 GiB avail" in out and "[simulated]" in out
+    lines = [ln for ln in out.splitlines() if ln.startswith("smollm2")]
+    assert [ln.split()[0] for ln in lines] == ["smollm2-1.7b", "smollm2-360m", "smollm2-135m"]
+
+
+def test_table_json(capsys):
+    assert run(["fit", "--json", "true", "--ram", "16", "--vram", "8", "--search", "llama-3", "--limit", "2"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert len(d["models"]) == 2 and d["hardware"]["gpus"][0]["vram_total"] == 8 * 2**30
+    for m in d["models"]:
+        assert {"kv_cache_gib", "weights_gib", "total_gib", "decode_tokens_per_s", "fit"} <= m.keys()
+
+
+def test_plan_json_and_text(capsys):
+    assert run(["fit", "--model", "llama-2-7b", "--context", "4096", "--quant", "F16", "--json", "true",
+                "--ram", "64"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["kv_cache_gib"] == 2.0 and d["weights_gib"] == pytest.approx(6_738_415_616 * 2 / 2**30)
+    assert d["fit"] in ("Perfect", "Good") and d["decode_tokens_per_s"] > 0
+    assert run(["fit", "--model", "mistral-7b", "--vram", "8", "--train", "true", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    for text in ("Run paths:", "GPU: yes", "Minimum hardware", "Recommended hardware", "Largest context",
+                 "Training (batch 1", "bf16-mixed"):
+        assert text in out
+
+
+def test_bad_input_is_one_line(capsys):
+    assert run(["fit", "--model", "llama-2-7b", "--quant", "Q9_9"]) == 1
+    assert "error: unknown quant 'Q9_9'" in capsys.readouterr().err
+    assert run(["fit", "--model", "no-such-model"]) == 1
+    assert "neither a gptlab preset" in capsys.readouterr().err
+    assert run(["fit", "--sort", "vibes"]) == 1
+    assert "--sort 'vibes' must be one of" in capsys.readouterr().err
+    assert run(["fit", "--ram", "0"]) == 1
+    assert "--ram 0" in capsys.readouterr().err
+    assert run(["fit", "--model", "llama-3-8b", "--engine", "gptlab", "--quant", "Q4_K_M"]) == 1
+    assert "dequantizes" in capsys.readouterr().err
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit):
+        run(["fit", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--model", "--quant", "--kv-quant", "--train", "--verify", "--tui", "--calibrate", "--vram"):
+        assert flag in out
