@@ -68,11 +68,11 @@ def _child(args: dict) -> dict:
     if args.get("threads"):
         torch.set_num_threads(args["threads"])
     torch.manual_seed(0)
-    # The machine's speed, measured now, in this process, with these threads: on a
-    # shared machine the cached calibration may describe other load conditions.
-    from gptlab.fit.hardware import measure_speeds
+    if args["mode"] == "speeds":
+        from gptlab.fit.hardware import measure_speeds
 
-    out = {"speeds": measure_speeds()}
+        return measure_speeds()
+    out: dict = {}
     if args["preset"]:
         from gptlab.models import build_model, get_preset
 
@@ -135,23 +135,25 @@ def verify_model(ref: str, hw: Hardware, train: bool = False, context: int | Non
                  prompt: int = 64, new_tokens: int = 32, threads: int | None = None) -> dict:
     """Measure one model's decode (and training) run in a clean subprocess; compare with the estimate.
 
-    The child first re-measures bandwidth, matmul peak and op latency with the
-    same thread count, and the estimate uses those figures (``speeds`` in the
-    result), so estimate and measurement see the same machine load.
+    Just before, another child re-measures bandwidth, matmul peak and decode
+    overhead with the same thread count, and the estimate uses those figures
+    (``speeds`` in the result), so estimate and measurement see the same machine
+    load. (A separate process: the benchmark's buffers would inflate the RSS.)
     """
     spec = spec_from_ref(ref)
     preset = spec.source == "preset"
     ctx = min(spec.context_length, prompt + new_tokens)
     prompt = min(prompt, max(1, ctx - new_tokens))
     # The run being predicted: fp32 weights and fp32 KV cache sized prompt + new tokens.
+    speeds = _run_child({"ref": ref, "preset": preset, "mode": "speeds", "threads": threads})
     m = _run_child({"ref": ref, "preset": preset, "mode": "decode", "prompt": prompt, "new_tokens": new_tokens,
                     "threads": threads})
-    hw = replace(hw, **m["speeds"])
+    hw = replace(hw, **speeds)
     mem = inference_memory(spec, hw, "F32", ctx, 1, "f32", engine="gptlab")
     est_tps = decode_tokens_per_s(spec, hw, "F32", ctx, engine="gptlab", kv_quant="f32")
     res = {
         "model": spec.name, "engine": "gptlab", "dtype": "fp32", "context": ctx, "prompt": prompt,
-        "new_tokens": new_tokens, "threads": threads, "hardware": hw.summary(), "speeds": m["speeds"],
+        "new_tokens": new_tokens, "threads": threads, "hardware": hw.summary(), "speeds": speeds,
         "estimated": {**mem.gib(), "decode_tokens_per_s": est_tps},
         "measured": {"peak_rss_gib": m["peak_bytes"] / GiB, "load_peak_rss_gib": m["load_peak_bytes"] / GiB,
                      "decode_tokens_per_s": m["decode_tokens_per_s"], "peak_reset": m["peak_reset"]},
@@ -162,7 +164,7 @@ def verify_model(ref: str, hw: Hardware, train: bool = False, context: int | Non
         tctx = min(spec.context_length, context or 128)
         t = _run_child({"ref": ref, "preset": preset, "mode": "train", "batch": batch, "context": tctx,
                         "threads": threads})
-        thw = replace(hw, **t["speeds"])
+        thw = hw
         tm = training_memory(spec, thw, batch, tctx, "fp32", "adamw", False)
         est_train_tps = train_tokens_per_s(spec, thw, tctx, "fp32")
         res["estimated"]["training"] = {**tm.gib(), "train_tokens_per_s": est_train_tps, "batch": batch,
