@@ -117,3 +117,16 @@ def test_lora_run_resumes_exactly(tmp_path, base_dir, instructions_path):
     assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)  # the adapters did train
     with pytest.raises(GptlabError, match="not an instruction run"):
         finetune_instruct("", "", tmp_path / "x", resume=tmp_path / "nope", **kw)
+
+
+def test_cli_errors(tmp_path, base_dir, capsys):
+    from gptlab.cli import run as cli_run
+
+    assert cli_run(["finetune", "instruct", "--data", "instruction-data"]) == 1
+    assert "--model REF" in capsys.readouterr().err
+    assert cli_run(["finetune", "instruct", "--model", str(base_dir), "--data", str(tmp_path / "no.json"),
+                    "--out", str(tmp_path / "r")]) == 1
+    assert "instruction data" in capsys.readouterr().err
+    assert cli_run(["finetune", "instruct", "--model", str(base_dir), "--style", "vicuna",
+                    "--out", str(tmp_path / "r")]) == 1
+    assert "unknown prompt style 'vicuna'" in capsys.readouterr().err

@@ -329,7 +329,10 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
 
     if max_length < 1:
         raise GptlabError(f"max_length={max_length} must be >= 1")
+    from gptlab.weights import resolve
+
     dev = pick_device(device)
+    resolve(model)  # a wrong model reference fails now, not after the data is prepared
     labeled = load_labeled(data)
     counts_before = labeled.counts()
     if balanced is None:

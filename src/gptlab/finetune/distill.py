@@ -162,7 +162,8 @@ def _student(student: str, tok, device, context_length: int | None):
 
 
 def distill(teacher: str, student: str, data: str | None, out: str | Path, *, mode: str = "logits",
-            alpha: float = 0.5, temperature: float = 2.0, context_length: int = 128, max_steps: int = 200,
+            alpha: float = 0.5, temperature: float = 2.0, context_length: int = 128, stride: int | None = None,
+            max_steps: int = 200,
             batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 0.1, eval_every: int = 50,
             eval_iters: int = 10, val_ratio: float = 0.1, prompts: int = 64, gen_tokens: int = 128,
             precision: str = "auto", device: str = "auto", seed: int = 123, overwrite: bool = False,
@@ -200,8 +201,9 @@ def distill(teacher: str, student: str, data: str | None, out: str | Path, *, mo
                                    min(gen_tokens, t_model.cfg.context_length - 8), seed=seed)
         task = LanguageModeling()
     run = prepare_out_dir(out, overwrite)
-    train_b = window_batches(train_ids, L, L, batch_size, seed=seed)
-    val_b = window_batches(val_ids, L, L, batch_size, shuffle=False, drop_last=False, what="validation") \
+    stride = stride or L
+    train_b = window_batches(train_ids, L, stride, batch_size, seed=seed)
+    val_b = window_batches(val_ids, L, stride, batch_size, shuffle=False, drop_last=False, what="validation") \
         if len(val_ids) > L else None
     print(f"distilling ({mode}) {teacher} -> {student}: student {s_model.cfg.param_counts()['total'] / 1e6:.2f}M "
           f"parameters, {len(train_ids):,} training tokens, alpha {alpha}, T {temperature}", flush=True)
@@ -210,7 +212,8 @@ def distill(teacher: str, student: str, data: str | None, out: str | Path, *, mo
 
 def distill_command(teacher: str | None = None, student: str | None = None, data: str | None = None,
                     out: str = "runs/distill", mode: str = "logits", alpha: float = 0.5, temperature: float = 2.0,
-                    context_length: int = 128, max_steps: int = 200, batch_size: int = 8, lr: float = 1e-3,
+                    context_length: int = 128, stride: int | None = None, max_steps: int = 200,
+                    batch_size: int = 8, lr: float = 1e-3,
                     weight_decay: float = 0.1, eval_every: int = 50, eval_iters: int = 10, val_ratio: float = 0.1,
                     prompts: int = 64, gen_tokens: int = 128, precision: str = "auto", device: str = "auto",
                     seed: int = 123, overwrite: bool = False, progress: bool = True) -> int:
@@ -229,6 +232,7 @@ def distill_command(teacher: str | None = None, student: str | None = None, data
         alpha: weight of the teacher term (0 = ordinary training, 1 = teacher only).
         temperature: softening temperature T of both distributions.
         context_length: tokens per training window.
+        stride: distance between window starts (default: the context length, no overlap).
         max_steps: optimizer steps.
         batch_size: windows per batch.
         lr: peak learning rate (AdamW, warmup + cosine).
@@ -247,7 +251,7 @@ def distill_command(teacher: str | None = None, student: str | None = None, data
     if not teacher or not student:
         raise GptlabError("give --teacher REF and --student REF|PRESET (e.g. --student llama-micro)")
     r = distill(teacher, student, data, out, mode=mode, alpha=alpha, temperature=temperature,
-                context_length=context_length, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                context_length=context_length, stride=stride, max_steps=max_steps, batch_size=batch_size, lr=lr,
                 weight_decay=weight_decay, eval_every=eval_every, eval_iters=eval_iters, val_ratio=val_ratio,
                 prompts=prompts, gen_tokens=gen_tokens, precision=precision, device=device, seed=seed,
                 overwrite=overwrite, progress=progress)

@@ -335,6 +335,9 @@ def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "a
         if max_steps is not None:  # only the stopping limit may change on resume
             tcfg.max_steps, tcfg.epochs = max_steps, None
     else:
+        from gptlab.weights import resolve
+
+        resolve(model)  # a wrong model reference fails now, not after the data is prepared
         if style not in STYLES:
             raise GptlabError(f"unknown prompt style {style!r}; use one of {', '.join(STYLES)}")
         s = InstructSettings(model=str(model), data=str(data), style=style, trainable=trainable,
