@@ -121,3 +121,39 @@ def tokenizer_kv(backend, *, pre: str = "gpt-2", eos: str | None = None, bos: st
     if chat_template is not None:
         kv["tokenizer.chat_template"] = chat_template
     return kv
+
+
+def densify_transformers_gguf(model):
+    """Swap transformers' packed GGUF layers (GgufLinear / GgufEmbedding) for plain dense ones.
+
+    transformers keeps GGUF weights as blocks and unpacks them on every call, which
+    is slow on CPU. The dense weights come from transformers' own dequantizer, so
+    the model is still transformers' reading of the file, only faster.
+    """
+    import torch
+    import torch.nn as nn
+    from transformers.integrations.gguf.kernels import dequantize_blocks
+    from transformers.integrations.gguf.utils import GgufEmbedding, GgufLinear
+
+    dense: dict[int, torch.Tensor] = {}
+
+    def weight_of(m, rows, cols):
+        key = id(m.weight)
+        if key not in dense:
+            dense[key] = dequantize_blocks(m.weight.data, m.ggml_type, rows, cols, torch.float32)
+        return dense[key]
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, GgufLinear):
+            new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            new.weight = nn.Parameter(weight_of(m, m.out_features, m.in_features), requires_grad=False)
+            if m.bias is not None:
+                new.bias = m.bias
+        elif isinstance(m, GgufEmbedding):
+            new = nn.Embedding(m.num_embeddings, m.embedding_dim)
+            new.weight = nn.Parameter(weight_of(m, m.num_embeddings, m.embedding_dim), requires_grad=False)
+        else:
+            continue
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], new)
+    return model.eval()
