@@ -339,10 +339,9 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
         balanced = str(data) in NAMED_DATASETS
     if balanced:
         labeled = balance(labeled, seed=seed)
-    if limit is not None:
-        labeled = LabeledTexts(*zip(*random.Random(seed).sample(list(zip(labeled.texts, labeled.labels)),
-                                                                 min(limit, len(labeled.texts)))), labeled.names)
-        labeled.texts, labeled.labels = list(labeled.texts), list(labeled.labels)
+    if limit is not None:  # a seeded random subset, so both classes stay represented
+        keep = sorted(random.Random(seed).sample(range(len(labeled.texts)), min(limit, len(labeled.texts))))
+        labeled = LabeledTexts([labeled.texts[i] for i in keep], [labeled.labels[i] for i in keep], labeled.names)
     splits = make_splits(labeled, seed=seed)
     if len(splits.train) < batch_size or not splits.val or not splits.test:
         raise GptlabError(f"only {len(labeled.texts)} examples: too few for a 70/10/20 split with batch_size="
