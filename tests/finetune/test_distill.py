@@ -86,10 +86,14 @@ def test_distilled_student_beats_the_same_student_without_teacher(tmp_path):
     from gptlab.weights.native import save_model_dir
 
     tok = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .,"))
-    teacher = tiny_gpt2(tok.vocab_size, context_length=64, emb_dim=64, n_layers=2, seed=3)
+    teacher = tiny_gpt2(tok.vocab_size, context_length=64, emb_dim=64, n_layers=2, seed=3, tie_embeddings=False)
     with torch.no_grad():
-        teacher.out_head.weight[:-1] *= 15.0  # peaked but not deterministic next-token distributions
-        teacher.out_head.weight[-1] = -5.0  # never end-of-text
+        teacher.out_head.weight.mul_(15.0)  # peaked but not deterministic next-token distributions
+        # Never end-of-text: feature 0 is a constant 1 after the final norm; only the EOT row reads it, at -100.
+        teacher.final_norm.weight[0], teacher.final_norm.bias[0] = 0.0, 1.0
+        teacher.out_head.weight[:, 0] = 0.0
+        teacher.out_head.weight[-1] = 0.0
+        teacher.out_head.weight[-1, 0] = -100.0
     save_model_dir(teacher, tmp_path / "teacher", tok)
     starts = torch.randint(0, tok.vocab_size - 1, (200, 1), generator=torch.Generator().manual_seed(0))
     rows = generate(teacher, starts, 64, temperature=1.0, seed=0)  # (200, 65): one training window per row
