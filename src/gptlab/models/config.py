@@ -98,6 +98,7 @@ class ModelConfig:
         """Build the right family's config from a dict with a ``family`` key."""
         d = dict(d)
         fam = d.pop("family", "gpt2")
+        _load_family_presets()  # registers families defined in other modules (llama)
         cls = FAMILIES.get(fam)
         if cls is None:
             raise ConfigError(f"unknown model family {fam!r}; known: {', '.join(sorted(FAMILIES))}")
