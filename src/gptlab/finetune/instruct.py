@@ -111,30 +111,11 @@ def _chat_messages(entry: dict) -> list[dict]:
 
 
 def render_chat(template: str, messages: list[dict], tokenizer=None, add_generation_prompt: bool = True) -> str:
-    """Render a model's Jinja chat template (Hugging Face conventions) for ``messages``."""
-    try:
-        from gptlab.tokenizers.chat_template import render  # the shared renderer, when present
-    except ImportError:
-        render = None
-    if render is not None:
-        try:
-            return render(template, messages, add_generation_prompt=add_generation_prompt, tokenizer=tokenizer)
-        except TypeError:
-            pass
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """Render a model's Jinja chat template for ``messages`` (as Hugging Face does; tokenizers/chat_template.py)."""
+    from gptlab.tokenizers.chat_template import apply_chat_template
 
-    def raise_exception(msg):
-        raise GptlabError(f"the chat template refused the messages: {msg}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=getattr(tokenizer, "bos_token", "") or "", eos_token=getattr(tokenizer, "eos_token", "") or "")
-    except jinja2.TemplateError as e:
-        raise GptlabError(f"the model's chat template failed to render ({e})") from None
+    tokens = {k: getattr(tokenizer, k, None) or "" for k in ("bos_token", "eos_token")}
+    return apply_chat_template(messages, template, add_generation_prompt=add_generation_prompt, **tokens)
 
 
 def format_example(entry: dict, style: str = "alpaca", tokenizer=None) -> tuple[str, str]:
