@@ -153,3 +153,16 @@ def test_smollm2_classifier_end_to_end(tmp_path, sms_path):
     net, tok, info = load_classifier(tmp_path / "run")
     assert type(net).__name__ == "Llama" and net.lm_head.out_features == 2 and not net.cfg.tie_embeddings
     assert predict(net, tok, info, ["hello"])[0][0] in ("ham", "spam")
+
+
+def test_lora_classifier_saves_merged_and_reloads(tmp_path, base_dir, sms_path):
+    m = finetune_classifier(str(base_dir), str(sms_path), tmp_path / "run", trainable="lora", lora_rank=2,
+                            balanced=True, limit=80, max_length=24, max_steps=3, batch_size=8, lr=1e-2,
+                            eval_iters=1, precision="fp32", device="cpu", progress=False)
+    assert m["steps"] == 3
+    net, tok, info = load_classifier(tmp_path / "run")
+    assert info["trainable"] == "lora"
+    assert not any("lora_" in k for k in net.state_dict())  # merged into plain weights on save
+    texts = ["Free entry to win cash", "ok see you soon", "Call now!!"]
+    again = predict(*load_classifier(tmp_path / "run"), texts)
+    assert predict(net, tok, info, texts) == again
