@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 from gptlab.errors import GptlabError
 from gptlab.fit.catalog import ModelSpec
-from gptlab.fit.hardware import GPU, Hardware
+from gptlab.fit.hardware import GPU, Hardware, bandwidth_at_width
 from gptlab.fit.quant import TORCH_DTYPES, get_quant, kv_bytes_per_element
 
 GiB = 2**30
@@ -56,11 +56,11 @@ class Engine:
     eager: bool  # per-op dispatch cost applies
 
 
-# gptlab's decode matmuls (F.linear on (1, 1, d) activations, small and odd
-# shapes such as 576 x 192) stream weights at 0.8 of the microbenchmark's rate:
-# measured with torch.profiler, aten::mm time per byte in SmolLM2-135M and
-# GPT-2 124M decode steps vs. measure_bandwidth in the same process (0.78-0.85).
-GPTLAB_BANDWIDTH_EFFICIENCY = 0.8
+# gptlab's decode matmuls stream weights at the rate the width-resolved GEMV
+# benchmark measures for the model's d: aten::mm bytes/s in SmolLM2-135M,
+# GPT-2 124M and SmolLM2-360M decode steps (torch.profiler) were 0.96-1.15 of
+# bandwidth_at_width(d) in the same process. So: 1.0, no correction.
+GPTLAB_BANDWIDTH_EFFICIENCY = 1.0
 
 ENGINES: dict[str, Engine] = {
     # gptlab: our own PyTorch runtime. Bandwidth, matmul peak and the per-layer
@@ -222,19 +222,24 @@ def eager_overhead_seconds(spec: ModelSpec, hw: Hardware, gpu: GPU | None = None
     return eager_ops_per_token(spec) * max(hw.op_latency, 5e-6 if gpu else 0.0)
 
 
-def _device_speed(hw: Hardware, gpu: GPU | None, quant: str) -> tuple[float, float]:
-    """(bandwidth bytes/s, matmul FLOP/s) of the CPU or a GPU for weights in ``quant``."""
+def _device_speed(hw: Hardware, gpu: GPU | None, quant: str, width: int | None = None) -> tuple[float, float]:
+    """(bandwidth bytes/s, matmul FLOP/s) of the CPU or a GPU for weights in ``quant``.
+
+    On the CPU the bandwidth is read from the measured curve at the model's width
+    (row length of its projections), when the curve was measured.
+    """
     if gpu is not None:
         return gpu.bandwidth or 0.0, gpu.matmul_bf16 or 0.0
     peak = hw.cpu_matmul_fp32 if quant == "F32" else max(hw.cpu_matmul_bf16, hw.cpu_matmul_fp32)
-    return hw.cpu_bandwidth, peak
+    bw = bandwidth_at_width(hw, width) if width else hw.cpu_bandwidth
+    return bw, peak
 
 
 def decode_seconds(spec: ModelSpec, hw: Hardware, quant: str, context: int, engine: str = "llama.cpp",
                    gpu: GPU | None = None, kv_quant: str = "f16") -> float:
     """Seconds per generated token on the CPU (``gpu=None``) or on ``gpu``."""
     eng = get_engine(engine)
-    bw, peak = _device_speed(hw, gpu, quant)
+    bw, peak = _device_speed(hw, gpu, quant, spec.emb_dim)
     t_mem = bytes_per_token(spec, quant, context, kv_quant) / (bw * eng.bandwidth_efficiency)
     t_flop = flops_per_token(spec, context) / (peak * eng.matmul_efficiency)
     t_ops = eager_overhead_seconds(spec, hw, gpu) if eng.eager else 0.0

@@ -6,7 +6,9 @@ figures are what make fit estimates 3x off:
 
 - memory bandwidth: the rate ``F.linear`` streams 256 MiB of fp32 weight
   matrices for one token's vector (what a decode step does), with all threads
-  and with one (how many cores it takes to saturate memory);
+  and with one (how many cores it takes to saturate memory), and as a curve
+  over row length K = 512 ... 4096 (short rows stream slower: d = 576 reaches
+  about 0.6 of d = 4096 here);
 - matmul throughput: median of a few 2048x2048 fp32 and bf16 matmuls;
 - per-op latency: the cost of one tiny PyTorch op (eager dispatch overhead);
 - decode overhead: seconds per layer and per step of gptlab's eager decode on
@@ -78,6 +80,7 @@ class Hardware:
     ollama: bool
     cpu_bandwidth: float  # bytes/s
     cpu_bandwidth_1core: float  # bytes/s with one thread
+    cpu_bandwidth_by_width: dict  # {"512": bytes/s, ...}: decode GEMV bandwidth per row length
     cpu_matmul_fp32: float  # FLOP/s
     cpu_matmul_bf16: float  # FLOP/s
     op_latency: float  # seconds per small eager PyTorch op
@@ -267,6 +270,52 @@ def measure_bandwidth(device: str = "cpu", mib: int = 256) -> float:
     return sum(w.numel() * 4 for w in mats) / _median_time(run, 5)
 
 
+WIDTHS = (512, 1024, 2048, 4096)
+
+
+def measure_bandwidth_by_width(mib: int = 96) -> dict[str, float]:
+    """Decode-GEMV bandwidth per row length K (bytes/s): short rows stream slower.
+
+    For each K, ``mib`` MiB of (3K x K) fp32 matrices applied to a (1, K) vector
+    with ``F.linear``. A model's projections have K = d (and K = F for the MLP
+    down projection), so the estimator reads this curve at the model's width.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    out = {}
+    for K in WIDTHS:
+        n = max(2, mib * 2**20 // (3 * K * K * 4))
+        mats = [torch.randn(3 * K, K) for _ in range(n)]
+        x = torch.randn(1, K)
+
+        def run():
+            for w in mats:
+                F.linear(x, w)
+
+        out[str(K)] = sum(w.numel() * 4 for w in mats) / _median_time(run, 5)
+        del mats
+    return out
+
+
+def bandwidth_at_width(hw: "Hardware", width: int) -> float:
+    """The measured GEMV bandwidth for rows of ``width`` (log-interpolated; the flat figure if unmeasured)."""
+    import math
+
+    curve = sorted((int(k), v) for k, v in (hw.cpu_bandwidth_by_width or {}).items())
+    if not curve:
+        return hw.cpu_bandwidth
+    if width <= curve[0][0]:
+        return curve[0][1]
+    if width >= curve[-1][0]:
+        return curve[-1][1]
+    for (k0, v0), (k1, v1) in zip(curve, curve[1:]):
+        if k0 <= width <= k1:
+            t = (math.log(width) - math.log(k0)) / (math.log(k1) - math.log(k0))
+            return v0 + t * (v1 - v0)
+    return hw.cpu_bandwidth
+
+
 def measure_matmul(dtype: str = "fp32", device: str = "cpu", n: int = 2048) -> float:
     """FLOP/s of an n x n matmul in ``dtype`` (best of a few)."""
     import torch
@@ -355,6 +404,7 @@ def measure_speeds() -> dict:
     """CPU bandwidth, matmul peaks, op latency and decode overhead with the current thread count."""
     return {
         "cpu_bandwidth": measure_bandwidth("cpu"),
+        "cpu_bandwidth_by_width": measure_bandwidth_by_width(),
         "cpu_matmul_fp32": measure_matmul("fp32"),
         "cpu_matmul_bf16": measure_matmul("bf16"),
         "op_latency": measure_op_latency(),
@@ -471,6 +521,7 @@ def detect_hardware(calibrate_now: bool = False, measure: bool = True, ram: floa
         unified_memory=apple is not None, ollama=ollama_running(),
         cpu_bandwidth=figures.get("cpu_bandwidth", 10e9),
         cpu_bandwidth_1core=figures.get("cpu_bandwidth_1core", 10e9),
+        cpu_bandwidth_by_width=figures.get("cpu_bandwidth_by_width", {}),
         cpu_matmul_fp32=figures.get("cpu_matmul_fp32", 100e9),
         cpu_matmul_bf16=figures.get("cpu_matmul_bf16", 100e9),
         op_latency=figures.get("op_latency", 10e-6),

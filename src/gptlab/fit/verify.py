@@ -112,7 +112,16 @@ def _child(args: dict) -> dict:
             times.append(time.perf_counter() - t)
         out["train_tokens_per_s"] = args["batch"] * args["context"] / (sum(times[1:]) / 2)
     out["peak_bytes"] = _vmhwm()
+    if args["mode"] == "decode":  # peak already read: now the benchmark cannot inflate it
+        from gptlab.fit.hardware import measure_speeds
+
+        out["speeds_after"] = measure_speeds()
     return out
+
+
+def _mean_speeds(a: dict, b: dict) -> dict:
+    """Average two measure_speeds() results, field by field (nested dicts too)."""
+    return {k: _mean_speeds(v, b[k]) if isinstance(v, dict) else (v + b[k]) / 2 for k, v in a.items()}
 
 
 def _run_child(args: dict, timeout: float = 900) -> dict:
@@ -135,10 +144,11 @@ def verify_model(ref: str, hw: Hardware, train: bool = False, context: int | Non
                  prompt: int = 64, new_tokens: int = 32, threads: int | None = None) -> dict:
     """Measure one model's decode (and training) run in a clean subprocess; compare with the estimate.
 
-    Just before, another child re-measures bandwidth, matmul peak and decode
-    overhead with the same thread count, and the estimate uses those figures
-    (``speeds`` in the result), so estimate and measurement see the same machine
-    load. (A separate process: the benchmark's buffers would inflate the RSS.)
+    Just before (in another child: its buffers would inflate the RSS) and just
+    after the decode (in the same child, once its peak was read) bandwidth,
+    matmul peak and decode overhead are re-measured with the same thread count;
+    the estimate uses their average (``speeds`` in the result), so estimate and
+    measurement see the same machine load.
     """
     spec = spec_from_ref(ref)
     preset = spec.source == "preset"
@@ -148,6 +158,9 @@ def verify_model(ref: str, hw: Hardware, train: bool = False, context: int | Non
     speeds = _run_child({"ref": ref, "preset": preset, "mode": "speeds", "threads": threads})
     m = _run_child({"ref": ref, "preset": preset, "mode": "decode", "prompt": prompt, "new_tokens": new_tokens,
                     "threads": threads})
+    # Speeds measured just before and just after the decode, averaged: on a shared
+    # machine the load changes within seconds; bracketing the run in time is fairer.
+    speeds = _mean_speeds(speeds, m["speeds_after"])
     hw = replace(hw, **speeds)
     mem = inference_memory(spec, hw, "F32", ctx, 1, "f32", engine="gptlab")
     est_tps = decode_tokens_per_s(spec, hw, "F32", ctx, engine="gptlab", kv_quant="f32")
