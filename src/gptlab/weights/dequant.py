@@ -16,7 +16,7 @@ are tested against is ``gguf.quants.dequantize`` from llama.cpp's Python package
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -153,6 +153,33 @@ FORMATS: dict[str, tuple[int, int, Callable[[np.ndarray], np.ndarray]]] = {
 }
 
 
+def _blocks(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Check the byte count and view ``raw`` as (n_blocks, bytes per block) uint8."""
+    if type_name not in FORMATS:
+        raise GptlabError(f"GGUF tensor type {type_name} is not supported; supported: {', '.join(FORMATS)} "
+                          "(re-quantize the file with llama.cpp to one of these)")
+    per_block, nbytes, _ = FORMATS[type_name]
+    n = int(np.prod(shape))
+    b = np.asarray(raw).reshape(-1).view(np.uint8)
+    if n % per_block or b.size != n // per_block * nbytes:
+        raise GptlabError(f"GGUF tensor of type {type_name} and shape {shape} should have "
+                          f"{n // per_block * nbytes} bytes but has {b.size}; the file is corrupt or truncated")
+    return b.reshape(-1, nbytes)
+
+
+def dequantize_chunks(raw: np.ndarray, type_name: str, shape: tuple[int, ...], *,
+                      chunk_blocks: int = 1 << 16) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(first weight index, float32 weights)`` pieces of a tensor, ``chunk_blocks`` blocks at a time.
+
+    Lets a caller write each piece straight into a tensor of another dtype, so a
+    full float32 copy of a large tensor never exists.
+    """
+    blocks = _blocks(raw, type_name, shape)
+    per_block, _, fn = FORMATS[type_name]
+    for s in range(0, blocks.shape[0], chunk_blocks):
+        yield s * per_block, fn(blocks[s:s + chunk_blocks]).reshape(-1)
+
+
 def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...], *, chunk_blocks: int = 1 << 16) -> np.ndarray:
     """Dequantize the raw bytes of one GGUF tensor to a float32 array of ``shape``.
 
@@ -163,17 +190,7 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...], *, chunk
         shape: the logical shape in PyTorch order (rows, cols).
         chunk_blocks: blocks converted at a time, which bounds temporary memory.
     """
-    if type_name not in FORMATS:
-        raise GptlabError(f"GGUF tensor type {type_name} is not supported; supported: {', '.join(FORMATS)} "
-                          "(re-quantize the file with llama.cpp to one of these)")
-    per_block, nbytes, fn = FORMATS[type_name]
-    n = int(np.prod(shape))
-    b = np.asarray(raw).reshape(-1).view(np.uint8)
-    if n % per_block or b.size != n // per_block * nbytes:
-        raise GptlabError(f"GGUF tensor of type {type_name} and shape {shape} should have "
-                          f"{n // per_block * nbytes} bytes but has {b.size}; the file is corrupt or truncated")
-    blocks = b.reshape(-1, nbytes)
-    out = np.empty((blocks.shape[0], per_block), dtype=np.float32)
-    for s in range(0, blocks.shape[0], chunk_blocks):
-        out[s:s + chunk_blocks] = fn(blocks[s:s + chunk_blocks])
+    out = np.empty(int(np.prod(shape)), dtype=np.float32)
+    for start, piece in dequantize_chunks(raw, type_name, shape, chunk_blocks=chunk_blocks):
+        out[start:start + piece.size] = piece
     return out.reshape(shape)

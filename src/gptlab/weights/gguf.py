@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from gptlab.errors import GptlabError
-from gptlab.weights.dequant import FORMATS, dequantize
+from gptlab.weights.dequant import FORMATS, dequantize_chunks
 
 # GGUF tensor name pattern -> our parameter name ({n} = layer index). ".weight"/".bias" suffixes carry over.
 KEY_MAP: dict[str, str] = {
@@ -123,7 +123,11 @@ class GGUFFile:
     def to_torch(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantize tensor ``name`` to a torch tensor of ``dtype`` in PyTorch shape order."""
         t = self.tensors[name]
-        return torch.from_numpy(dequantize(self.raw(name), t.type_name, t.shape)).to(dtype)
+        out = torch.empty(t.shape, dtype=dtype)
+        flat = out.view(-1)
+        for start, piece in dequantize_chunks(self.raw(name), t.type_name, t.shape):
+            flat[start:start + piece.size] = torch.from_numpy(piece)  # cast to dtype while copying
+        return out
 
 
 class _Cursor:
@@ -374,11 +378,11 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None
         if name in NON_PARAMETERS:
             continue
         ours = map_name(name)
-        w = f.to_torch(name)
+        w = f.to_torch(name, dtype)
         if arch in PERMUTED_ARCHS and (".attn_q." in name or ".attn_k." in name):
             heads = cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads
             w = unpermute_rows(w, heads)
-        state[ours] = w.to(dtype=dtype, device=device) if device is not None else w.to(dtype)
+        state[ours] = w.to(device) if device is not None else w
         del w
     load_state_strict(model, state, str(path))
     if hasattr(model, "reset_buffers"):

