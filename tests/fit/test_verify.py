@@ -11,6 +11,7 @@ from gptlab.fit.verify import TARGETS, render_verify, verify_model
 from conftest import make_hw
 
 
+@pytest.mark.slow
 def test_verify_tiny_preset_memory():
     """A tiny model: the measured peak RSS of a clean process is within the memory target."""
     hw = make_hw()

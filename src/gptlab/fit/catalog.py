@@ -19,6 +19,7 @@ Sources (``spec_from_ref`` picks by the reference's shape):
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -182,12 +183,25 @@ def _hf_llama_like(cfg: dict, mtype: str, name: str, path: str | None) -> ModelS
 
 # ---------------------------------------------------------------- GGUF files
 def spec_from_gguf(path: str | Path) -> ModelSpec:
-    """Sizes from a GGUF file: metadata for shapes, every tensor for exact counts and bytes."""
+    """Sizes from a GGUF file: metadata for shapes, every tensor for exact counts and bytes.
+
+    Parsed once per (path, size, mtime): reading a GGUF's metadata takes seconds.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise GptlabError(f"{path} cannot be read ({e})") from None
+    return _spec_from_gguf_cached(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _spec_from_gguf_cached(path_str: str, _size: int, _mtime: int) -> ModelSpec:
     try:
         import gguf
     except ImportError:  # pragma: no cover - gguf is a dependency
         raise GptlabError("reading GGUF files needs the `gguf` package: pip install gguf") from None
-    path = Path(path)
+    path = Path(path_str)
     try:
         r = gguf.GGUFReader(str(path))
     except (OSError, ValueError) as e:
