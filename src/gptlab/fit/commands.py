@@ -7,7 +7,6 @@ import sys
 
 from gptlab.errors import GptlabError
 from gptlab.fit.catalog import catalog, spec_from_ref
-from gptlab.fit.estimate import GiB
 from gptlab.fit.hardware import detect_hardware
 from gptlab.fit.plan import Plan, Row, make_plan, rank, table_row
 

@@ -426,13 +426,11 @@ def calibrate(gpus: list[GPU] | None = None) -> dict:
     }
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
-            dev = f"cuda:{i}"
             with torch.cuda.device(i):
                 res["gpus"][torch.cuda.get_device_name(i)] = {
                     "bandwidth": measure_bandwidth("cuda", 1024),
                     "matmul_bf16": measure_matmul("bf16", "cuda", 4096),
                 }
-            del dev
     return res
 
 

@@ -24,7 +24,7 @@ from gptlab.fit.catalog import ModelSpec
 from gptlab.fit.estimate import (GiB, decode_tokens_per_s, get_engine, inference_memory,
                                  prefill_seconds, train_tokens_per_s, training_memory, check_quant)
 from gptlab.fit.hardware import Hardware
-from gptlab.fit.quant import QUALITY_LADDER, TORCH_DTYPES
+from gptlab.fit.quant import QUALITY_LADDER
 
 LEVELS = ["Perfect", "Good", "Marginal", "Too tight"]
 THRESHOLDS = {"Perfect": 0.70, "Good": 0.85, "Marginal": 1.00}
