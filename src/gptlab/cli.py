@@ -18,6 +18,7 @@ import io
 import os
 import re
 import sys
+import typing
 
 # name -> ("module:function", one-line summary shown by `gptlab --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -66,10 +67,15 @@ def _normalize(args: list[str], func) -> list[str]:
     - ``--max-steps`` is accepted for the parser's ``--max_steps``;
     - bare words fill the required parameters in order, so ``gptlab inspect
       gpt2-124m`` means ``--model gpt2-124m`` (both spellings work).
-    Every flag takes exactly one value (booleans too: ``--compile true``).
+    - a boolean flag alone means true (``--compile`` = ``--compile true``).
     """
     required = [n for n, p in inspect.signature(func).parameters.items()
                 if p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD]
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:  # unresolvable annotation: treat every flag as taking a value
+        hints = {}
+    booleans = {n for n, t in hints.items() if t is bool}
     flags, bare, given = [], [], set()
     i = 0
     while i < len(args):
@@ -80,6 +86,8 @@ def _normalize(args: list[str], func) -> list[str]:
             given.add(name)
             if eq or name in ("help", "print_config"):
                 flags.append(f"--{name}{eq}{value}")
+            elif name in booleans and (i + 1 >= len(args) or args[i + 1].lower() not in _BOOL_WORDS):
+                flags += [f"--{name}", "true"]  # a bare boolean flag means true
             else:
                 flags.append(f"--{name}")
                 if i + 1 < len(args):
@@ -97,6 +105,9 @@ def _normalize(args: list[str], func) -> list[str]:
     for name, value in zip(free, bare):
         flags += [f"--{name}", value]
     return flags
+
+
+_BOOL_WORDS = {"true", "false", "yes", "no", "1", "0", "on", "off"}
 
 
 class _UsageError(Exception):
