@@ -29,20 +29,6 @@ def find_model() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def timed(fn, repeats: int) -> float:
-    """Best wall time of ``fn()`` over ``repeats`` runs, after one warm-up run.
-
-    The best (not the median) because on a shared machine other work only ever adds time.
-    """
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -69,25 +55,21 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
-    results: dict[str, float] = {}
-    outputs: dict[str, list[int]] = {}
+    # name -> function decoding n tokens and returning them. All engines are loaded first and
+    # then timed in turns (A B C A B C ...), keeping each one's best time, so that changes in
+    # the machine's load during the run do not favour whichever engine ran at a quiet moment.
+    engines: dict = {}
 
-    def run_gptlab(name: str, model) -> None:
-        out = {}
-
-        def go():
-            out["ids"] = generate(model, ids, n, eos_id=tok.eos_id, min_new_tokens=n)[0, ids.shape[1]:].tolist()
-        secs = timed(go, args.repeats)
-        results[name], outputs[name] = n / secs, out["ids"]
-        print(f"  {name:28s} {n / secs:7.1f} tok/s")
+    def gptlab_engine(model):
+        return lambda: generate(model, ids, n, eos_id=tok.eos_id, min_new_tokens=n)[0, ids.shape[1]:].tolist()
 
     for label, dtype in (("gptlab fp32", torch.float32), ("gptlab bf16", torch.bfloat16)):
         model = load_gguf(path, dtype=dtype)
-        run_gptlab(label, model)
+        engines[label] = gptlab_engine(model)
         if args.compile:
-            model.forward = torch.compile(model.forward, dynamic=True)
-            run_gptlab(label + " + compile", model)
-        del model
+            compiled = load_gguf(path, dtype=dtype)
+            compiled.forward = torch.compile(compiled.forward, dynamic=True)
+            engines[label + " + compile"] = gptlab_engine(compiled)
 
     if not args.skip_transformers:
         # transformers keeps a GGUF's weights packed and unpacks them on every call (about
@@ -100,21 +82,19 @@ def main() -> None:
         from gptlab.weights.export import export_hf
 
         transformers.logging.set_verbosity_error()
-        with tempfile.TemporaryDirectory() as tmp:
-            export_hf(load_gguf(path), tmp)
-            for label, dtype in (("transformers fp32", torch.float32), ("transformers bf16", torch.bfloat16)):
-                ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
-                out = {}
+        tmp = tempfile.mkdtemp()
+        export_hf(load_gguf(path), tmp)
 
-                def go():
-                    with torch.no_grad():
-                        o = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                         min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_id)
-                    out["ids"] = o[0, ids.shape[1]:].tolist()
-                secs = timed(go, args.repeats)
-                results[label], outputs[label] = n / secs, out["ids"]
-                print(f"  {label:28s} {n / secs:7.1f} tok/s")
-                del ref
+        def hf_engine(ref):
+            def go():
+                with torch.no_grad():
+                    o = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                     min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_id)
+                return o[0, ids.shape[1]:].tolist()
+            return go
+
+        for label, dtype in (("transformers fp32", torch.float32), ("transformers bf16", torch.bfloat16)):
+            engines[label] = hf_engine(transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval())
 
     if importlib.util.find_spec("llama_cpp") is not None:
         from llama_cpp import Llama as LlamaCpp
@@ -122,18 +102,28 @@ def main() -> None:
         llm = LlamaCpp(model_path=str(path), n_ctx=1024, verbose=False)
         ptoks = ids[0].tolist()
 
-        def go():
+        def llama_cpp_go():
             llm.reset()
-            got = 0
-            for _ in llm.generate(ptoks, temp=0.0, top_k=1):
-                got += 1
-                if got >= n:
+            got = []
+            for t in llm.generate(ptoks, temp=0.0, top_k=1):
+                got.append(t)
+                if len(got) >= n:
                     break
-        secs = timed(go, args.repeats)
-        results["llama.cpp"] = n / secs
-        print(f"  {'llama.cpp (llama-cpp-python)':28s} {n / secs:7.1f} tok/s")
+            return got
+        engines["llama.cpp"] = llama_cpp_go
     else:
         print("  llama.cpp: llama-cpp-python is not installed (skipped)")
+
+    outputs = {name: go() for name, go in engines.items()}  # warm-up, and the tokens for comparison
+    best = {name: float("inf") for name in engines}
+    for _ in range(args.repeats):
+        for name, go in engines.items():
+            t0 = time.perf_counter()
+            go()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    results = {name: n / secs for name, secs in best.items()}
+    for name, v in results.items():
+        print(f"  {name:28s} {v:7.1f} tok/s")
 
     base = results.get("transformers fp32")
     if base:
