@@ -66,6 +66,9 @@ def main() -> None:
     for label, dtype in (("gptlab fp32", torch.float32), ("gptlab bf16", torch.bfloat16)):
         model = load_gguf(path, dtype=dtype)
         engines[label] = gptlab_engine(model)
+    from gptlab.quantize import quantize_int8
+
+    engines["gptlab int8 (weight-only)"] = gptlab_engine(quantize_int8(load_gguf(path)))
         if args.compile:
             compiled = load_gguf(path, dtype=dtype)
             compiled.forward = torch.compile(compiled.forward, dynamic=True)
@@ -133,6 +136,9 @@ def main() -> None:
     if "transformers fp32" in outputs:
         same = outputs["gptlab fp32"] == outputs["transformers fp32"]
         print(f"gptlab fp32 tokens identical to transformers fp32: {same}")
+    q, f = outputs["gptlab int8 (weight-only)"], outputs["gptlab fp32"]
+    print(f"gptlab int8 vs fp32: first difference at token "
+          f"{next((i for i, (a, b) in enumerate(zip(q, f)) if a != b), '-')} of {n}")
     agree = sum(a == b for a, b in zip(outputs["gptlab bf16"], outputs["gptlab fp32"]))
     first_diff = next((i for i, (a, b) in enumerate(zip(outputs["gptlab bf16"], outputs["gptlab fp32"])) if a != b), None)
     print(f"gptlab bf16 vs fp32: {agree}/{n} tokens equal; first difference at token "

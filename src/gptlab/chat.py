@@ -225,7 +225,7 @@ def chat_command(model: str, system: str | None = None, style: str | None = None
                  max_new_tokens: int = 256, temperature: float = 0.7, top_k: int | None = None,
                  top_p: float | None = 0.9, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None,
-                 device: str = "auto", dtype: str | None = None) -> int:
+                 device: str = "auto", dtype: str | None = None, quantize: str | None = None) -> int:
     """Chat with a model interactively: type a message, read the streamed reply.
 
     Reads one message per line from stdin (a pipe works too). Commands:
@@ -248,6 +248,8 @@ def chat_command(model: str, system: str | None = None, style: str | None = None
         device: auto, cpu, cuda or mps.
         dtype: weights dtype (fp32, bf16, fp16); default: bf16 on CUDA GPUs that support it, else
             fp32 (on CPU, bf16 halves memory but does not decode faster).
+        quantize: "int8" for weight-only int8 linear layers: faster replies on CPU, logits
+            approximate (see gptlab/quantize.py).
     """
     from gptlab.device import parse_dtype, pick_device
     from gptlab.tokenizers import load_tokenizer
@@ -263,6 +265,10 @@ def chat_command(model: str, system: str | None = None, style: str | None = None
         torch_dtype = parse_dtype(dtype)
     tok = load_tokenizer(tokenizer or model)
     net = load_model(model, dtype=torch_dtype, device=dev)
+    if quantize is not None:
+        from gptlab.quantize import apply_quantization
+
+        apply_quantization(net, quantize)
     session = ChatSession(net, tok, system, style=style, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     if sys.stdin.isatty():

@@ -198,7 +198,7 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 100, te
                      top_k: int | None = 50, top_p: float | None = None, min_p: float | None = None,
                      repetition_penalty: float | None = None, seed: int | None = None,
                      num_samples: int = 1, stop_at_eos: bool = True, device: str = "auto",
-                     dtype: str | None = None, stream: bool = True) -> int:
+                     dtype: str | None = None, quantize: str | None = None, stream: bool = True) -> int:
     """Generate text from a model.
 
     Args:
@@ -216,6 +216,7 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 100, te
         stop_at_eos: stop at the tokenizer's end-of-text token.
         device: auto, cpu, cuda or mps.
         dtype: weights dtype (fp32, bf16, fp16); default: the checkpoint's / fp32.
+        quantize: "int8" for weight-only int8 linear layers (faster decoding, approximate logits).
         stream: print tokens as they are generated (one sample at a time).
     """
     from gptlab.device import parse_dtype, pick_device
@@ -225,6 +226,10 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 100, te
     validate_sampling(temperature, top_k, top_p, min_p, max_new_tokens, repetition_penalty)
     dev = pick_device(device)
     net = load_model(model, dtype=parse_dtype(dtype), device=dev)
+    if quantize is not None:
+        from gptlab.quantize import apply_quantization
+
+        apply_quantization(net, quantize)
     tok = load_tokenizer(model)
     ids = tok.encode(prompt) if prompt else []
     if not ids:
