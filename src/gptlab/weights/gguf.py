@@ -353,7 +353,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None
     Every tensor in the file must map to a parameter and every parameter must be
     present, with the right shape; otherwise a GptlabError names the offenders.
     """
-    from gptlab.models import build_model
+    from gptlab.models import empty_model
     from gptlab.weights.native import load_state_strict
 
     dtype = dtype or torch.float32
@@ -372,8 +372,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None
     if unexpected:
         raise GptlabError(f"{path}: tensors with no place in the model: {unexpected[:5]}"
                           f"{' ...' if len(unexpected) > 5 else ''} (an unsupported architecture variant?)")
-    with torch.device("meta"):
-        model = build_model(cfg)
+    model = empty_model(cfg)
     state: dict[str, torch.Tensor] = {}
     for name in f.tensors:
         if name in NON_PARAMETERS:
