@@ -66,13 +66,13 @@ def main() -> None:
     for label, dtype in (("gptlab fp32", torch.float32), ("gptlab bf16", torch.bfloat16)):
         model = load_gguf(path, dtype=dtype)
         engines[label] = gptlab_engine(model)
-    from gptlab.quantize import quantize_int8
-
-    engines["gptlab int8 (weight-only)"] = gptlab_engine(quantize_int8(load_gguf(path)))
         if args.compile:
             compiled = load_gguf(path, dtype=dtype)
             compiled.forward = torch.compile(compiled.forward, dynamic=True)
             engines[label + " + compile"] = gptlab_engine(compiled)
+    from gptlab.quantize import quantize_int8
+
+    engines["gptlab int8 (weight-only)"] = gptlab_engine(quantize_int8(load_gguf(path)))
 
     if not args.skip_transformers:
         # transformers keeps a GGUF's weights packed and unpacks them on every call (about
