@@ -49,3 +49,31 @@ def test_unknown_command_and_extra_words(capsys):
 def test_bare_boolean_flag_end_to_end(capsys):
     assert run(["inspect", "gpt2-nano", "--as-json"]) == 0
     assert capsys.readouterr().out.lstrip().startswith("{")
+
+
+def _g(model: str, add: list[str] | None = None, targets: list[str] | None = None):
+    return model, add, targets
+
+
+def test_list_flags_repeat_or_take_commas():
+    assert _normalize(["m", "--add", "a", "--add", "b,c"], _g) == ["--model", "m", "--add", '["a", "b", "c"]']
+    assert _normalize(["m", "--add", '["x"]'], _g) == ["--add", '["x"]', "--model", "m"]
+
+
+def test_command_output_is_never_rewritten(capsys):
+    assert run(["inspect", "gpt2-nano", "--as-json"]) == 0
+    assert "max_steps" not in capsys.readouterr().out  # (sanity) and no flag-like text was touched
+    from gptlab.cli import _DashedHelp
+    import io
+
+    buf = io.StringIO()
+    _DashedHelp(buf).write("use --max_new_tokens")
+    assert buf.getvalue() == "use --max-new-tokens"
+
+
+def test_unwritable_path_is_one_line(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    code = run(["prepare", "--data", str(target / "nope.txt"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("error:") and len(err.splitlines()) == 1

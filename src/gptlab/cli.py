@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import inspect
 import io
 import os
@@ -76,7 +77,9 @@ def _normalize(args: list[str], func) -> list[str]:
     except Exception:  # unresolvable annotation: treat every flag as taking a value
         hints = {}
     booleans = {n for n, t in hints.items() if t is bool}
+    lists = {n for n, t in hints.items() if list in (typing.get_origin(t), *map(typing.get_origin, typing.get_args(t)))}
     flags, bare, given = [], [], set()
+    list_values: dict[str, list[str]] = {}
     i = 0
     while i < len(args):
         a = args[i]
@@ -84,7 +87,14 @@ def _normalize(args: list[str], func) -> list[str]:
             name, eq, value = a[2:].partition("=")
             name = name.replace("-", "_")
             given.add(name)
-            if eq or name in ("help", "print_config"):
+            if name in lists and not (eq and value.startswith("[")) and not (
+                    not eq and i + 1 < len(args) and args[i + 1].startswith("[")):
+                # a list flag may repeat: --add a --add b (or --add a,b)
+                if not eq:
+                    value = args[i + 1] if i + 1 < len(args) else ""
+                    i += 1
+                list_values.setdefault(name, []).extend(v for v in value.split(",") if v)
+            elif eq or name in ("help", "print_config"):
                 flags.append(f"--{name}{eq}{value}")
             elif name in booleans and (i + 1 >= len(args) or args[i + 1].lower() not in _BOOL_WORDS):
                 flags += [f"--{name}", "true"]  # a bare boolean flag means true
@@ -104,6 +114,8 @@ def _normalize(args: list[str], func) -> list[str]:
         raise _UsageError(f"unexpected argument(s): {extra}" + (f" (expected: {', '.join(free).upper()})" if free else ""))
     for name, value in zip(free, bare):
         flags += [f"--{name}", value]
+    for name, values in list_values.items():
+        flags += [f"--{name}", json.dumps(values)]
     return flags
 
 
@@ -126,6 +138,23 @@ class _DashedHelp(io.TextIOBase):
 
     def flush(self) -> None:
         self.stream.flush()
+
+    def isatty(self) -> bool:  # progress bars ask; answer for the real stream
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+@contextlib.contextmanager
+def _dashed_parse_errors():
+    """Show --dashed-flags in the parser's own error messages (printed to stderr before it exits)."""
+    saved = sys.stderr
+    sys.stderr = _DashedHelp(saved)
+    try:
+        yield
+    finally:
+        sys.stderr = saved
 
 
 def run(argv: list[str]) -> int:
@@ -152,7 +181,10 @@ def run(argv: list[str]) -> int:
 
     try:
         func = getattr(importlib.import_module(module), func_name)
-        with contextlib.redirect_stdout(_DashedHelp(sys.stdout)), contextlib.redirect_stderr(_DashedHelp(sys.stderr)):
+        wants_help = any(a in ("-h", "--help") for a in rest)
+        # Help and usage text show --dashed-flags; a command's own output is never rewritten.
+        out = contextlib.redirect_stdout(_DashedHelp(sys.stdout)) if wants_help else contextlib.nullcontext()
+        with out, _dashed_parse_errors():
             result = CLI(func, args=_normalize(rest, func), prog=f"gptlab {name}", as_positional=False,
                          fail_untyped=False, env_prefix="GPTLAB", default_env=False)
     except GptlabError as e:
@@ -161,6 +193,17 @@ def run(argv: list[str]) -> int:
     except _UsageError as e:
         print(f"error: {e}; run `gptlab {name} --help`", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `gptlab fit --json | head`
+        sys.stderr.close()
+        return 0
+    except UnicodeDecodeError as e:
+        print(f"error: a file is not valid UTF-8 text ({e.reason} at byte {e.start}); "
+              "convert it to UTF-8 and try again", file=sys.stderr)
+        return 1
+    except OSError as e:  # missing, unreadable or unwritable paths the command did not check itself
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; check the path and its permissions", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

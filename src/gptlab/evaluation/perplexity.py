@@ -22,6 +22,9 @@ def token_losses(model: torch.nn.Module, ids: list[int] | torch.Tensor, max_leng
                  stride: int | None = None, batch_size: int = 8) -> torch.Tensor:
     """Per-token negative log-likelihoods (nats) of ids[1:], each token scored once."""
     ids = torch.as_tensor(ids, dtype=torch.long)
+    for name, v in (("max_length", max_length), ("stride", stride), ("batch_size", batch_size)):
+        if v is not None and v < 1:
+            raise GptlabError(f"{name}={v} must be >= 1")
     L = max_length or model.cfg.context_length
     L = min(L, model.cfg.context_length)
     stride = stride or L

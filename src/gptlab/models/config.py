@@ -18,8 +18,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from gptlab.errors import GptlabError
 
-class ConfigError(ValueError):
+
+class ConfigError(GptlabError, ValueError):
     """A model configuration is invalid; the message names the field and the fix."""
 
 
@@ -193,9 +195,9 @@ for _name, (_L, _d, _H) in {
     register_preset(_name, GPT2Config(n_layers=_L, emb_dim=_d, n_heads=_H, context_length=1024))
 
 # Small CPU presets; vocab_size is replaced by the tokenizer's at train time.
-register_preset("gpt2-mini", GPT2Config(n_layers=6, emb_dim=384, n_heads=6, context_length=256))
-register_preset("gpt2-micro", GPT2Config(n_layers=4, emb_dim=256, n_heads=4, context_length=128))
-register_preset("gpt2-nano", GPT2Config(n_layers=2, emb_dim=64, n_heads=2, context_length=64))
+register_preset("gpt2-mini", GPT2Config(n_layers=6, emb_dim=384, n_heads=6, context_length=256, drop_rate=0.1))
+register_preset("gpt2-micro", GPT2Config(n_layers=4, emb_dim=256, n_heads=4, context_length=128, drop_rate=0.1))
+register_preset("gpt2-nano", GPT2Config(n_layers=2, emb_dim=64, n_heads=2, context_length=64, drop_rate=0.1))
 
 
 def get_preset(name: str) -> ModelConfig:

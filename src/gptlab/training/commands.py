@@ -104,16 +104,25 @@ def run_training(data: str | None = None, *, preset: str = "gpt2-mini", out: str
         tcfg.validate()
         torch.manual_seed(tcfg.seed)
         device = pick_device(tcfg.device)
-        tok, train_ids, val_ids, random_windows = _data(data, tokenizer, vocab_size, val_ratio)
-        cfg = get_preset(preset)
-        changes: dict[str, Any] = {"vocab_size": tok.vocab_size}
+        from gptlab.device import autocast_dtype
+
+        autocast_dtype(device, tcfg.precision)  # refuse a bad --precision before any work
+        if not 0.0 < val_ratio < 1.0:
+            raise GptlabError(f"--val-ratio {val_ratio} must be strictly between 0 and 1 (e.g. 0.1)")
+        cfg = get_preset(preset)  # an unknown preset fails before the tokenizer is trained
+        changes: dict[str, Any] = {}
         for k, v in (("context_length", context_length), ("n_layers", n_layers), ("emb_dim", emb_dim),
                      ("n_heads", n_heads)):
             if v is not None:
                 changes[k] = v
         if dropout is not None:
-            changes["drop_rate"] = dropout
-        cfg = cfg.replace(**changes)
+            if hasattr(cfg, "drop_rate"):
+                changes["drop_rate"] = dropout
+            elif dropout > 0:
+                raise GptlabError(f"--dropout: the {cfg.family} family has no dropout; omit the flag")
+        cfg = cfg.replace(**changes)  # validates the overrides (e.g. emb_dim divisible by n_heads)
+        tok, train_ids, val_ids, random_windows = _data(data, tokenizer, vocab_size, val_ratio)
+        cfg = cfg.replace(vocab_size=tok.vocab_size)
         model = build_model(cfg).to(device)
         stride = stride or cfg.context_length
 
@@ -168,7 +177,7 @@ def train(data: str | None = None, preset: str = "gpt2-mini", out: str = "runs/d
           batch_size: int = 8, grad_accum: int = 1, lr: float = 1e-3, min_lr: float | None = None,
           warmup_steps: int | None = None, weight_decay: float = 0.1, grad_clip: float | None = 1.0,
           context_length: int | None = None, n_layers: int | None = None, emb_dim: int | None = None,
-          n_heads: int | None = None, dropout: float | None = 0.1, stride: int | None = None,
+          n_heads: int | None = None, dropout: float | None = None, stride: int | None = None,
           val_ratio: float = 0.1, eval_every: int = 50, eval_iters: int = 10, patience: int | None = None,
           precision: str = "auto", compile: bool = False, device: str = "auto", seed: int = 123,
           start_context: str = DEFAULT_START, overwrite: bool = False, progress: bool = True) -> int:
@@ -200,7 +209,7 @@ def train(data: str | None = None, preset: str = "gpt2-mini", out: str = "runs/d
         n_layers: override the preset's number of layers.
         emb_dim: override the preset's embedding width.
         n_heads: override the preset's number of heads.
-        dropout: dropout rate.
+        dropout: dropout rate (GPT-2 family; default: the preset's, 0.1 for the small gpt2 presets).
         stride: distance between training windows (default: the context length).
         val_ratio: fraction of the text held out for validation.
         eval_every: evaluate, sample and checkpoint every N steps.

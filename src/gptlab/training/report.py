@@ -31,9 +31,9 @@ class MetricsLog:
             path.unlink()
 
     def log(self, record: dict) -> None:
+        """Add one record; the file is rewritten atomically (it holds one line per evaluation)."""
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def evals(self) -> list[dict]:
         return [r for r in self.records if r.get("val_loss") is not None or r.get("train_loss") is not None]
