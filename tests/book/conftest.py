@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from paths import SHARED  # noqa: E402
+
 import hashlib
 import shutil
 from pathlib import Path
 
 import pytest
 
-DATA = Path("/work/shared/data")
+DATA = Path(SHARED)
 _URLS = {
     "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
     "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",

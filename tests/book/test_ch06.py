@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from paths import SHARED  # noqa: E402
+
 import csv
 import re
 
@@ -19,7 +21,7 @@ from gptlab.errors import GptlabError
 def spam_csvs(tmp_path_factory):
     from pathlib import Path
 
-    tsv = Path("/work/shared/data/SMSSpamCollection.tsv")
+    tsv = Path(SHARED + "/SMSSpamCollection.tsv")
     if not tsv.exists():
         pytest.skip("SMSSpamCollection.tsv not available")
     return prepare_spam_csvs(tsv, tmp_path_factory.mktemp("spam"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from paths import SHARED  # noqa: E402
+
 import json
 import threading
 from functools import partial
@@ -21,7 +23,7 @@ from gptlab.errors import GptlabError
 def instruction_data():
     from pathlib import Path
 
-    path = Path("/work/shared/data/instruction-data.json")
+    path = Path(SHARED + "/instruction-data.json")
     if not path.exists():
         pytest.skip("instruction-data.json not available")
     return json.loads(path.read_text(encoding="utf-8"))

@@ -1,10 +1,11 @@
 """Shared fixtures: the shared data files and an isolated, offline data cache."""
 
+from paths import SHARED  # noqa: E402
 from pathlib import Path
 
 import pytest
 
-DATA = Path("/work/shared/data")
+DATA = Path(SHARED)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Tiny models and data shared by the fine-tuning tests (CPU, seconds)."""
 
+from paths import SHARED  # noqa: E402
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from ft_helpers import tiny_gpt2
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
+    DATA = Path(SHARED)
 SMS = DATA / "SMSSpamCollection.tsv"
 INSTRUCTIONS = DATA / "instruction-data.json"
 

@@ -1,12 +1,13 @@
 """Shared fixtures: the GPT-2 files, tiktoken's offline cache, a small corpus."""
 
+from paths import SHARED  # noqa: E402
 import hashlib
 import shutil
 from pathlib import Path
 
 import pytest
 
-DATA = Path("/work/shared/data")
+DATA = Path(SHARED)
 GPT2_DIR = DATA / "gpt2"
 VERDICT = DATA / "the-verdict.txt"
 

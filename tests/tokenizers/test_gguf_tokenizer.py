@@ -1,5 +1,6 @@
 """GGUF tokenizers: ids equal to transformers' tokenizer built from the same GGUF file."""
 
+from paths import SHARED  # noqa: E402
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from gptlab.errors import GptlabError
 from gptlab.tokenizers.gguf_tokenizer import build_tokenizer, special_tokens
 from gptlab.weights.gguf import read_metadata
 
-DATA = Path("/work/shared/data")
+DATA = Path(SHARED)
 REAL = smollm2_gguf()
 
 

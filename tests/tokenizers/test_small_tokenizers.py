@@ -1,5 +1,6 @@
 """Character-level and the course's teaching tokenizers (word-level regex, SimpleBPE)."""
 
+from paths import SHARED  # noqa: E402
 from collections import Counter
 
 import pytest
@@ -14,7 +15,7 @@ from gptlab.tokenizers.teaching import BPE_SPLIT, UNK
 def test_char_vocab_on_tinyshakespeare():
     from pathlib import Path
 
-    path = Path("/work/shared/data/tinyshakespeare.txt")
+    path = Path(SHARED + "/tinyshakespeare.txt")
     if not path.is_file():
         pytest.skip("tinyshakespeare.txt not available")
     text = path.read_text()

@@ -4,11 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+from paths import SHARED
 
 from gptlab.cli import run
 from gptlab.training import TrainConfig, train
 
-VERDICT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "the-verdict.txt"
+VERDICT = Path(SHARED) / "the-verdict.txt"
 pytestmark = pytest.mark.skipif(not VERDICT.exists(), reason="shared/data/the-verdict.txt not found")
 
 TINY = ["--preset", "gpt2-nano", "--context-length", "32", "--vocab-size", "300", "--batch-size", "4",

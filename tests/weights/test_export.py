@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from paths import SHARED  # noqa: E402
+
 import json
 
 import pytest
@@ -121,7 +123,7 @@ def test_gpt2_export_with_tokenizer_loads_in_transformers(tmp_path):
 
     from gptlab.tokenizers import load_tokenizer
 
-    files = Path("/work/shared/data/gpt2")
+    files = Path(SHARED + "/gpt2")
     if not (files / "encoder.json").is_file():
         pytest.skip("GPT-2 tokenizer files not available")
     tok = load_tokenizer(str(files))
