@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,13 +22,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/gptlab train --out runs/demo --overwrite true
 
-## The test suite (what CI runs).
+## The whole test suite, slow end-to-end tests included (what CI runs; ~6 min on 2 cores).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
-
-## Everything, slow end-to-end tests included.
-test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+## The quick part only (skips the end-to-end tests marked slow; ~3 min).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
