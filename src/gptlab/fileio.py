@@ -6,6 +6,7 @@ A crash mid-write never leaves a half-written file where a good one was.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -58,3 +59,17 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[str], None]) -> None:
     """Call ``writer(tmp_path)`` (e.g. ``torch.save`` or ``save_file``) then rename into place."""
     with atomic_path(path) as tmp:
         writer(str(tmp))
+
+
+def cache_root() -> Path:
+    """Where gptlab caches downloads and measurements: ``$GPTLAB_CACHE``, else ``~/.cache/gptlab``."""
+    return Path(os.environ.get("GPTLAB_CACHE") or Path.home() / ".cache" / "gptlab")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks (never the whole file in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import urllib.error
 import urllib.request
 import zipfile
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptlab.errors import GptlabError
-from gptlab.fileio import atomic_write_bytes
+from gptlab.fileio import atomic_write_bytes, cache_root, sha256_file
 
 
 @dataclass(frozen=True)
@@ -54,17 +53,7 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in [
 
 def cache_dir() -> Path:
     """The data cache folder: ``$GPTLAB_CACHE/data``, else ``~/.cache/gptlab/data``."""
-    root = os.environ.get("GPTLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gptlab")
-    return Path(root) / "data"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return cache_root() / "data"
 
 
 def download_url(url: str, timeout: float = 60.0) -> bytes:

@@ -39,7 +39,7 @@ from pathlib import Path
 import psutil
 
 from gptlab.errors import GptlabError
-from gptlab.fileio import atomic_write_json
+from gptlab.fileio import atomic_write_json, cache_root
 
 GiB = 2**30
 
@@ -223,8 +223,8 @@ def _apple_gpu(ram_total: int) -> GPU | None:
 
 # ---------------------------------------------------------------- calibration
 def cache_dir() -> Path:
-    """Where gptlab caches things: $GPTLAB_CACHE or ~/.cache/gptlab."""
-    return Path(os.environ.get("GPTLAB_CACHE") or Path.home() / ".cache" / "gptlab")
+    """Where gptlab caches things (the machine calibration lives here)."""
+    return cache_root()
 
 
 def _fingerprint(gpus: list[GPU]) -> str:

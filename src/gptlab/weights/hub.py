@@ -12,10 +12,10 @@ Without a network connection the error says how to use a local directory instead
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from gptlab.errors import GptlabError
+from gptlab.fileio import sha256_file
 
 # What gptlab needs from a repo; pickled *.bin / *.pth weights are never fetched.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
@@ -28,15 +28,6 @@ def _offline_error(repo_id: str, cause: Exception) -> GptlabError:
         f"({type(cause).__name__}: {str(cause).splitlines()[0][:160]}). Without internet, copy the model "
         "directory (config.json + model.safetensors + tokenizer files) to this machine and pass its path instead"
     )
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
-    """Hex SHA-256 of a file, read in 16 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_checksums(directory: str | Path, expected: dict[str, str]) -> list[str]:
