@@ -182,6 +182,7 @@ PRESETS: dict[str, ModelConfig] = {}
 
 
 def register_preset(name: str, cfg: ModelConfig) -> None:
+    """Add ``cfg`` to the preset table under ``name`` (families call this on import)."""
     cfg.name = name
     PRESETS[name] = cfg
 
@@ -209,6 +210,7 @@ def get_preset(name: str) -> ModelConfig:
 
 
 def list_presets() -> list[str]:
+    """Names of every preset, all families included."""
     _load_family_presets()
     return sorted(PRESETS)
 

@@ -32,6 +32,7 @@ KEEP = 2  # checkpoints kept besides RUN/model
 
 
 def rng_state() -> dict[str, Any]:
+    """Every random generator's state that training touches (torch, numpy, python, cuda)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -39,6 +40,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])

@@ -63,6 +63,7 @@ class TrainConfig:
     device: str = "auto"
 
     def validate(self) -> None:
+        """Raise a GptlabError naming the first setting that cannot work."""
         if self.max_steps is None and self.epochs is None and self.max_time is None:
             raise GptlabError("say how long to train: give max_steps, epochs or max_time")
         for f in ("batch_size", "grad_accum", "eval_every", "eval_iters", "log_every"):
@@ -77,9 +78,13 @@ class TrainConfig:
 class Task(Protocol):
     """What differs between kinds of training: the loss and the evaluation metrics."""
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The scalar loss of one batch (gradients flow through it)."""
+        ...
 
-    def evaluate(self, model: nn.Module, batches: list[Batch]) -> dict[str, float]: ...
+    def evaluate(self, model: nn.Module, batches: list[Batch]) -> dict[str, float]:
+        """Metrics over fixed batches: at least ``"loss"``; others are logged as train_/val_ NAME."""
+        ...
 
 
 class LanguageModeling:

@@ -24,6 +24,7 @@ FORMAT = "gptlab"
 
 
 def is_native_dir(path: str | Path) -> bool:
+    """True for a directory whose config.json was written by gptlab."""
     p = Path(path) / "config.json"
     if not p.is_file():
         return False
@@ -56,6 +57,7 @@ def save_model_dir(model: nn.Module, out: str | Path, tokenizer=None, extra: dic
 
 
 def read_config(path: str | Path) -> ModelConfig:
+    """The model config stored in a gptlab model directory, with a clear error if it is broken."""
     p = Path(path) / "config.json"
     try:
         meta = json.loads(p.read_text())
