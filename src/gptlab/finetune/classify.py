@@ -287,27 +287,11 @@ def predict(model: nn.Module, tokenizer, info: dict, texts: list[str]) -> list[t
 
 def plot_accuracy(records: list[dict], path: Path) -> None:
     """Train and validation accuracy against epochs (the course's figure 6.17)."""
-    import matplotlib
+    from gptlab.training.report import plot_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = [r for r in records if r.get("train_accuracy") is not None]
-    if not recs:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot([r["epoch"] for r in recs], [r["train_accuracy"] for r in recs], label="Training accuracy")
-    val = [(r["epoch"], r["val_accuracy"]) for r in recs if r.get("val_accuracy") is not None]
-    if val:
-        ax.plot(*zip(*val), linestyle="-.", label="Validation accuracy")
-    ax.set_xlabel("Epochs")
-    ax.set_ylabel("Accuracy")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    from gptlab.fileio import atomic_save
-
-    atomic_save(path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
+    train = [(r["epoch"], r["train_accuracy"]) for r in records if r.get("train_accuracy") is not None]
+    val = [(r["epoch"], r["val_accuracy"]) for r in records if r.get("val_accuracy") is not None]
+    plot_curves(train, val, path, xlabel="Epochs", ylabel="Accuracy", legend_loc="lower right")
 
 
 def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: str = "last-2",

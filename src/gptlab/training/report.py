@@ -39,31 +39,42 @@ class MetricsLog:
         return [r for r in self.records if r.get("val_loss") is not None or r.get("train_loss") is not None]
 
 
-def plot_losses(records: list[dict], path: Path, tokens_per_epoch: float | None = None) -> None:
-    """Train and val loss against tokens seen; epochs on a second x axis (the course's figure)."""
+def plot_curves(train: list[tuple[float, float]], val: list[tuple[float, float]], path: Path, *,
+                xlabel: str, ylabel: str, legend_loc: str = "upper right",
+                secondary: tuple[str, float] | None = None) -> None:
+    """Training (solid) and validation (dash-dot) curves of (x, y) points, saved as a PNG atomically.
+
+    ``secondary=(label, x_per_unit)`` adds a top axis in other units (epochs over tokens).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [r for r in records if r.get("train_loss") is not None]
-    if not recs:
+    if not train:
         return
-    tokens = [r["tokens"] for r in recs]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(tokens, [r["train_loss"] for r in recs], label="Training loss")
-    val = [(r["tokens"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
+    ax.plot(*zip(*train), label=f"Training {ylabel.lower()}")
     if val:
-        ax.plot(*zip(*val), linestyle="-.", label="Validation loss")
-    ax.set_xlabel("Tokens seen")
-    ax.set_ylabel("Loss")
-    ax.legend(loc="upper right")
-    if tokens_per_epoch:
-        top = ax.secondary_xaxis("top", functions=(lambda t: t / tokens_per_epoch, lambda e: e * tokens_per_epoch))
-        top.set_xlabel("Epochs")
+        ax.plot(*zip(*val), linestyle="-.", label=f"Validation {ylabel.lower()}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc=legend_loc)
+    if secondary:
+        label, per = secondary
+        top = ax.secondary_xaxis("top", functions=(lambda t: t / per, lambda e: e * per))
+        top.set_xlabel(label)
     fig.tight_layout()
     atomic_save(path, lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
+
+
+def plot_losses(records: list[dict], path: Path, tokens_per_epoch: float | None = None) -> None:
+    """Train and val loss against tokens seen; epochs on a second x axis (the course's figure)."""
+    train = [(r["tokens"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
+    val = [(r["tokens"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    plot_curves(train, val, path, xlabel="Tokens seen", ylabel="Loss",
+                secondary=("Epochs", tokens_per_epoch) if tokens_per_epoch else None)
 
 
 @dataclass
