@@ -1,5 +1,9 @@
 """Greedy decode speed of SmolLM2-135M-Instruct (Q4_1 GGUF): gptlab vs transformers (vs llama.cpp).
 
+gptlab runs fp32 and bf16 (the file dequantized, as transformers runs it),
+int8 weight-only, and int4 (``--quantize int4``: the file's own Q4_1 blocks
+kept 4-bit, the output head int8 — how llama.cpp runs the same file).
+
 Every engine gets the same prompt and decodes exactly ``--new-tokens`` tokens
 greedily (no early stop). Prints tokens/s of the decode (prompt pass included,
 as a user would see it) and the ratio to transformers fp32. Not a test: the
@@ -70,9 +74,10 @@ def main() -> None:
             compiled = load_gguf(path, dtype=dtype)
             compiled.forward = torch.compile(compiled.forward, dynamic=True)
             engines[label + " + compile"] = gptlab_engine(compiled)
-    from gptlab.quantize import quantize_int8
+    from gptlab.quantize import quantize_int4, quantize_int8
 
     engines["gptlab int8 (weight-only)"] = gptlab_engine(quantize_int8(load_gguf(path)))
+    engines["gptlab int4 (Q4_1 blocks)"] = gptlab_engine(quantize_int4(load_gguf(path)))
 
     if not args.skip_transformers:
         # transformers keeps a GGUF's weights packed and unpacks them on every call (about
@@ -136,9 +141,11 @@ def main() -> None:
     if "transformers fp32" in outputs:
         same = outputs["gptlab fp32"] == outputs["transformers fp32"]
         print(f"gptlab fp32 tokens identical to transformers fp32: {same}")
-    q, f = outputs["gptlab int8 (weight-only)"], outputs["gptlab fp32"]
-    print(f"gptlab int8 vs fp32: first difference at token "
-          f"{next((i for i, (a, b) in enumerate(zip(q, f)) if a != b), '-')} of {n}")
+    f = outputs["gptlab fp32"]
+    for name in ("gptlab int8 (weight-only)", "gptlab int4 (Q4_1 blocks)"):
+        q = outputs[name]
+        print(f"{name} vs fp32: first difference at token "
+              f"{next((i for i, (a, b) in enumerate(zip(q, f)) if a != b), '-')} of {n}")
     agree = sum(a == b for a, b in zip(outputs["gptlab bf16"], outputs["gptlab fp32"]))
     first_diff = next((i for i, (a, b) in enumerate(zip(outputs["gptlab bf16"], outputs["gptlab fp32"])) if a != b), None)
     print(f"gptlab bf16 vs fp32: {agree}/{n} tokens equal; first difference at token "

@@ -1,4 +1,4 @@
-"""Weight-only int8: the kernel equals its own dequantized weights, and models stay close to fp32."""
+"""Weight-only int8 and int4: each kernel equals its own dequantized weights, and models stay close to fp32."""
 
 import pytest
 import torch
@@ -7,7 +7,8 @@ import torch.nn as nn
 from gptlab.errors import GptlabError
 from gptlab.generation import generate
 from gptlab.models import build_model, get_preset
-from gptlab.quantize import Int8Linear, _KERNEL_OK, apply_quantization, quantize_int8
+from gptlab.quantize import (_INT4_OK, _KERNEL_OK, Int4Linear, Int8Linear, apply_quantization, quantize_int4,
+                             quantize_int8)
 
 
 def test_int8_linear_matches_its_dequantized_weight():
@@ -53,5 +54,75 @@ def test_skip_and_unknown_scheme():
     model = build_model(get_preset("llama-micro").replace(vocab_size=50, context_length=16))
     quantize_int8(model, skip=("lm_head",))
     assert isinstance(model.lm_head, nn.Linear) and isinstance(model.layers[0].mlp.up_proj, Int8Linear)
-    with pytest.raises(GptlabError, match="unknown quantization 'int4'"):
-        apply_quantization(model, "int4")
+    with pytest.raises(GptlabError, match="unknown quantization 'int3'.*int8 and int4"):
+        apply_quantization(model, "int3")
+
+
+def test_int4_linear_matches_its_dequantized_weight():
+    torch.manual_seed(4)
+    lin = nn.Linear(96, 40, bias=True)
+    q = Int4Linear(lin, group_size=32)
+    assert q.codes.shape == (40, 48) and q.codes.dtype == torch.uint8  # two codes per byte
+    w = q.dequantized()
+    step = q.scale.float().repeat_interleave(32, dim=1)  # (out, in)
+    # each weight is within half a step (plus the bf16 rounding of the minimum) of its code's value
+    assert ((w - lin.weight).abs() <= step * 0.5 + 4e-3 * lin.weight.abs().amax()).all()
+    x = torch.randn(7, 96)
+    ref = x.bfloat16().float() @ w.t() + lin.bias
+    assert torch.allclose(q(x), ref, rtol=2e-2, atol=3e-2)
+    assert q(x.view(7, 1, 96)).shape == (7, 1, 40)
+
+
+def test_int4_kernel_equals_fallback(monkeypatch):
+    torch.manual_seed(5)
+    q = Int4Linear(nn.Linear(64, 48, bias=False))
+    x = torch.randn(3, 64)
+    fast = q(x)
+    monkeypatch.setitem(_INT4_OK, "cpu", False)
+    slow = q(x)
+    assert torch.allclose(fast, slow, rtol=2e-2, atol=2e-2)
+
+
+def test_int4_keeps_gguf_q4_1_blocks():
+    """Weights that are already Q4_1 blocks (llama.cpp's quantizer) come back unchanged, up to bf16 scales."""
+    gguf_quants = pytest.importorskip("gguf.quants")
+    from gguf import GGMLQuantizationType
+
+    torch.manual_seed(6)
+    w = torch.randn(64, 128) * 0.05
+    q4 = gguf_quants.quantize(w.numpy(), GGMLQuantizationType.Q4_1)
+    w_q4 = torch.from_numpy(gguf_quants.dequantize(q4, GGMLQuantizationType.Q4_1)).float()
+    lin = nn.Linear(128, 64, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w_q4)
+    back = Int4Linear(lin, group_size=32).dequantized()
+    err = (back - w_q4).abs().max().item()
+    step = (w_q4.reshape(64, 4, 32).amax(-1) - w_q4.reshape(64, 4, 32).amin(-1)).max().item() / 15
+    # the same codes: only the bf16 rounding of scale and minimum (8-bit mantissas) remains
+    assert err < step * 0.1, (err, step)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-nano", "llama-micro"])
+def test_int4_model_stays_close_to_fp32(preset):
+    torch.manual_seed(7)
+    cfg = get_preset(preset).replace(vocab_size=97, context_length=32)
+    model = build_model(cfg).eval()
+    ids = torch.randint(0, 97, (2, 16))
+    ref = model(ids)
+    apply_quantization(model, "int4")
+    head = model.lm_head if hasattr(model, "lm_head") else model.out_head
+    assert isinstance(head, Int8Linear)  # the output head stays int8
+    assert any(isinstance(m, Int4Linear) for m in model.modules())
+    out = model(ids)
+    rel = (out - ref).norm() / ref.norm()
+    # random Gaussian weights are 4 bits' worst case (~8 % error per layer); the real
+    # checkpoint's perplexity is checked in tests/weights/test_smollm2.py
+    assert rel < 0.25, rel
+    assert generate(model, ids[:, :4], 5).shape == (2, 9)
+
+
+def test_int4_odd_width_falls_back_to_int8():
+    model = nn.Sequential(nn.Linear(40, 16), nn.Linear(16, 64))
+    quantize_int4(model, group_size=32)
+    assert isinstance(model[0], Int8Linear)  # 40 inputs: not a multiple of 32
+    assert isinstance(model[1], Int8Linear)  # 16 inputs

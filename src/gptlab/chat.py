@@ -248,8 +248,8 @@ def chat_command(model: str, system: str | None = None, style: str | None = None
         device: auto, cpu, cuda or mps.
         dtype: weights dtype (fp32, bf16, fp16); default: bf16 on CUDA GPUs that support it, else
             fp32 (on CPU, bf16 halves memory but does not decode faster).
-        quantize: "int8" for weight-only int8 linear layers: faster replies on CPU, logits
-            approximate (see gptlab/quantize.py).
+        quantize: "int4" (4-bit blocks like GGUF Q4_1; fastest on CPU) or "int8" weight-only
+            linear layers: faster replies, logits approximate (see gptlab/quantize.py).
     """
     from gptlab.device import parse_dtype, pick_device
     from gptlab.tokenizers import load_tokenizer

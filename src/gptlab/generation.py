@@ -216,7 +216,8 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 100, te
         stop_at_eos: stop at the tokenizer's end-of-text token.
         device: auto, cpu, cuda or mps.
         dtype: weights dtype (fp32, bf16, fp16); default: the checkpoint's / fp32.
-        quantize: "int8" for weight-only int8 linear layers (faster decoding, approximate logits).
+        quantize: "int4" (4-bit blocks like GGUF Q4_1; fastest on CPU) or "int8" weight-only
+            linear layers: faster decoding, approximate logits.
         stream: print tokens as they are generated (one sample at a time).
     """
     from gptlab.device import parse_dtype, pick_device

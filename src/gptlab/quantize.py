@@ -1,17 +1,32 @@
-"""Weight-only int8 quantization for fast decoding on CPU (and wherever the kernel exists).
+"""Weight-only int8 and int4 quantization for fast decoding on CPU (and wherever the kernels exist).
 
 Decoding one token reads every weight once, so its speed is set by how many
-bytes the weights take: fp32 reads 4 bytes per weight, int8 reads 1. Each
+bytes the weights take: fp32 reads 4 bytes per weight, int8 reads 1, int4
+reads half a byte.
+
+int8 (:class:`Int8Linear`). Each
 output row ``o`` of a linear layer keeps a scale ``s_o = max_i |W[o, i]| / 127``
 and int8 values ``q = round(W / s_o)``; the layer computes
 ``y = (x @ qᵀ) · s`` with PyTorch's fused int8-weight kernel
 (``aten._weight_int8pack_mm``, bf16 activations), or by dequantizing on the fly
 where that kernel is missing. The error per weight is at most ``s_o / 2``.
 
+int4 (:class:`Int4Linear`). Each group of ``group_size`` (32) consecutive
+inputs of an output row keeps its own scale ``d`` and minimum ``m``, and 4-bit
+codes ``c = round((W - m) / d)`` in 0..15: ``W ≈ m + d·c``. That is exactly
+GGUF's Q4_1 block, so a Q4_1 file's weights survive the trip unchanged (up to
+the scales' rounding to bf16). The layer computes with PyTorch's packed 4-bit
+CPU kernel (``aten._weight_int4pack_mm_for_cpu``, bf16 activations), which
+stores ``zero = m + 8·d`` and computes ``(c - 8)·d + zero``; elsewhere it
+dequantizes on the fly. The output head stays int8 under ``"int4"`` (as
+llama.cpp keeps its output tensor at 6-8 bits): 4-bit logits cost more
+quality than they save time.
+
 Applied from outside the model, like ``torch.compile``:
 
     model = gptlab.load_model(ref)
     quantize_int8(model)        # every nn.Linear -> Int8Linear, in place
+    quantize_int4(model)        # or: 4-bit blocks, output head int8
 """
 
 from __future__ import annotations
@@ -72,6 +87,107 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
 
+_INT4_OK: dict[str, bool] = {}
+
+
+def _int4_kernel_works(device: torch.device) -> bool:
+    """Whether aten._weight_int4pack_mm_for_cpu runs here (CPU only; checked once)."""
+    key = device.type
+    if key not in _INT4_OK:
+        ok = False
+        if key == "cpu":
+            try:
+                codes = torch.full((16, 32), 9, dtype=torch.int32)  # (c - 8) = 1 everywhere
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+                sz = torch.stack([torch.ones(1, 16), torch.zeros(1, 16)], -1).to(torch.bfloat16)  # (K/g, N, 2)
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.ones(1, 32, dtype=torch.bfloat16), packed, 32, sz)
+                ok = bool(torch.allclose(y.float(), torch.full((1, 16), 32.0)))
+            except (RuntimeError, NotImplementedError, AttributeError):
+                ok = False
+        _INT4_OK[key] = ok
+    return _INT4_OK[key]
+
+
+class Int4Linear(nn.Module):
+    """A linear layer with 4-bit weights in groups of ``group_size`` inputs, each with a bf16 scale and minimum.
+
+    Buffers: ``codes`` (out, in/2) uint8, two 4-bit codes per byte (even input
+    index in the low nibble); ``scale`` and ``minimum`` (out, in/group) bf16.
+    ``W[o, i] = minimum[o, g] + scale[o, g] · code[o, i]`` with ``g = i // group_size``.
+    """
+
+    def __init__(self, linear: nn.Linear, group_size: int = 32):
+        super().__init__()
+        out_f, in_f = linear.weight.shape
+        if in_f % group_size:
+            raise ValueError(f"in_features={in_f} is not a multiple of group_size={group_size}")
+        w = linear.weight.detach().float().reshape(out_f, in_f // group_size, group_size)  # (out, G, g)
+        lo, hi = w.amin(-1), w.amax(-1)  # (out, G)
+        scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.bfloat16)
+        minimum = lo.to(torch.bfloat16)
+        codes = torch.round((w - minimum.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
+        codes = codes.to(torch.uint8).reshape(out_f, in_f)
+        self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
+        self.register_buffer("codes", (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous())
+        self.register_buffer("scale", scale)
+        self.register_buffer("minimum", minimum)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self._packed: tuple | None = None  # (key, packed codes, scales_and_zeros) for the CPU kernel
+
+    def unpacked_codes(self) -> torch.Tensor:
+        """The 4-bit codes as (out, in) uint8."""
+        c = self.codes
+        return torch.stack([c & 0xF, c >> 4], dim=-1).reshape(self.out_features, self.in_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float weight this layer computes with, (out, in) fp32."""
+        c = self.unpacked_codes().float().reshape(self.out_features, -1, self.group_size)
+        w = self.minimum.float()[..., None] + self.scale.float()[..., None] * c
+        return w.reshape(self.out_features, self.in_features)
+
+    def _kernel_args(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self.codes.data_ptr(), self.scale.data_ptr(), self.minimum.data_ptr())
+        if self._packed is None or self._packed[0] != key:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked_codes().to(torch.int32), 1)
+            zero = (self.minimum.float() + 8.0 * self.scale.float()).to(torch.bfloat16)
+            sz = torch.stack([self.scale, zero], dim=-1).transpose(0, 1).contiguous()  # (in/g, out, 2)
+            self._packed = (key, packed, sz)
+        return self._packed[1], self._packed[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
+        if self.out_features % 16 == 0 and _int4_kernel_works(x.device):  # the kernel packs rows in 16s
+            packed, sz = self._kernel_args()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)  # (N, out)
+        else:
+            y = x2 @ self.dequantized().to(torch.bfloat16).t()
+        y = y.to(x.dtype).reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 weights, group {self.group_size}"
+
+
+def quantize_int4(model: nn.Module, group_size: int = 32, head: tuple[str, ...] = ("lm_head", "out_head")) -> nn.Module:
+    """Replace ``nn.Linear`` layers of ``model`` (in place) by :class:`Int4Linear`; returns the model.
+
+    The output head (module names ending in one of ``head``) becomes :class:`Int8Linear`;
+    a layer whose input width is not a multiple of ``group_size`` becomes int8 too.
+    For inference only.
+    """
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if name.endswith(head) or mod.in_features % group_size:
+            new: nn.Module = Int8Linear(mod)
+        else:
+            new = Int4Linear(mod, group_size)
+        setattr(parent, child, new.to(mod.weight.device))
+    return model.eval()
+
+
 def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by :class:`Int8Linear`; returns the model.
 
@@ -89,9 +205,11 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
 
 
 def apply_quantization(model: nn.Module, scheme: str) -> nn.Module:
-    """Apply a named scheme (``"int8"``) to a loaded model; a clear error for anything else."""
+    """Apply a named scheme (``"int8"`` or ``"int4"``) to a loaded model; a clear error for anything else."""
     from gptlab.errors import GptlabError
 
     if scheme == "int8":
         return quantize_int8(model)
-    raise GptlabError(f"unknown quantization {scheme!r}; the supported scheme is int8 (weight-only)")
+    if scheme == "int4":
+        return quantize_int4(model)
+    raise GptlabError(f"unknown quantization {scheme!r}; the supported schemes are int8 and int4 (weight-only)")

@@ -69,7 +69,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, impl: str = "sd
     """Causal attention over keys that end at the query's last position.
 
     q (B, H, T, hd); k, v (B, Hkv, S, hd) with S >= T. Grouped-query attention
-    is handled by repeating each KV head H/Hkv times. Returns (B, H, T, hd).
+    repeats each KV head H/Hkv times (one-token decoding folds the query
+    heads instead, without copies). Returns (B, H, T, hd).
 
     ``impl="math"`` is the explicit masked softmax the course teaches
     (softmax(QKᵀ/√hd + mask)·V); ``"sdpa"`` calls PyTorch's fused kernel. The two
@@ -77,16 +78,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, impl: str = "sd
     """
     B, H, T, hd = q.shape
     S = k.shape[2]
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    if impl == "sdpa" and T == 1:
+        # Decoding one token: it may see every cached key (or, with a sliding window,
+        # the last `window` keys), so no mask is needed. Grouped-query heads are folded
+        # into the query-length axis, (B, H, 1, hd) -> (B, Hkv, H/Hkv, hd): each KV
+        # head serves its group of query heads without repeating K and V in memory.
+        if window is not None and S > window:
+            k, v = k[:, :, S - window:], v[:, :, S - window:]
+        Hkv = k.shape[1]
+        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, hd), k, v, dropout_p=dropout_p, scale=scale)
+        return y.reshape(B, H, 1, hd)
     if k.shape[1] != H:
         rep = H // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
         v = v.repeat_interleave(rep, dim=1)
-    scale = 1.0 / math.sqrt(hd) if scale is None else scale
     if impl == "sdpa":
         if window is None and T == S:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
-        if window is None and T == 1:  # one new token sees the whole cache
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
         mask = causal_mask(T, S, q.device, window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     # The course's path: scores, mask the future with -inf, softmax, weighted sum.
