@@ -4,6 +4,10 @@ Prints the test accuracy of each run (balanced SMS Spam Collection, seeded
 70/10/20 split) and writes the runs under --out. About 10-30 minutes of CPU each.
 
     python benchmarks/finetune_spam.py --out /tmp/spam [--skip-random]
+
+The defaults are the recipe fixed before the measured run (all layers train,
+lr 5e-5, 3 epochs, batch 8, seed 123, the model with the best validation loss):
+97.33 % test accuracy (292/300) in 26 min on one CPU thread.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="/tmp/spam")
     ap.add_argument("--data", default="sms-spam", help="sms-spam or a path to SMSSpamCollection.tsv")
-    ap.add_argument("--trainable", default="last-4")
+    ap.add_argument("--trainable", default="all")
     ap.add_argument("--epochs", type=float, default=3)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--skip-random", action="store_true")
     ap.add_argument("--skip-pretrained", action="store_true")
     ap.add_argument("--threads", type=int, default=1,

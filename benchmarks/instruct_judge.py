@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--judge", default=SMOLLM2)
     ap.add_argument("--judge-model", default="llama3")
+    ap.add_argument("--answer-prefix", default="Score:",
+                    help="text the in-process judge's reply starts with (a 135M judge needs it to give a number)")
     ap.add_argument("--skip-train", action="store_true", help="only judge OUT/instruction-data-with-response.json")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
@@ -44,7 +46,7 @@ def main() -> None:
                           lr=a.lr, allowed_max_length=256, max_new_tokens=a.max_new_tokens, max_test=a.max_test,
                           overwrite=True, progress=False)
         print(f"TRAINED in {(time.time() - t0) / 60:.1f} min", flush=True)
-    judge = make_judge(a.judge, model=a.judge_model)
+    judge = make_judge(a.judge, model=a.judge_model, answer_prefix=a.answer_prefix if "://" not in a.judge else "")
     result = judge_file(f"{a.out}/instruction-data-with-response.json", judge, progress=False)
     print(format_summary(result["summary"]))
     print(json.dumps(result["summary"], indent=2))
