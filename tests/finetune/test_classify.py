@@ -166,3 +166,88 @@ def test_lora_classifier_saves_merged_and_reloads(tmp_path, base_dir, sms_path):
     texts = ["Free entry to win cash", "ok see you soon", "Call now!!"]
     again = predict(*load_classifier(tmp_path / "run"), texts)
     assert predict(net, tok, info, texts) == again
+
+
+# ---- resume ---------------------------------------------------------------------------------------
+
+def _latest_weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+                         / "model.safetensors"))
+
+
+def _assert_same_run(a, b):
+    """Bitwise: the last checkpoint's weights, the best model, metrics.json and every logged metric but timings."""
+    from safetensors.torch import load_file
+
+    best = [load_file(str(r / "model" / "model.safetensors")) for r in (a, b)]
+    for wa, wb in ((_latest_weights(a), _latest_weights(b)), best):
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((a / "metrics.json").read_text()) == json.loads((b / "metrics.json").read_text())
+
+    def logged(run):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "elapsed_s")}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert logged(a) == logged(b)
+    return logged(a)
+
+
+# 40 balanced messages -> 28 train (3 batches of 8 per epoch), 4 val, 8 test
+RESUME_KW = dict(balanced=True, limit=40, max_length=24, batch_size=8, lr=1e-2, eval_iters=1, precision="fp32",
+                 device="cpu", progress=False)
+
+
+def test_run_stopped_by_max_steps_resumes_exactly(tmp_path, base_dir, sms_path):
+    kw = dict(RESUME_KW, trainable="last-1")
+    full = finetune_classifier(str(base_dir), str(sms_path), tmp_path / "full", max_steps=12, **kw)
+    part = finetune_classifier(str(base_dir), str(sms_path), tmp_path / "part", max_steps=6, **kw)
+    assert part["steps"] == 6
+    halfway = _latest_weights(tmp_path / "part")
+    again = finetune_classifier("", "", tmp_path / "unused", resume=tmp_path / "part", max_steps=12,
+                                device="cpu", progress=False)
+    assert again == full and again["steps"] == 12 and not (tmp_path / "unused").exists()
+    logged = _assert_same_run(tmp_path / "full", tmp_path / "part")
+    assert [r["step"] for r in logged] == [3, 6, 9, 12]  # the evaluations before the resume are kept
+    assert not all(torch.equal(halfway[k], v) for k, v in _latest_weights(tmp_path / "part").items())
+    # Only the stopping limit may change: another setting is refused, naming it.
+    with pytest.raises(GptlabError, match=r"--lr 0.001 differs from the 0.01 that .* was started with"):
+        finetune_classifier("", "", tmp_path / "x", resume=tmp_path / "part", lr=1e-3, max_steps=13)
+    with pytest.raises(GptlabError, match="--overwrite would delete it"):
+        finetune_classifier("", "", tmp_path / "x", resume=tmp_path / "part", overwrite=True)
+    # Settings recorded but no checkpoint yet (stopped before the first evaluation).
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "classify_config.json").write_bytes((tmp_path / "part" / "classify_config.json").read_bytes())
+    with pytest.raises(GptlabError, match="has no checkpoint to resume from"):
+        finetune_classifier("", "", tmp_path / "x", resume=tmp_path / "early", device="cpu")
+
+
+def test_lora_run_resumes_exactly_with_more_epochs(tmp_path, base_dir, sms_path):
+    kw = dict(RESUME_KW, trainable="lora", lora_rank=2)
+    finetune_classifier(str(base_dir), str(sms_path), tmp_path / "full", epochs=4, **kw)
+    assert finetune_classifier(str(base_dir), str(sms_path), tmp_path / "part", epochs=2, **kw)["steps"] == 6
+    assert finetune_classifier("", "", tmp_path / "u", resume=tmp_path / "part", epochs=4, device="cpu",
+                               progress=False)["steps"] == 12
+    logged = _assert_same_run(tmp_path / "full", tmp_path / "part")
+    assert [r["epoch"] for r in logged] == [1, 2, 3, 4]
+    w = _latest_weights(tmp_path / "part")
+    assert any(k.endswith("lora_B.weight") and w[k].abs().sum() > 0 for k in w)  # the adapters did train
+
+
+def test_resume_errors(tmp_path, base_dir, capsys):
+    with pytest.raises(GptlabError, match="no such directory; give the --out directory of an earlier classification"):
+        finetune_classifier("", "", tmp_path / "x", resume=tmp_path / "nope")
+    with pytest.raises(GptlabError, match=r"is not a classification run \(no classify_config.json\); check the"):
+        finetune_classifier("", "", tmp_path / "x", resume=base_dir)
+    (tmp_path / "distilled").mkdir()
+    (tmp_path / "distilled" / "distill_config.json").write_text("{}")
+    with pytest.raises(GptlabError, match="made by `gptlab distill`; resume it with that command"):
+        finetune_classifier("", "", tmp_path / "x", resume=tmp_path / "distilled")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "classify_config.json").write_text("{not json")
+    with pytest.raises(GptlabError, match="classify_config.json is damaged or from another gptlab version"):
+        finetune_classifier("", "", tmp_path / "x", resume=tmp_path / "broken")
+    assert cli_run(["finetune", "classify", "--resume", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert "no such directory" in err and len(err.strip().splitlines()) == 1

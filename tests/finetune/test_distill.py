@@ -107,3 +107,69 @@ def test_distilled_student_beats_the_same_student_without_teacher(tmp_path):
         losses[alpha] = r.best_val_loss
     print(f"student val loss without teacher {losses[0.0]:.3f}, distilled {losses[0.8]:.3f}")
     assert losses[0.8] < losses[0.0] - 0.05, losses
+
+
+# ---- resume ---------------------------------------------------------------------------------------
+
+def _latest_weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+                         / "model.safetensors"))
+
+
+def _logged(run):
+    import json
+
+    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "elapsed_s")}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", ["logits", "sequence"])
+def test_interrupted_run_resumes_exactly(tmp_path, base_dir, sms_path, monkeypatch, mode):
+    """Ctrl-C during step 4 of 6, then --resume: bitwise the uninterrupted run (the cosine schedule spans
+    max_steps, so the interrupted run must be the same 6-step run). Sequence mode reuses the teacher's saved text."""
+    from gptlab.training import loop
+
+    (tmp_path / "c.txt").write_text(sms_path.read_text(encoding="utf-8")[:6000])
+    kw = dict(mode=mode, context_length=32, max_steps=6, batch_size=4, eval_every=2, eval_iters=1, prompts=4,
+              gen_tokens=40, precision="fp32", device="cpu", progress=False)
+    distill(str(base_dir), "gpt2-nano", str(tmp_path / "c.txt"), tmp_path / "full", **kw)
+    real_lr_at = loop.lr_at
+
+    def ctrl_c_in_step_4(step, **schedule):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_lr_at(step, **schedule)
+
+    monkeypatch.setattr(loop, "lr_at", ctrl_c_in_step_4)
+    part = distill(str(base_dir), "gpt2-nano", str(tmp_path / "c.txt"), tmp_path / "part", **kw)
+    monkeypatch.undo()
+    assert part.stopped_because == "interrupted" and part.step == 3
+    if mode == "sequence":  # a new sample from the teacher would differ: resume must not regenerate it
+        monkeypatch.setattr("gptlab.finetune.distill.teacher_corpus", lambda *a, **k: pytest.fail("regenerated"))
+    r = distill("", "", None, tmp_path / "unused", resume=tmp_path / "part", device="cpu", progress=False)
+    assert r.step == 6 and r.stopped_because == "max_steps" and not (tmp_path / "unused").exists()
+    a, b = _latest_weights(tmp_path / "full"), _latest_weights(tmp_path / "part")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _logged(tmp_path / "full") == _logged(tmp_path / "part")
+    assert [x["step"] for x in _logged(tmp_path / "part")] == [2, 4, 6]
+    # A finished run continues to a new max_steps; what it logged so far is kept.
+    more = distill("", "", None, None, resume=tmp_path / "full", max_steps=8, device="cpu", progress=False)
+    assert more.step == 8 and _logged(tmp_path / "full")[:3] == _logged(tmp_path / "part")
+    assert (tmp_path / "full" / "checkpoints" / "latest").read_text().strip() == "step-000008"
+
+
+def test_resume_errors(tmp_path, base_dir, sms_path, capsys):
+    with pytest.raises(GptlabError, match="no such directory; give the --out directory of an earlier distillation"):
+        distill("", "", None, tmp_path / "x", resume=tmp_path / "nope")
+    with pytest.raises(GptlabError, match=r"is not a distillation run \(no distill_config.json\)"):
+        distill("", "", None, tmp_path / "x", resume=base_dir)
+    (tmp_path / "c.txt").write_text(sms_path.read_text(encoding="utf-8")[:3000])
+    distill(str(base_dir), "gpt2-nano", str(tmp_path / "c.txt"), tmp_path / "run", context_length=32, max_steps=1,
+            batch_size=4, eval_iters=1, precision="fp32", device="cpu", progress=False)
+    with pytest.raises(GptlabError, match="--alpha 0.9 differs from the 0.5 that"):
+        distill("", "", None, tmp_path / "x", resume=tmp_path / "run", alpha=0.9)
+    assert cli_run(["distill", "--resume", str(base_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "not a distillation run" in err and len(err.strip().splitlines()) == 1

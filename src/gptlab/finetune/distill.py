@@ -18,11 +18,16 @@ ordinary next-token loss (black-box: only the teacher's text is needed).
 
 Both need one vocabulary: token i must mean the same thing to both models,
 so the tokenizers are checked to be identical first.
+
+A run records its settings in OUT/distill_config.json (and, in sequence
+mode, the teacher's text in OUT/teacher_tokens.npy), so ``--resume OUT``
+continues it exactly from the latest checkpoint.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +36,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
+from gptlab.fileio import atomic_save, atomic_write_json
 from gptlab.training.batches import Batch
 
 IGNORE = -100
+CONFIG_FILE = "distill_config.json"  # the run's settings, for --resume
+TEACHER_TOKENS = "teacher_tokens.npy"  # sequence mode: the teacher's generated training text
+DEFAULT_STEPS = 200
 PROBE = "The quick brown fox jumps over the lazy dog. 1234 <|endoftext|> Über café — naïve 東京"
 
 
@@ -161,67 +170,127 @@ def _student(student: str, tok, device, context_length: int | None):
     return build_model(cfg.replace(**changes)).to(device), tok
 
 
+@dataclass
+class DistillSettings:
+    """What a distillation run records in ``OUT/distill_config.json`` (and ``--resume`` reads back)."""
+
+    teacher: str
+    student: str
+    data: str | None
+    mode: str = "logits"
+    alpha: float = 0.5
+    temperature: float = 2.0
+    context_length: int = 128
+    stride: int | None = None
+    val_ratio: float = 0.1
+    prompts: int = 64
+    gen_tokens: int = 128
+
+
+def _save_tokens(path: Path, ids: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temp name
+            np.save(f, ids)
+
+    atomic_save(path, write)
+
+
 def distill(teacher: str, student: str, data: str | None, out: str | Path, *, mode: str = "logits",
             alpha: float = 0.5, temperature: float = 2.0, context_length: int = 128, stride: int | None = None,
-            max_steps: int = 200,
+            max_steps: int | None = None,
             batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 0.1, eval_every: int = 50,
             eval_iters: int = 10, val_ratio: float = 0.1, prompts: int = 64, gen_tokens: int = 128,
-            precision: str = "auto", device: str = "auto", seed: int = 123, overwrite: bool = False,
-            progress: bool = True):
-    """Distil ``teacher`` into ``student``; returns the :class:`TrainResult` (see :func:`distill_command`)."""
+            resume: str | Path | None = None, precision: str = "auto", device: str = "auto", seed: int = 123,
+            overwrite: bool = False, progress: bool = True):
+    """Distil ``teacher`` into ``student``; returns the :class:`TrainResult` (see :func:`distill_command`).
+
+    ``resume`` continues the run in that directory with its recorded settings
+    (``teacher``, ``student``, ``data`` and ``out`` are then ignored; only
+    ``max_steps`` may change, and the learning-rate schedule follows it).
+    """
+    args = dict(locals())  # as called: a setting changed on --resume is refused, not silently ignored
     from gptlab.data import load_corpus, split_text
     from gptlab.device import pick_device
-    from gptlab.finetune.common import load_model_and_tokenizer, prepare_out_dir
+    from gptlab.finetune.common import (load_model_and_tokenizer, prepare_out_dir, read_run_settings,
+                                        refuse_changed_settings, restore_checkpoint, resumed_train_config)
     from gptlab.training.batches import window_batches
     from gptlab.training.loop import LanguageModeling, TrainConfig, fit
 
-    if mode not in ("logits", "sequence"):
-        raise GptlabError(f"mode={mode!r} must be 'logits' (match the teacher's distributions) or 'sequence' "
-                          "(train on text the teacher generates)")
     dev = pick_device(device)
-    cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                      eval_every=eval_every, eval_iters=eval_iters, precision=precision, seed=seed, device=str(dev))
-    cfg.validate()
-    torch.manual_seed(seed)
-    t_model, t_tok = load_model_and_tokenizer(teacher, dev)
-    s_model, s_tok = _student(student, t_tok, dev, context_length)
+    if resume is not None:
+        run, s, meta = read_run_settings(resume, CONFIG_FILE, "distillation", DistillSettings, overwrite=overwrite)
+        refuse_changed_settings(distill, args, meta, run)
+        cfg = resumed_train_config(meta["train"], max_steps=max_steps)
+    else:
+        if mode not in ("logits", "sequence"):
+            raise GptlabError(f"mode={mode!r} must be 'logits' (match the teacher's distributions) or 'sequence' "
+                              "(train on text the teacher generates)")
+        s = DistillSettings(teacher=str(teacher), student=str(student), data=None if data is None else str(data),
+                            mode=mode, alpha=alpha, temperature=temperature, context_length=context_length,
+                            stride=stride, val_ratio=val_ratio, prompts=prompts, gen_tokens=gen_tokens)
+        cfg = TrainConfig(max_steps=DEFAULT_STEPS if max_steps is None else max_steps, batch_size=batch_size, lr=lr,
+                          weight_decay=weight_decay, eval_every=eval_every, eval_iters=eval_iters,
+                          precision=precision, seed=seed, device=str(dev))
+        cfg.validate()
+    torch.manual_seed(cfg.seed)
+    t_model, t_tok = load_model_and_tokenizer(s.teacher, dev)
+    s_model, s_tok = _student(s.student, t_tok, dev, s.context_length)
     check_same_tokenizer(t_tok, s_tok)
     if s_model.cfg.vocab_size != t_model.cfg.vocab_size:
         raise GptlabError(f"teacher vocabulary {t_model.cfg.vocab_size} != student vocabulary "
                           f"{s_model.cfg.vocab_size}; they must share one tokenizer")
-    L = min(context_length, s_model.cfg.context_length, t_model.cfg.context_length)
-    train_text, val_text = split_text(load_corpus(data), 1.0 - val_ratio)
+    L = min(s.context_length, s_model.cfg.context_length, t_model.cfg.context_length)
+    train_text, val_text = split_text(load_corpus(s.data), 1.0 - s.val_ratio)
     train_ids = np.asarray(t_tok.encode(train_text, allowed_special="none"), dtype=np.int64)
     val_ids = np.asarray(t_tok.encode(val_text, allowed_special="none"), dtype=np.int64)
-    task = DistillationTask(t_model, alpha, temperature)
-    if mode == "sequence":
-        # Prompts: the first tokens of evenly spaced training windows; the teacher writes the rest.
-        starts = np.linspace(0, max(0, len(train_ids) - 16), num=prompts).astype(int)
-        train_ids = teacher_corpus(t_model, t_tok, [train_ids[s:s + 8].tolist() for s in starts],
-                                   min(gen_tokens, t_model.cfg.context_length - 8), seed=seed)
+    task = DistillationTask(t_model, s.alpha, s.temperature)
+    if s.mode == "sequence":
         task = LanguageModeling()
-    run = prepare_out_dir(out, overwrite)
-    stride = stride or L
-    train_b = window_batches(train_ids, L, stride, batch_size, seed=seed)
-    val_b = window_batches(val_ids, L, stride, batch_size, shuffle=False, drop_last=False, what="validation") \
+        if resume is not None:  # the text the teacher wrote when the run started, not a new sample
+            saved = run / TEACHER_TOKENS
+            if not saved.is_file():
+                raise GptlabError(f"{run} has no {TEACHER_TOKENS} (the teacher's generated text) to resume "
+                                  "sequence-level distillation from; start a new run with --out")
+            train_ids = np.load(saved)
+        else:
+            # Prompts: the first tokens of evenly spaced training windows; the teacher writes the rest.
+            starts = np.linspace(0, max(0, len(train_ids) - 16), num=s.prompts).astype(int)
+            train_ids = teacher_corpus(t_model, t_tok, [train_ids[i:i + 8].tolist() for i in starts],
+                                       min(s.gen_tokens, t_model.cfg.context_length - 8), seed=cfg.seed)
+    resume_state = None
+    if resume is not None:
+        resume_state = restore_checkpoint(s_model, run)
+        print(f"resuming {run} at step {resume_state['step']}", flush=True)
+    else:
+        run = prepare_out_dir(out, overwrite)
+        if s.mode == "sequence":
+            _save_tokens(run / TEACHER_TOKENS, train_ids)
+        atomic_write_json(run / CONFIG_FILE, {"settings": asdict(s), "train": asdict(cfg)})
+    stride = s.stride or L
+    train_b = window_batches(train_ids, L, stride, cfg.batch_size, seed=cfg.seed)
+    val_b = window_batches(val_ids, L, stride, cfg.batch_size, shuffle=False, drop_last=False, what="validation") \
         if len(val_ids) > L else None
-    print(f"distilling ({mode}) {teacher} -> {student}: student {s_model.cfg.param_counts()['total'] / 1e6:.2f}M "
-          f"parameters, {len(train_ids):,} training tokens, alpha {alpha}, T {temperature}", flush=True)
-    return fit(s_model, train_b, val_b, cfg, run, task=task, tokenizer=t_tok, progress=progress)
+    print(f"distilling ({s.mode}) {s.teacher} -> {s.student}: student "
+          f"{s_model.cfg.param_counts()['total'] / 1e6:.2f}M parameters, {len(train_ids):,} training tokens, "
+          f"alpha {s.alpha}, T {s.temperature}", flush=True)
+    return fit(s_model, train_b, val_b, cfg, run, task=task, tokenizer=t_tok, resume_state=resume_state,
+               progress=progress)
 
 
 def distill_command(teacher: str | None = None, student: str | None = None, data: str | None = None,
                     out: str = "runs/distill", mode: str = "logits", alpha: float = 0.5, temperature: float = 2.0,
-                    context_length: int = 128, stride: int | None = None, max_steps: int = 200,
+                    context_length: int = 128, stride: int | None = None, max_steps: int | None = None,
                     batch_size: int = 8, lr: float = 1e-3,
                     weight_decay: float = 0.1, eval_every: int = 50, eval_iters: int = 10, val_ratio: float = 0.1,
-                    prompts: int = 64, gen_tokens: int = 128, precision: str = "auto", device: str = "auto",
-                    seed: int = 123, overwrite: bool = False, progress: bool = True) -> int:
+                    prompts: int = 64, gen_tokens: int = 128, resume: str | None = None, precision: str = "auto",
+                    device: str = "auto", seed: int = 123, overwrite: bool = False, progress: bool = True) -> int:
     """Knowledge distillation: train a small student on a teacher's predictions (or generated text).
 
     Logit mode minimises (1 - alpha) * CE(student, labels) + alpha * T^2 *
     KL(softmax(teacher/T) || softmax(student/T)); sequence mode trains the student
-    on text the teacher generates. Teacher and student must share the tokenizer.
+    on text the teacher generates (kept in OUT/teacher_tokens.npy). Teacher and
+    student must share the tokenizer. OUT/distill_config.json records the run's
+    settings, which --resume reads back.
 
     Args:
         teacher: the teacher model: run/model dir, Hugging Face dir, .gguf file or pkg:PACKAGE/PATH.
@@ -233,28 +302,31 @@ def distill_command(teacher: str | None = None, student: str | None = None, data
         temperature: softening temperature T of both distributions.
         context_length: tokens per training window.
         stride: distance between window starts (default: the context length, no overlap).
-        max_steps: optimizer steps.
+        max_steps: optimizer steps (default 200).
         batch_size: windows per batch.
-        lr: peak learning rate (AdamW, warmup + cosine).
+        lr: peak learning rate (AdamW, warmup + cosine over max_steps).
         weight_decay: AdamW weight decay.
         eval_every: evaluate and checkpoint every N steps.
         eval_iters: batches per evaluation.
         val_ratio: fraction of the corpus held out for validation.
         prompts: sequence mode: how many teacher generations.
         gen_tokens: sequence mode: tokens generated per prompt.
+        resume: continue the run in this directory from its latest checkpoint, with the settings it was
+            started with (only --max-steps, the new total, may change; the schedule follows it).
         precision: auto (bf16 where fast), fp32, bf16 or fp16.
         device: auto, cpu, cuda or mps.
         seed: random seed.
         overwrite: replace an existing run in --out.
         progress: show a progress bar.
     """
-    if not teacher or not student:
-        raise GptlabError("give --teacher REF and --student REF|PRESET (e.g. --student llama-micro)")
-    r = distill(teacher, student, data, out, mode=mode, alpha=alpha, temperature=temperature,
+    if not resume and (not teacher or not student):
+        raise GptlabError("give --teacher REF and --student REF|PRESET (e.g. --student llama-micro), "
+                          "or --resume RUN_DIR")
+    r = distill(teacher or "", student or "", data, out, mode=mode, alpha=alpha, temperature=temperature,
                 context_length=context_length, stride=stride, max_steps=max_steps, batch_size=batch_size, lr=lr,
                 weight_decay=weight_decay, eval_every=eval_every, eval_iters=eval_iters, val_ratio=val_ratio,
-                prompts=prompts, gen_tokens=gen_tokens, precision=precision, device=device, seed=seed,
-                overwrite=overwrite, progress=progress)
+                prompts=prompts, gen_tokens=gen_tokens, resume=resume, precision=precision, device=device,
+                seed=seed, overwrite=overwrite, progress=progress)
     if r.best_val_loss is not None:
-        print(f"best student val loss {r.best_val_loss:.3f} at step {r.best_step} (saved in {out}/model)")
+        print(f"best student val loss {r.best_val_loss:.3f} at step {r.best_step} (saved in {resume or out}/model)")
     return 0

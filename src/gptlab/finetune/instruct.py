@@ -19,14 +19,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_write_json, atomic_write_text
-from gptlab.finetune.common import load_model_and_tokenizer, pad_id_of, prepare_out_dir, split_fractions
+from gptlab.finetune.common import (load_model_and_tokenizer, pad_id_of, prepare_out_dir, restore_checkpoint,
+                                    split_fractions)
 from gptlab.training.batches import Batch, IndexedBatches
 
 IGNORE = -100
@@ -248,24 +248,6 @@ def generate_responses(model: nn.Module, tok, entries: list[dict], style: str = 
         e["model_response"] = text
         out.append(e)
     return out
-
-
-# ---- resuming -----------------------------------------------------------------------------------
-
-def restore_checkpoint(model: nn.Module, run: Path) -> dict[str, Any]:
-    """Load the latest checkpoint's weights of ``run`` into ``model`` (strict); return its resume state."""
-    from safetensors.torch import load_file
-
-    from gptlab.training.checkpoint import latest_checkpoint
-    from gptlab.weights.native import load_state_strict
-
-    ck = latest_checkpoint(run)
-    state = load_file(str(ck / "model.safetensors"))
-    device = next(model.parameters()).device
-    load_state_strict(model, {k: v.to(device) for k, v in state.items()}, str(ck / "model.safetensors"))
-    if getattr(model.cfg, "tie_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
-    return torch.load(ck / "state.pt", map_location=device, weights_only=False)
 
 
 # ---- the whole run -----------------------------------------------------------------------------
