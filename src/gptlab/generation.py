@@ -159,15 +159,33 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, *,
     return out
 
 
+def continuation_text(tok, context_ids: list[int], new_ids: list[int]) -> str:
+    """Text of ``new_ids`` as it reads after ``context_ids``.
+
+    Decoding new tokens alone can drop a space: SentencePiece decoders strip the
+    leading space of a text, so "▁Paris" alone decodes to "Paris". Decoding a
+    few context tokens with them and cutting the context's text off keeps it.
+    """
+    context = list(context_ids[-8:])
+    if not context:
+        return tok.decode(new_ids)
+    base, full = tok.decode(context), tok.decode(context + list(new_ids))
+    return full[len(base):] if full.startswith(base) else tok.decode(new_ids)
+
+
 class TextStreamer:
     """Decode tokens incrementally and print only complete characters (for B == 1).
 
     Byte-level BPE tokens can split a UTF-8 character; text is held back until
     it decodes cleanly, so the terminal never shows a replacement character mid-way.
+    ``context_ids`` (the prompt's last ids) make the first token's leading space
+    come out right for SentencePiece tokenizers (see :func:`continuation_text`).
     """
 
-    def __init__(self, tokenizer, file=None, stop_ids: list[int] | None = None):
+    def __init__(self, tokenizer, file=None, stop_ids: list[int] | None = None,
+                 context_ids: list[int] | None = None):
         self.tok, self.file = tokenizer, file or sys.stdout
+        self.context = list(context_ids or [])[-8:]
         self.ids: list[int] = []
         self.printed = 0
         self.stop_ids = set(stop_ids or [])
@@ -181,7 +199,7 @@ class TextStreamer:
             self.stopped = True
             return
         self.ids.append(t)
-        text = self.tok.decode(self.ids)
+        text = continuation_text(self.tok, self.context, self.ids)
         if text.endswith("\ufffd"):
             return
         self.file.write(text[self.printed:])
@@ -189,7 +207,7 @@ class TextStreamer:
         self.printed = len(text)
 
     def finish(self) -> None:
-        text = self.tok.decode(self.ids)
+        text = continuation_text(self.tok, self.context, self.ids)
         self.file.write(text[self.printed:] + "\n")
         self.file.flush()
 
@@ -235,6 +253,8 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 100, te
         apply_quantization(net, quantize)
     tok = load_tokenizer(model)
     ids = tok.encode(prompt) if prompt else []
+    if ids and tok.add_bos and tok.bos_id is not None and ids[0] != tok.bos_id:
+        ids = [tok.bos_id] + ids  # Llama 2 / Mistral / Llama 3 expect prompts to start with BOS
     if not ids:
         start = tok.bos_id if tok.bos_id is not None else tok.eos_id
         if start is None:
@@ -248,7 +268,7 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 100, te
             print(f"--- sample {i + 1} ---")
         if stream:
             sys.stdout.write(prompt)
-            streamer = TextStreamer(tok, stop_ids=[eos] if eos is not None else None)
+            streamer = TextStreamer(tok, stop_ids=[eos] if eos is not None else None, context_ids=ids)
             generate(net, x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                      repetition_penalty=repetition_penalty, eos_id=eos, seed=s, stream=streamer)
             streamer.finish()
@@ -258,5 +278,5 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 100, te
             new = out[0, len(ids):].tolist()
             if eos is not None and eos in new:
                 new = new[:new.index(eos)]
-            print(prompt + tok.decode(new))
+            print(prompt + continuation_text(tok, ids, new))
     return 0

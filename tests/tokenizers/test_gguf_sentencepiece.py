@@ -254,3 +254,37 @@ def test_transformers_on_the_same_gguf(tmp_path, spm_pair):
     assert sp.id_to_piece(load_tokenizer(str(no_prefix)).encode("Hello")[0]) == "H"
     messages = [{"role": "user", "content": "Hi"}]
     assert ref.apply_chat_template(messages, tokenize=False) == ChatTemplate.for_tokenizer(tok).render(messages)
+
+
+def test_add_bos_property_follows_the_file(tmp_path, spm_pair):
+    sp, tok, _ = spm_pair
+    assert tok.add_bos  # no add_bos_token key: llama.cpp's default for SentencePiece is on
+    path = write_spm_gguf(tmp_path / "nobos.gguf", sp, **{"tokenizer.ggml.add_bos_token": False})
+    assert not load_tokenizer(str(path)).add_bos
+    smollm2 = pytest.importorskip("gguf_helpers").smollm2_gguf()
+    if smollm2 is not None:
+        assert not load_tokenizer(str(smollm2)).add_bos  # byte-level BPE, no BOS by default
+
+
+def test_streamed_continuation_keeps_the_leading_space(spm_pair):
+    """SentencePiece decoders strip a text's leading space; a continuation must keep it."""
+    import io
+
+    import torch
+
+    from gptlab.generation import TextStreamer, continuation_text
+
+    _, tok, _ = spm_pair
+    full = tok.encode("I had always thought Jack Gisburn rather a cheap genius")
+    k = next(i for i in range(len(full)) if tok.decode(full[:i]) == "I had always thought")
+    prompt, new = full[:k], full[k:]  # what a model continuing the prompt would produce
+    whole = tok.decode(prompt + new)
+    assert tok.decode(new)[0] != " "  # the problem: decoded alone, the space is gone
+    assert continuation_text(tok, prompt, new) == whole[len(tok.decode(prompt)):]
+    assert continuation_text(tok, prompt, new).startswith(" Jack")
+    out = io.StringIO()
+    streamer = TextStreamer(tok, file=out, context_ids=prompt)
+    for t in new:
+        streamer(torch.tensor([t]))
+    streamer.finish()
+    assert out.getvalue() == " Jack Gisburn rather a cheap genius\n"

@@ -141,6 +141,11 @@ class Tokenizer(ABC):
         """Id of the padding token, or None (callers then usually pad with eos)."""
         return self._special_id(self.pad_token)
 
+    @property
+    def add_bos(self) -> bool:
+        """Whether the model expects a prompt to start with BOS (Llama 2/3, Mistral); False by default."""
+        return False
+
     def save(self, directory: str | Path) -> Path:
         """Write this tokenizer's files and ``gptlab_tokenizer.json`` into ``directory``."""
         directory = Path(directory)

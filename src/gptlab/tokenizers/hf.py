@@ -49,6 +49,15 @@ class HFTokenizer(Tokenizer):
         self.chat_template = chat_template
 
     @property
+    def add_bos(self) -> bool:
+        """Whether the tokenizer's post-processor starts an encoded text with BOS (as transformers would)."""
+        bos = self.bos_id
+        if bos is None:
+            return False
+        ids = self._tok.encode("a", add_special_tokens=True).ids
+        return bool(ids) and ids[0] == bos
+
+    @property
     def backend(self) -> tokenizers.Tokenizer:
         """The wrapped ``tokenizers.Tokenizer``."""
         return self._tok
