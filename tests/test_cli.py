@@ -77,3 +77,74 @@ def test_unwritable_path_is_one_line(tmp_path, capsys):
     code = run(["prepare", "--data", str(target / "nope.txt"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith("error:") and len(err.splitlines()) == 1
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), captured.err
+    assert "usage:" not in captured.err and captured.out == ""
+    return err
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["inspect", "gpt2-nano", "--bogus", "1"], "error: inspect: unknown flag --bogus; see gptlab inspect --help"),
+    (["inspect", "gpt2-nano", "--as-jsn"], "error: inspect: unknown flag --as-jsn (did you mean --as-json?); "
+                                           "see gptlab inspect --help"),
+    (["inspect", "gpt2-nano", "--as-json=maybe"], "error: inspect: --as-json expects true or false, got 'maybe'; "
+                                                  "see gptlab inspect --help"),
+    (["generate", "--model", "m", "--max-new-tokens", "abc"],
+     "error: generate: --max-new-tokens expects an integer, got 'abc'; see gptlab generate --help"),
+    (["generate", "--model", "m", "--top-k", "x"],  # int | None: the union's many-line message
+     "error: generate: --top-k expects an integer, got 'x'; see gptlab generate --help"),
+    (["generate", "--model", "m", "--max-new-tokens"],
+     "error: generate: --max-new-tokens needs a value; see gptlab generate --help"),
+    (["generate"], "error: generate: missing --model MODEL; see gptlab generate --help"),
+    (["tokenizer", "encode"], "error: tokenizer encode: missing --text TEXT; see gptlab tokenizer encode --help"),
+    (["inspect", "gpt2-nano", "extra"],
+     "error: inspect: unexpected argument(s): extra (expected: MODEL); see gptlab inspect --help"),
+])
+def test_parse_errors_are_one_line_exit_2(argv, expected, capsys):
+    assert run(argv) == 2
+    assert _one_error_line(capsys) == expected
+
+
+def test_config_file_errors_are_one_line(tmp_path, capsys):
+    bad = {"type.yaml": "max_steps: abc\n", "key.yaml": "max_stepz: 3\n", "yaml.yaml": "a: [\n",
+           "scalar.yaml": "vm\n"}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+    expected = {"type.yaml": "--max-steps expects an integer, got 'abc'",
+                "key.yaml": "unknown key 'max_stepz' in the --config file (did you mean max_steps?)",
+                "yaml.yaml": "the --config file is not valid YAML",
+                "scalar.yaml": "the --config file must hold a YAML mapping"}
+    for name, what in expected.items():
+        assert run(["train", "--config", str(tmp_path / name)]) == 2
+        assert _one_error_line(capsys).startswith(f"error: train: {what}")
+    assert run(["train", "--config", str(tmp_path / "absent.yaml")]) == 2
+    assert "file does not exist" in _one_error_line(capsys)
+
+
+def test_value_errors_name_the_typed_flags(capsys):
+    # validate_sampling (Python API) says top_k=0; the command line names the flag.
+    assert run(["generate", "gpt2-nano", "--top-k", "0"]) == 1
+    assert _one_error_line(capsys) == "error: --top-k 0 must be >= 1 (or omitted to disable)"
+    assert run(["generate", "gpt2-nano", "--max-new-tokens", "-1"]) == 1
+    assert _one_error_line(capsys) == "error: --max-new-tokens -1 must be >= 0"
+    from gptlab.errors import GptlabError
+    from gptlab.generation import validate_sampling
+
+    with pytest.raises(GptlabError, match=r"^top_k=0 must"):  # the Python API keeps its own names
+        validate_sampling(top_k=0)
+
+
+def test_flag_names_rewrites_only_the_commands_parameters():
+    from gptlab.cli import _flag_names
+
+    def cmd(max_length: int = 1, stride: int | None = None, lr: float = 1.0):
+        pass
+
+    assert _flag_names("stride=9 must not exceed max_length=4", cmd) == "--stride 9 must not exceed --max-length 4"
+    assert _flag_names("lr=0 must be > 0", cmd) == "--lr 0 must be > 0"
+    # other names, longer names ending in a parameter's name, and paths are left alone
+    assert _flag_names("qkv_bias=True; base_lr=1; runs/lr=0.1/x", cmd) == "qkv_bias=True; base_lr=1; runs/lr=0.1/x"

@@ -6,12 +6,21 @@ signature is the command's flags and its docstring is the ``--help`` text
 with the same keys, and flags given after it override the file.
 
 Only the chosen command's module is imported, so ``gptlab --help`` is fast.
-A :class:`gptlab.errors.GptlabError` is printed as one line and exits 1.
+
+Errors are one line on stderr, starting ``error:``:
+
+- exit 2, a usage error (unknown command, unknown flag, a value of the wrong
+  type, a missing required value): ``error: COMMAND: what is wrong; see gptlab
+  COMMAND --help``;
+- exit 1, the command refused its input (a :class:`gptlab.errors.GptlabError`,
+  or a path it cannot read or write). Parameter names in the message
+  (``top_k=0``) are shown as the flags the user typed (``--top-k 0``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import json
 import inspect
@@ -126,6 +135,75 @@ class _UsageError(Exception):
     pass
 
 
+def _dash(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _describe(hint) -> str:
+    """What a flag of this type expects, in words (``int | None`` -> 'an integer')."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is not None and typing.get_origin(hint) is not list and len(args) == 1:
+        hint = args[0]  # X | None: None is the default, the user types an X
+    if typing.get_origin(hint) is list:
+        return "a list (repeat the flag or separate values with commas)"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "text"}.get(
+        hint, str(hint).replace("typing.", ""))
+
+
+def _parse_error(message: str, func) -> str:
+    """jsonargparse's parse error (often several lines) as one line naming the flags the user types."""
+    lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()] or ["invalid arguments"]
+    first = lines[0]
+    params = list(inspect.signature(func).parameters)
+    if m := re.match(r'Parser key "(\w+)":\s*(.*)', first):  # a value of the wrong type
+        try:
+            hint = typing.get_type_hints(func).get(m.group(1))
+        except Exception:
+            hint = None
+        if hint is None and m.group(2):  # e.g. --config: File does not exist: 'x.yaml'
+            return f"{_dash(m.group(1))}: {m.group(2)[:1].lower()}{m.group(2)[1:]}"
+        got = next((re.split(r"(?:Got|Given) value: ", ln, maxsplit=1)[1] for ln in reversed(lines)
+                    if re.search(r"(?:Got|Given) value: ", ln)), None)
+        flag = _dash(m.group(1))
+        what = f"{flag} expects {_describe(hint)}" if hint is not None else f"bad value for {flag}"
+        return what + (f", got {got!r}" if got is not None else "")
+    if m := re.match(r"the following arguments are required: (.+)", first):
+        names = [n.strip() for n in m.group(1).split(",")]
+        return "missing " + ", ".join(f"{_dash(n)} {n.upper()}" for n in names)
+    if m := re.match(r"argument --(\w+): expected one argument", first):
+        return f"{_dash(m.group(1))} needs a value"
+    if m := re.match(r"unrecognized arguments: (.+)", first):
+        flags = [w.split("=")[0] for w in m.group(1).split() if w.startswith("--")]
+        if not flags:
+            return f"unexpected argument(s): {m.group(1)}"
+        known = [_dash(n) for n in params] + ["--config"]
+        close = difflib.get_close_matches(_dash(flags[0][2:]), known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"unknown flag{'s' if len(flags) > 1 else ''} {' '.join(_dash(f[2:]) for f in flags)}{hint}"
+    if m := re.match(r"Option '(\w+)' is not accepted", first):  # a key of the --config file
+        close = difflib.get_close_matches(m.group(1), params, n=1)
+        return f"unknown key {m.group(1)!r} in the --config file" + (f" (did you mean {close[0]}?)" if close else "")
+    if m := re.match(r"Unexpected config: (.*)", first):
+        return ("the --config file must hold a YAML mapping of flag names to values (max_steps: 100), "
+                f"got {m.group(1)!r}")
+    if m := re.match(r"Problems parsing config: (.*)", " ".join(lines)):
+        return f"the --config file is not valid YAML ({m.group(1)})"
+    return _FLAG.sub(lambda f: _dash(f.group(1)), " ".join(lines))
+
+
+def _flag_names(message: str, func) -> str:
+    """Show ``max_new_tokens=0`` as ``--max-new-tokens 0`` for the command's own parameters.
+
+    The Python API names parameters (``validate_sampling`` says ``top_k=0``); on
+    the command line the same message should name the flag that was typed.
+    """
+    names = sorted(inspect.signature(func).parameters, key=len, reverse=True)
+    if not names:
+        return message
+    pattern = re.compile(r"(?<![\w./\\-])(" + "|".join(map(re.escape, names)) + r")=")
+    return pattern.sub(lambda m: _dash(m.group(1)) + " ", message)
+
+
 class _DashedHelp(io.TextIOBase):
     """Shows flags as --max-steps in help and usage text (the parser's names use _)."""
 
@@ -146,17 +224,6 @@ class _DashedHelp(io.TextIOBase):
         return self.stream.fileno()
 
 
-@contextlib.contextmanager
-def _dashed_parse_errors():
-    """Show --dashed-flags in the parser's own error messages (printed to stderr before it exits)."""
-    saved = sys.stderr
-    sys.stderr = _DashedHelp(saved)
-    try:
-        yield
-    finally:
-        sys.stderr = saved
-
-
 def run(argv: list[str]) -> int:
     """Run one command line; returns the exit status."""
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -175,23 +242,28 @@ def run(argv: list[str]) -> int:
         return 2
     target, _summary = COMMANDS[name]
     module, func_name = target.split(":")
+    from argparse import ArgumentError
+
     from jsonargparse import CLI
 
     from gptlab.errors import GptlabError
 
+    func = None
     try:
         func = getattr(importlib.import_module(module), func_name)
         wants_help = any(a in ("-h", "--help") for a in rest)
         # Help and usage text show --dashed-flags; a command's own output is never rewritten.
         out = contextlib.redirect_stdout(_DashedHelp(sys.stdout)) if wants_help else contextlib.nullcontext()
-        with out, _dashed_parse_errors():
+        with out:
             result = CLI(func, args=_normalize(rest, func), prog=f"gptlab {name}", as_positional=False,
-                         fail_untyped=False, env_prefix="GPTLAB", default_env=False)
+                         fail_untyped=False, env_prefix="GPTLAB", default_env=False, exit_on_error=False)
     except GptlabError as e:
-        print(f"error: {e}", file=sys.stderr)
+        text = re.sub(r"\s*\n\s*", " ", str(e).strip())  # one line, whatever the message held
+        print(f"error: {_flag_names(text, func) if func is not None else text}", file=sys.stderr)
         return 1
-    except _UsageError as e:
-        print(f"error: {e}; run `gptlab {name} --help`", file=sys.stderr)
+    except (_UsageError, ArgumentError) as e:
+        what = str(e) if isinstance(e, _UsageError) else _parse_error(e.message, func)
+        print(f"error: {name}: {what}; see gptlab {name} --help", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `gptlab fit --json | head`
         sys.stderr.close()
