@@ -173,3 +173,41 @@ def test_cli_bad_input(tmp_path, capsys):
 
     assert run(["chat", str(tmp_path / "absent.gguf")]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_too_long_message_is_refused_and_the_chat_goes_on(tok):
+    model = scripted(tok, "Paris!")
+    model.cfg.context_length = 60
+    session = ChatSession(model, tok, max_new_tokens=5)
+    out, err, errors = io.StringIO(), io.StringIO(), []
+    stdin = io.StringIO("hi\n" + "fox " * 100 + "\nagain\n")
+    assert run_chat_loop(session, stdin, out, err, errors=errors) == 2
+    assert out.getvalue() == "Paris!\nParis!\n"
+    assert err.getvalue().startswith("error: the message is ") and err.getvalue().count("\n") == 1
+    assert "send a shorter message" in err.getvalue() and len(errors) == 1
+    # the refused message left no trace: both answered exchanges are kept, in order
+    assert [m["content"] for m in session.messages] == ["hi", "Paris!", "again", "Paris!"]
+
+
+def test_gptlab_chat_cli_keeps_chatting_after_a_refused_message(tmp_path, tok, monkeypatch, capsys):
+    from gptlab.cli import run
+    from gptlab.models.llama import Llama, LlamaConfig
+    from gptlab.weights.native import save_model_dir
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, context_length=64, emb_dim=32, n_layers=1, n_heads=4,
+                              n_kv_heads=2, hidden_dim=64, tie_embeddings=False)).eval()  # untied: varied replies
+    save_model_dir(model, tmp_path / "m", tok)
+    long = "the quick brown fox " * 40
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"Hello there\n{long}\nHow are you?\n"))
+    code = run(["chat", str(tmp_path / "m"), "--style", "chatml", "--temperature", "0", "--max-new-tokens", "4"])
+    captured = capsys.readouterr()
+    assert code == 1  # the session ran to the end; its status says a message was refused
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the message is ") and "context holds 64" in err[0]
+    # both short messages were answered, the second with the first exchange in its history
+    session = ChatSession(model, tok, style="chatml", max_new_tokens=4)
+    expected = [session.send("Hello there"), session.send("How are you?")]
+    assert captured.out == "".join(f"{r}\n" for r in expected)
+    without_history = ChatSession(model, tok, style="chatml", max_new_tokens=4).send("How are you?")
+    assert expected[1] != without_history  # (so the equality above does check the history)

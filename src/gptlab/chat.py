@@ -15,7 +15,9 @@ are dropped (the system message is kept).
 
 ``gptlab chat MODEL`` wraps a session in a read-eval-print loop over stdin:
 ``/reset`` forgets the conversation, ``/exit`` (or end of input) quits. It
-works with stdin piped from a file, which is how it is tested.
+works with stdin piped from a file, which is how it is tested. A message the
+session refuses (e.g. longer than the context) is answered with one
+``error:`` line on stderr and the chat goes on, history intact.
 """
 
 from __future__ import annotations
@@ -147,9 +149,10 @@ class ChatSession:
                 self.messages[:] = kept
                 return ids
             if len(kept) - first <= 1:
-                raise GptlabError(f"the message is {len(ids)} tokens long but the model's context holds {ctx} "
-                                  f"(with {reserve} kept for the reply); send a shorter message or lower "
-                                  "--max-new-tokens")
+                shorter = "" if len(ids) >= ctx else " or lower --max-new-tokens"  # the prompt alone fits?
+                raise GptlabError(f"the message is {len(ids)} tokens long with the chat template but the model's "
+                                  f"context holds {ctx} (with {reserve} kept for the reply); send a shorter "
+                                  f"message{shorter}")
             del kept[first]  # the oldest message, then its reply, so turns stay paired
             if len(kept) - first > 1 and kept[first]["role"] == "assistant":
                 del kept[first]
@@ -177,14 +180,24 @@ class ChatSession:
             generate(self.model, ids, self.max_new_tokens, seed=seed, stream=reply, **self.sampling)
         except _StopGeneration:
             pass
+        except GptlabError:
+            self.messages.pop()  # no reply: the history stays as it was before this message
+            raise
         answer = reply.finish()
         self.messages.append({"role": "assistant", "content": answer})
         self.turns += 1
         return answer
 
 
-def run_chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO) -> int:
-    """Read messages line by line from ``stdin``, stream replies to ``stdout``; returns turns answered."""
+def run_chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO | None = None,
+                  errors: list[str] | None = None) -> int:
+    """Read messages line by line from ``stdin``, stream replies to ``stdout``; returns turns answered.
+
+    A message the session refuses (a :class:`GptlabError`, e.g. longer than the
+    context) is reported as one ``error:`` line on ``stderr`` (default
+    ``sys.stderr``), appended to ``errors`` if given, and the loop reads the next one.
+    """
+    stderr = sys.stderr if stderr is None else stderr
     interactive = stdin.isatty()
     answered = 0
     while True:
@@ -210,11 +223,24 @@ def run_chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO) -> int:
             stdout.flush()
             continue
 
+        shown = []
+
         def emit(piece: str) -> None:
+            shown.append(piece)
             stdout.write(piece)
             stdout.flush()
 
-        session.send(text, stream=emit)
+        try:
+            session.send(text, stream=emit)
+        except GptlabError as e:  # this message is refused; the conversation goes on
+            if shown:
+                stdout.write("\n")
+                stdout.flush()
+            stderr.write(f"error: {e}\n")
+            stderr.flush()
+            if errors is not None:
+                errors.append(str(e))
+            continue
         stdout.write("\n")
         stdout.flush()
         answered += 1
@@ -229,7 +255,9 @@ def chat_command(model: str, system: str | None = None, style: str | None = None
     """Chat with a model interactively: type a message, read the streamed reply.
 
     Reads one message per line from stdin (a pipe works too). Commands:
-    /reset forgets the conversation, /exit quits.
+    /reset forgets the conversation, /exit quits. A message that cannot be
+    answered (e.g. longer than the context) gets one error line and the chat
+    goes on; the exit status is then 1.
 
     Args:
         model: a .gguf file, a gptlab run or model directory, a Hugging Face directory or repo id,
@@ -273,5 +301,6 @@ def chat_command(model: str, system: str | None = None, style: str | None = None
                           top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     if sys.stdin.isatty():
         print(f"chatting with {model} ({session.template.name} template); /reset to start over, /exit to quit")
-    run_chat_loop(session, sys.stdin, sys.stdout)
-    return 0
+    refused: list[str] = []
+    run_chat_loop(session, sys.stdin, sys.stdout, sys.stderr, errors=refused)
+    return 1 if refused else 0  # each refusal was already reported on its own line
