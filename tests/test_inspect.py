@@ -35,3 +35,22 @@ def test_inspect_cli_on_a_preset(capsys):
     assert run(["inspect", "gpt2-124m", "--tree", "false", "--params", "false"]) == 0
     out = capsys.readouterr().out
     assert "124,439,808" in out and "non-embedding:        85,056,000" in out
+
+
+def test_flops_use_the_sliding_window(capsys):
+    from gptlab.models.llama import LlamaConfig
+
+    # Mistral-like: a token attends to the last W=16 keys, not the whole 64-token context.
+    cfg = LlamaConfig(vocab_size=100, context_length=64, emb_dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      hidden_dim=64, sliding_window=16, tie_embeddings=False)
+    full = cfg.replace(sliding_window=None)
+    c = cfg.param_counts()
+    matmul = 2 * (c["total"] - c["embedding"] + 100 * 32)
+    assert cfg.attended_tokens() == 16 and full.attended_tokens() == 64
+    assert cfg.flops_per_token() == matmul + 4 * 2 * 16 * 4 * 8  # 4 · L · min(T, W) · H · hd
+    assert full.flops_per_token() == matmul + 4 * 2 * 64 * 4 * 8
+    assert cfg.flops_per_token(8) == full.flops_per_token(8)  # shorter than the window: no difference
+    assert summarize(build_model(cfg))["flops_per_token_forward"] == cfg.flops_per_token()
+    assert run(["inspect", "mistral-7b", "--tree", "false", "--params", "false"]) == 0
+    out = capsys.readouterr().out  # 31.66G if every token attended to all 32768 keys
+    assert "FLOPs per token: forward 16.63G" in out and "(sliding window 4096)" in out

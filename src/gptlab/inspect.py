@@ -121,6 +121,8 @@ def inspect_command(model: str, params: bool = True, tree: bool = True, as_json:
     print(f"tied (counted once):  {c['tied']:,}")
     m = s["memory_bytes"]
     print(f"memory: fp32 {m['fp32'] / 2**30:.2f} GiB, bf16/fp16 {m['bf16'] / 2**30:.2f} GiB")
+    cfg = net.cfg
+    window = "" if cfg.attended_tokens() == cfg.context_length else f" (sliding window {cfg.attended_tokens()})"
     print(f"FLOPs per token: forward {_human(s['flops_per_token_forward'])}, "
-          f"training (3x) {_human(s['flops_per_token_training'])} at context {net.cfg.context_length}")
+          f"training (3x) {_human(s['flops_per_token_training'])} at context {cfg.context_length}{window}")
     return 0

@@ -71,17 +71,27 @@ class ModelConfig:
         return self.param_counts()["total"]
 
     def kv_cache_bytes(self, context: int, batch: int = 1, bytes_per_el: float = 2.0) -> float:
-        """Bytes of K and V for `context` tokens: 2 · L · Hkv · hd · T · B · bytes."""
+        """Bytes of K and V for `context` tokens: 2 · L · Hkv · hd · T · B · bytes.
+
+        gptlab's cache keeps every token even with a sliding window, so T is not capped here.
+        """
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * context * batch * bytes_per_el
+
+    def attended_tokens(self, context: int | None = None) -> int:
+        """How many keys one token attends to at ``context``: min(T, W) with a sliding window W (Mistral)."""
+        T = self.context_length if context is None else context
+        window = getattr(self, "sliding_window", None)  # a field of the families that have one (llama)
+        return min(T, window) if window else T
 
     def flops_per_token(self, context: int | None = None) -> int:
         """Forward FLOPs per token: 2 · (non-embedding params + lm head) + attention scores.
 
         The attention term (2 · 2 · L · T · H · hd) follows Kaplan et al. 2020 /
-        PaLM appendix B with T the average attended length.
+        PaLM appendix B with T the attended length: the context, or the sliding
+        window if that is shorter (a Mistral token sees only the last W keys).
         """
         c = self.param_counts()
-        T = self.context_length if context is None else context
+        T = self.attended_tokens(context)
         matmul = 2 * (c["total"] - c["embedding"] + self.vocab_size * self.emb_dim)
         attn = 2 * 2 * self.n_layers * T * self.n_heads * self.head_dim
         return int(matmul + attn)
