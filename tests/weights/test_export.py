@@ -89,6 +89,42 @@ def test_export_command_bad_input(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_a_classifier_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys):
+    from gptlab.finetune.classify import load_classifier, save_classifier
+    from gptlab.finetune.surgery import replace_output_head
+    from gptlab.tokenizers import train_bpe
+
+    tok = train_bpe("free prize call now hello see you soon " * 20, vocab_size=280)
+    torch.manual_seed(0)
+    model = build_model(GPT2Config(vocab_size=tok.vocab_size, context_length=16, emb_dim=16, n_layers=1, n_heads=2))
+    replace_output_head(model, 2)  # what `gptlab finetune classify` does
+    save_classifier(model, tmp_path / "clf", tok, {"labels": ["ham", "spam"], "max_length": 16, "pad_id": 0})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("already saved")
+    assert run(["export", str(tmp_path / "clf"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {tmp_path / 'clf'} is a classifier (2 labels: ham, "
+                                                         "spam) made by `gptlab finetune classify`")
+    assert "shape" not in err and "only language models export" in err
+    assert [f.name for f in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "already saved"
+    # The Python API refuses it too, instead of writing a 2-row lm_head and dropping the head's bias.
+    clf, _, _ = load_classifier(tmp_path / "clf")
+    with pytest.raises(GptlabError, match="output head has 2 outputs, not one per token of its 280-token vocab"):
+        export_hf(clf, tmp_path / "api")
+    assert not (tmp_path / "api").exists()
+
+
+def test_tensors_the_config_does_not_describe_are_refused(tmp_path):
+    from gptlab.finetune.lora import LoraConfig, add_lora
+
+    model = build_model(LlamaConfig(vocab_size=80, context_length=16, emb_dim=32, n_layers=1, n_heads=2,
+                                    hidden_dim=64))
+    add_lora(model, LoraConfig(rank=2))  # adapters not merged: the export would silently drop them
+    with pytest.raises(GptlabError, match="merge LoRA adapters first"):
+        export_hf(model, tmp_path / "o")
+
+
 def test_unrepresentable_configs_are_refused():
     with pytest.raises(GptlabError, match="only exportable together with mlp_act='gelu_tanh'"):
         config_to_hf(LlamaConfig(emb_dim=32, n_heads=2, n_layers=1, hidden_dim=64, embed_scale=True))

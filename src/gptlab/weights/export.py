@@ -11,6 +11,11 @@ tokenizer's files). The architecture follows from the config fields:
 
 Tensor names come from the same key maps the loader uses (weights/keymaps.py),
 read in reverse, so an export loads back into gptlab unchanged.
+
+Only language models export: a classifier from ``gptlab finetune classify``
+(its LM head replaced by an n-class head with a bias) has no transformers
+equivalent with identical logits (``...ForSequenceClassification`` heads have
+no bias), so it is refused with one clear line.
 """
 
 from __future__ import annotations
@@ -104,8 +109,48 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     raise GptlabError(f"export of model family {cfg.family!r} is not supported (gpt2 and llama are)")
 
 
+def _check_weights_match_config(model: nn.Module) -> None:
+    """Refuse a model whose tensors are not the ones its config describes (they would export wrongly)."""
+    from gptlab.models import empty_model
+
+    cfg = model.cfg
+    expected = {k: tuple(v.shape) for k, v in empty_model(cfg).state_dict().items()}  # meta: no memory
+    own = model.state_dict()
+    for head in ("out_head.weight", "lm_head.weight"):
+        if head in own and head in expected and own[head].shape[0] != cfg.vocab_size:
+            raise GptlabError(f"the model's output head has {own[head].shape[0]} outputs, not one per token of its "
+                              f"{cfg.vocab_size}-token vocabulary: a classifier (gptlab finetune classify) cannot "
+                              "be exported as a Hugging Face causal LM; export the model it was fine-tuned from")
+    extra = sorted(set(own) - set(expected))
+    wrong = [f"{k} {tuple(own[k].shape)} (config: {expected[k]})" for k in expected
+             if k in own and tuple(own[k].shape) != expected[k]]
+    if extra or wrong:
+        what = "; ".join(filter(None, [extra and f"weights the config has no place for: {', '.join(extra[:5])}",
+                                       wrong and f"wrong shapes: {', '.join(wrong[:5])}"]))
+        raise GptlabError(f"the model does not match its config ({what}); export a plain gptlab model "
+                          "(merge LoRA adapters first, do not quantize)")
+
+
+def _refuse_classifier(path: Path, ref: str) -> None:
+    """A directory saved by ``gptlab finetune classify`` holds a classifier, not an LM: say so before loading."""
+    import json
+
+    cfgfile = path / "config.json"
+    try:
+        info = json.loads(cfgfile.read_text()).get("classifier") if path.is_dir() and cfgfile.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return  # not readable as a gptlab config: the loader reports it
+    if info:
+        labels = [str(x) for x in info.get("labels", [])] if isinstance(info, dict) else []
+        shown = ", ".join(labels[:4]) + (", ..." if len(labels) > 4 else "")
+        raise GptlabError(f"{ref} is a classifier ({len(labels)} labels: {shown}) made by `gptlab finetune "
+                          "classify`, not a language model, and only language models export to Hugging Face format; "
+                          f"use it with `gptlab classify {ref} TEXT`, or export the model it was fine-tuned from")
+
+
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under Hugging Face names (tied head stored once, as transformers does)."""
+    _check_weights_match_config(model)
     own = model.state_dict()
     state = {}
     for rule in expand(model.cfg.family, model.cfg):
@@ -183,6 +228,7 @@ def export_command(model: str, out: str = "", format: str = "hf", dtype: str | N
     if not out:
         raise GptlabError("give the output directory with --out DIR")
     src = resolve(model)
+    _refuse_classifier(src, model)
     net = load_model(src, dtype=dtype)
     tokenizer = None
     if src.is_dir() and (src / "tokenizer.json").is_file():
