@@ -13,7 +13,9 @@ Sources (``spec_from_ref`` picks by the reference's shape):
 - a Hugging Face ``config.json`` (or the directory holding it) -> counted from
   the HF keys (``hidden_size``, ``num_key_value_heads``, ``num_local_experts`` ...);
 - a GGUF file -> architecture metadata plus the exact element and byte count of
-  every tensor (so the weight size of a quantized file is exact);
+  every tensor (so the weight size of a quantized file is exact), and the file's
+  format: ``general.file_type`` (``Q4_1``, ``Q4_K_M`` ...), else the tensor type
+  holding most weights;
 - ``pkg:PACKAGE/FILE`` -> a file shipped inside an installed Python package.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,12 @@ class ModelSpec:
     ``params_lm_head`` is the output projection V·d, which every token reads in
     full; when ``tied`` it is the token-embedding matrix and is not counted twice
     in ``params_total``.
+
+    For a GGUF file, ``native_quant`` names the file's format and the
+    ``native_*_bytes`` are summed from its tensors: ``native_weight_bytes`` all
+    of them, ``native_read_bytes`` what one decode step reads (the same split as
+    the parameters: one row of the input embeddings, the head in full, the
+    active share of the experts).
     """
 
     name: str
@@ -60,6 +69,7 @@ class ModelSpec:
     n_experts_active: int = 0
     native_quant: str = "BF16"
     native_weight_bytes: int | None = None  # exact, for GGUF files
+    native_read_bytes: int | None = None  # exact, for GGUF files
     path: str | None = None
     config: ModelConfig | None = field(default=None, compare=False, repr=False)
 
@@ -185,7 +195,7 @@ def _hf_llama_like(cfg: dict, mtype: str, name: str, path: str | None) -> ModelS
 def spec_from_gguf(path: str | Path) -> ModelSpec:
     """Sizes from a GGUF file: metadata for shapes, every tensor for exact counts and bytes.
 
-    Parsed once per (path, size, mtime): reading a GGUF's metadata takes seconds.
+    Parsed once per (path, size, mtime): the metadata holds the whole vocabulary.
     """
     path = Path(path)
     try:
@@ -195,21 +205,33 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
     return _spec_from_gguf_cached(str(path), st.st_size, st.st_mtime_ns)
 
 
+def file_type_name(meta: dict[str, Any]) -> str | None:
+    """The file's format from ``general.file_type`` (llama.cpp's ``LLAMA_FTYPE``): ``Q4_1``, ``Q4_K_M`` ...
+
+    None when the key is absent or says "guessed": the caller then names the
+    tensor type holding most weights.
+    """
+    from gguf import LlamaFileType
+
+    try:
+        ftype = LlamaFileType(int(meta["general.file_type"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if ftype == LlamaFileType.GUESSED:
+        return None
+    return ftype.name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
 @functools.lru_cache(maxsize=32)
 def _spec_from_gguf_cached(path_str: str, _size: int, _mtime: int) -> ModelSpec:
-    try:
-        import gguf
-    except ImportError:  # pragma: no cover - gguf is a dependency
-        raise GptlabError("reading GGUF files needs the `gguf` package: pip install gguf") from None
+    from gptlab.weights.gguf import read_gguf
+
     path = Path(path_str)
-    try:
-        r = gguf.GGUFReader(str(path))
-    except (OSError, ValueError) as e:
-        raise GptlabError(f"{path} is not a readable GGUF file ({e})") from None
+    f = read_gguf(path)  # header, metadata and tensor table only; the data stays unread
 
     def meta(key: str, default: Any = None) -> Any:
-        f = r.fields.get(key)
-        return f.contents() if f is not None else default
+        v = f.meta.get(key)
+        return default if v is None else v
 
     arch = meta("general.architecture")
     if arch is None:
@@ -223,31 +245,41 @@ def _spec_from_gguf_cached(path_str: str, _size: int, _mtime: int) -> ModelSpec:
     hd = meta(f"{arch}.attention.key_length", d // H)
     E = meta(f"{arch}.expert_count", 0) or 0
     k = meta(f"{arch}.expert_used_count", 0) or 0
-    total = expert = emb = nbytes = 0
+    total = expert = emb = 0  # elements
+    nbytes = emb_bytes = tok_bytes = expert_bytes = 0
     vocab, has_output, types = None, False, {}
-    for t in r.tensors:
-        n = int(t.n_elements)
+    for name, t in f.tensors.items():
+        n = math.prod(t.shape)
         total += n
-        nbytes += int(t.n_bytes)
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + n
-        if t.name == "token_embd.weight":
+        nbytes += t.nbytes
+        types[t.type_name] = types.get(t.type_name, 0) + n
+        if name == "token_embd.weight":
             emb += n
+            emb_bytes += t.nbytes
+            tok_bytes = t.nbytes
             vocab = n // d
-        elif t.name == "position_embd.weight":
+        elif name == "position_embd.weight":
             emb += n
-        elif t.name == "output.weight":
+            emb_bytes += t.nbytes
+        elif name == "output.weight":
             has_output = True
-        if "_exps." in t.name:
+        if "_exps." in name:
             expert += n
+            expert_bytes += t.nbytes
     vocab = vocab or meta(f"{arch}.vocab_size") or len(meta("tokenizer.ggml.tokens", []))
     active = total - (expert - expert * k // E if E else 0)
-    main = max(types, key=types.get) if types else "F32"
+    tied = not has_output
+    # A decode step reads every tensor but the input lookup tables (one row each), the
+    # tied head in full, and k of E experts: the same split as params_active - embedding.
+    read = nbytes - emb_bytes + (tok_bytes if tied else 0) - (expert_bytes - expert_bytes * k // E if E else 0)
+    main = file_type_name(f.meta) or (max(types, key=types.get) if types else "F32")
     return ModelSpec(
         name=path.name, source="gguf", arch=arch, n_layers=L, emb_dim=d, n_heads=H, n_kv_heads=Hkv,
         head_dim=hd, vocab_size=vocab, context_length=meta(f"{arch}.context_length", 2048),
         params_total=total, params_active=active, params_embedding=emb, params_lm_head=vocab * d,
-        tied=not has_output, sliding_window=meta(f"{arch}.attention.sliding_window"),
-        n_experts=E, n_experts_active=k, native_quant=main, native_weight_bytes=nbytes, path=str(path),
+        tied=tied, sliding_window=meta(f"{arch}.attention.sliding_window"),
+        n_experts=E, n_experts_active=k, native_quant=main, native_weight_bytes=nbytes,
+        native_read_bytes=read, path=str(path),
     )
 
 

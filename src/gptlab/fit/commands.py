@@ -46,11 +46,12 @@ def render_table(rows: list[Row]) -> str:
 def render_plan(p: Plan) -> str:
     """The plan view as text (the same data as --json)."""
     m, i = p.model, p.inputs
+    own = " (the file's own)" if m["source"] == "gguf" and i["quant"] == m["native_quant"] else ""
     lines = [f"Plan: {m['name']}  ({fmt_params(m['params'])} params"
              + (f", {fmt_params(m['active_params'])} active" if m["active_params"] != m["params"] else "")
              + f", {m['arch']}, max context {fmt_ctx(m['context_length'])})",
              p.hardware, "",
-             f"Inputs: context {i['context']} tokens | quant {i['quant']} | KV cache {i['kv_quant']} | "
+             f"Inputs: context {i['context']} tokens | quant {i['quant']}{own} | KV cache {i['kv_quant']} | "
              f"engine {i['engine']} | target {i['target_tps'] or '<none>'} tok/s",
              f"Memory: weights {p.memory['weights_gib']:.2f} GiB + KV cache {p.memory['kv_cache_gib']:.2f} GiB "
              f"+ compute {p.memory['compute_gib']:.2f} GiB + runtime {p.memory['runtime_gib']:.2f} GiB "
@@ -106,7 +107,8 @@ def fit_command(model: str | None = None, context: int | None = None, quant: str
             config.json or dir, .gguf file, or pkg:PACKAGE/FILE.
         context: context length in tokens (default: the model's, at most 8192).
         quant: weight format: F32, BF16, F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0,
-            Q4_1, Q3_K_M, Q2_K ... (default: the best quality that fits well).
+            Q4_1, Q3_K_M, Q2_K ... (default: a GGUF file's own format; otherwise
+            the best quality that fits well).
         kv_quant: KV-cache element format: f32, f16, bf16, q8_0, q4_0.
         engine: llama.cpp (quantized weights stay quantized, as in Ollama) or
             gptlab (this package's PyTorch runtime; weights dequantized to F32/BF16).

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from gptlab.errors import GptlabError
 from gptlab.fit.catalog import ModelSpec
 from gptlab.fit.hardware import GPU, Hardware, bandwidth_at_width
-from gptlab.fit.quant import TORCH_DTYPES, get_quant, kv_bytes_per_element
+from gptlab.fit.quant import TORCH_DTYPES, canonical_name, get_quant, kv_bytes_per_element
 
 GiB = 2**30
 
@@ -87,9 +87,18 @@ def get_engine(name: str) -> Engine:
     return ENGINES[name]
 
 
+def is_native(spec: ModelSpec, quant: str) -> bool:
+    """True when ``quant`` names a GGUF file's own format: its sizes are the file's, not a table's.
+
+    The name can be one the table lacks (``IQ2_XS``, ``TQ1_0`` ...): the file's
+    tensors size it.
+    """
+    return spec.native_weight_bytes is not None and canonical_name(quant) == spec.native_quant
+
+
 def check_quant(spec: ModelSpec, quant: str, engine: Engine) -> str:
     """The canonical quant name, rejecting formats the engine cannot hold in memory."""
-    q = get_quant(quant).name
+    q = spec.native_quant if is_native(spec, quant) else get_quant(quant).name
     if not engine.quantized_weights and q not in TORCH_DTYPES:
         raise GptlabError(
             f"quant {quant} is a GGUF block format, but the gptlab engine dequantizes weights to "
@@ -101,10 +110,9 @@ def check_quant(spec: ModelSpec, quant: str, engine: Engine) -> str:
 # ---------------------------------------------------------------- memory
 def weights_bytes(spec: ModelSpec, quant: str) -> float:
     """Bytes of all weights at ``quant`` (exact file bytes for a GGUF at its own format)."""
-    q = get_quant(quant)
-    if spec.native_weight_bytes is not None and q.name == spec.native_quant:
+    if is_native(spec, quant):
         return float(spec.native_weight_bytes)
-    return spec.params_total * q.bits / 8
+    return spec.params_total * get_quant(quant).bits / 8
 
 
 def kv_cache_bytes(spec: ModelSpec, context: int, batch: int = 1, kv_quant: str = "f16") -> float:
@@ -189,14 +197,16 @@ def inference_memory(spec: ModelSpec, hw: Hardware, quant: str, context: int, ba
 
 # ---------------------------------------------------------------- speed
 def bytes_per_token(spec: ModelSpec, quant: str, context: int, kv_quant: str = "f16") -> float:
-    """Bytes a decode step reads: active weights (one row of input embeddings) + the cached K/V."""
-    q = get_quant(quant)
+    """Bytes a decode step reads: active weights (one row of input embeddings) + the cached K/V.
+
+    A GGUF file at its own format reads its tensors' real bytes (its embedding
+    and head are often in a bigger type than the rest).
+    """
+    kv = kv_cache_bytes(spec, context, 1, kv_quant)
+    if is_native(spec, quant) and spec.native_read_bytes is not None:
+        return spec.native_read_bytes + kv
     touched = spec.params_active - spec.params_embedding + (spec.params_lm_head if spec.tied else 0)
-    if spec.native_weight_bytes is not None and q.name == spec.native_quant:
-        bits = 8 * spec.native_weight_bytes / spec.params_total  # the file's real average
-    else:
-        bits = q.bits
-    return touched * bits / 8 + kv_cache_bytes(spec, context, 1, kv_quant)
+    return touched * get_quant(quant).bits / 8 + kv
 
 
 def flops_per_token(spec: ModelSpec, context: int) -> float:
@@ -230,7 +240,7 @@ def _device_speed(hw: Hardware, gpu: GPU | None, quant: str, width: int | None =
     """
     if gpu is not None:
         return gpu.bandwidth or 0.0, gpu.matmul_bf16 or 0.0
-    peak = hw.cpu_matmul_fp32 if quant == "F32" else max(hw.cpu_matmul_bf16, hw.cpu_matmul_fp32)
+    peak = hw.cpu_matmul_fp32 if canonical_name(quant) == "F32" else max(hw.cpu_matmul_bf16, hw.cpu_matmul_fp32)
     bw = bandwidth_at_width(hw, width) if width else hw.cpu_bandwidth
     return bw, peak
 

@@ -139,9 +139,17 @@ def max_context(spec: ModelSpec, hw: Hardware, quant: str, engine: str = "llama.
     return lo
 
 
-def quants_for(engine: str) -> list[str]:
-    """The weight formats an engine can hold: GGUF ladder (llama.cpp) or torch dtypes (gptlab)."""
-    return QUALITY_LADDER if get_engine(engine).quantized_weights else ["BF16", "F32"]
+def quants_for(engine: str, spec: ModelSpec | None = None) -> list[str]:
+    """The weight formats an engine can hold: GGUF ladder (llama.cpp) or torch dtypes (gptlab).
+
+    With a GGUF ``spec`` and an engine that keeps quantized weights, the file's
+    own format comes first.
+    """
+    if not get_engine(engine).quantized_weights:
+        return ["BF16", "F32"]
+    if spec is not None and spec.native_weight_bytes is not None and spec.native_quant not in QUALITY_LADDER:
+        return [spec.native_quant] + QUALITY_LADDER
+    return QUALITY_LADDER
 
 
 # ---------------------------------------------------------------- the plan view
@@ -206,7 +214,7 @@ def make_plan(spec: ModelSpec, hw: Hardware, context: int | None = None, quant: 
                    "ram_gib": (mem.runtime if g is not None and not hw.unified_memory else mem.total) / rec / GiB,
                    "ram_cpu_only_gib": mem.total / rec / GiB, "cpu_cores": cores}
     upgrades = upgrade_deltas(hw, best, gpu_need, mem.total)
-    maxctx = {qq: max_context(spec, hw, qq, engine, kv_quant, batch) for qq in quants_for(engine)
+    maxctx = {qq: max_context(spec, hw, qq, engine, kv_quant, batch) for qq in quants_for(engine, spec)
               if _quant_ok(spec, qq, eng)}
     pre = prefill_seconds(spec, hw, q, min(prompt_tokens, ctx), engine, g if best.name == "GPU" else None)
     training = training_rows(spec, hw, train_batch, ctx if ctx <= 4096 else 4096, optimizer) if train else []
@@ -234,7 +242,14 @@ def _quant_ok(spec: ModelSpec, quant: str, eng) -> bool:
 
 
 def _default_quant(spec: ModelSpec, hw: Hardware, ctx: int, engine: str, kv_quant: str) -> str:
-    """Best-quality quant whose fit is the best any quant reaches here."""
+    """A GGUF file's own format; otherwise the best-quality quant whose fit is the best any quant reaches here.
+
+    llama.cpp runs a GGUF file as it is, so the file's format is the question
+    asked; another format is a --quant away. The gptlab engine dequantizes
+    every file, so for it the ladder applies to GGUF files too.
+    """
+    if spec.native_weight_bytes is not None and get_engine(engine).quantized_weights:
+        return spec.native_quant
     ladder = quants_for(engine)
     levels = [best_path(run_paths(spec, hw, q, ctx, engine, kv_quant)).fit for q in ladder]
     top = min(LEVELS.index(lv) for lv in levels)

@@ -93,10 +93,15 @@ _ALIASES = {"FP32": "F32", "FLOAT32": "F32", "FP16": "F16", "FLOAT16": "F16", "B
             "Q4_K": "Q4_K", "Q5_K": "Q5_K", "Q3_K": "Q3_K"}
 
 
+def canonical_name(name: str) -> str:
+    """A weight format's name as the tables spell it (upper case; fp32/fp16/bf16 aliases resolved)."""
+    key = str(name).upper().replace("-", "_")
+    return _ALIASES.get(key, key)
+
+
 def get_quant(name: str) -> Quant:
     """Look up a weight format by name (case-insensitive; fp32/fp16/bf16 accepted)."""
-    key = str(name).upper().replace("-", "_")
-    key = _ALIASES.get(key, key)
+    key = canonical_name(name)
     if key not in QUANTS:
         raise GptlabError(f"unknown quant {name!r}; choose one of: {', '.join(QUANTS)}")
     return QUANTS[key]

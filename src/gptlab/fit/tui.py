@@ -47,7 +47,7 @@ class FitApp(App):
         self.fit_filter: str | None = None
         self.search = ""
         self.context = context
-        self.quant: str | None = None  # plan panel override; None = best that fits
+        self.quant: str | None = None  # plan panel override; None = a GGUF file's own, else the best that fits
         self.rows = [table_row(s, hw, context, engine) for s in specs]
         self.shown: list[str] = []
         self.selected: str | None = None
@@ -71,7 +71,7 @@ class FitApp(App):
     def status_line(self) -> str:
         ctx = self.context or "model max (<=8k)"
         return (f"{self.hw.summary()}\nSort [s]: {self.sort} | Fit [f]: {self.fit_filter or 'All'} | "
-                f"Context [c]: {ctx} | Quant [u]: {self.quant or 'best fit'} | Models {len(self.shown)}/"
+                f"Context [c]: {ctx} | Quant [u]: {self.quant or 'default'} | Models {len(self.shown)}/"
                 f"{len(self.rows)} | engine {self.engine}")
 
     def refresh_table(self) -> None:
