@@ -1,6 +1,7 @@
 """The fit planner: will a model fit on this machine, and how fast will it run?
 
     hardware.py   detect CPU/RAM/GPUs/Ollama; measure bandwidth, matmul peak, op latency (cached)
+    calibration_check.py  are measured figures believable? (checked before they are cached)
     quant.py      bits per weight of each weight format, from the GGUF block layouts
     catalog.py    ModelSpec: exact sizes from a preset, HF config.json, GGUF file or run directory
     estimate.py   the one estimator: inference/training memory, decode/prefill/training speed

@@ -18,8 +18,12 @@ figures are what make fit estimates 3x off:
 
 The cache is ``$GPTLAB_CACHE/fit-calibration.json`` (default
 ``~/.cache/gptlab``), keyed by CPU, core count, torch version and GPU names;
-``gptlab fit --calibrate`` re-measures. Anything that cannot be detected or
-measured becomes a stated entry in ``Hardware.assumptions``, never a crash.
+``gptlab fit --calibrate`` re-measures. Figures are cached only when they pass
+``calibration_check`` (measured under heavy load they can contradict each
+other); a set that fails is measured again, up to ``CALIBRATION_TRIES`` times,
+and then the defaults are used and the rejection is cached instead. Anything
+that cannot be detected or measured becomes a stated entry in
+``Hardware.assumptions``, never a crash.
 """
 
 from __future__ import annotations
@@ -47,6 +51,16 @@ GiB = 2**30
 # simulated --vram GPU). Stated in Hardware.assumptions whenever used.
 ASSUMED_GPU_BANDWIDTH = 500e9  # bytes/s, a mid-range discrete GPU
 ASSUMED_GPU_MATMUL = 50e12  # FLOP/s bf16
+
+# CPU speeds used when this machine was not measured, or its figures failed the
+# calibration check. Conservative; stated in Hardware.assumptions whenever used.
+DEFAULT_SPEEDS: dict = {
+    "cpu_bandwidth": 10e9, "cpu_bandwidth_1core": 10e9, "cpu_bandwidth_by_width": {},
+    "cpu_matmul_fp32": 100e9, "cpu_matmul_bf16": 100e9, "op_latency": 10e-6, "decode_overhead": {},
+    "runtime_rss": 300 * 2**20,
+}
+# Measurements per calibration before its figures are given up on.
+CALIBRATION_TRIES = 3
 
 
 @dataclass
@@ -109,7 +123,8 @@ class Hardware:
         sim = " [simulated]" if self.simulated else ""
         return (f"CPU: {self.cpu_name} ({self.cores} cores) | RAM: {self.ram_available / GiB:.1f} GiB avail / "
                 f"{self.ram_total / GiB:.1f} GiB total | GPU: {gpu} | Ollama: {'yes' if self.ollama else 'no'}"
-                f"{sim}\nMeasured: {self.cpu_bandwidth / 1e9:.1f} GB/s memory, "
+                f"{sim}\n{'Measured' if self.calibrated else 'Assumed (not measured)'}: "
+                f"{self.cpu_bandwidth / 1e9:.1f} GB/s memory, "
                 f"{self.cpu_matmul_fp32 / 1e9:.0f} GFLOP/s fp32, {self.cpu_matmul_bf16 / 1e9:.0f} GFLOP/s bf16, "
                 f"{self.op_latency * 1e6:.1f} us/op")
 
@@ -419,6 +434,7 @@ def calibrate(gpus: list[GPU] | None = None) -> dict:
     res = {
         **measure_speeds(),
         "cpu_bandwidth_1core": _one_thread(measure_bandwidth, "cpu"),
+        "cpu_matmul_fp32_1core": _one_thread(measure_matmul, "fp32"),  # for the check: all threads >= one
         "runtime_rss": measure_runtime_rss(),
         "torch_threads": torch.get_num_threads(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -434,28 +450,86 @@ def calibrate(gpus: list[GPU] | None = None) -> dict:
     return res
 
 
-def load_calibration(gpus: list[GPU], refresh: bool = False) -> tuple[dict, bool]:
+def _read_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def usable_entry(entry: dict | None) -> bool:
+    """True for cached figures that can be used: measured, not a rejection, passing the check today."""
+    # Imported here: the check runs the estimator, which imports this module.
+    from gptlab.fit.calibration_check import calibration_problems
+
+    return bool(entry) and "rejected" not in entry and not calibration_problems(entry)
+
+
+def load_calibration(gpus: list[GPU], refresh: bool = False, tries: int = CALIBRATION_TRIES) -> tuple[dict, bool]:
     """Cached figures for this machine, measuring (and caching atomically) if absent or ``refresh``.
 
-    Returns (figures, freshly_measured).
+    Returns (entry, freshly_measured). Measured figures that fail
+    ``calibration_problems`` are measured again, at most ``tries`` times in
+    all; if every set fails, one warning line goes to stderr and the entry
+    returned (and cached, so later runs do not re-measure until ``--calibrate``)
+    is ``{"rejected": first problem, "tries": n, "measured_at": ...}``, which
+    ``detect_hardware`` answers with the default speeds. A cached set that fails
+    the check (from before it existed) is measured again.
     """
+    from gptlab.fit.calibration_check import calibration_problems
+
     path = cache_dir() / "fit-calibration.json"
     key = _fingerprint(gpus)
-    cache: dict = {}
-    if path.is_file():
-        try:
-            cache = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            cache = {}
-    if not refresh and key in cache:
-        return cache[key], False
-    figures = calibrate(gpus)
+    cache = _read_cache(path)
+    entry = cache.get(key)
+    if not refresh and entry:
+        if "rejected" in entry:
+            return entry, False
+        problems = calibration_problems(entry)
+        if not problems:
+            return entry, False
+        print(f"note: gptlab fit: the cached calibration fails the check ({problems[0]}); measuring again",
+              file=sys.stderr)
+    for _ in range(max(1, tries)):
+        figures = calibrate(gpus)
+        problems = calibration_problems(figures)
+        if not problems:
+            break
+    if problems:
+        figures = {"rejected": problems[0], "tries": max(1, tries),
+                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        print(f"warning: gptlab fit: calibration rejected after {figures['tries']} tries ({problems[0]}); "
+              "using default speeds", file=sys.stderr)
     cache[key] = figures
     try:
         atomic_write_json(path, cache)
     except OSError:
         pass  # a read-only home still gets the figures, just not cached
     return figures, True
+
+
+def _defaults_note(entry: dict) -> str:
+    """The assumption line for a machine whose speeds are the defaults, saying why."""
+    from gptlab.fit.calibration_check import calibration_problems
+
+    d = DEFAULT_SPEEDS
+    assumed = (f"assuming {d['cpu_bandwidth'] / 1e9:.0f} GB/s memory, {d['cpu_matmul_fp32'] / 1e9:.0f} GFLOP/s, "
+               f"{d['op_latency'] * 1e6:.0f} us/op, {d['runtime_rss'] / 2**20:.0f} MiB runtime")
+    if "rejected" in entry:
+        return (f"speeds measured here failed the sanity check {entry.get('tries', 1)} times at "
+                f"{entry.get('measured_at', '?')} ({entry['rejected']}); {assumed}; "
+                "run `gptlab fit --calibrate` when the machine is quieter")
+    if entry:
+        return (f"the cached speeds fail the sanity check ({calibration_problems(entry)[0]}); {assumed}; "
+                "run `gptlab fit --calibrate`")
+    return f"speeds not measured on this machine (run `gptlab fit --calibrate`); {assumed}"
+
+
+def speeds_from(figures: dict) -> dict:
+    """The Hardware speed fields from calibration figures; ``DEFAULT_SPEEDS`` for any missing one."""
+    out = {k: figures.get(k, v) for k, v in DEFAULT_SPEEDS.items()}
+    out["runtime_rss"] = int(out["runtime_rss"])
+    return out
 
 
 # ---------------------------------------------------------------- the entry point
@@ -495,37 +569,23 @@ def detect_hardware(calibrate_now: bool = False, measure: bool = True, ram: floa
         except (OSError, subprocess.SubprocessError):
             pass
 
-    figures: dict = {}
-    calibrated = False
+    entry: dict = {}
     if measure or calibrate_now:
         try:
-            figures, _ = load_calibration(gpus, refresh=calibrate_now)
-            calibrated = True
+            entry, _ = load_calibration(gpus, refresh=calibrate_now)
         except Exception as e:  # measurement must never crash a plan
             notes.append(f"calibration failed ({e}); using conservative default speeds")
     else:
-        path = cache_dir() / "fit-calibration.json"
-        try:
-            figures = json.loads(path.read_text()).get(_fingerprint(gpus), {})
-            calibrated = bool(figures)
-        except (OSError, json.JSONDecodeError):
-            figures = {}
+        entry = _read_cache(cache_dir() / "fit-calibration.json").get(_fingerprint(gpus)) or {}
+    calibrated = usable_entry(entry)
+    figures = entry if calibrated else {}
     if not calibrated:
-        notes.append("speeds not measured on this machine (run `gptlab fit --calibrate`); "
-                     "assuming 10 GB/s memory, 100 GFLOP/s, 10 us/op, 300 MiB runtime")
+        notes.append(_defaults_note(entry))
     n_cores = usable_cores()
     hw = Hardware(
         cpu_name=cpu_name(), cores=n_cores, ram_total=vm.total, ram_available=vm.available, gpus=gpus,
         unified_memory=apple is not None, ollama=ollama_running(),
-        cpu_bandwidth=figures.get("cpu_bandwidth", 10e9),
-        cpu_bandwidth_1core=figures.get("cpu_bandwidth_1core", 10e9),
-        cpu_bandwidth_by_width=figures.get("cpu_bandwidth_by_width", {}),
-        cpu_matmul_fp32=figures.get("cpu_matmul_fp32", 100e9),
-        cpu_matmul_bf16=figures.get("cpu_matmul_bf16", 100e9),
-        op_latency=figures.get("op_latency", 10e-6),
-        decode_overhead=figures.get("decode_overhead", {}),
-        runtime_rss=int(figures.get("runtime_rss", 300 * 2**20)),
-        calibrated=calibrated, assumptions=notes,
+        **speeds_from(figures), calibrated=calibrated, assumptions=notes,
     )
     for g in hw.gpus:
         m = figures.get("gpus", {}).get(g.name)
