@@ -113,6 +113,12 @@ def test_a_classifier_is_refused_in_one_line_before_anything_is_written(tmp_path
     with pytest.raises(GptlabError, match="output head has 2 outputs, not one per token of its 280-token vocab"):
         export_hf(clf, tmp_path / "api")
     assert not (tmp_path / "api").exists()
+    # generate / inspect / load_model refuse it the same way (not with a shape mismatch)
+    for argv in (["generate", str(tmp_path / "clf"), "--prompt", "hi"], ["inspect", str(tmp_path / "clf")]):
+        assert run(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is a classifier (2 labels: ham, spam)" in err, err
+        assert "gptlab classify" in err and "shape" not in err
 
 
 def test_tensors_the_config_does_not_describe_are_refused(tmp_path):

@@ -131,23 +131,6 @@ def _check_weights_match_config(model: nn.Module) -> None:
                           "(merge LoRA adapters first, do not quantize)")
 
 
-def _refuse_classifier(path: Path, ref: str) -> None:
-    """A directory saved by ``gptlab finetune classify`` holds a classifier, not an LM: say so before loading."""
-    import json
-
-    cfgfile = path / "config.json"
-    try:
-        info = json.loads(cfgfile.read_text()).get("classifier") if path.is_dir() and cfgfile.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        return  # not readable as a gptlab config: the loader reports it
-    if info:
-        labels = [str(x) for x in info.get("labels", [])] if isinstance(info, dict) else []
-        shown = ", ".join(labels[:4]) + (", ..." if len(labels) > 4 else "")
-        raise GptlabError(f"{ref} is a classifier ({len(labels)} labels: {shown}) made by `gptlab finetune "
-                          "classify`, not a language model, and only language models export to Hugging Face format; "
-                          f"use it with `gptlab classify {ref} TEXT`, or export the model it was fine-tuned from")
-
-
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under Hugging Face names (tied head stored once, as transformers does)."""
     _check_weights_match_config(model)
@@ -228,7 +211,10 @@ def export_command(model: str, out: str = "", format: str = "hf", dtype: str | N
     if not out:
         raise GptlabError("give the output directory with --out DIR")
     src = resolve(model)
-    _refuse_classifier(src, model)
+    from gptlab.weights.native import refuse_classifier
+
+    refuse_classifier(src, model, "only language models export to Hugging Face format",
+                      "or export the model it was fine-tuned from")
     net = load_model(src, dtype=dtype)
     tokenizer = None
     if src.is_dir() and (src / "tokenizer.json").is_file():

@@ -97,9 +97,26 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
         model.tie_weights()
 
 
+def refuse_classifier(path: Path, ref: str, why: str = "it does not generate text",
+                      alternative: str = "") -> None:
+    """A directory saved by ``gptlab finetune classify`` holds a classifier, not an LM: say so before loading."""
+    cfgfile = path / "config.json"
+    try:
+        info = json.loads(cfgfile.read_text()).get("classifier") if path.is_dir() and cfgfile.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return  # not readable as a gptlab config: the loader reports it
+    if info:
+        labels = [str(x) for x in info.get("labels", [])] if isinstance(info, dict) else []
+        shown = ", ".join(labels[:4]) + (", ..." if len(labels) > 4 else "")
+        raise GptlabError(f"{ref} is a classifier ({len(labels)} labels: {shown}) made by `gptlab finetune "
+                          f"classify`, not a language model, and {why}; use it with `gptlab classify {ref} TEXT`"
+                          + (f", {alternative}" if alternative else ""))
+
+
 def load_model_dir(path: str | Path, *, dtype: torch.dtype | None = None, device=None) -> nn.Module:
     """Load a gptlab model directory, strictly checked. Builds on the meta device (no double RAM)."""
     path = Path(path)
+    refuse_classifier(path, str(path))
     cfg = read_config(path)
     wfile = path / "model.safetensors"
     if not wfile.is_file():
