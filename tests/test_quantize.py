@@ -126,3 +126,16 @@ def test_int4_odd_width_falls_back_to_int8():
     quantize_int4(model, group_size=32)
     assert isinstance(model[0], Int8Linear)  # 40 inputs: not a multiple of 32
     assert isinstance(model[1], Int8Linear)  # 16 inputs
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantizing_frees_each_float_weight(scheme):
+    """No second copy of the model: once replaced, a float weight has no reference left."""
+    import gc
+    import weakref
+
+    model = build_model(get_preset("llama-micro").replace(vocab_size=64, context_length=16, tie_embeddings=False))
+    refs = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, nn.Linear)]
+    apply_quantization(model, scheme)
+    gc.collect()
+    assert refs and all(r() is None for r in refs)

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 _KERNEL_OK: dict[str, bool] = {}
+_ROWS = 4096  # output rows quantized at a time
 
 
 def _kernel_works(device: torch.device) -> bool:
@@ -57,15 +58,20 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        w = linear.weight.detach().float()  # (out, in)
-        amax = w.abs().amax(dim=1).clamp(min=1e-12)  # (out,)
-        # The kernel takes bf16 scales: quantize with the rounded scale, rounded up so
-        # that the largest weight still fits in [-127, 127].
-        scale = (amax / 127.0).to(torch.bfloat16)
-        scale = torch.where(scale.float() * 127.0 < amax, torch.nextafter(scale, scale.new_tensor(float("inf"))), scale)
-        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        weight = linear.weight.detach()  # (out, in)
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
+        for r in range(0, weight.shape[0], _ROWS):  # in row blocks: a 49K-row head needs no fp32 temporaries
+            w = weight[r:r + _ROWS].float()
+            amax = w.abs().amax(dim=1).clamp(min=1e-12)  # (rows,)
+            # The kernel takes bf16 scales: quantize with the rounded scale, rounded up so
+            # that the largest weight still fits in [-127, 127].
+            s = (amax / 127.0).to(torch.bfloat16)
+            s = torch.where(s.float() * 127.0 < amax, torch.nextafter(s, s.new_tensor(float("inf"))), s)
+            q[r:r + _ROWS] = torch.round(w / s.float()[:, None]).clamp(-127, 127).to(torch.int8)
+            scale[r:r + _ROWS] = s
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_int8", q.contiguous())
+        self.register_buffer("weight_int8", q)
         self.register_buffer("scale", scale)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
@@ -121,14 +127,20 @@ class Int4Linear(nn.Module):
         out_f, in_f = linear.weight.shape
         if in_f % group_size:
             raise ValueError(f"in_features={in_f} is not a multiple of group_size={group_size}")
-        w = linear.weight.detach().float().reshape(out_f, in_f // group_size, group_size)  # (out, G, g)
-        lo, hi = w.amin(-1), w.amax(-1)  # (out, G)
-        scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.bfloat16)
-        minimum = lo.to(torch.bfloat16)
-        codes = torch.round((w - minimum.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
-        codes = codes.to(torch.uint8).reshape(out_f, in_f)
+        weight = linear.weight.detach()
+        packed = torch.empty(out_f, in_f // 2, dtype=torch.uint8, device=weight.device)
+        scale = torch.empty(out_f, in_f // group_size, dtype=torch.bfloat16, device=weight.device)
+        minimum = torch.empty_like(scale)
+        for r in range(0, out_f, _ROWS):  # in row blocks, to bound fp32 temporaries
+            w = weight[r:r + _ROWS].float().reshape(-1, in_f // group_size, group_size)  # (rows, G, g)
+            lo, hi = w.amin(-1), w.amax(-1)  # (rows, G)
+            s, m = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.bfloat16), lo.to(torch.bfloat16)
+            codes = torch.round((w - m.float()[..., None]) / s.float()[..., None]).clamp(0, 15)
+            codes = codes.to(torch.uint8).reshape(-1, in_f)
+            packed[r:r + _ROWS] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            scale[r:r + _ROWS], minimum[r:r + _ROWS] = s, m
         self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
-        self.register_buffer("codes", (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous())
+        self.register_buffer("codes", packed)
         self.register_buffer("scale", scale)
         self.register_buffer("minimum", minimum)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -176,15 +188,18 @@ def quantize_int4(model: nn.Module, group_size: int = 32, head: tuple[str, ...] 
     a layer whose input width is not a multiple of ``group_size`` becomes int8 too.
     For inference only.
     """
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-    for name, mod in targets:
+    for name in [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        # one layer at a time, holding no other reference: each float weight is freed as
+        # soon as its replacement is in place, so quantizing adds no second copy of the model
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        mod = getattr(parent, child)
         if name.endswith(head) or mod.in_features % group_size:
             new: nn.Module = Int8Linear(mod)
         else:
             new = Int4Linear(mod, group_size)
         setattr(parent, child, new.to(mod.weight.device))
+        del mod, new
     return model.eval()
 
 
@@ -195,12 +210,14 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
     A tied output head becomes an int8 copy; the embedding it was tied to stays float.
     For inference only: the int8 weights do not train.
     """
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and not any(name.endswith(s) for s in skip)]
-    for name, mod in targets:
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not any(n.endswith(s) for s in skip)]
+    for name in names:  # one layer at a time, so each float weight is freed once replaced
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        mod = getattr(parent, child)
         setattr(parent, child, Int8Linear(mod).to(mod.weight.device))
+        del mod
     return model.eval()
 
 
