@@ -129,13 +129,24 @@ def test_int4_odd_width_falls_back_to_int8():
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_quantizing_frees_each_float_weight(scheme):
-    """No second copy of the model: once replaced, a float weight has no reference left."""
+def test_quantizing_frees_each_float_weight(scheme, monkeypatch):
+    """No second copy of the model: while layer k is quantized, layers < k's float weights are gone."""
     import gc
     import weakref
 
+    import gptlab.quantize as qmod
+
     model = build_model(get_preset("llama-micro").replace(vocab_size=64, context_length=16, tie_embeddings=False))
     refs = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, nn.Linear)]
+    alive_at_each_layer = []
+    for cls in (qmod.Int8Linear, qmod.Int4Linear):
+        original = cls.__init__
+
+        def spy(self, linear, *args, _original=original, **kw):
+            gc.collect()
+            alive_at_each_layer.append(sum(r() is not None for r in refs))
+            _original(self, linear, *args, **kw)
+        monkeypatch.setattr(cls, "__init__", spy)
     apply_quantization(model, scheme)
-    gc.collect()
-    assert refs and all(r() is None for r in refs)
+    n = len(refs)
+    assert alive_at_each_layer == list(range(n, 0, -1))  # one fewer float weight alive per layer done
