@@ -2,25 +2,53 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from gptlab.errors import GptlabError
 
 
-def pick_device(device: str | None = None) -> torch.device:
-    """``"auto"``/None -> cuda if available, else mps, else cpu. Validates explicit choices."""
-    if device in (None, "auto"):
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def _not_here() -> str:
+    """Which accelerators this machine lacks, for error messages ('' when it has both)."""
+    missing = [n for n, ok in (("cuda", torch.cuda.is_available()), ("mps", _mps_available())) if not ok]
+    return f" ({' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not available here)" if missing else ""
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``"auto"``/None -> cuda if available, else mps, else cpu. Validates explicit choices.
+
+    Accepted: auto, cpu, cuda, cuda:N, mps (any case; a torch.device passes through
+    the same checks). Anything else, or an accelerator this machine lacks, is a
+    GptlabError naming ``device=...`` and the valid values.
+    """
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GptlabError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise GptlabError("device 'mps' requested but Apple MPS is not available; use --device cpu or auto")
-    return dev
+    name = str(device).strip().lower()
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", name)
+    if m is None:
+        raise GptlabError(f"device={str(device)!r} is not a device; choose {DEVICE_CHOICES}{_not_here()}")
+    kind, index = m.group(1), m.group(2)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise GptlabError(f"device={name!r}: no CUDA GPU is available here; use --device cpu or auto")
+    if kind == "cuda" and index is not None and int(index) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise GptlabError(f"device={name!r}: this machine has {n} CUDA GPU{'s' if n != 1 else ''} "
+                          f"(cuda:0 to cuda:{n - 1}); pick one of those or cuda")
+    if kind == "mps" and not _mps_available():
+        raise GptlabError(f"device={name!r}: Apple MPS is not available here; use --device cpu or auto")
+    return torch.device(name)
 
 
 def cpu_has_bf16() -> bool:
