@@ -51,6 +51,41 @@ def test_bare_boolean_flag_end_to_end(capsys):
     assert capsys.readouterr().out.lstrip().startswith("{")
 
 
+def _h(model: str, balanced: bool | None = None, limit: int | None = None):
+    return model, balanced, limit
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["m", "--balanced", "--limit", "200"], ["--balanced", "true", "--limit", "200", "--model", "m"]),
+    (["m", "--limit", "200", "--balanced"], ["--limit", "200", "--balanced", "true", "--model", "m"]),
+    (["m", "--balanced", "false"], ["--balanced", "false", "--model", "m"]),
+    (["--balanced", "m"], ["--balanced", "true", "--model", "m"]),
+])
+def test_optional_boolean_is_a_bare_flag_too(argv, expected):
+    assert _normalize(argv, _h) == expected
+
+
+def test_optional_boolean_end_to_end(monkeypatch, capsys):
+    import gptlab.cli as cli
+
+    seen = {}
+
+    def probe(model: str, balanced: bool | None = None, limit: int | None = None) -> int:
+        seen.update(model=model, balanced=balanced, limit=limit)
+        return 0
+
+    import types
+
+    mod = types.ModuleType("gptlab_probe")
+    mod.probe = probe
+    monkeypatch.setitem(__import__("sys").modules, "gptlab_probe", mod)
+    monkeypatch.setitem(cli.COMMANDS, "probe", ("gptlab_probe:probe", "test"))
+    assert run(["probe", "m", "--balanced", "--limit", "200"]) == 0
+    assert seen == {"model": "m", "balanced": True, "limit": 200}
+    assert run(["probe", "m", "--balanced"]) == 0 and seen["balanced"] is True
+    assert run(["probe", "m"]) == 0 and seen["balanced"] is None
+
+
 def _g(model: str, add: list[str] | None = None, targets: list[str] | None = None):
     return model, add, targets
 

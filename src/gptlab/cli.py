@@ -85,7 +85,7 @@ def _normalize(args: list[str], func) -> list[str]:
         hints = typing.get_type_hints(func)
     except Exception:  # unresolvable annotation: treat every flag as taking a value
         hints = {}
-    booleans = {n for n, t in hints.items() if t is bool}
+    booleans = {n for n, t in hints.items() if _is_bool(t)}
     lists = {n for n, t in hints.items() if list in (typing.get_origin(t), *map(typing.get_origin, typing.get_args(t)))}
     flags, bare, given = [], [], set()
     list_values: dict[str, list[str]] = {}
@@ -126,6 +126,12 @@ def _normalize(args: list[str], func) -> list[str]:
     for name, values in list_values.items():
         flags += [f"--{name}", json.dumps(values)]
     return flags
+
+
+def _is_bool(hint) -> bool:
+    """``bool`` or ``bool | None`` (a tri-state flag whose None means "the default"): a bare flag means true."""
+    return hint is bool or (typing.get_origin(hint) is not None and bool in typing.get_args(hint)
+                            and set(typing.get_args(hint)) <= {bool, type(None)})
 
 
 _BOOL_WORDS = {"true", "false", "yes", "no", "1", "0", "on", "off"}
