@@ -86,6 +86,55 @@ def test_run_directory_contents(tmp_path):
     assert res.diagnosis is not None and res.diagnosis.verdict
 
 
+class _Clock:
+    """A fake ``time`` for the loop: one second passes per training micro-batch (no real waiting)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+class _TicksPerBatch(LanguageModeling):
+    def __init__(self, clock):
+        self.clock = clock
+
+    def loss(self, m, batch):
+        self.clock.now += m.training
+        return super().loss(m, batch)
+
+
+def test_time_limit_between_evaluations_evaluates_the_final_state(tmp_path, monkeypatch):
+    import gptlab.training.loop as loop
+
+    clock = _Clock()
+    monkeypatch.setattr(loop, "time", clock)
+    model, train, val = _setup()
+    res = fit(model, train, val, _cfg(max_steps=None, max_time=5.5), tmp_path, task=_TicksPerBatch(clock),
+              sample_fn=lambda m: "hello", progress=False)
+    assert res.stopped_because == "max_time" and res.step == 6  # stopped between the evaluations at 4 and 8
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [4, 6]
+    assert "--- step 6 ---" in (tmp_path / "samples.txt").read_text()
+    assert (tmp_path / "loss.png").exists()
+    _, state = load_checkpoint(latest_checkpoint(tmp_path), "cpu")
+    assert state["step"] == 6 and state["best_step"] == res.best_step
+
+
+def test_time_limit_before_the_first_evaluation_still_writes_metrics(tmp_path, monkeypatch):
+    import gptlab.training.loop as loop
+
+    clock = _Clock()
+    monkeypatch.setattr(loop, "time", clock)
+    model, train, val = _setup()
+    res = fit(model, train, val, _cfg(max_steps=None, max_time=2.5), tmp_path, task=_TicksPerBatch(clock),
+              sample_fn=lambda m: "hello", progress=False)
+    assert res.step == 3 and [r["step"] for r in res.records] == [3]
+    for name in ("metrics.jsonl", "loss.png", "samples.txt", "model/config.json"):
+        assert (tmp_path / name).exists(), name
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     model, train, val = _setup()
 

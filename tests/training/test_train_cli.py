@@ -143,3 +143,22 @@ def test_yaml_config_with_command_line_override(tmp_path):
     saved = yaml.safe_load((out / "train_config.yaml").read_text())
     assert saved["train"]["max_steps"] == 5 and saved["train"]["batch_size"] == 4
     assert saved["model"]["context_length"] == 32
+
+
+def test_time_limit_before_the_first_step_claims_no_files(tmp_path, capsys, monkeypatch):
+    import gptlab.training.loop as loop
+
+    class Clock:  # every reading is a second later: the limit has passed before the first step
+        now = 0.0
+
+        def perf_counter(self):
+            Clock.now += 1.0
+            return Clock.now
+
+    monkeypatch.setattr(loop, "time", Clock())
+    out = tmp_path / "run"
+    assert run(["train", "--data", str(VERDICT), "--out", str(out), "--max-time", "0.5", *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "stopped (max_time) at step 0" in text and "nothing trained" in text
+    assert "metrics.jsonl" not in text and "gptlab generate" not in text
+    assert not (out / "metrics.jsonl").exists()

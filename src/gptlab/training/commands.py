@@ -166,8 +166,14 @@ def run_training(data: str | None = None, *, preset: str = "gpt2-mini", out: str
         print(f"best val loss {result.best_val_loss:.3f} at step {result.best_step} (saved as {run / 'model'})")
     if d is not None:
         print(f"diagnosis: {d.message}")
-    print(f"run directory: {run}  (metrics.jsonl, loss.png, samples.txt, model/, checkpoints/)")
-    print(f"try: gptlab generate --model {run} --prompt {json.dumps(start_context)}")
+    written = [n for n in ("metrics.jsonl", "loss.png", "samples.txt", "model/", "checkpoints/") if (run / n).exists()]
+    if not written:  # e.g. --max-time ran out before the first step
+        print(f"run directory: {run}  (nothing trained, so no metrics, samples or model were written; "
+              "give a longer --max-time or --max-steps)")
+        return result
+    print(f"run directory: {run}  ({', '.join(written)})")
+    if (run / "model").exists():
+        print(f"try: gptlab generate --model {run} --prompt {json.dumps(start_context)}")
     return result
 
 

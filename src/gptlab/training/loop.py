@@ -186,7 +186,48 @@ def fit(model: nn.Module, train: IndexedBatches, val: IndexedBatches | None, cfg
         return {"step": step, "tokens": tokens, "best_val": best_val, "best_step": best_step,
                 "bad_evals": bad_evals, "elapsed": elapsed, "config": dataclasses.asdict(cfg)}
 
+    lr = lr_at(max(step - 1, 0), lr=cfg.lr, warmup_steps=warmup, max_steps=horizon, min_lr=min_lr)
     bar = None
+
+    def evaluate_and_save() -> bool:
+        """Evaluate train/val, log, sample, plot, keep the best model, checkpoint; True -> patience ran out."""
+        nonlocal window_tokens, window_time, best_val, best_step, bad_evals
+        model.eval()
+        with torch.no_grad(), autocast():
+            tr = task.evaluate(model, [_to(b, device) for b in eval_train])
+            va = task.evaluate(model, [_to(b, device) for b in eval_val]) if eval_val else {}
+        rec = {"step": step, "tokens": tokens, "epoch": round(train.epoch_of(step * cfg.grad_accum), 4),
+               "lr": lr, "train_loss": tr["loss"], "val_loss": va.get("loss"),
+               "tokens_per_s": window_tokens / max(window_time, 1e-9), "elapsed_s": round(elapsed, 2)}
+        rec.update({f"train_{k}": v for k, v in tr.items() if k != "loss"})
+        rec.update({f"val_{k}": v for k, v in va.items() if k != "loss"})
+        window_tokens, window_time = 0, 0.0
+        log.log(rec)
+        line = f"step {step}: train loss {tr['loss']:.3f}"
+        if va:
+            line += f", val loss {va['loss']:.3f}"
+            extra = {k: v for k, v in va.items() if k not in ("loss", "perplexity")}
+            line += "".join(f", val {k} {v:.3f}" for k, v in extra.items())
+        line += f", {rec['tokens_per_s']:,.0f} tok/s"
+        (bar.write if bar is not None else echo)(line)
+        if sample_fn is not None:
+            text = sample_fn(model)
+            (bar.write if bar is not None else echo)(f"  sample: {text!r}")
+            prev = samples_path.read_text() if samples_path.exists() else ""
+            atomic_write_text(samples_path, prev + f"--- step {step} ---\n{text}\n")
+        plot_losses(log.records, run / "loss.png", tokens_per_epoch)
+        improved = False
+        score = va.get("loss") if va else None
+        if score is not None:
+            if best_val is None or score < best_val:
+                best_val, best_step, bad_evals, improved = score, step, 0, True
+            else:
+                bad_evals += 1
+        if improved or val is None:
+            save_model(model, run / "model")
+        save_checkpoint(run, model, tokenizer, optimizer, checkpoint_state())
+        return cfg.patience is not None and bad_evals >= cfg.patience
+
     plain_progress = progress and not sys.stderr.isatty()  # logs/CI: a line every log_every steps
     if progress and not plain_progress:
         from tqdm.auto import tqdm
@@ -251,41 +292,7 @@ def fit(model: nn.Module, train: IndexedBatches, val: IndexedBatches | None, cfg
                      f"{window_tokens / max(window_time, 1e-9):,.0f} tok/s{eta}")
 
             if step % cfg.eval_every == 0 or step == max_steps:
-                model.eval()
-                with torch.no_grad(), autocast():
-                    tr = task.evaluate(model, [_to(b, device) for b in eval_train])
-                    va = task.evaluate(model, [_to(b, device) for b in eval_val]) if eval_val else {}
-                rec = {"step": step, "tokens": tokens, "epoch": round(train.epoch_of(step * cfg.grad_accum), 4),
-                       "lr": lr, "train_loss": tr["loss"], "val_loss": va.get("loss"),
-                       "tokens_per_s": window_tokens / max(window_time, 1e-9), "elapsed_s": round(elapsed, 2)}
-                rec.update({f"train_{k}": v for k, v in tr.items() if k != "loss"})
-                rec.update({f"val_{k}": v for k, v in va.items() if k != "loss"})
-                window_tokens, window_time = 0, 0.0
-                log.log(rec)
-                line = f"step {step}: train loss {tr['loss']:.3f}"
-                if va:
-                    line += f", val loss {va['loss']:.3f}"
-                    extra = {k: v for k, v in va.items() if k not in ("loss", "perplexity")}
-                    line += "".join(f", val {k} {v:.3f}" for k, v in extra.items())
-                line += f", {rec['tokens_per_s']:,.0f} tok/s"
-                (bar.write if bar is not None else echo)(line)
-                if sample_fn is not None:
-                    text = sample_fn(model)
-                    (bar.write if bar is not None else echo)(f"  sample: {text!r}")
-                    prev = samples_path.read_text() if samples_path.exists() else ""
-                    atomic_write_text(samples_path, prev + f"--- step {step} ---\n{text}\n")
-                plot_losses(log.records, run / "loss.png", tokens_per_epoch)
-                improved = False
-                score = va.get("loss") if va else None
-                if score is not None:
-                    if best_val is None or score < best_val:
-                        best_val, best_step, bad_evals, improved = score, step, 0, True
-                    else:
-                        bad_evals += 1
-                if improved or val is None:
-                    save_model(model, run / "model")
-                save_checkpoint(run, model, tokenizer, optimizer, checkpoint_state())
-                if cfg.patience is not None and bad_evals >= cfg.patience:
+                if evaluate_and_save():
                     stopped = "early_stopping"
                     (bar.write if bar is not None else echo)(
                         f"early stopping: no val improvement in {cfg.patience} evaluations (best step {best_step})")
@@ -299,12 +306,12 @@ def fit(model: nn.Module, train: IndexedBatches, val: IndexedBatches | None, cfg
     finally:
         if bar is not None:
             bar.close()
-    # The final state is always checkpointed (a time/epoch limit may fall between evals).
+            bar = None  # a final evaluation below prints plain lines
+    # A time limit (or a resumed run already past --max-steps) may stop between evaluations: evaluate
+    # the final state too, so metrics.jsonl, loss.png, samples.txt and the checkpoint describe it.
     last = log.records[-1]["step"] if log.records else -1
     if stopped in ("max_time", "max_steps") and last != step and step > 0:
-        save_checkpoint(run, model, tokenizer, optimizer, checkpoint_state())
-        if val is None:
-            save_model(model, run / "model")
+        evaluate_and_save()
     if not (run / "model" / "config.json").exists() and step > 0:
         save_model(model, run / "model")
     diag = diagnose(log.records, getattr(getattr(model, "cfg", None), "vocab_size", None))
