@@ -184,3 +184,18 @@ def test_unreachable_judge_is_an_error_with_nonzero_exit(tmp_path, capsys):
                 "--timeout", "2", "--progress", "false"])
     err = capsys.readouterr().err
     assert code == 1 and "every request to the judge" in err
+
+
+def test_zero_limit_is_refused_and_the_judged_file_kept(tmp_path, capsys):
+    from gptlab.cli import run
+
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps([ENTRY]))
+    judged = tmp_path / "r-judged.json"
+    judged.write_text("earlier results")
+    for limit in ("0", "-1"):
+        assert run(["judge", "--responses", str(f), "--judge", "http://127.0.0.1:9", "--limit", limit]) == 1
+        assert capsys.readouterr().err.startswith(f"error: --limit {limit} must be at least 1")
+    with pytest.raises(GptlabError, match="limit=0 must be at least 1"):
+        judge_file(f, OllamaJudge("http://127.0.0.1:9"), limit=0)
+    assert judged.read_text() == "earlier results"

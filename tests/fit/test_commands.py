@@ -60,6 +60,13 @@ def test_bad_input_is_one_line(capsys):
     assert "dequantizes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["fit", "--context", "0"], ["fit", "--model", "gpt2-nano", "--context", "0"]])
+def test_zero_context_is_refused_not_planned_at_8192(argv, capsys):
+    assert run(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --context 0 must be at least 1") and err.count("\n") == 1
+
+
 def test_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit):
         run(["fit", "--help"])

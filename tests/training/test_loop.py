@@ -185,5 +185,12 @@ def test_bad_settings_are_clear():
         TrainConfig().validate()
     with pytest.raises(GptlabError, match="batch_size=0"):
         TrainConfig(max_steps=1, batch_size=0).validate()
+    for bad, msg in [(dict(epochs=0), "epochs=0 must be > 0"), (dict(max_time=0), "max_time=0 must be > 0"),
+                     (dict(max_time=-1.5), "max_time=-1.5 must be > 0"), (dict(patience=0), "patience=0 must be >= 1"),
+                     (dict(warmup_steps=-1), "warmup_steps=-1 must be >= 0"),
+                     (dict(lr=1e-3, min_lr=0.01), "min_lr=0.01 must be between 0 and lr=0.001")]:
+        with pytest.raises(GptlabError, match=msg):
+            TrainConfig(**{"max_steps": 1, **bad}).validate()
+    TrainConfig(max_steps=1, lr=1e-3, min_lr=1e-3, warmup_steps=0).validate()  # a flat schedule is fine
     with pytest.raises(GptlabError, match="has 10 tokens but one window needs 17"):
         window_batches(np.arange(10), 16, 16, 2)

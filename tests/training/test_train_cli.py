@@ -162,3 +162,24 @@ def test_time_limit_before_the_first_step_claims_no_files(tmp_path, capsys, monk
     assert "stopped (max_time) at step 0" in text and "nothing trained" in text
     assert "metrics.jsonl" not in text and "gptlab generate" not in text
     assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--epochs", "0"], "--epochs 0 must be > 0"),
+    (["--max-time", "0"], "--max-time 0 must be > 0 seconds"),
+    (["--max-time", "-5"], "--max-time -5 must be > 0 seconds"),
+    (["--patience", "0"], "--patience 0 must be >= 1"),
+    (["--warmup-steps", "-1"], "--warmup-steps -1 must be >= 0"),
+    (["--lr", "0.001", "--min-lr", "0.01"], "--min-lr 0.01 must be between 0 and --lr 0.001"),
+])
+def test_bad_limits_are_refused_before_any_work(tmp_path, capsys, flags, msg):
+    out = tmp_path / "run"
+    assert run(["train", "--data", str(VERDICT), "--out", str(out), *flags, *TINY]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {msg}") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_bad_limit_on_resume_is_refused_before_loading(tmp_path, capsys):
+    assert run(["train", "--resume", str(tmp_path / "no-run"), "--epochs", "0"]) == 1
+    assert capsys.readouterr().err.startswith("error: --epochs 0 must be > 0")

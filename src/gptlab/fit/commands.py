@@ -140,6 +140,8 @@ def fit_command(model: str | None = None, context: int | None = None, quant: str
         raise GptlabError(f"--batch {batch} must be at least 1")
     if limit is not None and limit < 1:
         raise GptlabError(f"--limit {limit} must be at least 1")
+    if context is not None and context < 1:
+        raise GptlabError(f"--context {context} must be at least 1 token (omit it for the model's own, at most 8192)")
     hw = detect_hardware(calibrate_now=calibrate, ram=ram, vram=vram, cores=cores)
     if verify is not None:
         from gptlab.fit.verify import render_verify, verify_model

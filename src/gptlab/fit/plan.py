@@ -193,7 +193,7 @@ def make_plan(spec: ModelSpec, hw: Hardware, context: int | None = None, quant: 
               prompt_tokens: int = 512, train: bool = False, train_batch: int = 8,
               optimizer: str = "adamw") -> Plan:
     """The plan for one model: memory, speed, run paths, min/recommended hardware, upgrades."""
-    ctx = context or min(spec.context_length, 8192)
+    ctx = min(spec.context_length, 8192) if context is None else context
     if ctx < 1:
         raise GptlabError(f"--context {ctx} must be at least 1")
     if ctx > spec.context_length:
@@ -320,7 +320,7 @@ class Row:
 def table_row(spec: ModelSpec, hw: Hardware, context: int | None = None, engine: str = "llama.cpp",
               quant: str | None = None, kv_quant: str = "f16") -> Row:
     """The row for one model: best quant that fits well, its best run path and speed."""
-    ctx = min(spec.context_length, context or 8192)
+    ctx = min(spec.context_length, 8192 if context is None else context)
     q = check_quant(spec, quant, get_engine(engine)) if quant else _default_quant(spec, hw, ctx, engine, kv_quant)
     mem = inference_memory(spec, hw, q, ctx, 1, kv_quant, engine)
     best = best_path(run_paths(spec, hw, q, ctx, engine, kv_quant))

@@ -69,6 +69,7 @@ def run_training(data: str | None = None, *, preset: str = "gpt2-mini", out: str
     from gptlab.training.checkpoint import latest_checkpoint, load_checkpoint
 
     tcfg = train_cfg or TrainConfig()
+    tcfg.validate_limits()  # a bad limit is refused before a --resume reads anything
     resume_state = None
     if resume is not None:
         run = Path(resume)

@@ -62,17 +62,32 @@ class TrainConfig:
     seed: int = 123
     device: str = "auto"
 
+    def validate_limits(self) -> None:
+        """Check the stopping limits that are set (the only settings a resumed run may change)."""
+        if self.max_steps is not None and self.max_steps < 1:
+            raise GptlabError(f"max_steps={self.max_steps} must be >= 1")
+        if self.epochs is not None and not self.epochs > 0:
+            raise GptlabError(f"epochs={self.epochs:g} must be > 0 (e.g. 1, or 0.5 for half a pass)")
+        if self.max_time is not None and not self.max_time > 0:
+            raise GptlabError(f"max_time={self.max_time:g} must be > 0 seconds")
+        if self.patience is not None and self.patience < 1:
+            raise GptlabError(f"patience={self.patience} must be >= 1 evaluation (omit it to never stop early)")
+
     def validate(self) -> None:
         """Raise a GptlabError naming the first setting that cannot work."""
         if self.max_steps is None and self.epochs is None and self.max_time is None:
             raise GptlabError("say how long to train: give max_steps, epochs or max_time")
+        self.validate_limits()
         for f in ("batch_size", "grad_accum", "eval_every", "eval_iters", "log_every"):
             if getattr(self, f) < 1:
                 raise GptlabError(f"{f}={getattr(self, f)} must be >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise GptlabError(f"max_steps={self.max_steps} must be >= 1")
         if not self.lr > 0:
             raise GptlabError(f"lr={self.lr} must be > 0")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise GptlabError(f"warmup_steps={self.warmup_steps} must be >= 0 (0 means no warmup)")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise GptlabError(f"min_lr={self.min_lr:g} must be between 0 and lr={self.lr:g} "
+                              "(it is the floor the cosine decay ends at; default lr/10)")
 
 
 class Task(Protocol):
