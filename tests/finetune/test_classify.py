@@ -251,3 +251,46 @@ def test_resume_errors(tmp_path, base_dir, capsys):
     assert cli_run(["finetune", "classify", "--resume", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err
     assert "no such directory" in err and len(err.strip().splitlines()) == 1
+
+
+# ---- checkpoints are classifiers too ---------------------------------------------------------------
+
+@pytest.mark.parametrize("trainable", ["last-1", "lora"])
+def test_a_checkpoint_is_a_classifier_and_says_so(tmp_path, base_dir, sms_path, capsys, trainable):
+    """RUN/checkpoints/step-N carries the labels like RUN/model: `gptlab classify` works on it and
+    generate/inspect/export refuse it in one line (they used to fail with a shape mismatch)."""
+    m = finetune_classifier(str(base_dir), str(sms_path), tmp_path / "run", max_steps=3, trainable=trainable,
+                            lora_rank=2, **RESUME_KW)
+    assert m["best_step"] in (2, 3)  # RUN/model is that step's weights; checkpoints step-2 and step-3 are kept
+    ck = tmp_path / "run" / "checkpoints" / "step-000003"
+    info = json.loads((ck / "config.json").read_text())["classifier"]
+    assert info == json.loads((tmp_path / "run" / "model" / "config.json").read_text())["classifier"]
+    # A LoRA checkpoint holds unmerged adapters: they are merged on load, giving RUN/model's predictions.
+    texts = ["Free entry to win cash", "ok see you soon", "Call now!!"]
+    best = tmp_path / "run" / "checkpoints" / f"step-{m['best_step']:06d}"
+    assert predict(*load_classifier(best), texts) == predict(*load_classifier(tmp_path / "run"), texts)
+    capsys.readouterr()
+    assert cli_run(["classify", str(ck), texts[0], "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.split()[0] in ("ham", "spam")
+    for argv in (["generate", str(ck), "--prompt", "hi"], ["inspect", str(ck)],
+                 ["export", str(ck), "--out", str(tmp_path / "hf")]):
+        assert cli_run(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is a classifier (2 labels: ham, spam)" in err, err
+        assert "shape" not in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_checkpoint_written_without_labels_is_recognised_by_its_head(tmp_path, base_dir, sms_path, capsys):
+    """Checkpoints from before the labels were recorded: the 2-output biased head gives them away."""
+    finetune_classifier(str(base_dir), str(sms_path), tmp_path / "run", max_steps=3, trainable="last-1", **RESUME_KW)
+    ck = tmp_path / "run" / "checkpoints" / "step-000003"
+    meta = json.loads((ck / "config.json").read_text())
+    del meta["classifier"]
+    (ck / "config.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert cli_run(["generate", str(ck), "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a classifier (its output head has 2 outputs and a bias" in err, err
+    _, _, info = load_classifier(ck)  # the labels come from the run's model/
+    assert info["labels"] == ["ham", "spam"]

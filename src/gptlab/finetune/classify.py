@@ -249,8 +249,29 @@ def save_classifier(model: nn.Module, out: str | Path, tokenizer, info: dict) ->
     return save_model_dir(model, out, tokenizer, extra={"classifier": info})
 
 
+def _info_from_run(p: Path, meta: dict) -> dict | None:
+    """The classifier entry for a checkpoint ``RUN/checkpoints/step-N`` written without one (gptlab <= this fix).
+
+    Taken from ``RUN/model/config.json`` when the checkpoint's head has one output per label there.
+    """
+    from gptlab.weights.native import classifier_head
+
+    run_model = p.parent.parent / "model" / "config.json"
+    if p.parent.name != "checkpoints" or not run_model.is_file():
+        return None
+    try:
+        info = json.loads(run_model.read_text()).get("classifier")
+    except (OSError, ValueError, AttributeError):
+        return None
+    head = classifier_head(p, (meta.get("model") or {}).get("vocab_size"))
+    if isinstance(info, dict) and head and head[0] == len(info.get("labels", [])):
+        return info
+    return None
+
+
 def load_classifier(path: str | Path, device=None) -> tuple[nn.Module, object, dict]:
-    """(model, tokenizer, info) of a classifier saved by :func:`save_classifier` (or a run dir holding one)."""
+    """(model, tokenizer, info) of a classifier saved by :func:`save_classifier`, a run dir holding one,
+    or one of the run's checkpoints (LoRA adapters in a checkpoint are merged on load)."""
     from gptlab.models import build_model
     from gptlab.weights.native import load_state_strict, read_config
     from safetensors.torch import load_file
@@ -263,14 +284,23 @@ def load_classifier(path: str | Path, device=None) -> tuple[nn.Module, object, d
         raise GptlabError(f"{p} is not a classifier directory (no config.json); give the --out of "
                           "`gptlab finetune classify`")
     meta = json.loads(cfgfile.read_text())
-    info = meta.get("classifier")
+    info = meta.get("classifier") or _info_from_run(p, meta)
     if not info:
         raise GptlabError(f"{p} holds a language model, not a classifier (no 'classifier' entry in config.json)")
     cfg = read_config(p)
     with torch.device("meta"):
         model = build_model(cfg)
     replace_output_head(model, len(info["labels"]))
+    lora = meta.get("lora")
+    if lora:  # a checkpoint of a --trainable lora run: its adapters are stored unmerged
+        from gptlab.finetune.lora import LoraConfig, add_lora
+
+        add_lora(model, LoraConfig(**lora))
     load_state_strict(model, load_file(str(p / "model.safetensors")), str(p / "model.safetensors"))
+    if lora:
+        from gptlab.finetune.lora import merge_lora
+
+        merge_lora(model)
     if hasattr(model, "reset_buffers"):
         model.reset_buffers()
     model = model.to(device or "cpu").eval()
@@ -395,6 +425,7 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
 
     info = {"labels": labeled.names, "max_length": max_length, "pad_id": pad, "base_model": s.model,
             "trainable": s.trainable}
+    net.config_extra = {"classifier": info}  # also in every checkpoint the loop writes, not only in OUT/model
     bs = tcfg.batch_size
     train_b = classification_batches(enc["train"], lab["train"], bs, pad, shuffle=True, drop_last=True, seed=seed)
     val_b = classification_batches(enc["val"], lab["val"], bs, pad, shuffle=False, drop_last=False)

@@ -2,11 +2,16 @@
 
 This is what training writes (``RUN/model``) and what ``generate`` loads.
 ``config.json`` holds ``ModelConfig.to_dict()`` (with its ``family``) under the
-key ``"model"``, plus ``"format": "gptlab"``.
+key ``"model"``, plus ``"format": "gptlab"``. A model may carry more entries in
+its ``config_extra`` attribute (a classifier's ``"classifier"``: labels,
+max_length, pad id), and a model with unmerged LoRA adapters records their
+settings under ``"lora"``; both go into every directory written for it, so a
+training checkpoint describes the model exactly as ``RUN/model`` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -35,7 +40,11 @@ def is_native_dir(path: str | Path) -> bool:
 
 
 def save_model_dir(model: nn.Module, out: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write weights (safetensors, tied weights stored once), config and tokenizer atomically."""
+    """Write weights (safetensors, tied weights stored once), config and tokenizer atomically.
+
+    ``config.json`` gets ``model.config_extra`` (if the model has it), the LoRA
+    settings of unmerged adapters, then ``extra``.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {}
@@ -47,7 +56,10 @@ def save_model_dir(model: nn.Module, out: str | Path, tokenizer=None, extra: dic
         seen[key] = name
         state[name] = t.detach().contiguous().cpu()
     atomic_save(out / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
-    meta = {"format": FORMAT, "model": model.cfg.to_dict()}
+    meta = {"format": FORMAT, "model": model.cfg.to_dict(), **(getattr(model, "config_extra", None) or {})}
+    lora = getattr(model, "lora_config", None)
+    if lora is not None:  # the adapters' keys are in the weights: record how to rebuild them
+        meta["lora"] = dataclasses.asdict(lora)
     if extra:
         meta.update(extra)
     atomic_write_json(out / "config.json", meta)
@@ -97,20 +109,58 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
         model.tie_weights()
 
 
+HEAD_KEYS = ("out_head", "lm_head")  # the output head of each family (a classifier replaces it)
+
+
+def classifier_head(path: Path, vocab_size: int | None) -> tuple[int, bool] | None:
+    """(rows, has bias) of the output head in ``path/model.safetensors`` when it is not an LM head, else None.
+
+    An LM head has ``vocab_size`` rows and no bias; a head from ``replace_output_head``
+    (a classifier) has one row per class and a bias. Only the file's header is read.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            keys = set(f.keys())
+            for name in HEAD_KEYS:
+                if f"{name}.weight" in keys:
+                    rows = f.get_slice(f"{name}.weight").get_shape()[0]
+                    bias = f"{name}.bias" in keys
+                    if bias or (vocab_size is not None and rows != vocab_size):
+                        return rows, bias
+    except (SafetensorError, OSError, ValueError):
+        pass  # missing or damaged: the loader reports it
+    return None
+
+
 def refuse_classifier(path: Path, ref: str, why: str = "it does not generate text",
                       alternative: str = "") -> None:
-    """A directory saved by ``gptlab finetune classify`` holds a classifier, not an LM: say so before loading."""
+    """A directory saved by ``gptlab finetune classify`` holds a classifier, not an LM: say so before loading.
+
+    Recognised by the ``classifier`` entry of its config.json, or, for a checkpoint
+    written without one, by its output head (rows != vocab_size, or a bias).
+    """
     cfgfile = path / "config.json"
     try:
-        info = json.loads(cfgfile.read_text()).get("classifier") if path.is_dir() and cfgfile.is_file() else None
+        meta = json.loads(cfgfile.read_text()) if path.is_dir() and cfgfile.is_file() else None
+        info = meta.get("classifier") if meta else None
+        vocab = meta.get("model", {}).get("vocab_size") if meta else None
     except (OSError, ValueError, AttributeError):
         return  # not readable as a gptlab config: the loader reports it
+    tail = f"; use it with `gptlab classify {ref} TEXT`" + (f", {alternative}" if alternative else "")
     if info:
         labels = [str(x) for x in info.get("labels", [])] if isinstance(info, dict) else []
         shown = ", ".join(labels[:4]) + (", ..." if len(labels) > 4 else "")
         raise GptlabError(f"{ref} is a classifier ({len(labels)} labels: {shown}) made by `gptlab finetune "
-                          f"classify`, not a language model, and {why}; use it with `gptlab classify {ref} TEXT`"
-                          + (f", {alternative}" if alternative else ""))
+                          f"classify`, not a language model, and {why}" + tail)
+    native = meta is not None and meta.get("format") == FORMAT
+    head = classifier_head(path, vocab) if native and (path / "model.safetensors").is_file() else None
+    if head:
+        rows, bias = head
+        raise GptlabError(f"{ref} is a classifier (its output head has {rows} outputs{' and a bias' if bias else ''}"
+                          f", not one per token of the {vocab}-token vocabulary), not a language model, and {why}"
+                          + tail)
 
 
 def load_model_dir(path: str | Path, *, dtype: torch.dtype | None = None, device=None) -> nn.Module:
