@@ -183,3 +183,23 @@ def test_flag_names_rewrites_only_the_commands_parameters():
     assert _flag_names("lr=0 must be > 0", cmd) == "--lr 0 must be > 0"
     # other names, longer names ending in a parameter's name, and paths are left alone
     assert _flag_names("qkv_bias=True; base_lr=1; runs/lr=0.1/x", cmd) == "qkv_bias=True; base_lr=1; runs/lr=0.1/x"
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["train", "--dropout", "2"], "error: --dropout 2 must be in [0, 1)"),  # the config field is drop_rate
+    (["tokenizer", "encode", "hi", "--allowed-special", "some"], "error: --allowed-special must be 'all' or 'none'"),
+])
+def test_errors_name_the_flag_as_typed(argv, msg, tmp_path, capsys):
+    assert run([*argv, *(["--out", str(tmp_path / "run")] if argv[0] == "train" else [])]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(msg) and "drop_rate" not in err and "--allowed_special" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_dashed_key_in_a_config_file_suggests_the_underscore_spelling(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("max-steps: 3\n")
+    assert run(["train", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train: the --config file has the key 'max-steps'; write it max_steps")
+    assert "is not accepted" not in err and err.count("\n") == 1

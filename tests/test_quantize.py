@@ -54,8 +54,34 @@ def test_skip_and_unknown_scheme():
     model = build_model(get_preset("llama-micro").replace(vocab_size=50, context_length=16))
     quantize_int8(model, skip=("lm_head",))
     assert isinstance(model.lm_head, nn.Linear) and isinstance(model.layers[0].mlp.up_proj, Int8Linear)
-    with pytest.raises(GptlabError, match="unknown quantization 'int3'.*int8 and int4"):
+    with pytest.raises(GptlabError, match="quantize='int3' is not a quantization scheme; use int4 or int8"):
         apply_quantization(model, "int3")
+
+
+def test_scheme_names_ignore_case():
+    torch.manual_seed(3)
+    model = build_model(get_preset("llama-micro").replace(vocab_size=50, context_length=16))
+    apply_quantization(model, "INT4")
+    assert isinstance(model.layers[0].mlp.up_proj, Int4Linear)
+
+
+def test_generate_names_the_quantize_flag_before_loading(tmp_path, capsys):
+    from gptlab.cli import run
+    from gptlab.tokenizers import CharTokenizer
+    from gptlab.weights.native import save_model_dir
+
+    tok = CharTokenizer.from_text("hello world")
+    torch.manual_seed(0)
+    save_model_dir(build_model(get_preset("llama-micro").replace(vocab_size=tok.vocab_size, context_length=16)),
+                   tmp_path / "m", tok)
+    # checked before the model is loaded: a missing model is not even looked at
+    assert run(["generate", str(tmp_path / "missing"), "--quantize", "int3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --quantize 'int3' is not a quantization scheme; use int4 or int8")
+    assert err.count("\n") == 1
+    assert run(["generate", str(tmp_path / "m"), "--quantize", "INT4", "--prompt", "he", "--max-new-tokens", "3",
+                "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("he")
 
 
 def test_int4_linear_matches_its_dequantized_weight():

@@ -186,9 +186,13 @@ def _parse_error(message: str, func) -> str:
         close = difflib.get_close_matches(_dash(flags[0][2:]), known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         return f"unknown flag{'s' if len(flags) > 1 else ''} {' '.join(_dash(f[2:]) for f in flags)}{hint}"
-    if m := re.match(r"Option '(\w+)' is not accepted", first):  # a key of the --config file
-        close = difflib.get_close_matches(m.group(1), params, n=1)
-        return f"unknown key {m.group(1)!r} in the --config file" + (f" (did you mean {close[0]}?)" if close else "")
+    if m := re.match(r"Option '([\w-]+)' is not accepted", first):  # a key of the --config file
+        key = m.group(1)
+        if key.replace("-", "_") in params:  # a flag's spelling used as a key: max-steps
+            return (f"the --config file has the key {key!r}; write it {key.replace('-', '_')} "
+                    "(keys are the flag names with underscores)")
+        close = difflib.get_close_matches(key.replace("-", "_"), params, n=1)
+        return f"unknown key {key!r} in the --config file" + (f" (did you mean {close[0]}?)" if close else "")
     if m := re.match(r"Unexpected config: (.*)", first):
         return ("the --config file must hold a YAML mapping of flag names to values (max_steps: 100), "
                 f"got {m.group(1)!r}")
@@ -203,11 +207,20 @@ def _flag_names(message: str, func) -> str:
     The Python API names parameters (``validate_sampling`` says ``top_k=0``); on
     the command line the same message should name the flag that was typed.
     """
-    names = sorted(inspect.signature(func).parameters, key=len, reverse=True)
-    if not names:
+    params = set(inspect.signature(func).parameters)
+    if not params:
         return message
+    # model config fields the command sets under another flag name (--dropout sets drop_rate)
+    fields = {f: flag for f, flag in _FIELD_FLAGS.items() if flag in params and f not in params}
+    names = sorted(params | set(fields), key=len, reverse=True)
     pattern = re.compile(r"(?<![\w./\\-])(" + "|".join(map(re.escape, names)) + r")=")
-    return pattern.sub(lambda m: _dash(m.group(1)) + " ", message)
+    message = pattern.sub(lambda m: _dash(fields.get(m.group(1), m.group(1))) + " ", message)
+    # a message that already names a flag but spells it the parser's way: --allowed_special
+    return _FLAG.sub(lambda m: _dash(m.group(1)) if m.group(1) in params else m.group(0), message)
+
+
+# ModelConfig field -> the flag that sets it, where the two names differ
+_FIELD_FLAGS = {"drop_rate": "dropout"}
 
 
 class _DashedHelp(io.TextIOBase):

@@ -245,6 +245,10 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 100, te
     validate_sampling(temperature, top_k, top_p, min_p, max_new_tokens, repetition_penalty)
     if num_samples < 1:
         raise GptlabError(f"--num-samples {num_samples} must be >= 1")
+    if quantize is not None:
+        from gptlab.quantize import check_scheme
+
+        check_scheme(quantize)  # before the model is loaded
     dev = pick_device(device)
     net = load_model(model, dtype=parse_dtype(dtype), device=dev)
     if quantize is not None:

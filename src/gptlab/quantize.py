@@ -221,12 +221,23 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
     return model.eval()
 
 
-def apply_quantization(model: nn.Module, scheme: str) -> nn.Module:
-    """Apply a named scheme (``"int8"`` or ``"int4"``) to a loaded model; a clear error for anything else."""
+SCHEMES = ("int4", "int8")
+
+
+def check_scheme(scheme: str) -> str:
+    """The scheme's canonical name (``"INT4"`` -> ``"int4"``); a clear error for anything else."""
     from gptlab.errors import GptlabError
 
+    name = str(scheme).strip().lower()
+    if name not in SCHEMES:
+        raise GptlabError(f"quantize={scheme!r} is not a quantization scheme; use int4 or int8 "
+                          "(weight-only), or omit it for full precision")
+    return name
+
+
+def apply_quantization(model: nn.Module, scheme: str) -> nn.Module:
+    """Apply a named scheme (``"int8"`` or ``"int4"``, any case) to a loaded model; a clear error for anything else."""
+    scheme = check_scheme(scheme)
     if scheme == "int8":
         return quantize_int8(model)
-    if scheme == "int4":
-        return quantize_int4(model)
-    raise GptlabError(f"unknown quantization {scheme!r}; the supported schemes are int8 and int4 (weight-only)")
+    return quantize_int4(model)

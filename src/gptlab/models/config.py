@@ -152,7 +152,7 @@ class GPT2Config(ModelConfig):
         if self.n_kv_heads != self.n_heads:
             raise ConfigError("GPT-2 has no grouped-query attention: n_kv_heads must equal n_heads")
         if not 0.0 <= self.drop_rate < 1.0:
-            raise ConfigError(f"drop_rate={self.drop_rate} must be in [0, 1)")
+            raise ConfigError(f"drop_rate={self.drop_rate:g} must be in [0, 1)")
         if self.attn_impl not in ("sdpa", "math"):
             raise ConfigError(f"attn_impl={self.attn_impl!r} must be 'sdpa' or 'math'")
 
