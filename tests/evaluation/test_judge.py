@@ -8,8 +8,8 @@ import pytest
 
 from gptlab.cli import run as cli_run
 from gptlab.errors import GptlabError
-from gptlab.evaluation.judge import (OllamaJudge, OpenAIJudge, format_summary, judge_file, judge_prompt,
-                                     make_judge, parse_score, score_entries, summarize)
+from gptlab.evaluation.judge import (LocalJudge, OllamaJudge, OpenAIJudge, format_summary, judge_file,
+                                     judge_prompt, make_judge, parse_score, score_entries, summarize)
 
 
 @pytest.mark.parametrize("answer, score", [
@@ -106,12 +106,70 @@ def test_openai_endpoint_and_file_output(tmp_path, capsys):
     assert [i["score"] for i in saved["items"]] == [90, 70] and saved["items"][1]["judge_answer"].endswith("70")
 
 
-def test_unreachable_endpoint_is_counted_not_fatal(tmp_path):
+class _Flaky:
+    """A judge whose server answers ``ok`` times, then stops listening."""
+
+    name, url = "flaky", "http://127.0.0.1:9"
+
+    def __init__(self, ok):
+        self.ok, self.calls = ok, 0
+
+    def ask(self, prompt):
+        import urllib.error
+
+        self.calls += 1
+        if self.calls <= self.ok:
+            return "80"
+        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+
+def test_nothing_listening_stops_after_the_first_entry():
+    judge = _Flaky(ok=0)
+    with pytest.raises(GptlabError, match=r"cannot reach the judge at http://127.0.0.1:9 \(connection refused, "
+                                          r"3 attempts\).*nothing was written"):
+        score_entries([ENTRY] * 50, judge, retries=2, backoff=0.0, progress=False)
+    assert judge.calls == 3  # the first entry's attempts only, not 50 x 3
+
+
+def test_a_server_lost_mid_run_is_counted_not_fatal():
+    r = score_entries([ENTRY] * 3, _Flaky(ok=1), retries=1, backoff=0.0, progress=False)
+    assert [i["score"] for i in r["items"]] == [80, None, None] and "error" in r["items"][1]
+    assert r["summary"]["failed_requests"] == 2 and r["summary"]["mean"] == 80.0
+
+
+def test_real_refused_connection_is_recognised():
     judge = OpenAIJudge("http://127.0.0.1:9", model="m", timeout=0.5)
-    r = score_entries([ENTRY], judge, retries=1, backoff=0.0, progress=False)
-    assert r["items"][0]["score"] is None and "error" in r["items"][0]
-    assert r["summary"]["failed_requests"] == 1 and r["summary"]["mean"] is None
-    assert "n/a" in format_summary(r["summary"])
+    with pytest.raises(GptlabError, match="connection refused, 2 attempts.*OpenAI-compatible server"):
+        score_entries([ENTRY], judge, retries=1, backoff=0.0, progress=False)
+    assert "n/a" in format_summary(summarize([None], 1))
+
+
+class _Chatty(LocalJudge):
+    """An in-process judge that answers the task instead of grading it (what a 135M model does)."""
+
+    def __init__(self, answer_prefix=""):
+        self.name, self.answer_prefix = "local:chatty", answer_prefix
+
+    def ask(self, prompt):
+        return self.answer_prefix + " The capital of France is Paris."
+
+
+def test_in_process_judge_that_scores_nothing_fails_with_the_prefix_hint(tmp_path, capsys, monkeypatch):
+    import gptlab.evaluation.judge as J
+
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps([ENTRY, ENTRY]))
+    judged = tmp_path / "r-judged.json"
+    judged.write_text("earlier results")
+    monkeypatch.setattr(J, "make_judge", lambda judge, **kw: _Chatty(kw.get("answer_prefix", "")))
+    assert cli_run(["judge", "--responses", str(f), "--judge", "some-model", "--progress", "false"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the in-process judge gave no parsable 0-100 score in 2 answers")
+    assert '--answer-prefix "Score:"' in err and err.count("\n") == 1
+    assert judged.read_text() == "earlier results"  # nothing scored: the earlier file is kept
+    assert cli_run(["judge", "--responses", str(f), "--judge", "m", "--answer-prefix", "Score:",
+                    "--progress", "false"]) == 1
+    assert "try a larger judge model" in capsys.readouterr().err
 
 
 def test_summary_histogram():
@@ -183,7 +241,9 @@ def test_unreachable_judge_is_an_error_with_nonzero_exit(tmp_path, capsys):
     code = run(["judge", "--responses", str(f), "--judge", f"http://127.0.0.1:{port}", "--retries", "0",
                 "--timeout", "2", "--progress", "false"])
     err = capsys.readouterr().err
-    assert code == 1 and "every request to the judge" in err
+    assert code == 1 and f"cannot reach the judge at http://127.0.0.1:{port}/api/chat (connection refused" in err
+    assert "`ollama serve`" in err and err.count("\n") == 1
+    assert not (tmp_path / "r-judged.json").exists()
 
 
 def test_zero_limit_is_refused_and_the_judged_file_kept(tmp_path, capsys):

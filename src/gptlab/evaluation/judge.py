@@ -21,9 +21,11 @@ and reported, never silently dropped or guessed.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -109,6 +111,7 @@ class OllamaJudge:
             self.url += "/api/chat"
         self.model, self.timeout, self.seed = model, timeout, seed
         self.name = f"ollama:{model}@{self.url}"
+        self.start_hint = f"start Ollama there (`ollama serve`, then `ollama pull {model}`)"
 
     def ask(self, prompt: str) -> str:
         payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "stream": False,
@@ -129,6 +132,8 @@ class OpenAIJudge:
             self.url += "/chat/completions" if self.url.endswith("/v1") else "/v1/chat/completions"
         self.model, self.timeout, self.seed = model, timeout, seed
         self.name = f"openai:{model}@{self.url}"
+        self.start_hint = ("start an OpenAI-compatible server there (e.g. `llama-server -m MODEL.gguf`, "
+                           "`vllm serve MODEL`)")
 
     def ask(self, prompt: str) -> str:
         key = os.environ.get("OPENAI_API_KEY")
@@ -192,6 +197,18 @@ def make_judge(judge: str, model: str = "llama3", api: str = "auto", timeout: fl
 
 # ---- scoring a file of responses ----------------------------------------------------------------------
 
+def _unreachable(e: Exception) -> str | None:
+    """'connection refused' / 'host not found' when nothing answers at the address, else None."""
+    reason = getattr(e, "reason", e)  # URLError wraps the socket error
+    if isinstance(reason, socket.gaierror):
+        return "host not found"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, OSError) and reason.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL):
+        return "host unreachable"
+    return None
+
+
 def score_entries(entries: list[dict], judge: Judge, *, retries: int = 2, backoff: float = 1.0,
                   progress: bool = True) -> dict:
     """Score every entry; returns {"items": [...], "summary": {...}}.
@@ -199,7 +216,10 @@ def score_entries(entries: list[dict], judge: Judge, *, retries: int = 2, backof
     Each item keeps the entry and adds ``score`` (int or None), ``judge_answer``
     (the raw text) and ``attempts``. A network error, timeout or unparsable
     answer is tried again up to ``retries`` more times (a deterministic local
-    judge is asked once: its answer would not change).
+    judge is asked once: its answer would not change). If every attempt for the
+    first entry finds nothing listening at the judge's address (connection
+    refused, unknown host), scoring stops at once with a GptlabError rather than
+    failing the same way for every entry; later failures are counted per item.
     """
     local = isinstance(judge, LocalJudge)
     items, errors = [], 0
@@ -210,7 +230,7 @@ def score_entries(entries: list[dict], judge: Judge, *, retries: int = 2, backof
         it = tqdm(entries, desc="judging", unit="entry", dynamic_ncols=True)
     for entry in it:
         prompt = judge_prompt(entry)
-        answer, score, error, attempts = "", None, None, 0
+        answer, score, error, attempts, unreachable = "", None, None, 0, []
         for attempt in range(1 if local else retries + 1):
             attempts = attempt + 1
             try:
@@ -218,12 +238,21 @@ def score_entries(entries: list[dict], judge: Judge, *, retries: int = 2, backof
                 error = None
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError) as e:
                 error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                unreachable.append(_unreachable(e))
                 if attempt < retries:
                     time.sleep(backoff * (2 ** attempt))
                 continue
+            unreachable.append(None)
             score = parse_score(answer)
             if score is not None:
                 break
+        if not items and unreachable and all(unreachable):  # nobody there: every other entry would fail alike
+            where, why = getattr(judge, "url", judge.name), unreachable[-1]
+            todo = ("check the host name in --judge" if why == "host not found"
+                    else getattr(judge, "start_hint", "start its server"))
+            raise GptlabError(f"cannot reach the judge at {where} ({why}, {attempts} attempt"
+                              f"{'s' if attempts != 1 else ''}); {todo}, or judge in-process with --judge REF; "
+                              "nothing was written")
         item = dict(entry, score=score, judge_answer=answer, attempts=attempts)
         if error is not None and score is None:
             item["error"] = error
@@ -273,10 +302,28 @@ def judge_file(responses: str | Path, judge: Judge, out: str | Path | None = Non
     if limit is not None:
         entries = entries[:limit]
     result = score_entries(entries, judge, retries=retries, progress=progress)
+    if result["summary"]["scored"] == 0:  # an output of nothing must not replace earlier results
+        raise GptlabError(_nothing_scored(result, judge))
     out = Path(out) if out else p.with_name(p.stem + "-judged.json")
     atomic_write_text(out, json.dumps(result, indent=2, ensure_ascii=False))
     result["summary"]["output"] = str(out)
     return result
+
+
+def _nothing_scored(result: dict, judge: Judge) -> str:
+    """Why no entry got a score, and what to do, in one line."""
+    n, items = result["summary"]["n"], result["items"]
+    failed = [i for i in items if "error" in i]
+    if len(failed) == n:
+        hint = getattr(judge, "start_hint", None)
+        return (f"every request to the judge at {getattr(judge, 'url', judge.name)} failed (first: {failed[0]['error']}); "
+                + (f"is it running? {hint}; " if hint else "") + "nothing was written")
+    first = next(i["judge_answer"] for i in items if "error" not in i)
+    said = f"no parsable 0-100 score in {n - len(failed)} answer{'s' if n - len(failed) != 1 else ''} (first: {first[:60]!r})"
+    if isinstance(judge, LocalJudge) and not judge.answer_prefix:
+        return (f"the in-process judge gave {said}; pass --answer-prefix \"Score:\" so its reply starts with "
+                "a score (small models otherwise answer the task); nothing was written")
+    return f"the judge gave {said}; try a larger judge model; nothing was written"
 
 
 def judge_command(responses: str | None = None, judge: str | None = None, model: str = "llama3",
@@ -312,7 +359,4 @@ def judge_command(responses: str | None = None, judge: str | None = None, model:
     summary = result["summary"]
     print(format_summary(summary))
     print(f"per-item scores: {summary['output']}")
-    if summary["n"] and summary["failed_requests"] == summary["n"]:
-        raise GptlabError(f"every request to the judge at {judge} failed (see {summary['output']} for the "
-                          "reasons); is the server running (e.g. `ollama serve`)? or use --judge REF to judge in-process")
     return 0
