@@ -67,6 +67,32 @@ def test_zero_context_is_refused_not_planned_at_8192(argv, capsys):
     assert err.startswith("error: --context 0 must be at least 1") and err.count("\n") == 1
 
 
+class _Stream:
+    def __init__(self, tty):
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+@pytest.mark.parametrize("stdin_tty,stdout_tty,which", [(False, True, "stdin is"), (True, False, "stdout is"),
+                                                         (False, False, "stdin and stdout are")])
+def test_tui_needs_a_terminal(stdin_tty, stdout_tty, which, capsys, monkeypatch):
+    import gptlab.fit.tui as tui
+
+    monkeypatch.setattr(tui, "run_tui", lambda *a, **k: pytest.fail("the TUI must not start"))
+    monkeypatch.setattr("sys.stdin", _Stream(stdin_tty))
+    real_stdout = __import__("sys").stdout
+    monkeypatch.setattr("sys.stdout", _Stream(stdout_tty))
+    try:
+        code = run(["fit", "--tui"])
+    finally:
+        monkeypatch.setattr("sys.stdout", real_stdout)
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"error: --tui needs an interactive terminal, but {which} not one")
+    assert err.count("\n") == 1
+
+
 def test_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit):
         run(["fit", "--help"])

@@ -87,6 +87,13 @@ def render_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
+def _is_tty(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (ValueError, AttributeError):  # closed or not a file
+        return False
+
+
 def fit_command(model: str | None = None, context: int | None = None, quant: str | None = None,
                 kv_quant: str = "f16", engine: str = "llama.cpp", target_tps: float | None = None,
                 train: bool = False, batch: int = 8, optimizer: str = "adamw", add: list[str] | None = None,
@@ -140,6 +147,11 @@ def fit_command(model: str | None = None, context: int | None = None, quant: str
         raise GptlabError(f"--batch {batch} must be at least 1")
     if limit is not None and limit < 1:
         raise GptlabError(f"--limit {limit} must be at least 1")
+    if tui and not (_is_tty(sys.stdin) and _is_tty(sys.stdout)):  # a TUI on a pipe writes escapes and hangs
+        which = " and ".join(n for n, f in (("stdin", sys.stdin), ("stdout", sys.stdout)) if not _is_tty(f))
+        raise GptlabError(f"--tui needs an interactive terminal, but {which} "
+                          f"{'is' if ' and ' not in which else 'are'} not one (piped or redirected); "
+                          "run it in a terminal, or drop --tui for the plain table (--json for scripts)")
     if context is not None and context < 1:
         raise GptlabError(f"--context {context} must be at least 1 token (omit it for the model's own, at most 8192)")
     hw = detect_hardware(calibrate_now=calibrate, ram=ram, vram=vram, cores=cores)
