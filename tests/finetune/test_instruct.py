@@ -130,3 +130,16 @@ def test_cli_errors(tmp_path, base_dir, capsys):
     assert cli_run(["finetune", "instruct", "--model", str(base_dir), "--style", "vicuna",
                     "--out", str(tmp_path / "r")]) == 1
     assert "unknown prompt style 'vicuna'" in capsys.readouterr().err
+
+
+def test_local_paths_are_recorded_absolute(tmp_path, base_dir, instructions_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(base_dir, tmp_path / "base")
+    _small_data(tmp_path, instructions_path, n=20)
+    monkeypatch.chdir(tmp_path)
+    finetune_instruct("base", "small.json", "run", max_steps=1, batch_size=4, allowed_max_length=32, eval_iters=1,
+                      trainable="last-1",
+                      max_new_tokens=1, max_test=1, precision="fp32", device="cpu", progress=False)
+    s = json.loads((tmp_path / "run" / "instruct_config.json").read_text())["settings"]
+    assert (s["model"], s["data"]) == (str(tmp_path / "base"), str(tmp_path / "small.json"))

@@ -178,3 +178,16 @@ def test_generate_command_on_hf_directory_matches_transformers(tmp_path, capsys)
     assert run(["generate", str(path), "--prompt", prompt, "--max-new-tokens", "6", "--temperature", "0",
                 "--stop-at-eos", "false", "--stream", "false"]) == 0
     assert capsys.readouterr().out.strip() == expected.strip()
+
+
+def test_a_mistyped_local_path_is_not_blamed_on_the_hub_alone(tmp_path, monkeypatch):
+    """`--model runs/typo` looks like owner/name: the error says there is no such local path AND no such Hub repo."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(GptlabError) as e:
+        resolve("runs/typo")
+    msg = str(e.value)
+    assert msg.startswith(f"model 'runs/typo': there is no local file or directory of that name (relative to "
+                          f"{tmp_path})") and "\n" not in msg
+    assert "as a Hugging Face Hub repo id: cannot download 'runs/typo'" in msg

@@ -363,8 +363,8 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
     args = dict(locals())  # as called: a setting changed on --resume is refused, not silently ignored
     from gptlab.device import pick_device
     from gptlab.evaluation.metrics import classification_report
-    from gptlab.finetune.common import (read_run_settings, refuse_changed_settings, restore_checkpoint,
-                                        resumed_train_config)
+    from gptlab.finetune.common import (read_run_settings, recorded_ref, refuse_changed_settings,
+                                        restore_checkpoint, resumed_train_config)
     from gptlab.training.loop import TrainConfig, fit
 
     dev = pick_device(device)
@@ -378,8 +378,8 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
         from gptlab.weights import resolve
 
         resolve(model)  # a wrong model reference fails now, not after the data is prepared
-        s = ClassifySettings(model=str(model), data=str(data), trainable=trainable,
-                             balanced=str(data) in NAMED_DATASETS if balanced is None else balanced,
+        s = ClassifySettings(model=recorded_ref(model), data=recorded_ref(data, NAMED_DATASETS),
+                             trainable=trainable, balanced=str(data) in NAMED_DATASETS if balanced is None else balanced,
                              max_length=max_length, limit=limit, lora_rank=lora_rank, lora_alpha=lora_alpha,
                              random_init=random_init)
         tcfg = TrainConfig(epochs=None if max_steps else (DEFAULT_EPOCHS if epochs is None else epochs),

@@ -7,7 +7,7 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -85,6 +85,19 @@ def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
 
 
 # ---- resuming -----------------------------------------------------------------------------------
+
+def recorded_ref(ref: str | Path | None, keep: Iterable[str] = ()) -> str | None:
+    """``ref`` as a run records it for ``--resume``: an existing local path made absolute, so the run
+    resumes from any working directory; anything else (a Hub repo id, a preset, a ``pkg:`` reference,
+    one of the names in ``keep``) as typed."""
+    if ref is None:
+        return None
+    text = str(ref)
+    if not text or text.startswith("pkg:") or text in set(keep):
+        return text
+    path = Path(text).expanduser()
+    return str(path.resolve()) if path.exists() else text
+
 
 # The settings file each kind of run records, and the command that resumes it (to name it in errors).
 RUN_CONFIGS = {"classify_config.json": "gptlab finetune classify", "distill_config.json": "gptlab distill",

@@ -212,7 +212,8 @@ def distill(teacher: str, student: str, data: str | None, out: str | Path, *, mo
     from gptlab.data import load_corpus, split_text
     from gptlab.device import pick_device
     from gptlab.finetune.common import (load_model_and_tokenizer, prepare_out_dir, read_run_settings,
-                                        refuse_changed_settings, restore_checkpoint, resumed_train_config)
+                                        recorded_ref, refuse_changed_settings, restore_checkpoint,
+                                        resumed_train_config)
     from gptlab.training.batches import window_batches
     from gptlab.training.loop import LanguageModeling, TrainConfig, fit
 
@@ -225,7 +226,12 @@ def distill(teacher: str, student: str, data: str | None, out: str | Path, *, mo
         if mode not in ("logits", "sequence"):
             raise GptlabError(f"mode={mode!r} must be 'logits' (match the teacher's distributions) or 'sequence' "
                               "(train on text the teacher generates)")
-        s = DistillSettings(teacher=str(teacher), student=str(student), data=None if data is None else str(data),
+        from gptlab.data.corpus import BUILTIN
+        from gptlab.data.download import DATASETS
+        from gptlab.models.config import list_presets
+
+        s = DistillSettings(teacher=recorded_ref(teacher), student=recorded_ref(student, list_presets()),
+                            data=recorded_ref(data, [BUILTIN, *DATASETS]),
                             mode=mode, alpha=alpha, temperature=temperature, context_length=context_length,
                             stride=stride, val_ratio=val_ratio, prompts=prompts, gen_tokens=gen_tokens)
         cfg = TrainConfig(max_steps=DEFAULT_STEPS if max_steps is None else max_steps, batch_size=batch_size, lr=lr,

@@ -25,8 +25,8 @@ import torch.nn as nn
 
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_write_json, atomic_write_text
-from gptlab.finetune.common import (load_model_and_tokenizer, pad_id_of, prepare_out_dir, restore_checkpoint,
-                                    split_fractions)
+from gptlab.finetune.common import (load_model_and_tokenizer, pad_id_of, prepare_out_dir, recorded_ref,
+                                    restore_checkpoint, split_fractions)
 from gptlab.training.batches import Batch, IndexedBatches
 
 IGNORE = -100
@@ -304,9 +304,9 @@ def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "a
         style = {"phi-3": "phi3"}.get(style, style)  # the chat command's spelling
         if style not in STYLES:
             raise GptlabError(f"unknown prompt style {style!r}; use one of {', '.join(STYLES)}")
-        s = InstructSettings(model=str(model), data=str(data), style=style, trainable=trainable,
-                             mask_prompt=mask_prompt, allowed_max_length=allowed_max_length, lora_rank=lora_rank,
-                             lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        s = InstructSettings(model=recorded_ref(model), data=recorded_ref(data, ["instruction-data"]), style=style,
+                             trainable=trainable, mask_prompt=mask_prompt, allowed_max_length=allowed_max_length,
+                             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                              lora_targets=list(lora_targets or ["all-linear"]), max_new_tokens=max_new_tokens,
                              max_test=max_test)
         tcfg = TrainConfig(epochs=None if max_steps else epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,

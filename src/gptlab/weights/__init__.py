@@ -102,7 +102,12 @@ def resolve(ref: str | Path) -> Path:
         if not p.exists() and _looks_like_repo_id(ref):
             from gptlab.weights.hub import download
 
-            p = download(ref)
+            try:
+                p = download(ref)
+            except GptlabError as e:  # it may as well be a mistyped local path: say both
+                raise GptlabError(f"model {ref!r}: there is no local file or directory of that name (relative to "
+                                  f"{Path.cwd()}), and as a Hugging Face Hub repo id: {' '.join(str(e).split())}"
+                                  ) from None
     if not p.exists():
         raise GptlabError(f"model {str(ref)!r} not found: give a gptlab run/model directory, a Hugging Face "
                           "directory (config.json + model.safetensors), a .gguf file, a Hub repo id "
