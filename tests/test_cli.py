@@ -39,11 +39,29 @@ def test_command_help_uses_dashes(capsys):
 
 def test_unknown_command_and_extra_words(capsys):
     assert run(["trian"]) == 2
-    assert "unknown command 'trian'" in capsys.readouterr().err
+    assert "unknown command 'trian' (did you mean train?)" in capsys.readouterr().err
     assert run(["tokenizer"]) == 2
-    assert "tokenizer train" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("error: missing subcommand: gptlab tokenizer train|encode;")
+    assert run(["finetune", "--lr", "3"]) == 2
+    assert capsys.readouterr().err.startswith("error: missing subcommand: gptlab finetune classify|instruct;")
+    assert run(["finetune", "foo"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: unknown subcommand 'foo' of gptlab finetune "
+                                               "(choose: classify, instruct)")
     assert run(["inspect", "gpt2-nano", "extra"]) == 2
     assert "unexpected argument(s): extra" in capsys.readouterr().err
+
+
+def test_no_command_lists_the_commands_as_a_usage_error(capsys):
+    assert run([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "train" in captured.err and "finetune classify" in captured.err
+    assert captured.err.rstrip().splitlines()[-1].startswith("error: missing command")
+
+
+def test_group_help_lists_its_subcommands(capsys):
+    assert run(["finetune", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune classify" in out and "finetune instruct" in out and "train" not in out
 
 
 def test_bare_boolean_flag_end_to_end(capsys):

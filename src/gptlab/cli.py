@@ -9,9 +9,10 @@ Only the chosen command's module is imported, so ``gptlab --help`` is fast.
 
 Errors are one line on stderr, starting ``error:``:
 
-- exit 2, a usage error (unknown command, unknown flag, a value of the wrong
-  type, a missing required value): ``error: COMMAND: what is wrong; see gptlab
-  COMMAND --help``;
+- exit 2, a usage error (unknown flag, a value of the wrong type, a missing
+  required value): ``error: COMMAND: what is wrong; see gptlab COMMAND --help``;
+  an unknown or missing command or subcommand says which ones exist (bare
+  ``gptlab`` prints the command list);
 - exit 1, the command refused its input (a :class:`gptlab.errors.GptlabError`,
   or a path it cannot read or write). Parameter names in the message
   (``top_k=0``) are shown as the flags the user typed (``--top-k 0``).
@@ -243,9 +244,31 @@ class _DashedHelp(io.TextIOBase):
         return self.stream.fileno()
 
 
+def _subcommands(group: str) -> list[str]:
+    """The second words of the commands in a group: 'finetune' -> ['classify', 'instruct']."""
+    return [n.split()[1] for n in COMMANDS if n.startswith(group + " ")]
+
+
+def _unknown_command(argv: list[str]) -> str:
+    """One line for a first word (or group + second word) that names no command."""
+    group = argv[0]
+    if subs := _subcommands(group):
+        if len(argv) == 1 or argv[1].startswith("-"):
+            return f"missing subcommand: gptlab {group} {'|'.join(subs)}; run `gptlab {group} --help` for the list"
+        close = difflib.get_close_matches(argv[1], subs, n=1)
+        return (f"unknown subcommand {argv[1]!r} of gptlab {group} (choose: {', '.join(subs)})"
+                + (f"; did you mean `gptlab {group} {close[0]}`?" if close else ""))
+    close = difflib.get_close_matches(group, sorted({n.split()[0] for n in COMMANDS}), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown command {group!r}{hint}; run `gptlab --help` for the list"
+
+
 def run(argv: list[str]) -> int:
     """Run one command line; returns the exit status."""
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:  # no command: the list, as a usage error
+        print(_usage() + "\n\nerror: missing command: gptlab COMMAND (one of the list above)", file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     if argv[0] == "--version":
@@ -254,10 +277,15 @@ def run(argv: list[str]) -> int:
         print(__version__)
         return 0
     name, rest = _resolve(argv)
+    if not name and _subcommands(argv[0]) and len(argv) > 1 and argv[1] in ("-h", "--help"):
+        group = argv[0]  # `gptlab finetune --help`: that group's commands
+        width = max(len(n) for n in COMMANDS if n.startswith(group + " "))
+        print(f"usage: gptlab {group} {'|'.join(_subcommands(group))} [--help] [flags]\n\ncommands:")
+        print("\n".join(f"  {n.ljust(width)}  {summary}" for n, (_, summary) in COMMANDS.items()
+                         if n.startswith(group + " ")))
+        return 0
     if not name:
-        groups = sorted({n.split()[0] for n in COMMANDS if " " in n})
-        hint = f" (subcommands: {', '.join(n for n in COMMANDS if n.startswith(argv[0] + ' '))})" if argv[0] in groups else ""
-        print(f"error: unknown command {argv[0]!r}{hint}; run `gptlab --help` for the list", file=sys.stderr)
+        print(f"error: {_unknown_command(argv)}", file=sys.stderr)
         return 2
     target, _summary = COMMANDS[name]
     module, func_name = target.split(":")
