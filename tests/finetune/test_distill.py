@@ -168,8 +168,19 @@ def test_resume_errors(tmp_path, base_dir, sms_path, capsys):
     (tmp_path / "c.txt").write_text(sms_path.read_text(encoding="utf-8")[:3000])
     distill(str(base_dir), "gpt2-nano", str(tmp_path / "c.txt"), tmp_path / "run", context_length=32, max_steps=1,
             batch_size=4, eval_iters=1, precision="fp32", device="cpu", progress=False)
-    with pytest.raises(GptlabError, match="--alpha 0.9 differs from the 0.5 that"):
+    with pytest.raises(GptlabError, match=r"--alpha 0.9 differs from the 0.5 that .*\(only --max-steps may change\)"):
         distill("", "", None, tmp_path / "x", resume=tmp_path / "run", alpha=0.9)
+    # The run is at step 1: resuming to step 1 (the recorded limit) would train nothing; refused before loading.
+    with pytest.raises(GptlabError, match=f"^{tmp_path / 'run'} is already at step 1; give a larger --max-steps "
+                                          "to continue$"):
+        distill("", "", None, tmp_path / "x", resume=tmp_path / "run", max_steps=1)
+    assert cli_run(["distill", "--resume", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err.strip().endswith("already at step 1; give a larger --max-steps to continue")
+    for bad in ("0", "-3"):
+        assert cli_run(["distill", "--teacher", str(base_dir), "--student", "gpt2-nano", "--max-steps", bad,
+                        "--out", str(tmp_path / "new")]) == 1
+        assert f"error: --max-steps {bad} must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
     assert cli_run(["distill", "--resume", str(base_dir)]) == 1
     err = capsys.readouterr().err
     assert "not a distillation run" in err and len(err.strip().splitlines()) == 1

@@ -115,8 +115,15 @@ def test_lora_run_resumes_exactly(tmp_path, base_dir, instructions_path):
     b = load_file(str(tmp_path / "part" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)  # the adapters did train
-    with pytest.raises(GptlabError, match="not an instruction run"):
+    with pytest.raises(GptlabError, match="no such directory; give the --out directory of an earlier instruction"):
         finetune_instruct("", "", tmp_path / "x", resume=tmp_path / "nope", **kw)
+    with pytest.raises(GptlabError, match=r"is not an instruction run \(no instruct_config.json\)"):
+        finetune_instruct("", "", tmp_path / "x", resume=base_dir)
+    # 32 train entries, batches of 4: 8 steps per epoch. At step 4 = epoch 0.5 already.
+    with pytest.raises(GptlabError, match=r"is already at step 4 \(epoch 0.5\); give a larger --max-steps/--epochs"):
+        finetune_instruct("", "", tmp_path / "x", resume=tmp_path / "part", epochs=0.5)
+    with pytest.raises(GptlabError, match=r"--lr 0.1 differs from the 0.005 that"):
+        finetune_instruct("", "", tmp_path / "x", resume=tmp_path / "part", lr=0.1, max_steps=5)
 
 
 def test_cli_errors(tmp_path, base_dir, capsys):
@@ -130,6 +137,9 @@ def test_cli_errors(tmp_path, base_dir, capsys):
     assert cli_run(["finetune", "instruct", "--model", str(base_dir), "--style", "vicuna",
                     "--out", str(tmp_path / "r")]) == 1
     assert "unknown prompt style 'vicuna'" in capsys.readouterr().err
+    for flag in (["--epochs", "0"], ["--epochs", "-1"], ["--max-steps", "0"]):
+        assert cli_run(["finetune", "instruct", "--model", str(base_dir), "--out", str(tmp_path / "r"), *flag]) == 1
+        assert f"error: {flag[0]} {flag[1]} must be" in capsys.readouterr().err
 
 
 def test_local_paths_are_recorded_absolute(tmp_path, base_dir, instructions_path, monkeypatch):

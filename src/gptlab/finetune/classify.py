@@ -40,6 +40,7 @@ from gptlab.training.batches import Batch, IndexedBatches
 NAMED_DATASETS = {"sms-spam"}  # balanced by default
 CONFIG_FILE = "classify_config.json"  # the run's settings, for --resume
 DEFAULT_EPOCHS = 3
+LIMIT_FLAGS = "--max-steps/--epochs"  # the stopping limits a resumed run may change
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -363,15 +364,17 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
     args = dict(locals())  # as called: a setting changed on --resume is refused, not silently ignored
     from gptlab.device import pick_device
     from gptlab.evaluation.metrics import classification_report
-    from gptlab.finetune.common import (read_run_settings, recorded_ref, refuse_changed_settings,
-                                        restore_checkpoint, resumed_train_config)
+    from gptlab.finetune.common import (check_limits, read_run_settings, recorded_ref, refuse_changed_settings,
+                                        refuse_reached_limit, restore_checkpoint, resumed_train_config)
     from gptlab.training.loop import TrainConfig, fit
 
+    check_limits(max_steps, epochs)
     dev = pick_device(device)
     if resume is not None:
         run, s, meta = read_run_settings(resume, CONFIG_FILE, "classification", ClassifySettings, overwrite=overwrite)
         refuse_changed_settings(finetune_classifier, args, meta, run)
         tcfg = resumed_train_config(meta["train"], max_steps=max_steps, epochs=epochs)
+        refuse_reached_limit(run, tcfg, meta.get("steps_per_epoch"), LIMIT_FLAGS)
     else:
         if max_length < 1:
             raise GptlabError(f"max_length={max_length} must be >= 1")
@@ -399,6 +402,9 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
     if len(splits.train) < tcfg.batch_size or not splits.val or not splits.test:
         raise GptlabError(f"only {len(labeled.texts)} examples: too few for a 70/10/20 split with batch_size="
                           f"{tcfg.batch_size}; give more data or a smaller batch size")
+    steps_per_epoch = max(1, len(splits.train) // tcfg.batch_size // tcfg.grad_accum)  # as fit() counts them
+    if resume is not None and "steps_per_epoch" not in meta:  # a run recorded before it was: known only now
+        refuse_reached_limit(run, tcfg, steps_per_epoch, LIMIT_FLAGS)
 
     torch.manual_seed(seed)
     net, tok = load_model_and_tokenizer(s.model, dev)
@@ -438,7 +444,8 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
         run = prepare_out_dir(out, overwrite)
         # One evaluation (and checkpoint) per epoch, or two in a run shorter than an epoch.
         tcfg.eval_every = max(1, min(len(train_b), max_steps // 2 or 1)) if max_steps else len(train_b)
-        atomic_write_json(run / CONFIG_FILE, {"settings": asdict(s), "train": asdict(tcfg)})
+        atomic_write_json(run / CONFIG_FILE, {"settings": asdict(s), "train": asdict(tcfg),
+                                              "steps_per_epoch": steps_per_epoch})
     print(f"data: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test "
           f"({'balanced ' if s.balanced else ''}{labeled.counts()}; file had {counts_before}); "
           f"max length {max_length} tokens", flush=True)

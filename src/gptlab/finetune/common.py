@@ -123,7 +123,8 @@ def read_run_settings(resume: str | Path, config_name: str, what: str, settings_
     if not saved.is_file():
         other = next((cmd for name, cmd in RUN_CONFIGS.items() if (run / name).is_file()), None)
         hint = f"it was made by `{other}`; resume it with that command" if other else "check the --resume path"
-        raise GptlabError(f"{run} is not a {what} run (no {config_name}); {hint}")
+        article = "an" if what[:1] in "aeiou" else "a"
+        raise GptlabError(f"{run} is not {article} {what} run (no {config_name}); {hint}")
     try:
         meta = json.loads(saved.read_text())
         if not isinstance(meta.get("train"), dict):
@@ -144,6 +145,7 @@ def refuse_changed_settings(func: Callable, args: dict[str, Any], meta: dict, ru
     """
     recorded = {**meta["train"], **meta["settings"]}
     params = inspect.signature(func).parameters
+    limits = "/".join(_dash(n) for n in ("max_steps", "epochs") if n in params)
     for name, value in args.items():
         if name in _MAY_CHANGE or name not in recorded or name not in params:
             continue
@@ -151,10 +153,53 @@ def refuse_changed_settings(func: Callable, args: dict[str, Any], meta: dict, ru
         if default is inspect.Parameter.empty or value is None or value == default:
             continue
         if value != recorded[name]:
-            flag = "--" + name.replace("_", "-")
+            flag = _dash(name)
             raise GptlabError(f"{flag} {value} differs from the {recorded[name]!r} that {run} was started with; a "
-                              f"resumed run keeps its settings (only --max-steps/--epochs may change): drop {flag}, "
+                              f"resumed run keeps its settings (only {limits} may change): drop {flag}, "
                               "or start a new run with --out")
+
+
+def _dash(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_limits(max_steps: int | None, epochs: float | None = None) -> None:
+    """Refuse a stopping limit that would train nothing (``max_steps``/``epochs`` <= 0), new run or resumed."""
+    if max_steps is not None and max_steps < 1:
+        raise GptlabError(f"max_steps={max_steps} must be >= 1 (the total number of optimizer steps)")
+    if epochs is not None and not epochs > 0:
+        raise GptlabError(f"epochs={epochs:g} must be > 0 (the total number of passes over the training data)")
+
+
+def checkpoint_step(run: Path) -> int | None:
+    """The step of the run's latest checkpoint, read from its name (``step-000020``) without loading it."""
+    import re
+
+    from gptlab.training.checkpoint import latest_checkpoint
+
+    m = re.fullmatch(r"step-(\d+)", latest_checkpoint(run).name)
+    return int(m.group(1)) if m else None
+
+
+def refuse_reached_limit(run: Path, cfg, steps_per_epoch: int | None, flags: str) -> None:
+    """Refuse to resume a run whose latest checkpoint is already at the (new) stopping limit of ``cfg``.
+
+    Such a resume would train nothing (and classification would re-score every
+    split). ``steps_per_epoch`` (optimizer steps) turns an ``epochs`` limit into
+    steps as :func:`gptlab.training.loop.fit` does; when it is not known yet, an
+    ``epochs`` limit is not checked. ``flags`` names the command's limit flags.
+    """
+    import math
+
+    step = checkpoint_step(run)
+    if step is None:
+        return
+    target = cfg.max_steps
+    if target is None and cfg.epochs is not None and steps_per_epoch:
+        target = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    if target is not None and step >= target:
+        epoch = f" (epoch {round(step / steps_per_epoch, 2):g})" if steps_per_epoch else ""
+        raise GptlabError(f"{run} is already at step {step}{epoch}; give a larger {flags} to continue")
 
 
 def resumed_train_config(recorded: dict[str, Any], *, max_steps: int | None = None, epochs: float | None = None):

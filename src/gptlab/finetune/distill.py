@@ -211,17 +211,19 @@ def distill(teacher: str, student: str, data: str | None, out: str | Path, *, mo
     args = dict(locals())  # as called: a setting changed on --resume is refused, not silently ignored
     from gptlab.data import load_corpus, split_text
     from gptlab.device import pick_device
-    from gptlab.finetune.common import (load_model_and_tokenizer, prepare_out_dir, read_run_settings,
-                                        recorded_ref, refuse_changed_settings, restore_checkpoint,
-                                        resumed_train_config)
+    from gptlab.finetune.common import (check_limits, load_model_and_tokenizer, prepare_out_dir, read_run_settings,
+                                        recorded_ref, refuse_changed_settings, refuse_reached_limit,
+                                        restore_checkpoint, resumed_train_config)
     from gptlab.training.batches import window_batches
     from gptlab.training.loop import LanguageModeling, TrainConfig, fit
 
+    check_limits(max_steps)
     dev = pick_device(device)
     if resume is not None:
         run, s, meta = read_run_settings(resume, CONFIG_FILE, "distillation", DistillSettings, overwrite=overwrite)
         refuse_changed_settings(distill, args, meta, run)
         cfg = resumed_train_config(meta["train"], max_steps=max_steps)
+        refuse_reached_limit(run, cfg, None, "--max-steps")  # before the teacher and student are loaded
     else:
         if mode not in ("logits", "sequence"):
             raise GptlabError(f"mode={mode!r} must be 'logits' (match the teacher's distributions) or 'sequence' "

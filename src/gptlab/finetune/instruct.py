@@ -34,6 +34,9 @@ ALPACA_HEADER = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
 STYLES = ("alpaca", "phi3", "chat")
 RESPONSES_FILE = "instruction-data-with-response.json"
+CONFIG_FILE = "instruct_config.json"  # the run's settings, for --resume
+DEFAULT_EPOCHS = 2
+LIMIT_FLAGS = "--max-steps/--epochs"  # the stopping limits a resumed run may change
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -271,32 +274,35 @@ class InstructSettings:
 
 
 def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "alpaca", trainable: str = "last-4",
-                      mask_prompt: bool = False, allowed_max_length: int = 256, epochs: float = 2,
+                      mask_prompt: bool = False, allowed_max_length: int = 256, epochs: float | None = None,
                       max_steps: int | None = None, batch_size: int = 8, lr: float = 5e-5,
                       weight_decay: float = 0.1, eval_every: int | None = None, eval_iters: int = 5,
                       lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
                       lora_targets: list[str] | None = None, max_new_tokens: int = 128, max_test: int | None = None,
                       resume: str | Path | None = None, precision: str = "auto", device: str = "auto",
                       seed: int = 123, overwrite: bool = False, progress: bool = True) -> dict:
-    """Instruction-tune ``model`` on ``data``; returns a summary (see :func:`instruct_command`)."""
+    """Instruction-tune ``model`` on ``data``; returns a summary (see :func:`instruct_command`).
+
+    ``resume`` continues the run in that directory with its recorded settings
+    (``model``, ``data`` and ``out`` are then ignored; only ``epochs``/``max_steps`` may change).
+    """
+    args = dict(locals())  # as called: a setting changed on --resume is refused, not silently ignored
     from gptlab.device import pick_device
+    from gptlab.finetune.common import (check_limits, read_run_settings, refuse_changed_settings,
+                                        refuse_reached_limit, resumed_train_config)
     from gptlab.finetune.lora import LoraConfig, add_lora, merged_copy, save_adapter
     from gptlab.finetune.surgery import apply_freezing
     from gptlab.training.loop import TrainConfig, fit
     from gptlab.weights.native import save_model_dir
 
+    check_limits(max_steps, epochs)
     dev = pick_device(device)
     resume_state = None
     if resume is not None:
-        run = Path(resume)
-        saved = run / "instruct_config.json"
-        if not saved.is_file():
-            raise GptlabError(f"{run} is not an instruction run (no instruct_config.json); check the --resume path")
-        meta = json.loads(saved.read_text())
-        s = InstructSettings(**meta["settings"])
-        tcfg = TrainConfig(**meta["train"])
-        if max_steps is not None:  # only the stopping limit may change on resume
-            tcfg.max_steps, tcfg.epochs = max_steps, None
+        run, s, meta = read_run_settings(resume, CONFIG_FILE, "instruction", InstructSettings, overwrite=overwrite)
+        refuse_changed_settings(finetune_instruct, args, meta, run)
+        tcfg = resumed_train_config(meta["train"], max_steps=max_steps, epochs=epochs)
+        refuse_reached_limit(run, tcfg, meta.get("steps_per_epoch"), LIMIT_FLAGS)
     else:
         from gptlab.weights import resolve
 
@@ -309,7 +315,8 @@ def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "a
                              lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                              lora_targets=list(lora_targets or ["all-linear"]), max_new_tokens=max_new_tokens,
                              max_test=max_test)
-        tcfg = TrainConfig(epochs=None if max_steps else epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+        tcfg = TrainConfig(epochs=None if max_steps else (DEFAULT_EPOCHS if epochs is None else epochs),
+                           max_steps=max_steps, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, eval_every=eval_every or 50, eval_iters=eval_iters,
                            warmup_steps=0, min_lr=lr, precision=precision, seed=seed, device=str(dev))
         tcfg.validate()
@@ -341,16 +348,19 @@ def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "a
         add_lora(net, LoraConfig(rank=s.lora_rank, alpha=s.lora_alpha, dropout=s.lora_dropout, targets=s.lora_targets))
     counts = apply_freezing(net, s.trainable)
     net.to(dev)
+    kw = dict(pad_id=pad, eos_id=eos, allowed_max_length=limit, mask_prompt=s.mask_prompt)
+    train_b = instruction_batches(enc["train"], tcfg.batch_size, shuffle=True, drop_last=True, seed=tcfg.seed, **kw)
+    steps_per_epoch = max(1, len(train_b) // tcfg.grad_accum)  # as fit() counts them
     if resume is not None:
+        if "steps_per_epoch" not in meta:  # a run recorded before it was: an --epochs limit is checked only now
+            refuse_reached_limit(run, tcfg, steps_per_epoch, LIMIT_FLAGS)
         resume_state = restore_checkpoint(net, run)
         print(f"resuming {run} at step {resume_state['step']}", flush=True)
     else:
         if eval_every is None:
             tcfg.eval_every = max(1, len(train) // tcfg.batch_size // 2)  # twice per epoch
-        atomic_write_json(run / "instruct_config.json",
-                          {"settings": dataclasses.asdict(s), "train": dataclasses.asdict(tcfg)})
-    kw = dict(pad_id=pad, eos_id=eos, allowed_max_length=limit, mask_prompt=s.mask_prompt)
-    train_b = instruction_batches(enc["train"], tcfg.batch_size, shuffle=True, drop_last=True, seed=tcfg.seed, **kw)
+        atomic_write_json(run / CONFIG_FILE, {"settings": dataclasses.asdict(s), "train": dataclasses.asdict(tcfg),
+                                              "steps_per_epoch": steps_per_epoch})
     val_b = instruction_batches(enc["val"], tcfg.batch_size, shuffle=False, drop_last=False, **kw) if enc["val"] else None
     print(f"data: {len(train)} train / {len(test)} test / {len(val)} val entries, style {s.style}"
           f"{', prompt masked' if s.mask_prompt else ''}; model: {counts['trainable'] / 1e6:.2f}M of "
@@ -389,7 +399,7 @@ def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "a
 
 def instruct_command(model: str | None = None, data: str = "instruction-data", out: str = "runs/instruct",
                      style: str = "alpaca", trainable: str = "last-4", mask_prompt: bool = False,
-                     allowed_max_length: int = 256, epochs: float = 2, max_steps: int | None = None,
+                     allowed_max_length: int = 256, epochs: float | None = None, max_steps: int | None = None,
                      batch_size: int = 8, lr: float = 5e-5, weight_decay: float = 0.1, eval_every: int | None = None,
                      eval_iters: int = 5, lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
                      lora_targets: list[str] | None = None, max_new_tokens: int = 128, max_test: int | None = None,
@@ -410,7 +420,7 @@ def instruct_command(model: str | None = None, data: str = "instruction-data", o
         trainable: what trains: last-N (last N blocks + final norm + head), head, all, or lora.
         mask_prompt: learn only the response tokens (the prompt's targets are ignored).
         allowed_max_length: truncate every example to this many tokens.
-        epochs: passes over the training split.
+        epochs: passes over the training split (default 2).
         max_steps: stop after this many optimizer steps instead.
         batch_size: examples per batch.
         lr: learning rate (AdamW, constant).
@@ -423,7 +433,8 @@ def instruct_command(model: str | None = None, data: str = "instruction-data", o
         lora_targets: module names that get adapters (default: all linear layers of the blocks).
         max_new_tokens: longest generated response.
         max_test: generate responses for only the first N test entries.
-        resume: continue the run in this directory from its latest checkpoint.
+        resume: continue the run in this directory from its latest checkpoint, with the settings it was
+            started with (only --epochs or --max-steps, the new total, may change).
         precision: auto (bf16 where fast), fp32, bf16 or fp16.
         device: auto, cpu, cuda or mps.
         seed: random seed.
