@@ -58,6 +58,26 @@ def test_bad_data(tmp_path):
         load_labeled(tmp_path / "bad.csv")
 
 
+def test_bad_lines_are_named_by_their_line_in_the_file(tmp_path):
+    """Line 2 is reported as line 2 (JSONL used to say 'line 1 column 2': the position inside the line)."""
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "a", "label": "x"}\n{"text": "b", label: "y"}\n')
+    with pytest.raises(GptlabError, match=r"d.jsonl line 2 is not valid JSON \(Expecting property name enclosed "
+                                          r"in double quotes at column 15\); a JSONL file holds one JSON object"):
+        read_labeled(p)
+    p.write_text('{"text": "a", "label": "x"}\n\n{"text": "b"}\n')  # blank lines count
+    with pytest.raises(GptlabError, match="d.jsonl line 3 needs 'text' and 'label' keys"):
+        read_labeled(p)
+    p.write_text('{"text": "a\u2028b", "label": "x"}\n{"text": "c", "label": "y"}\n')  # U+2028 inside a string
+    assert read_labeled(p) == (["a\u2028b", "c"], ["x", "y"])
+    (tmp_path / "h.tsv").write_text("label\ttext\nham\thi\nham hi\n")  # the header is line 1
+    with pytest.raises(GptlabError, match="h.tsv line 3 has no TAB"):
+        read_labeled(tmp_path / "h.tsv")
+    (tmp_path / "d.csv").write_text('text,label\n"a, b",x\nc\n')
+    with pytest.raises(GptlabError, match="d.csv line 3 has 1 column"):
+        read_labeled(tmp_path / "d.csv")
+
+
 def test_last_real_token_makes_padding_irrelevant():
     model = tiny_gpt2(30, seed=1)
     replace_output_head(model, 2, seed=0)

@@ -72,6 +72,16 @@ def test_course_split_and_formats(tmp_path, instructions_path):
         load_instruction_data(chat)
 
 
+def test_a_bad_jsonl_line_is_named_by_its_line_in_the_file(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": }\n')
+    with pytest.raises(GptlabError, match=r"d.jsonl line 2 is not valid JSON \(Expecting value at column 32\)"):
+        load_instruction_data(p)
+    p.write_text('{"instruction": "a", "output": "b"}\n\n{"question": "c"}\n')
+    with pytest.raises(GptlabError, match="d.jsonl line 3 needs 'instruction' and 'output' keys"):
+        load_instruction_data(p)
+
+
 def test_encode_example_prompt_length(char_tok):
     e = {"instruction": "Say hi.", "input": "", "output": "hi"}
     ids, n_prompt = encode_example(char_tok, e, "alpaca")

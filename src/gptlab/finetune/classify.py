@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_write_json
-from gptlab.finetune.common import load_model_and_tokenizer, load_tokenizer_for, pad_id_of, prepare_out_dir, split_fractions
+from gptlab.finetune.common import (json_records, load_model_and_tokenizer, load_tokenizer_for, pad_id_of,
+                                    prepare_out_dir, split_fractions)
 from gptlab.finetune.surgery import apply_freezing, replace_output_head
 from gptlab.training.batches import Batch, IndexedBatches
 
@@ -81,11 +82,11 @@ def read_labeled(path: str | Path) -> tuple[list[str], list[str]]:
     if suffix in (".tsv", ".txt", ""):
         lines = p.read_text(encoding="utf-8").splitlines()
         first = lines[0].split("\t") if lines else []
-        text_col, label_col = 1, 0
+        text_col, label_col, first_line = 1, 0, 1
         if {c.strip().lower() for c in first} >= {"text", "label"}:
             text_col, label_col = _pick_columns(first, str(p))
-            lines = lines[1:]
-        for n, line in enumerate(lines, 1):
+            lines, first_line = lines[1:], 2
+        for n, line in enumerate(lines, first_line):  # n: the line number in the file
             if not line.strip():
                 continue
             parts = line.split("\t", 1)
@@ -95,23 +96,22 @@ def read_labeled(path: str | Path) -> tuple[list[str], list[str]]:
             labels.append(parts[label_col].strip())
     elif suffix == ".csv":
         with open(p, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+            reader = csv.reader(f)
+            rows = [(reader.line_num, row) for row in reader]  # line_num: where the row ends in the file
         if not rows:
             raise GptlabError(f"{p} is empty")
-        ti, li = _pick_columns(rows[0], str(p))
-        for row in rows[1:]:
+        ti, li = _pick_columns(rows[0][1], str(p))
+        for n, row in rows[1:]:
             if row:
+                if len(row) <= max(ti, li):
+                    raise GptlabError(f"{p} line {n} has {len(row)} column(s) but the header names "
+                                      f"{len(rows[0][1])}; quote fields that contain commas")
                 texts.append(row[ti])
                 labels.append(row[li].strip())
     elif suffix in (".jsonl", ".json"):
-        raw = p.read_text(encoding="utf-8")
-        try:
-            objs = json.loads(raw) if suffix == ".json" else [json.loads(l) for l in raw.splitlines() if l.strip()]
-        except json.JSONDecodeError as e:
-            raise GptlabError(f"{p} is not valid JSON ({e})") from None
-        for n, o in enumerate(objs, 1):
+        for where, o in json_records(p, jsonl=suffix == ".jsonl"):
             if not isinstance(o, dict) or "text" not in o or "label" not in o:
-                raise GptlabError(f"{p} record {n} needs 'text' and 'label' keys")
+                raise GptlabError(f"{p} {where} needs 'text' and 'label' keys")
             texts.append(str(o["text"]))
             labels.append(str(o["label"]).strip())
     else:

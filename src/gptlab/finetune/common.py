@@ -44,6 +44,38 @@ def load_model_and_tokenizer(ref: str | Path, device: torch.device | None = None
     return model, load_tokenizer_for(ref)
 
 
+def json_records(path: Path, *, jsonl: bool | None = None) -> list[tuple[str, Any]]:
+    """``(where, record)`` for each record of a JSON-array file or a JSONL file (one JSON value a line).
+
+    ``where`` names the record for error messages: ``"record N"`` in an array,
+    ``"line N"`` in JSONL (the file's own line number, blank lines counted). With
+    ``jsonl=None`` a file whose text starts with ``[`` is an array, anything else JSONL.
+    A line that is not JSON is reported by its line number in the file.
+    """
+    raw = path.read_text(encoding="utf-8")
+    if jsonl is None:
+        jsonl = not raw.lstrip().startswith("[")
+    if not jsonl:
+        try:
+            records = json.loads(raw)
+        except json.JSONDecodeError as e:  # its line/column are the file's own
+            raise GptlabError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(records, list):
+            raise GptlabError(f"{path} holds a JSON {type(records).__name__}, not an array of records; "
+                              "give [ {...}, ... ] or one JSON object per line (.jsonl)")
+        return [(f"record {n}", r) for n, r in enumerate(records, 1)]
+    out = []
+    for n, line in enumerate(raw.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
+        if not line.strip():
+            continue
+        try:
+            out.append((f"line {n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise GptlabError(f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno}); a JSONL file "
+                              "holds one JSON object per line") from None
+    return out
+
+
 def pad_id_of(tok) -> int:
     """Padding id: the tokenizer's pad token, else its end-of-text token (the course pads with 50256)."""
     for pid in (getattr(tok, "pad_id", None), getattr(tok, "eos_id", None)):

@@ -25,8 +25,8 @@ import torch.nn as nn
 
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_write_json, atomic_write_text
-from gptlab.finetune.common import (load_model_and_tokenizer, pad_id_of, prepare_out_dir, recorded_ref,
-                                    restore_checkpoint, split_fractions)
+from gptlab.finetune.common import (json_records, load_model_and_tokenizer, pad_id_of, prepare_out_dir,
+                                    recorded_ref, restore_checkpoint, split_fractions)
 from gptlab.training.batches import Batch, IndexedBatches
 
 IGNORE = -100
@@ -65,17 +65,9 @@ def load_instruction_data(data: str | Path) -> list[dict]:
     p = Path(data)
     if not p.is_file():
         raise GptlabError(f"instruction data {p} not found; give a .json/.jsonl file or 'instruction-data'")
-    raw = p.read_text(encoding="utf-8")
-    try:
-        if raw.lstrip().startswith("["):
-            records = json.loads(raw)
-        else:
-            records = [json.loads(line) for line in raw.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise GptlabError(f"{p} is not valid JSON/JSONL ({e})") from None
     entries = []
-    for n, r in enumerate(records, 1):
-        where = f"{p} record {n}"
+    for where, r in json_records(p):
+        where = f"{p} {where}"
         if isinstance(r, dict) and "messages" in r:
             entries.append(_from_messages(r["messages"], where))
         elif isinstance(r, dict) and "instruction" in r and "output" in r:
