@@ -89,6 +89,16 @@ def test_alpaca_style_stops_at_next_section(tok):
     assert "".join(streamed) == "Paris."
 
 
+def test_phi3_style_is_the_course_format_and_stops_at_the_next_turn(tok):
+    """chat --style phi3 (alias of phi-3) renders what finetune instruct --style phi-3 trains on; a reply
+    that runs on into a new user turn is cut there."""
+    model = scripted(tok, "Paris.\n<|user|>\nmore", then="x")
+    session = ChatSession(model, tok, style="phi3", max_new_tokens=40)
+    assert session.template.name == "phi-3"
+    assert session.send("Capital of France?") == "Paris."
+    assert ChatTemplate("phi-3").render(session.messages) == "<|user|>\nCapital of France?\n<|assistant|>\nParis.\n"
+
+
 def test_greedy_reply_equals_generate_on_rendered_prompt(tok):
     torch.manual_seed(0)
     from gptlab.models.llama import Llama, LlamaConfig

@@ -33,8 +33,6 @@ from gptlab.tokenizers.chat_template import ChatTemplate
 # End-of-turn tokens of common chat formats; whichever the tokenizer knows also stops generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<|end_of_text|>", "</s>",
                       "<end_of_turn>")
-# Prompt styles without an end-of-turn token stop at text that opens the next section.
-STOP_STRINGS = {"alpaca": ["\n\n### "]}
 
 
 class _StopGeneration(Exception):
@@ -91,7 +89,8 @@ class ChatSession:
         model: a gptlab model (``model(ids, cache) -> logits``).
         tokenizer: its gptlab tokenizer (its ``chat_template`` is used unless ``style`` is given).
         system: an optional system message that starts every conversation.
-        style: a built-in prompt style (alpaca, phi-3, chatml, llama-3) instead of the tokenizer's template.
+        style: a built-in prompt style (alpaca, phi-3, chatml, llama-3; the same definitions
+            ``finetune instruct --style`` trains with) instead of the tokenizer's template.
         max_new_tokens: the longest reply, in tokens.
         temperature: 0 = greedy; higher = more random.
         top_k, top_p, min_p, repetition_penalty: sampling filters (see ``gptlab.generation``).
@@ -113,7 +112,7 @@ class ChatSession:
                              repetition_penalty=repetition_penalty)
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.stop_ids = self._stop_ids()
-        self.stop_strings = STOP_STRINGS.get(self.template.name, [])
+        self.stop_strings = self.template.stop_strings  # a style without an end-of-turn token: the next header
         self.turns = 0
         self.messages: list[dict] = []
         self.reset()
@@ -263,8 +262,9 @@ def chat_command(model: str, system: str | None = None, style: str | None = None
         model: a .gguf file, a gptlab run or model directory, a Hugging Face directory or repo id,
             or pkg:PACKAGE/PATH.
         system: a system message that starts the conversation.
-        style: use a built-in prompt style (alpaca, phi-3, chatml, llama-3) instead of the model's
-            chat template (needed for models that have none).
+        style: use a built-in prompt style (alpaca, phi-3 alias phi3, chatml, llama-3) instead of the
+            model's chat template (needed for models that have none); a model tuned with
+            `gptlab finetune instruct --style S` chats in its format with --style S.
         tokenizer: where to load the tokenizer from (default: from MODEL).
         max_new_tokens: the longest reply, in tokens.
         temperature: 0 for greedy (deterministic) replies; higher is more random.

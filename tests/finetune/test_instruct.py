@@ -38,8 +38,30 @@ def test_alpaca_and_phi3_formats_exact():
     assert "### Input" not in format_input(dict(e, input=""))
     assert format_example(e, "phi3") == ("<|user|>\nRewrite the sentence.\nThe cat sat.\n<|assistant|>\n",
                                          "The cat was sitting.")
+    assert format_example(e, "phi-3") == format_example(e, "phi3")  # one name for `chat --style` and this
     with pytest.raises(GptlabError, match="unknown prompt style"):
         format_example(e, "vicuna")
+
+
+@pytest.mark.parametrize("style", ["alpaca", "phi-3", "phi3", "chatml", "llama-3"])
+def test_a_model_tuned_in_a_style_chats_in_the_same_format(style):
+    """finetune instruct --style S and chat --style S render one definition: the training prompt of an
+    instruction is exactly what the chat sends for that message."""
+    from gptlab.chat import ChatSession
+    from gptlab.tokenizers import train_bpe
+
+    tok = train_bpe("Name three primary colors. Red, blue and yellow. " * 20, vocab_size=300,
+                    special_tokens=["<|endoftext|>"])
+
+    class Model(torch.nn.Module):
+        cfg = type("Cfg", (), {"context_length": 4096})()
+
+    entry = {"instruction": "Name three primary colors.", "input": "", "output": "Red, blue and yellow."}
+    session = ChatSession(Model(), tok, style=style)
+    session.messages.append({"role": "user", "content": entry["instruction"]})
+    prompt = format_example(entry, style, tok)[0]
+    assert tok.decode(session.prompt_ids()) == prompt
+    assert session.prompt_ids() == tok.encode(prompt, allowed_special="all")
 
 
 def test_chat_style_uses_the_tokenizer_template(char_tok):
@@ -102,6 +124,7 @@ def test_short_run_writes_responses(tmp_path, base_dir, instructions_path):
                           style="phi3", mask_prompt=True, allowed_max_length=96, eval_every=3, eval_iters=1, max_new_tokens=5,
                           max_test=3, trainable="all", precision="fp32", device="cpu", progress=False)
     assert (s["n_train"], s["n_test"], s["n_val"]) == (51, 6, 3)
+    assert json.loads((tmp_path / "run" / "instruct_config.json").read_text())["settings"]["style"] == "phi-3"
     rows = json.loads((tmp_path / "run" / "instruction-data-with-response.json").read_text())
     assert len(rows) == 3 and all(set(r) == {"instruction", "input", "output", "model_response"} for r in rows)
     recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -146,7 +169,8 @@ def test_cli_errors(tmp_path, base_dir, capsys):
     assert "instruction data" in capsys.readouterr().err
     assert cli_run(["finetune", "instruct", "--model", str(base_dir), "--style", "vicuna",
                     "--out", str(tmp_path / "r")]) == 1
-    assert "unknown prompt style 'vicuna'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown prompt style 'vicuna'; choose one of alpaca, phi-3, chatml, llama-3, chat" in err
     for flag in (["--epochs", "0"], ["--epochs", "-1"], ["--max-steps", "0"]):
         assert cli_run(["finetune", "instruct", "--model", str(base_dir), "--out", str(tmp_path / "r"), *flag]) == 1
         assert f"error: {flag[0]} {flag[1]} must be" in capsys.readouterr().err

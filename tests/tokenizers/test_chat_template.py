@@ -72,12 +72,14 @@ def test_builtin_styles_known_strings():
         ALPACA_PREAMBLE + "\n\n### Instruction:\nWhat is the capital of France?\n\n### Response:\n")
     assert apply_chat_template(msgs, "chatml", True) == (
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
-    assert apply_chat_template(msgs, "phi-3", True) == (
-        "<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n")
+    # Phi-3 = the course's chapter 7 format: role headers, no <|end|> (the answer ends with end-of-text).
+    assert apply_chat_template(msgs, "phi-3", True) == "<|user|>\nWhat is the capital of France?\n<|assistant|>\n"
+    assert apply_chat_template(msgs, "phi3", True) == apply_chat_template(msgs, "phi-3", True)  # the alias
     assert apply_chat_template(msgs, "llama-3", True, bos_token="<|begin_of_text|>") == (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of France?"
         "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     assert ChatTemplate("chatml").stop_token == "<|im_end|>"
+    assert ChatTemplate("phi3").name == "phi-3" and ChatTemplate("phi-3").stop_strings == ["\n<|user|>"]
 
 
 def test_for_tokenizer():
@@ -88,6 +90,8 @@ def test_for_tokenizer():
     t = ChatTemplate.for_tokenizer(Tok())
     assert t.render(CONVERSATIONS["user"], True).startswith("<|im_start|>system\nYou are a helpful AI")
     assert ChatTemplate.for_tokenizer(Tok(), style="phi-3").name == "phi-3"
+    assert ChatTemplate.for_tokenizer(Tok(), style="phi3").name == "phi-3"
+    assert ChatTemplate.for_tokenizer(Tok(), style="chat").source == SMOLLM2  # chat = the tokenizer's own
     Tok.chat_template = None
     with pytest.raises(GptlabError, match="no chat template; pick a built-in prompt style"):
         ChatTemplate.for_tokenizer(Tok())

@@ -4,7 +4,8 @@ Recipe:
 
     read entries (Alpaca JSON/JSONL: instruction, input, output; or chat-messages JSONL)
     -> the course's 85/10/5 split in file order (train / test / val)
-    -> render each entry in a prompt style: alpaca, phi3, or chat (the model's own template)
+    -> render each entry in a prompt style: alpaca or phi-3 (the course's), chatml, llama-3, or chat
+       (the model's own template); the styles are those of ``gptlab chat --style``
     -> token ids = prompt + response + end-of-text
     -> collate: pad to the batch's longest, targets = inputs shifted by one, padding in the
        targets -> -100 except the first end-of-text, optional masking of the prompt tokens,
@@ -27,12 +28,11 @@ from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_write_json, atomic_write_text
 from gptlab.finetune.common import (json_records, load_model_and_tokenizer, pad_id_of, prepare_out_dir,
                                     recorded_ref, restore_checkpoint, split_fractions)
+from gptlab.tokenizers.chat_template import MODEL_TEMPLATE, PROMPT_STYLES, style_name
 from gptlab.training.batches import Batch, IndexedBatches
 
 IGNORE = -100
-ALPACA_HEADER = ("Below is an instruction that describes a task. "
-                 "Write a response that appropriately completes the request.")
-STYLES = ("alpaca", "phi3", "chat")
+STYLES = PROMPT_STYLES  # alpaca, phi-3 (alias phi3), chatml, llama-3, chat
 RESPONSES_FILE = "instruction-data-with-response.json"
 CONFIG_FILE = "instruct_config.json"  # the run's settings, for --resume
 DEFAULT_EPOCHS = 2
@@ -88,49 +88,57 @@ def course_split(entries: list[dict]) -> tuple[list[dict], list[dict], list[dict
 
 # ---- prompt styles -----------------------------------------------------------------------------
 
-def format_input(entry: dict, style: str = "alpaca") -> str:
-    """The instruction part of an entry (the course's ``format_input``), without the response header."""
-    if style == "alpaca":
-        text = f"{ALPACA_HEADER}\n\n### Instruction:\n{entry['instruction']}"
-        return text + (f"\n\n### Input:\n{entry['input']}" if entry.get("input") else "")
-    if style == "phi3":
-        return f"<|user|>\n{entry['instruction']}" + (f"\n{entry['input']}" if entry.get("input") else "")
-    raise GptlabError(f"prompt style {style!r} has no plain-text input format; use one of {', '.join(STYLES)}")
+# How an Alpaca entry's optional input joins its instruction in the user turn: the course's two formats
+# put it under "### Input:" (alpaca) or on the next line (phi-3); other templates get a blank line.
+INPUT_JOIN = {"alpaca": "\n\n### Input:\n", "phi-3": "\n"}
 
 
-def _chat_messages(entry: dict) -> list[dict]:
+def _messages(entry: dict, style: str) -> list[dict]:
+    """The conversation before the answer: a chat record's messages, or one user turn built from the entry."""
     if "messages" in entry:
         return entry["messages"][:-1]
-    user = entry["instruction"] + (f"\n\n{entry['input']}" if entry.get("input") else "")
-    return [{"role": "user", "content": user}]
+    join = INPUT_JOIN.get(style, "\n\n")
+    return [{"role": "user", "content": entry["instruction"] + (join + entry["input"] if entry.get("input") else "")}]
 
 
 def render_chat(template: str, messages: list[dict], tokenizer=None, add_generation_prompt: bool = True) -> str:
-    """Render a model's Jinja chat template for ``messages`` (as Hugging Face does; tokenizers/chat_template.py)."""
+    """Render a Jinja chat template or built-in style for ``messages`` (as Hugging Face does; tokenizers/chat_template.py)."""
     from gptlab.tokenizers.chat_template import apply_chat_template
 
     tokens = {k: getattr(tokenizer, k, None) or "" for k in ("bos_token", "eos_token")}
     return apply_chat_template(messages, template, add_generation_prompt=add_generation_prompt, **tokens)
 
 
+def _template(style: str, tokenizer) -> str:
+    """The template source of a prompt style: a built-in, or the tokenizer's own for ``chat``."""
+    style = style_name(style)
+    if style != MODEL_TEMPLATE:
+        return style
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise GptlabError(f"prompt style '{MODEL_TEMPLATE}' needs a tokenizer with a chat template; this one has "
+                          "none (use --style alpaca or phi-3)")
+    return template
+
+
+def format_input(entry: dict, style: str = "alpaca", tokenizer=None) -> str:
+    """The prompt without the header that opens the answer; for alpaca the course's ``format_input`` exactly."""
+    return render_chat(_template(style, tokenizer), _messages(entry, style_name(style)), tokenizer,
+                       add_generation_prompt=False)
+
+
 def format_example(entry: dict, style: str = "alpaca", tokenizer=None) -> tuple[str, str]:
     """(prompt, response): the prompt ends right where the model's answer begins.
 
-    alpaca: ``format_input`` + ``"\\n\\n### Response:\\n"`` | output
-    phi3:   ``<|user|>\\n...`` + ``"\\n<|assistant|>\\n"`` | output
-    chat:   the tokenizer's chat template with the generation prompt | output
+    The prompt is the style's template (``gptlab.tokenizers.chat_template``, the
+    same definitions ``gptlab chat --style`` uses) with the generation prompt:
+
+    alpaca: preamble + ``"\n\n### Instruction:\n..."`` [+ ``"\n\n### Input:\n..."``] + ``"\n\n### Response:\n"``
+    phi-3:  ``"<|user|>\n..."`` [+ ``"\n" + input``] + ``"\n<|assistant|>\n"``
+    chatml, llama-3: their turn markup; chat: the tokenizer's chat template
     """
-    if style == "alpaca":
-        return format_input(entry, style) + "\n\n### Response:\n", entry["output"]
-    if style == "phi3":
-        return format_input(entry, style) + "\n<|assistant|>\n", entry["output"]
-    if style == "chat":
-        template = getattr(tokenizer, "chat_template", None)
-        if not template:
-            raise GptlabError("prompt style 'chat' needs a tokenizer with a chat template; this one has none "
-                              "(use --style alpaca or phi3)")
-        return render_chat(template, _chat_messages(entry), tokenizer), entry["output"]
-    raise GptlabError(f"unknown prompt style {style!r}; use one of {', '.join(STYLES)}")
+    name = style_name(style)
+    return render_chat(_template(name, tokenizer), _messages(entry, name), tokenizer), entry["output"]
 
 
 def encode_example(tok, entry: dict, style: str) -> tuple[list[int], int]:
@@ -288,10 +296,12 @@ def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "a
     from gptlab.weights.native import save_model_dir
 
     check_limits(max_steps, epochs)
+    style = args["style"] = style_name(style)
     dev = pick_device(device)
     resume_state = None
     if resume is not None:
         run, s, meta = read_run_settings(resume, CONFIG_FILE, "instruction", InstructSettings, overwrite=overwrite)
+        s.style = meta["settings"]["style"] = style_name(s.style)  # runs recorded "phi3" before it became phi-3
         refuse_changed_settings(finetune_instruct, args, meta, run)
         tcfg = resumed_train_config(meta["train"], max_steps=max_steps, epochs=epochs)
         refuse_reached_limit(run, tcfg, meta.get("steps_per_epoch"), LIMIT_FLAGS)
@@ -299,9 +309,6 @@ def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "a
         from gptlab.weights import resolve
 
         resolve(model)  # a wrong model reference fails now, not after the data is prepared
-        style = {"phi-3": "phi3"}.get(style, style)  # the chat command's spelling
-        if style not in STYLES:
-            raise GptlabError(f"unknown prompt style {style!r}; use one of {', '.join(STYLES)}")
         s = InstructSettings(model=recorded_ref(model), data=recorded_ref(data, ["instruction-data"]), style=style,
                              trainable=trainable, mask_prompt=mask_prompt, allowed_max_length=allowed_max_length,
                              lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -408,7 +415,8 @@ def instruct_command(model: str | None = None, data: str = "instruction-data", o
         data: instruction-data (downloaded, checksummed), or a JSON/JSONL file of
             {instruction, input, output} or {messages: [...]} records.
         out: run directory to create.
-        style: prompt style: alpaca, phi3, or chat (the model's own chat template).
+        style: prompt style: alpaca, phi-3 (alias phi3), chatml, llama-3, or chat (the model's own chat
+            template); `gptlab chat --style` renders the same formats.
         trainable: what trains: last-N (last N blocks + final norm + head), head, all, or lora.
         mask_prompt: learn only the response tokens (the prompt's targets are ignored).
         allowed_max_length: truncate every example to this many tokens.

@@ -17,8 +17,13 @@ does, so prompts are byte-identical (tested):
 turn (e.g. ``<|im_start|>assistant\\n``), so the model's continuation is the reply.
 
 Models without a template (a GPT-2 you fine-tuned yourself) can use one of the
-built-in prompt styles in :data:`BUILTIN_TEMPLATES`: ``alpaca`` (the course's
-instruction format), ``phi-3``, ``chatml`` and ``llama-3``.
+built-in prompt styles in :data:`BUILTIN_TEMPLATES`: ``alpaca`` and ``phi-3``
+(the course's two chapter-7 instruction formats), ``chatml`` and ``llama-3``.
+These are the only definitions of the styles: ``gptlab finetune instruct
+--style`` renders its training prompts with them and ``gptlab chat --style``
+its conversations, so a model tuned in a style chats in exactly that format.
+Both commands accept the names in :data:`PROMPT_STYLES` (``phi3`` is an alias
+of ``phi-3``; ``chat`` means the tokenizer's own template).
 """
 
 from __future__ import annotations
@@ -49,9 +54,10 @@ BUILTIN_TEMPLATES: dict[str, str] = {
         "{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '\\n\\n### Response:\\n' }}{% endif %}"
     ),
-    # Microsoft Phi-3: <|role|>\n ... <|end|>\n
+    # The course's Phi-3 format (chapter 7): Phi-3's role headers <|user|>, <|assistant|>, each turn
+    # ending in a newline; no <|end|> token: a tuned model ends its answer with end-of-text.
     "phi-3": (
-        "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '\\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
     ),
     # ChatML (Qwen, SmolLM2, many others): <|im_start|>role\n ... <|im_end|>\n
@@ -70,7 +76,21 @@ BUILTIN_TEMPLATES: dict[str, str] = {
 }
 
 # The token that ends an assistant turn in each built-in style (generation stops there).
-BUILTIN_STOP = {"alpaca": None, "phi-3": "<|end|>", "chatml": "<|im_end|>", "llama-3": "<|eot_id|>"}
+BUILTIN_STOP = {"alpaca": None, "phi-3": None, "chatml": "<|im_end|>", "llama-3": "<|eot_id|>"}
+# Styles without such a token: text that opens the next section or turn also ends a reply.
+BUILTIN_STOP_STRINGS = {"alpaca": ["\n\n### "], "phi-3": ["\n<|user|>"]}
+STYLE_ALIASES = {"phi3": "phi-3"}  # the spelling `finetune instruct` used to record
+MODEL_TEMPLATE = "chat"  # the style name for the tokenizer's own chat template
+PROMPT_STYLES = (*BUILTIN_TEMPLATES, MODEL_TEMPLATE)  # what every --style accepts (plus the aliases)
+
+
+def style_name(style: str) -> str:
+    """The canonical name of a prompt style (``phi3`` -> ``phi-3``); an unknown name is refused."""
+    name = STYLE_ALIASES.get(style, style)
+    if name not in PROMPT_STYLES:
+        raise GptlabError(f"unknown prompt style {style!r}; choose one of {', '.join(PROMPT_STYLES)} "
+                          f"({MODEL_TEMPLATE} = the model's own chat template)")
+    return name
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -140,9 +160,11 @@ class ChatTemplate:
                  pad_token: str | None = None, unk_token: str | None = None):
         if not isinstance(source, str) or not source:
             raise GptlabError("a chat template must be a non-empty string (Jinja text or a built-in style name)")
+        source = STYLE_ALIASES.get(source, source)
         self.name = source if source in BUILTIN_TEMPLATES else "custom"
         self.source = BUILTIN_TEMPLATES.get(source, source)
         self.stop_token = BUILTIN_STOP.get(source)
+        self.stop_strings = list(BUILTIN_STOP_STRINGS.get(source, []))
         self.tokens = {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token),
                                          ("pad_token", pad_token), ("unk_token", unk_token)) if v is not None}
         self._template = _compile(self.source)
@@ -168,10 +190,13 @@ class ChatTemplate:
 
         Args:
             tokenizer: a gptlab Tokenizer (its ``chat_template`` and special tokens are used).
-            style: a built-in style name to use instead of the tokenizer's template.
+            style: a built-in style name to use instead of the tokenizer's template (``chat``: the
+                tokenizer's template, as without a style).
         """
-        if style is not None and style not in BUILTIN_TEMPLATES:
-            raise GptlabError(f"unknown prompt style {style!r}; choose one of {', '.join(BUILTIN_TEMPLATES)}")
+        if style is not None:
+            style = style_name(style)
+        if style == MODEL_TEMPLATE:
+            style = None
         source = style or getattr(tokenizer, "chat_template", None)
         if not source:
             raise GptlabError("this tokenizer has no chat template; pick a built-in prompt style "
