@@ -284,6 +284,10 @@ def chat_command(model: str, system: str | None = None, style: str | None = None
     from gptlab.weights import load_model
 
     dev = pick_device(device)
+    if quantize is not None:
+        from gptlab.quantize import check_scheme
+
+        quantize = check_scheme(quantize)  # a typo fails now, not after the model is loaded
     if dtype is None:
         # Measured on a CPU with AVX512-BF16: one-token (M=1) bf16 matmuls are no faster than
         # fp32 in PyTorch 2.13, and fp32 keeps exact parity, so CPUs get fp32.
