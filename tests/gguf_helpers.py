@@ -23,12 +23,14 @@ def write_gguf(path: Path, arch: str, kv: dict, tensors: dict[str, tuple[np.ndar
     """Write a GGUF file: metadata ``kv`` (python values) and ``tensors`` {name: (float array, type name)}.
 
     Arrays are given in PyTorch shape order; quantized types are produced with
-    llama.cpp's own quantizer (``gguf.quants.quantize``).
+    llama.cpp's own quantizer (``gguf.quants.quantize``). A ``kv`` value of None is skipped.
     """
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
     for key, value in kv.items():
+        if value is None:
+            continue
         if isinstance(value, bool):
             w.add_bool(key, value)
         elif isinstance(value, int):
@@ -37,7 +39,7 @@ def write_gguf(path: Path, arch: str, kv: dict, tensors: dict[str, tuple[np.ndar
             w.add_float32(key, value)
         elif isinstance(value, str):
             w.add_string(key, value)
-        elif isinstance(value, list) and value and isinstance(value[0], str):
+        elif isinstance(value, list) and value and isinstance(value[0], (str, float)):
             w.add_array(key, value)
         elif isinstance(value, list):
             w.add_array(key, [int(v) for v in value])

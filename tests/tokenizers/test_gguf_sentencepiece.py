@@ -7,6 +7,7 @@ converter does, and gptlab's tokenizer read from that file must give the
 ``SentencePieceProcessor.encode`` ids on real text.
 """
 
+from gguf_helpers import smollm2_gguf, write_gguf  # noqa: E402
 from paths import SHARED  # noqa: E402
 from pathlib import Path
 
@@ -64,8 +65,6 @@ def _token_type(sp, i: int) -> int:
 def write_spm_gguf(path: Path, sp, **overrides) -> Path:
     """A GGUF file holding ``sp``'s vocabulary as llama.cpp writes it; ``overrides`` replace or
     (with value None) drop ``tokenizer.*`` keys."""
-    import gguf
-
     n = sp.get_piece_size()
     kv = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
           "tokenizer.ggml.scores": [float(sp.get_score(i)) for i in range(n)],
@@ -73,23 +72,7 @@ def write_spm_gguf(path: Path, sp, **overrides) -> Path:
           "tokenizer.ggml.bos_token_id": BOS, "tokenizer.ggml.eos_token_id": EOS,
           "tokenizer.ggml.unknown_token_id": 0, "tokenizer.chat_template": TEMPLATE}
     kv.update(overrides)
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in kv.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        elif isinstance(value, str):
-            w.add_string(key, value)
-        else:  # a list: gguf picks the element type (string, int32, float32) from the first element
-            w.add_array(key, value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_gguf(path, "llama", kv, {})
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +244,7 @@ def test_add_bos_property_follows_the_file(tmp_path, spm_pair):
     assert tok.add_bos  # no add_bos_token key: llama.cpp's default for SentencePiece is on
     path = write_spm_gguf(tmp_path / "nobos.gguf", sp, **{"tokenizer.ggml.add_bos_token": False})
     assert not load_tokenizer(str(path)).add_bos
-    smollm2 = pytest.importorskip("gguf_helpers").smollm2_gguf()
+    smollm2 = smollm2_gguf()
     if smollm2 is not None:
         assert not load_tokenizer(str(smollm2)).add_bos  # byte-level BPE, no BOS by default
 
