@@ -1,7 +1,6 @@
 """--verify: estimated vs measured, in a clean subprocess."""
 
 import json
-
 import math
 
 import pytest
