@@ -188,18 +188,28 @@ def quantize_int4(model: nn.Module, group_size: int = 32, head: tuple[str, ...] 
     a layer whose input width is not a multiple of ``group_size`` becomes int8 too.
     For inference only.
     """
-    for name in [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
-        # one layer at a time, holding no other reference: each float weight is freed as
-        # soon as its replacement is in place, so quantizing adds no second copy of the model
+    def make(name: str, mod: nn.Linear) -> nn.Module:
+        if name.endswith(head) or mod.in_features % group_size:
+            return Int8Linear(mod)
+        return Int4Linear(mod, group_size)
+
+    return _replace_linears(model, make)
+
+
+def _replace_linears(model: nn.Module, make, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Replace each ``nn.Linear`` (name not ending in ``skip``) by ``make(name, linear)``, in place.
+
+    One layer at a time, holding no other reference: each float weight is freed as
+    soon as its replacement is in place, so quantizing adds no second copy of the model.
+    """
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not any(n.endswith(s) for s in skip)]
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         mod = getattr(parent, child)
-        if name.endswith(head) or mod.in_features % group_size:
-            new: nn.Module = Int8Linear(mod)
-        else:
-            new = Int4Linear(mod, group_size)
-        setattr(parent, child, new.to(mod.weight.device))
-        del mod, new
+        setattr(parent, child, make(name, mod).to(mod.weight.device))
+        del mod
     return model.eval()
 
 
@@ -210,15 +220,7 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
     A tied output head becomes an int8 copy; the embedding it was tied to stays float.
     For inference only: the int8 weights do not train.
     """
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and not any(n.endswith(s) for s in skip)]
-    for name in names:  # one layer at a time, so each float weight is freed once replaced
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        mod = getattr(parent, child)
-        setattr(parent, child, Int8Linear(mod).to(mod.weight.device))
-        del mod
-    return model.eval()
+    return _replace_linears(model, lambda name, mod: Int8Linear(mod), skip)
 
 
 SCHEMES = ("int4", "int8")

@@ -364,11 +364,11 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
     args = dict(locals())  # as called: a setting changed on --resume is refused, not silently ignored
     from gptlab.device import pick_device
     from gptlab.evaluation.metrics import classification_report
-    from gptlab.finetune.common import (check_limits, read_run_settings, recorded_ref, refuse_changed_settings,
+    from gptlab.finetune.common import (read_run_settings, recorded_ref, refuse_changed_settings,
                                         refuse_reached_limit, restore_checkpoint, resumed_train_config)
     from gptlab.training.loop import TrainConfig, fit
 
-    check_limits(max_steps, epochs)
+    TrainConfig(max_steps=max_steps, epochs=epochs).validate_limits()  # before anything is read
     dev = pick_device(device)
     if resume is not None:
         run, s, meta = read_run_settings(resume, CONFIG_FILE, "classification", ClassifySettings, overwrite=overwrite)
@@ -439,7 +439,6 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
     resume_state = None
     if resume is not None:
         resume_state = restore_checkpoint(net, run)
-        print(f"resuming {run} at step {resume_state['step']}", flush=True)
     else:
         run = prepare_out_dir(out, overwrite)
         # One evaluation (and checkpoint) per epoch, or two in a run shorter than an epoch.

@@ -195,14 +195,6 @@ def _dash(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_limits(max_steps: int | None, epochs: float | None = None) -> None:
-    """Refuse a stopping limit that would train nothing (``max_steps``/``epochs`` <= 0), new run or resumed."""
-    if max_steps is not None and max_steps < 1:
-        raise GptlabError(f"max_steps={max_steps} must be >= 1 (the total number of optimizer steps)")
-    if epochs is not None and not epochs > 0:
-        raise GptlabError(f"epochs={epochs:g} must be > 0 (the total number of passes over the training data)")
-
-
 def checkpoint_step(run: Path) -> int | None:
     """The step of the run's latest checkpoint, read from its name (``step-000020``) without loading it."""
     import re
@@ -255,7 +247,7 @@ def restore_checkpoint(model: nn.Module, run: Path) -> dict[str, Any]:
     """Load the latest checkpoint's weights of ``run`` into ``model`` (strict); return its resume state."""
     from safetensors.torch import load_file
 
-    from gptlab.training.checkpoint import latest_checkpoint
+    from gptlab.training.checkpoint import latest_checkpoint, load_resume_state
     from gptlab.weights.native import load_state_strict
 
     ck = latest_checkpoint(run)
@@ -264,8 +256,6 @@ def restore_checkpoint(model: nn.Module, run: Path) -> dict[str, Any]:
     load_state_strict(model, {k: v.to(device) for k, v in state.items()}, str(ck / "model.safetensors"))
     if getattr(model.cfg, "tie_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
-    try:
-        return torch.load(ck / "state.pt", map_location=device, weights_only=False)
-    except Exception as e:  # torch raises many types for a damaged pickle/zip
-        raise GptlabError(f"{ck / 'state.pt'} is corrupt or truncated ({type(e).__name__}); point "
-                          f"{run / 'checkpoints' / 'latest'} at an older step and resume again") from None
+    resume_state = load_resume_state(ck, device)
+    print(f"resuming {run} at step {resume_state['step']}", flush=True)
+    return resume_state

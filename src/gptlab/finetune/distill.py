@@ -211,13 +211,13 @@ def distill(teacher: str, student: str, data: str | None, out: str | Path, *, mo
     args = dict(locals())  # as called: a setting changed on --resume is refused, not silently ignored
     from gptlab.data import load_corpus, split_text
     from gptlab.device import pick_device
-    from gptlab.finetune.common import (check_limits, load_model_and_tokenizer, prepare_out_dir, read_run_settings,
+    from gptlab.finetune.common import (load_model_and_tokenizer, prepare_out_dir, read_run_settings,
                                         recorded_ref, refuse_changed_settings, refuse_reached_limit,
                                         restore_checkpoint, resumed_train_config)
     from gptlab.training.batches import window_batches
     from gptlab.training.loop import LanguageModeling, TrainConfig, fit
 
-    check_limits(max_steps)
+    TrainConfig(max_steps=max_steps).validate_limits()  # before anything is read
     dev = pick_device(device)
     if resume is not None:
         run, s, meta = read_run_settings(resume, CONFIG_FILE, "distillation", DistillSettings, overwrite=overwrite)
@@ -268,7 +268,6 @@ def distill(teacher: str, student: str, data: str | None, out: str | Path, *, mo
     resume_state = None
     if resume is not None:
         resume_state = restore_checkpoint(s_model, run)
-        print(f"resuming {run} at step {resume_state['step']}", flush=True)
     else:
         run = prepare_out_dir(out, overwrite)
         if s.mode == "sequence":

@@ -288,14 +288,14 @@ def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "a
     """
     args = dict(locals())  # as called: a setting changed on --resume is refused, not silently ignored
     from gptlab.device import pick_device
-    from gptlab.finetune.common import (check_limits, read_run_settings, refuse_changed_settings,
+    from gptlab.finetune.common import (read_run_settings, refuse_changed_settings,
                                         refuse_reached_limit, resumed_train_config)
     from gptlab.finetune.lora import LoraConfig, add_lora, merged_copy, save_adapter
     from gptlab.finetune.surgery import apply_freezing
     from gptlab.training.loop import TrainConfig, fit
     from gptlab.weights.native import save_model_dir
 
-    check_limits(max_steps, epochs)
+    TrainConfig(max_steps=max_steps, epochs=epochs).validate_limits()  # before anything is read
     style = args["style"] = style_name(style)
     dev = pick_device(device)
     resume_state = None
@@ -354,7 +354,6 @@ def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "a
         if "steps_per_epoch" not in meta:  # a run recorded before it was: an --epochs limit is checked only now
             refuse_reached_limit(run, tcfg, steps_per_epoch, LIMIT_FLAGS)
         resume_state = restore_checkpoint(net, run)
-        print(f"resuming {run} at step {resume_state['step']}", flush=True)
     else:
         if eval_every is None:
             tcfg.eval_every = max(1, len(train) // tcfg.batch_size // 2)  # twice per epoch

@@ -80,12 +80,15 @@ def latest_checkpoint(run: Path) -> Path:
     return ck
 
 
+def load_resume_state(ck: Path, device) -> dict[str, Any]:
+    """The resume state (optimizer, RNG, counters) saved in checkpoint directory ``ck``."""
+    try:
+        return torch.load(ck / "state.pt", map_location=device, weights_only=False)
+    except Exception as e:  # torch raises many types for a damaged pickle/zip
+        raise GptlabError(f"{ck / 'state.pt'} is corrupt or truncated ({type(e).__name__}); point "
+                          f"{ck.parent / 'latest'} at an older step and resume again") from None
+
+
 def load_checkpoint(ck: Path, device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Model (fp32, on device) and the saved resume state of checkpoint directory ``ck``."""
-    model = load_model_dir(ck, device=device)
-    try:
-        state = torch.load(ck / "state.pt", map_location=device, weights_only=False)
-    except Exception as e:  # torch raises many types for a damaged pickle/zip
-        raise GptlabError(f"{ck / 'state.pt'} is corrupt or truncated ({type(e).__name__}); "
-                          "resume from an older checkpoint") from None
-    return model, state
+    return load_model_dir(ck, device=device), load_resume_state(ck, device)
