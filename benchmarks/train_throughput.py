@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from _common import matmul_peak
 from gptlab.device import autocast_dtype
 from gptlab.models import build_model
-from gptlab.models.config import GPT2Config
+from gptlab.models.gpt2 import GPT2Config
 from gptlab.training.optim import build_optimizer
 
 

@@ -6,7 +6,7 @@ import torch
 from gptlab.errors import GptlabError
 from gptlab.generation import filter_logits, generate
 from gptlab.models import build_model
-from gptlab.models.config import GPT2Config
+from gptlab.models.gpt2 import GPT2Config
 
 
 @pytest.fixture(scope="module")

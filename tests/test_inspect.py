@@ -7,7 +7,7 @@ from gptlab.cli import run
 from gptlab.errors import GptlabError
 from gptlab.inspect import get_weight, set_weight, summarize
 from gptlab.models import build_model
-from gptlab.models.config import GPT2Config
+from gptlab.models.gpt2 import GPT2Config
 
 
 def test_summary_counts_and_memory():

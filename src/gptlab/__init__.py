@@ -22,7 +22,7 @@ _LAZY = {
     "get_preset": "gptlab.models",
     "list_presets": "gptlab.models",
     "ModelConfig": "gptlab.models.config",
-    "GPT2Config": "gptlab.models.config",
+    "GPT2Config": "gptlab.models",
     "generate": "gptlab.generation",
     "train": "gptlab.training",
     "TrainConfig": "gptlab.training",

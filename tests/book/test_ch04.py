@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from gptlab.book import (GELU, GPT_CONFIG_124M, FeedForward, GPTModel, LayerNorm, TransformerBlock,
                          book_to_gptlab, generate_text_simple, model_configs)
 from gptlab.errors import GptlabError
-from gptlab.models.config import GPT2Config
+from gptlab.models.gpt2 import GPT2Config
 
 
 def test_layernorm_and_gelu_match_pytorch():

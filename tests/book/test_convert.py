@@ -8,7 +8,7 @@ import torch
 from gptlab.book import GPTModel, book_to_gptlab, gptlab_to_book
 from gptlab.book.convert import book_state_to_gptlab
 from gptlab.errors import GptlabError
-from gptlab.models.config import GPT2Config
+from gptlab.models.gpt2 import GPT2Config
 from gptlab.models.gpt2 import GPT2
 
 

@@ -195,7 +195,7 @@ def test_in_process_judge_runs_a_gptlab_model():
 
     from gptlab.evaluation.judge import LocalJudge
     from gptlab.models import build_model
-    from gptlab.models.config import GPT2Config
+    from gptlab.models.gpt2 import GPT2Config
     from gptlab.tokenizers import CharTokenizer
 
     tok = CharTokenizer.from_text(judge_prompt(ENTRY) + "0123456789Score:")

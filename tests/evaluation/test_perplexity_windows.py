@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from gptlab.errors import GptlabError
 from gptlab.evaluation.perplexity import perplexity, token_losses
 from gptlab.models import build_model
-from gptlab.models.config import GPT2Config
+from gptlab.models.gpt2 import GPT2Config
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import torch
 
 def tiny_gpt2(vocab_size, context_length=96, seed=0, **kw):
     from gptlab.models import build_model
-    from gptlab.models.config import GPT2Config
+    from gptlab.models.gpt2 import GPT2Config
 
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab_size, context_length=context_length, emb_dim=kw.pop("emb_dim", 48),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gptlab.models import build_model, get_preset
-from gptlab.models.config import ConfigError, GPT2Config, ModelConfig
+from gptlab.models import ConfigError, GPT2Config, ModelConfig
 
 
 def tiny(**kw):

@@ -16,7 +16,7 @@ from test_hf_parity import CASES, IDS, make_hf, make_hf_gpt2  # noqa: E402  (tes
 from gptlab.cli import run  # noqa: E402
 from gptlab.errors import GptlabError  # noqa: E402
 from gptlab.models import build_model  # noqa: E402
-from gptlab.models.config import GPT2Config  # noqa: E402
+from gptlab.models.gpt2 import GPT2Config  # noqa: E402
 from gptlab.models.llama import LlamaConfig  # noqa: E402
 from gptlab.weights import load_model  # noqa: E402
 from gptlab.weights.export import config_to_hf, export_hf  # noqa: E402

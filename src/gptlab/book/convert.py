@@ -23,7 +23,7 @@ import torch
 
 from gptlab.book.ch04 import GPTModel
 from gptlab.errors import GptlabError
-from gptlab.models.config import GPT2Config
+from gptlab.models.gpt2 import GPT2Config
 
 # course key -> gptlab key, for everything except the fused q/k/v ({i} = block index).
 _TOP = {

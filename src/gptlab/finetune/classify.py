@@ -302,8 +302,7 @@ def load_classifier(path: str | Path, device=None) -> tuple[nn.Module, object, d
         from gptlab.finetune.lora import merge_lora
 
         merge_lora(model)
-    if hasattr(model, "reset_buffers"):
-        model.reset_buffers()
+    model.reset_buffers()
     model = model.to(device or "cpu").eval()
     return model, load_tokenizer_for(p), info
 
@@ -410,8 +409,7 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
     net, tok = load_model_and_tokenizer(s.model, dev)
     if s.random_init:
         net.reset_parameters()
-        if hasattr(net, "tie_weights"):
-            net.tie_weights()
+        net.tie_weights()
     max_length = min(s.max_length, net.cfg.context_length)
     pad = pad_id_of(tok)
     enc = {k: encode_texts(tok, [t for t, _ in part], max_length)

@@ -254,8 +254,7 @@ def restore_checkpoint(model: nn.Module, run: Path) -> dict[str, Any]:
     state = load_file(str(ck / "model.safetensors"))
     device = next(model.parameters()).device
     load_state_strict(model, {k: v.to(device) for k, v in state.items()}, str(ck / "model.safetensors"))
-    if getattr(model.cfg, "tie_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
+    model.tie_weights()
     resume_state = load_resume_state(ck, device)
     print(f"resuming {run} at step {resume_state['step']}", flush=True)
     return resume_state

@@ -1,11 +1,8 @@
 """Model surgery shared by every fine-tuning recipe: find the parts, swap the head, freeze.
 
-Works for every gptlab family by looking at what the model *has*, never at its
-name: the output head is the ``nn.Linear`` attribute named ``out_head``
-(GPT-2) or ``lm_head`` (Llama family); the transformer blocks are the
-``nn.ModuleList`` with ``cfg.n_layers`` entries (``blocks`` / ``layers``); the
-final norm is the module applied between the last block and the head
-(``final_norm`` / ``norm``).
+Works for every gptlab family through the model interface
+(:class:`gptlab.models.LanguageModel`): ``get_head``/``set_head``,
+``get_blocks`` and ``get_final_norm``, never attribute names.
 
 Freezing policies (``trainable=``):
 
@@ -23,41 +20,33 @@ import torch
 import torch.nn as nn
 
 from gptlab.errors import GptlabError
+from gptlab.models.base import LanguageModel
 
-HEAD_NAMES = ("out_head", "lm_head")
-FINAL_NORM_NAMES = ("final_norm", "norm")
+def _interface(model: nn.Module) -> LanguageModel:
+    if not isinstance(model, LanguageModel):
+        raise GptlabError(f"{type(model).__name__} is not a gptlab model (gptlab.models.LanguageModel); "
+                          "fine-tuning needs one: load it with gptlab.load_model")
+    return model
 
 
 def head_name(model: nn.Module) -> str:
-    """Attribute name of the model's output head (``out_head`` or ``lm_head``)."""
-    for name in HEAD_NAMES:
-        if isinstance(getattr(model, name, None), nn.Linear):
-            return name
-    raise GptlabError(f"{type(model).__name__} has no output head ({' or '.join(HEAD_NAMES)} as nn.Linear); "
-                      "fine-tuning needs a gptlab model")
+    """Attribute name of the model's output head (``out_head`` for GPT-2, ``lm_head`` for Llama)."""
+    return _interface(model).HEAD
 
 
-def output_head(model: nn.Module) -> nn.Linear:
+def output_head(model: nn.Module) -> nn.Module:
     """The model's output head module."""
-    return getattr(model, head_name(model))
+    return _interface(model).get_head()
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's transformer blocks, in order (the ModuleList of length ``cfg.n_layers``)."""
-    n = model.cfg.n_layers
-    for child in model.children():
-        if isinstance(child, nn.ModuleList) and len(child) == n:
-            return child
-    raise GptlabError(f"{type(model).__name__} has no ModuleList of {n} blocks; fine-tuning needs a gptlab model")
+    """The model's transformer blocks, in order."""
+    return _interface(model).get_blocks()
 
 
-def final_norm(model: nn.Module) -> nn.Module | None:
-    """The norm applied after the last block (None if the model has none)."""
-    for name in FINAL_NORM_NAMES:
-        m = getattr(model, name, None)
-        if isinstance(m, nn.Module):
-            return m
-    return None
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied after the last block."""
+    return _interface(model).get_final_norm()
 
 
 def replace_output_head(model: nn.Module, n_out: int, *, bias: bool = True, seed: int | None = None) -> nn.Linear:
@@ -68,8 +57,7 @@ def replace_output_head(model: nn.Module, n_out: int, *, bias: bool = True, seed
     """
     if n_out < 1:
         raise GptlabError(f"the new head needs at least one output, got n_out={n_out}")
-    name = head_name(model)
-    old = getattr(model, name)
+    old = output_head(model)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     new = nn.Linear(model.cfg.emb_dim, n_out, bias=bias)
     with torch.no_grad():  # nn.Linear's own init (Kaiming uniform), but reproducible from `seed`
@@ -78,7 +66,7 @@ def replace_output_head(model: nn.Module, n_out: int, *, bias: bool = True, seed
         if bias:
             new.bias.uniform_(-bound, bound, generator=gen)
     new = new.to(device=old.weight.device, dtype=old.weight.dtype)
-    setattr(model, name, new)
+    model.set_head(new)
     if model.cfg.tie_embeddings:
         model.cfg = model.cfg.replace(tie_embeddings=False)
     return new
@@ -119,9 +107,7 @@ def apply_freezing(model: nn.Module, trainable: str) -> dict[str, int]:
                                   f"use last-{len(layers)} or all")
             for block in list(layers)[len(layers) - n:]:
                 block.requires_grad_(True)
-            norm = final_norm(model)
-            if norm is not None:
-                norm.requires_grad_(True)
+            final_norm(model).requires_grad_(True)
             output_head(model).requires_grad_(True)
         else:  # lora
             found = False

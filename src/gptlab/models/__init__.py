@@ -7,20 +7,23 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from gptlab.models.config import ConfigError, GPT2Config, ModelConfig, get_preset, list_presets
+from gptlab.errors import GptlabError
+from gptlab.models.base import LanguageModel
+from gptlab.models.config import (FAMILIES, ConfigError, Family, ModelConfig, get_family, get_preset,
+                                  list_presets)
+
+# The family registry: each module registers its Family and presets on import. A new family is one more name here.
+from gptlab.models import gpt2, llama  # noqa: E402,F401  (registration)
+from gptlab.models.gpt2 import GPT2Config  # noqa: E402
+from gptlab.models.llama import LlamaConfig  # noqa: E402
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """Instantiate the model class of ``cfg``'s family."""
-    if cfg.family == "gpt2":
-        from gptlab.models.gpt2 import GPT2
-
-        return GPT2(cfg)
-    if cfg.family == "llama":
-        from gptlab.models.llama import Llama
-
-        return Llama(cfg)
-    raise ConfigError(f"no model class for family {cfg.family!r}")
+def build_model(cfg: ModelConfig) -> LanguageModel:
+    """Instantiate the model class of ``cfg``'s family (randomly initialised)."""
+    if not isinstance(cfg, ModelConfig):
+        raise GptlabError(f"build_model: cfg must be a ModelConfig (e.g. gptlab.get_preset('gpt2-mini')), "
+                          f"got {type(cfg).__name__}")
+    return get_family(cfg.family).model(cfg)
 
 
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
@@ -41,14 +44,15 @@ def _no_init():
             setattr(nn.init, name, fn)
 
 
-def empty_model(cfg: ModelConfig) -> nn.Module:
+def empty_model(cfg: ModelConfig) -> LanguageModel:
     """The model for ``cfg`` on the meta device: shapes only, no memory, no initialisation.
 
     Loaders fill it with ``load_state_dict(..., assign=True)`` and then call
-    ``reset_buffers()`` where the family has derived buffers (RoPE tables).
+    ``finish_loading()`` (derived buffers such as RoPE tables, then weight tying).
     """
     with _no_init(), torch.device("meta"):
         return build_model(cfg)
 
 
-__all__ = ["empty_model", "ConfigError", "GPT2Config", "ModelConfig", "build_model", "get_preset", "list_presets"]
+__all__ = ["FAMILIES", "ConfigError", "Family", "GPT2Config", "LanguageModel", "LlamaConfig", "ModelConfig",
+           "build_model", "empty_model", "get_family", "get_preset", "list_presets"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from gptlab.errors import GptlabError
 
@@ -110,10 +110,7 @@ class ModelConfig:
         """Build the right family's config from a dict with a ``family`` key."""
         d = dict(d)
         fam = d.pop("family", "gpt2")
-        _load_family_presets()  # registers families defined in other modules (llama)
-        cls = FAMILIES.get(fam)
-        if cls is None:
-            raise ConfigError(f"unknown model family {fam!r}; known: {', '.join(sorted(FAMILIES))}")
+        cls = get_family(fam).config
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -134,57 +131,60 @@ class ModelConfig:
         return type(self)(**d)
 
 
-@dataclass
-class GPT2Config(ModelConfig):
-    """GPT-2: learned positions, pre-LN LayerNorm blocks, GELU(tanh) 4x MLP."""
+@dataclass(frozen=True)
+class KeyRule:
+    """One row of a declarative key map: our state-dict name <-> a checkpoint's name.
 
-    family: ClassVar[str] = "gpt2"
+    ``{i}`` stands for the layer index; ``transpose`` marks tensors stored as
+    (in, out) (GPT-2's Conv1D); ``when(cfg)`` makes a row conditional on the config.
+    """
 
-    drop_rate: float = 0.0
-    qkv_bias: bool = True
-    norm_eps: float = 1e-5
-    attn_impl: str = "sdpa"  # "sdpa" | "math" (the explicit masked softmax the course teaches)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.hidden_dim is None:
-            self.hidden_dim = 4 * self.emb_dim
-        if self.n_kv_heads != self.n_heads:
-            raise ConfigError("GPT-2 has no grouped-query attention: n_kv_heads must equal n_heads")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ConfigError(f"drop_rate={self.drop_rate:g} must be in [0, 1)")
-        if self.attn_impl not in ("sdpa", "math"):
-            raise ConfigError(f"attn_impl={self.attn_impl!r} must be 'sdpa' or 'math'")
-
-    def param_counts(self) -> dict[str, int]:
-        d, F, L, V = self.emb_dim, self.hidden_dim, self.n_layers, self.vocab_size
-        inner = self.n_heads * self.head_dim
-        b = 1 if self.qkv_bias else 0
-        attn = d * 3 * inner + b * 3 * inner + inner * d + d
-        mlp = d * F + F + F * d + d
-        norms = 2 * 2 * d
-        block = attn + mlp + norms
-        tok = V * d
-        pos = self.context_length * d
-        head = 0 if self.tie_embeddings else V * d
-        total = tok + pos + L * block + 2 * d + head
-        return {
-            "total": total,
-            "embedding": tok + pos,
-            "non_embedding": total - tok - pos,
-            "lm_head": V * d,
-            "tied": V * d if self.tie_embeddings else 0,
-            "per_block": block,
-        }
+    ours: str
+    theirs: str
+    transpose: bool = False
+    when: Callable[[ModelConfig], bool] | None = None
 
 
-FAMILIES: dict[str, type[ModelConfig]] = {"gpt2": GPT2Config}
+@dataclass(frozen=True)
+class Family:
+    """Everything gptlab knows about one model family, registered by the family's own file.
+
+    Loaders, exporters, ``inspect`` and ``fit`` look a family up here by name
+    (``cfg.family``) or by Hugging Face architecture; nothing else branches on it.
+    """
+
+    name: str
+    config: type[ModelConfig]
+    model: type  # a gptlab.models.base.LanguageModel subclass
+    hf_keys: tuple[KeyRule, ...] = ()  # our names <-> transformers' names
+    hf_prefix: str = ""  # the base model's key prefix (``transformer.`` / ``model.``), absent in bare checkpoints
+    hf_architectures: tuple[str, ...] = ()  # config.json ``architectures`` this family loads
+    hf_config: Callable[[dict, str], ModelConfig] | None = None  # HF config.json (+ architecture) -> our config
+    hf_export: Callable[[ModelConfig], tuple[str, dict]] | None = None  # our config -> (architecture, config.json)
 
 
-def register_family(cls: type[ModelConfig]) -> type[ModelConfig]:
-    """Class decorator: make a family's config buildable by ``ModelConfig.from_dict``."""
-    FAMILIES[cls.family] = cls
-    return cls
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Make ``family`` known to ``ModelConfig.from_dict``, the loaders and the exporters."""
+    if family.config.family != family.name:
+        raise ConfigError(f"family {family.name!r}: its config class says family={family.config.family!r}")
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> Family:
+    """The registered :class:`Family` called ``name`` (the ``family`` of a config)."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ConfigError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
+
+
+def family_for_architecture(arch: str) -> Family | None:
+    """The family that loads Hugging Face architecture ``arch`` (e.g. ``LlamaForCausalLM``), or None."""
+    return next((f for f in FAMILIES.values() if arch in f.hf_architectures), None)
 
 
 # ---- presets: published shapes, plus small ones that train on a laptop CPU ----
@@ -197,23 +197,8 @@ def register_preset(name: str, cfg: ModelConfig) -> None:
     PRESETS[name] = cfg
 
 
-for _name, (_L, _d, _H) in {
-    "gpt2-124m": (12, 768, 12),
-    "gpt2-355m": (24, 1024, 16),
-    "gpt2-774m": (36, 1280, 20),
-    "gpt2-1558m": (48, 1600, 25),
-}.items():
-    register_preset(_name, GPT2Config(n_layers=_L, emb_dim=_d, n_heads=_H, context_length=1024))
-
-# Small CPU presets; vocab_size is replaced by the tokenizer's at train time.
-register_preset("gpt2-mini", GPT2Config(n_layers=6, emb_dim=384, n_heads=6, context_length=256, drop_rate=0.1))
-register_preset("gpt2-micro", GPT2Config(n_layers=4, emb_dim=256, n_heads=4, context_length=128, drop_rate=0.1))
-register_preset("gpt2-nano", GPT2Config(n_layers=2, emb_dim=64, n_heads=2, context_length=64, drop_rate=0.1))
-
-
 def get_preset(name: str) -> ModelConfig:
     """A fresh copy of a named preset (so callers may modify it)."""
-    _load_family_presets()
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
     return ModelConfig.from_dict(PRESETS[name].to_dict())
@@ -221,13 +206,4 @@ def get_preset(name: str) -> ModelConfig:
 
 def list_presets() -> list[str]:
     """Names of every preset, all families included."""
-    _load_family_presets()
     return sorted(PRESETS)
-
-
-def _load_family_presets() -> None:
-    # Other families register their presets on import; import them lazily here.
-    try:
-        from gptlab.models import llama  # noqa: F401
-    except ImportError:
-        pass

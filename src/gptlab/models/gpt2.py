@@ -9,13 +9,60 @@ Shapes follow the legend in ``models/config.py``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.models.attention import KVCache, attend
-from gptlab.models.config import GPT2Config
+from gptlab.models.base import LanguageModel
+from gptlab.models.config import ConfigError, Family, KeyRule, ModelConfig, register_family, register_preset
+
+
+@dataclass
+class GPT2Config(ModelConfig):
+    """GPT-2: learned positions, pre-LN LayerNorm blocks, GELU(tanh) 4x MLP."""
+
+    family: ClassVar[str] = "gpt2"
+
+    drop_rate: float = 0.0
+    qkv_bias: bool = True
+    norm_eps: float = 1e-5
+    attn_impl: str = "sdpa"  # "sdpa" | "math" (the explicit masked softmax the course teaches)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hidden_dim is None:
+            self.hidden_dim = 4 * self.emb_dim
+        if self.n_kv_heads != self.n_heads:
+            raise ConfigError("GPT-2 has no grouped-query attention: n_kv_heads must equal n_heads")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ConfigError(f"drop_rate={self.drop_rate:g} must be in [0, 1)")
+        if self.attn_impl not in ("sdpa", "math"):
+            raise ConfigError(f"attn_impl={self.attn_impl!r} must be 'sdpa' or 'math'")
+
+    def param_counts(self) -> dict[str, int]:
+        d, F, L, V = self.emb_dim, self.hidden_dim, self.n_layers, self.vocab_size
+        inner = self.n_heads * self.head_dim
+        b = 1 if self.qkv_bias else 0
+        attn = d * 3 * inner + b * 3 * inner + inner * d + d
+        mlp = d * F + F + F * d + d
+        norms = 2 * 2 * d
+        block = attn + mlp + norms
+        tok = V * d
+        pos = self.context_length * d
+        head = 0 if self.tie_embeddings else V * d
+        total = tok + pos + L * block + 2 * d + head
+        return {
+            "total": total,
+            "embedding": tok + pos,
+            "non_embedding": total - tok - pos,
+            "lm_head": V * d,
+            "tied": V * d if self.tie_embeddings else 0,
+            "per_block": block,
+        }
 
 
 class CausalSelfAttention(nn.Module):
@@ -72,12 +119,14 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class GPT2(nn.Module):
+class GPT2(LanguageModel):
     """GPT-2 language model: ``model(ids) -> logits``.
 
     ids (B, T) int64 -> logits (B, T, V). With a :class:`KVCache`, the T ids are
     taken to follow the ``cache.pos`` tokens already cached.
     """
+
+    EMBEDDING, BLOCKS, FINAL_NORM, HEAD = "tok_emb", "blocks", "final_norm", "out_head"
 
     def __init__(self, cfg: GPT2Config):
         super().__init__()
@@ -88,15 +137,9 @@ class GPT2(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.norm_eps)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.out_head.weight = self.tok_emb.weight
+        self.tie_weights()
         if not self.tok_emb.weight.is_meta:  # on meta, a loader assigns the weights
             self.reset_parameters()
-
-    def tie_weights(self) -> None:
-        """Share the output head with the token embedding when ``cfg.tie_embeddings``."""
-        if self.cfg.tie_embeddings:
-            self.out_head.weight = self.tok_emb.weight
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/√(2L)."""
@@ -114,11 +157,7 @@ class GPT2(nn.Module):
         """Final-normed hidden states (B, T, d), before the output head."""
         B, T = ids.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.context_length:
-            raise ValueError(
-                f"sequence of {start + T} tokens exceeds context_length {self.cfg.context_length}; "
-                "crop the input (generate() does this) or use a model with a longer context"
-            )
+        self.check_length(start, T)
         pos = torch.arange(start, start + T, device=ids.device)
         x = self.drop(self.tok_emb(ids) + self.pos_emb(pos))  # (B, T, d)
         for i, block in enumerate(self.blocks):
@@ -127,11 +166,41 @@ class GPT2(nn.Module):
             cache.advance(T)
         return self.final_norm(x)
 
-    def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        return self.out_head(self.features(ids, cache))  # (B, T, V)
 
-    def new_cache(self, batch: int, max_len: int | None = None, *, dtype=None, device=None) -> KVCache:
-        """An empty KV cache sized for this model (default: its full context)."""
-        p = self.tok_emb.weight
-        return KVCache(self.cfg.n_layers, batch, self.cfg.n_heads, max_len or self.cfg.context_length,
-                       self.cfg.head_dim, dtype=dtype or p.dtype, device=device or p.device)
+# ---- GPT-2: transformers' GPT2LMHeadModel ----
+HF_KEYS: tuple[KeyRule, ...] = (
+    KeyRule("tok_emb.weight", "transformer.wte.weight"),
+    KeyRule("pos_emb.weight", "transformer.wpe.weight"),
+    KeyRule("blocks.{i}.norm1.weight", "transformer.h.{i}.ln_1.weight"),
+    KeyRule("blocks.{i}.norm1.bias", "transformer.h.{i}.ln_1.bias"),
+    KeyRule("blocks.{i}.attn.qkv.weight", "transformer.h.{i}.attn.c_attn.weight", transpose=True),
+    KeyRule("blocks.{i}.attn.qkv.bias", "transformer.h.{i}.attn.c_attn.bias", when=lambda cfg: cfg.qkv_bias),
+    KeyRule("blocks.{i}.attn.proj.weight", "transformer.h.{i}.attn.c_proj.weight", transpose=True),
+    KeyRule("blocks.{i}.attn.proj.bias", "transformer.h.{i}.attn.c_proj.bias"),
+    KeyRule("blocks.{i}.norm2.weight", "transformer.h.{i}.ln_2.weight"),
+    KeyRule("blocks.{i}.norm2.bias", "transformer.h.{i}.ln_2.bias"),
+    KeyRule("blocks.{i}.mlp.fc.weight", "transformer.h.{i}.mlp.c_fc.weight", transpose=True),
+    KeyRule("blocks.{i}.mlp.fc.bias", "transformer.h.{i}.mlp.c_fc.bias"),
+    KeyRule("blocks.{i}.mlp.proj.weight", "transformer.h.{i}.mlp.c_proj.weight", transpose=True),
+    KeyRule("blocks.{i}.mlp.proj.bias", "transformer.h.{i}.mlp.c_proj.bias"),
+    KeyRule("final_norm.weight", "transformer.ln_f.weight"),
+    KeyRule("final_norm.bias", "transformer.ln_f.bias"),
+    KeyRule("out_head.weight", "lm_head.weight", when=lambda cfg: not cfg.tie_embeddings),
+)
+
+register_family(Family("gpt2", GPT2Config, GPT2, hf_keys=HF_KEYS, hf_prefix="transformer.",
+                       hf_architectures=("GPT2LMHeadModel",)))
+
+# ---- presets: OpenAI's four sizes, plus small ones that train on a laptop CPU ----
+for _name, (_L, _d, _H) in {
+    "gpt2-124m": (12, 768, 12),
+    "gpt2-355m": (24, 1024, 16),
+    "gpt2-774m": (36, 1280, 20),
+    "gpt2-1558m": (48, 1600, 25),
+}.items():
+    register_preset(_name, GPT2Config(n_layers=_L, emb_dim=_d, n_heads=_H, context_length=1024))
+
+# Small CPU presets; vocab_size is replaced by the tokenizer's at train time.
+register_preset("gpt2-mini", GPT2Config(n_layers=6, emb_dim=384, n_heads=6, context_length=256, drop_rate=0.1))
+register_preset("gpt2-micro", GPT2Config(n_layers=4, emb_dim=256, n_heads=4, context_length=128, drop_rate=0.1))
+register_preset("gpt2-nano", GPT2Config(n_layers=2, emb_dim=64, n_heads=2, context_length=64, drop_rate=0.1))

@@ -30,14 +30,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.models.attention import KVCache, apply_rope, attend, rope_cos_sin, rope_frequencies
-from gptlab.models.config import ConfigError, ModelConfig, register_family, register_preset
+from gptlab.models.base import LanguageModel
+from gptlab.models.config import ConfigError, Family, KeyRule, ModelConfig, register_family, register_preset
 
 MLP_ACTS = ("silu", "gelu_tanh")
 _HAS_RMS_NORM = hasattr(F, "rms_norm")  # PyTorch >= 2.4
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-@register_family
 @dataclass
 class LlamaConfig(ModelConfig):
     """Llama-style decoder: RMSNorm, RoPE, gated MLP, optional GQA / sliding window.
@@ -199,12 +199,14 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Llama(nn.Module):
+class Llama(LanguageModel):
     """Llama-family language model: ``model(ids) -> logits``.
 
     ids (B, T) int64 -> logits (B, T, V). With a :class:`KVCache`, the T ids are
     taken to follow the ``cache.pos`` tokens already cached.
     """
+
+    EMBEDDING, BLOCKS, FINAL_NORM, HEAD = "embed_tokens", "layers", "norm", "lm_head"
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -215,14 +217,9 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         # RoPE inverse frequencies (hd/2,): derived from the config, never saved.
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
-        if not self.embed_tokens.weight.is_meta:  # on meta, a loader assigns weights, then calls reset_buffers()
+        if not self.embed_tokens.weight.is_meta:  # on meta, a loader assigns weights, then calls finish_loading()
             self.reset_parameters()
         self.tie_weights()
-
-    def tie_weights(self) -> None:
-        """Share the output head with the embedding when ``cfg.tie_embeddings``."""
-        if self.cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device)."""
@@ -246,11 +243,7 @@ class Llama(nn.Module):
         """Final-normed hidden states (B, T, d), before the output head."""
         B, T = ids.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.context_length:
-            raise ValueError(
-                f"sequence of {start + T} tokens exceeds context_length {self.cfg.context_length}; "
-                "crop the input (generate() does this) or use a model with a longer context"
-            )
+        self.check_length(start, T)
         x = self.embed_tokens(ids)  # (B, T, d)
         if self.cfg.embed_scale:  # Gemma: √d, rounded to the activation dtype as in the reference
             x = x * torch.tensor(self.cfg.emb_dim ** 0.5, dtype=x.dtype)
@@ -262,14 +255,29 @@ class Llama(nn.Module):
             cache.advance(T)
         return self.norm(x)
 
-    def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        return self.lm_head(self.features(ids, cache))  # (B, T, V)
 
-    def new_cache(self, batch: int, max_len: int | None = None, *, dtype=None, device=None) -> KVCache:
-        """An empty KV cache sized for this model (default: its full context)."""
-        p = self.embed_tokens.weight
-        return KVCache(self.cfg.n_layers, batch, self.cfg.n_kv_heads, max_len or self.cfg.context_length,
-                       self.cfg.head_dim, dtype=dtype or p.dtype, device=device or p.device)
+# ---- Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GemmaForCausalLM ----
+HF_KEYS: tuple[KeyRule, ...] = (
+    KeyRule("embed_tokens.weight", "model.embed_tokens.weight"),
+    KeyRule("layers.{i}.input_layernorm.weight", "model.layers.{i}.input_layernorm.weight"),
+    KeyRule("layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    KeyRule("layers.{i}.self_attn.k_proj.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    KeyRule("layers.{i}.self_attn.v_proj.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+    KeyRule("layers.{i}.self_attn.q_proj.bias", "model.layers.{i}.self_attn.q_proj.bias", when=lambda cfg: cfg.qkv_bias),
+    KeyRule("layers.{i}.self_attn.k_proj.bias", "model.layers.{i}.self_attn.k_proj.bias", when=lambda cfg: cfg.qkv_bias),
+    KeyRule("layers.{i}.self_attn.v_proj.bias", "model.layers.{i}.self_attn.v_proj.bias", when=lambda cfg: cfg.qkv_bias),
+    KeyRule("layers.{i}.self_attn.o_proj.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    KeyRule("layers.{i}.post_attention_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    KeyRule("layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    KeyRule("layers.{i}.mlp.up_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    KeyRule("layers.{i}.mlp.down_proj.weight", "model.layers.{i}.mlp.down_proj.weight"),
+    KeyRule("norm.weight", "model.norm.weight"),
+    KeyRule("lm_head.weight", "lm_head.weight", when=lambda cfg: not cfg.tie_embeddings),
+)
+
+register_family(Family("llama", LlamaConfig, Llama, hf_keys=HF_KEYS, hf_prefix="model.",
+                       hf_architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                                         "GemmaForCausalLM")))
 
 
 # ---- presets: published shapes (from each model's config.json), plus a tiny trainable one ----

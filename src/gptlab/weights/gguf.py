@@ -406,10 +406,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None
         state[ours] = w.to(device) if device is not None else w
         del w
     load_state_strict(model, state, str(path))
-    if hasattr(model, "reset_buffers"):
-        model.reset_buffers()
-    if cfg.tie_embeddings and hasattr(model, "tie_weights"):
-        model.tie_weights()
+    model.finish_loading()
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 
 from gptlab.errors import GptlabError
 from gptlab.models import build_model, empty_model
-from gptlab.models.config import ConfigError, GPT2Config, ModelConfig
+from gptlab.models import ConfigError, GPT2Config, ModelConfig
 from gptlab.weights.keymaps import plan_import
 
 SINGLE_FILE = "model.safetensors"
@@ -299,7 +299,7 @@ def load_hf_dir(path: str | Path, *, dtype: torch.dtype | None = None, device=No
     model = empty_model(cfg)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
-        own.pop("out_head.weight" if cfg.family == "gpt2" else "lm_head.weight", None)
+        own.pop(model.head_key(), None)
     plan = plan_import(cfg.family, cfg, ckpt.shapes(), own, str(path))
     target = dtype or ckpt.dtype()
     state = {}
@@ -315,8 +315,7 @@ def load_hf_dir(path: str | Path, *, dtype: torch.dtype | None = None, device=No
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:  # the key map missed a parameter: a gptlab bug, not the user's
         raise GptlabError(f"parameters {left[:5]} were not loaded from {path} (please report this bug)")
-    if hasattr(model, "reset_buffers"):
-        model.reset_buffers()
+    model.reset_buffers()
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -1,6 +1,6 @@
 """Declarative key maps between Hugging Face checkpoints and gptlab modules.
 
-Each family has one table of :class:`KeyRule` rows: our parameter name, the
+Each family declares one table of :class:`KeyRule` rows in its own file (``Family.hf_keys``): our parameter name, the
 checkpoint's name, whether the tensor is stored transposed, and (optionally)
 the config condition under which the row applies. ``{i}`` stands for the layer
 index. Loading (``weights/hf.py``) and export (``weights/export.py``) read the
@@ -15,76 +15,10 @@ GPT-2 checkpoints use OpenAI's ``Conv1D`` layers, whose weights are stored as
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Callable
 
 from gptlab.errors import GptlabError
-from gptlab.models.config import ModelConfig
+from gptlab.models.config import KeyRule, ModelConfig, get_family
 
-
-@dataclass(frozen=True)
-class KeyRule:
-    """One row of a key map: ``ours`` <-> ``theirs``, optionally transposed / conditional."""
-
-    ours: str
-    theirs: str
-    transpose: bool = False
-    when: Callable[[ModelConfig], bool] | None = None  # row applies only if when(cfg)
-
-
-def _untied(cfg: ModelConfig) -> bool:
-    return not cfg.tie_embeddings
-
-
-def _qkv_bias(cfg: ModelConfig) -> bool:
-    return bool(getattr(cfg, "qkv_bias", False))
-
-
-# ---- GPT-2: transformers' GPT2LMHeadModel ----
-GPT2_KEYS: list[KeyRule] = [
-    KeyRule("tok_emb.weight", "transformer.wte.weight"),
-    KeyRule("pos_emb.weight", "transformer.wpe.weight"),
-    KeyRule("blocks.{i}.norm1.weight", "transformer.h.{i}.ln_1.weight"),
-    KeyRule("blocks.{i}.norm1.bias", "transformer.h.{i}.ln_1.bias"),
-    KeyRule("blocks.{i}.attn.qkv.weight", "transformer.h.{i}.attn.c_attn.weight", transpose=True),
-    KeyRule("blocks.{i}.attn.qkv.bias", "transformer.h.{i}.attn.c_attn.bias", when=_qkv_bias),
-    KeyRule("blocks.{i}.attn.proj.weight", "transformer.h.{i}.attn.c_proj.weight", transpose=True),
-    KeyRule("blocks.{i}.attn.proj.bias", "transformer.h.{i}.attn.c_proj.bias"),
-    KeyRule("blocks.{i}.norm2.weight", "transformer.h.{i}.ln_2.weight"),
-    KeyRule("blocks.{i}.norm2.bias", "transformer.h.{i}.ln_2.bias"),
-    KeyRule("blocks.{i}.mlp.fc.weight", "transformer.h.{i}.mlp.c_fc.weight", transpose=True),
-    KeyRule("blocks.{i}.mlp.fc.bias", "transformer.h.{i}.mlp.c_fc.bias"),
-    KeyRule("blocks.{i}.mlp.proj.weight", "transformer.h.{i}.mlp.c_proj.weight", transpose=True),
-    KeyRule("blocks.{i}.mlp.proj.bias", "transformer.h.{i}.mlp.c_proj.bias"),
-    KeyRule("final_norm.weight", "transformer.ln_f.weight"),
-    KeyRule("final_norm.bias", "transformer.ln_f.bias"),
-    KeyRule("out_head.weight", "lm_head.weight", when=_untied),
-]
-
-# ---- Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GemmaForCausalLM ----
-LLAMA_KEYS: list[KeyRule] = [
-    KeyRule("embed_tokens.weight", "model.embed_tokens.weight"),
-    KeyRule("layers.{i}.input_layernorm.weight", "model.layers.{i}.input_layernorm.weight"),
-    KeyRule("layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.q_proj.weight"),
-    KeyRule("layers.{i}.self_attn.k_proj.weight", "model.layers.{i}.self_attn.k_proj.weight"),
-    KeyRule("layers.{i}.self_attn.v_proj.weight", "model.layers.{i}.self_attn.v_proj.weight"),
-    KeyRule("layers.{i}.self_attn.q_proj.bias", "model.layers.{i}.self_attn.q_proj.bias", when=_qkv_bias),
-    KeyRule("layers.{i}.self_attn.k_proj.bias", "model.layers.{i}.self_attn.k_proj.bias", when=_qkv_bias),
-    KeyRule("layers.{i}.self_attn.v_proj.bias", "model.layers.{i}.self_attn.v_proj.bias", when=_qkv_bias),
-    KeyRule("layers.{i}.self_attn.o_proj.weight", "model.layers.{i}.self_attn.o_proj.weight"),
-    KeyRule("layers.{i}.post_attention_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-    KeyRule("layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.gate_proj.weight"),
-    KeyRule("layers.{i}.mlp.up_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
-    KeyRule("layers.{i}.mlp.down_proj.weight", "model.layers.{i}.mlp.down_proj.weight"),
-    KeyRule("norm.weight", "model.norm.weight"),
-    KeyRule("lm_head.weight", "lm_head.weight", when=_untied),
-]
-
-KEYMAPS: dict[str, list[KeyRule]] = {"gpt2": GPT2_KEYS, "llama": LLAMA_KEYS}
-
-# The prefix of the base model's keys. Checkpoints saved from the bare base
-# model (e.g. the original ``gpt2`` repo) omit it; it is added back on load.
-BASE_PREFIX: dict[str, str] = {"gpt2": "transformer.", "llama": "model."}
 
 # Checkpoint entries that are derived data, not weights: skipped on load.
 IGNORED: list[str] = [
@@ -97,9 +31,10 @@ TIED_HEAD = "lm_head.weight"
 
 def expand(family: str, cfg: ModelConfig) -> list[KeyRule]:
     """The family's key map with ``{i}`` expanded and conditional rows resolved for ``cfg``."""
-    if family not in KEYMAPS:
-        raise GptlabError(f"no key map for model family {family!r}; known: {', '.join(KEYMAPS)}")
-    rules = [r for r in KEYMAPS[family] if r.when is None or r.when(cfg)]
+    table = get_family(family).hf_keys
+    if not table:
+        raise GptlabError(f"model family {family!r} has no Hugging Face key map")
+    rules = [r for r in table if r.when is None or r.when(cfg)]
     per_layer = [r for r in rules if "{i}" in r.ours]
     first = next((n for n, r in enumerate(rules) if "{i}" in r.ours), len(rules))
     before = [r for r in rules[:first] if "{i}" not in r.ours]
@@ -114,7 +49,7 @@ def expand(family: str, cfg: ModelConfig) -> list[KeyRule]:
 
 def normalize_keys(family: str, keys: list[str]) -> dict[str, str]:
     """Map each checkpoint key to its canonical name (adding a missing base-model prefix)."""
-    prefix = BASE_PREFIX[family]
+    prefix = get_family(family).hf_prefix
     if any(k.startswith(prefix) for k in keys):
         return {k: k for k in keys}
     return {k: (k if k == TIED_HEAD else prefix + k) for k in keys}
@@ -155,7 +90,7 @@ def plan_import(family: str, cfg: ModelConfig, ckpt_shapes: dict[str, tuple[int,
     unexpected = sorted(k for k, c in canon.items() if c not in wanted and not ignored.match(c)
                         and not (c == TIED_HEAD and cfg.tie_embeddings))
     # The table must cover every parameter the model has (a bug in gptlab otherwise).
-    covered = {r.ours for r in rows} | ({_head_name(family)} if cfg.tie_embeddings else set())
+    covered = {r.ours for r in rows} | ({get_family(family).model.head_key()} if cfg.tie_embeddings else set())
     uncovered = sorted(set(model_shapes) - covered)
     problems = []
     if missing:
@@ -170,7 +105,3 @@ def plan_import(family: str, cfg: ModelConfig, ckpt_shapes: dict[str, tuple[int,
         raise GptlabError(f"{source} does not match its config.json: " + "; ".join(problems)
                           + ". Check that config.json belongs to these weights and the download is complete.")
     return plan
-
-
-def _head_name(family: str) -> str:
-    return "out_head.weight" if family == "gpt2" else "lm_head.weight"

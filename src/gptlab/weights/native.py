@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_save, atomic_write_json
-from gptlab.models import empty_model
+from gptlab.models import FAMILIES, empty_model
 from gptlab.models.config import ConfigError, ModelConfig
 
 FORMAT = "gptlab"
@@ -105,11 +105,7 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
         raise GptlabError(f"{source} does not match its config: " + "; ".join(problems)
                           + " (was the checkpoint written for another model size?)")
     model.load_state_dict(state, strict=False, assign=True)
-    if getattr(model.cfg, "tie_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
-
-
-HEAD_KEYS = ("out_head", "lm_head")  # the output head of each family (a classifier replaces it)
+    model.tie_weights()
 
 
 def classifier_head(path: Path, vocab_size: int | None) -> tuple[int, bool] | None:
@@ -123,7 +119,7 @@ def classifier_head(path: Path, vocab_size: int | None) -> tuple[int, bool] | No
     try:
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             keys = set(f.keys())
-            for name in HEAD_KEYS:
+            for name in sorted({f.model.HEAD for f in FAMILIES.values()}):
                 if f"{name}.weight" in keys:
                     rows = f.get_slice(f"{name}.weight").get_shape()[0]
                     bias = f"{name}.bias" in keys
@@ -177,21 +173,9 @@ def load_model_dir(path: str | Path, *, dtype: torch.dtype | None = None, device
         raise GptlabError(f"{wfile} is corrupt or truncated ({e}); restore it from another checkpoint") from None
     model = empty_model(cfg)
     load_state_strict(model, state, str(wfile))
-    _retie(model)
-    if hasattr(model, "reset_buffers"):  # non-persistent buffers (e.g. RoPE tables) left on meta
-        model.reset_buffers()
+    model.finish_loading()  # non-persistent buffers (RoPE tables) left on meta, then tying
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:
         model = model.to(device)
     return model.eval()
-
-
-def _retie(model: nn.Module) -> None:
-    """After assign=True loading, re-point tied output weights at the embedding."""
-    cfg = model.cfg
-    if getattr(cfg, "tie_embeddings", False):
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
-        elif hasattr(model, "out_head") and hasattr(model, "tok_emb"):
-            model.out_head.weight = model.tok_emb.weight
