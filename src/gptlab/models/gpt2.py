@@ -120,11 +120,7 @@ class Block(nn.Module):
 
 
 class GPT2(LanguageModel):
-    """GPT-2 language model: ``model(ids) -> logits``.
-
-    ids (B, T) int64 -> logits (B, T, V). With a :class:`KVCache`, the T ids are
-    taken to follow the ``cache.pos`` tokens already cached.
-    """
+    """GPT-2: token + learned position embeddings -> blocks -> LayerNorm -> head (see LanguageModel)."""
 
     EMBEDDING, BLOCKS, FINAL_NORM, HEAD = "tok_emb", "blocks", "final_norm", "out_head"
 

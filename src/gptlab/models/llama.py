@@ -200,11 +200,7 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(LanguageModel):
-    """Llama-family language model: ``model(ids) -> logits``.
-
-    ids (B, T) int64 -> logits (B, T, V). With a :class:`KVCache`, the T ids are
-    taken to follow the ``cache.pos`` tokens already cached.
-    """
+    """Llama family: token embedding -> decoder layers with RoPE -> RMSNorm -> head (see LanguageModel)."""
 
     EMBEDDING, BLOCKS, FINAL_NORM, HEAD = "embed_tokens", "layers", "norm", "lm_head"
 
