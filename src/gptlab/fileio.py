@@ -34,6 +34,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp_path, _FILE_MODE)
     try:
         yield tmp_path
+        # A writer may recreate the file with its own mode (safetensors' save_file gives 0600): reapply the umask's.
+        os.chmod(tmp_path, _FILE_MODE)
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)

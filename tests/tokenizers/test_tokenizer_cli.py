@@ -29,7 +29,17 @@ def test_small_corpus_gives_a_smaller_vocab(tmp_path, capsys):
     corpus.write_text("the cat sat on the mat. " * 50)
     assert run(["tokenizer", "train", "--data", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "t")]) == 0
     vocab = load_tokenizer(tmp_path / "t").vocab_size
-    assert 257 < vocab < 300 and f"saved a {vocab}-token" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 257 < vocab < 300 and f"saved a {vocab}-token" in out
+    # the shortfall is explained, not silent
+    assert f"the corpus filled {vocab} of the 300 requested tokens" in out and "2+ times" in out
+
+
+def test_a_full_vocabulary_gets_no_note(tmp_path, capsys, verdict_text):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(verdict_text)
+    assert run(["tokenizer", "train", "--data", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "t")]) == 0
+    assert "requested tokens" not in capsys.readouterr().out
 
 
 def test_cli_errors(tmp_path, capsys):

@@ -65,3 +65,16 @@ def train_bpe(texts: str | Iterable[str], vocab_size: int, special_tokens: Itera
     if seen["chars"] == 0:
         raise GptlabError("train_bpe got no text; give a non-empty corpus")
     return HFTokenizer(backend, eos_token=specials[0] if specials else None)
+
+
+def shortfall_note(tok: HFTokenizer, requested: int, min_frequency: int = 2) -> str | None:
+    """One line explaining a trained vocabulary smaller than ``requested``, or None when it is full.
+
+    BPE stops merging when no pair of tokens occurs ``min_frequency`` times: a
+    small corpus cannot fill a large vocabulary, and asking for more changes nothing.
+    """
+    if tok.vocab_size >= requested:
+        return None
+    return (f"note: the corpus filled {tok.vocab_size:,} of the {requested:,} requested tokens: no pair left occurs "
+            f"{min_frequency}+ times, so a larger --vocab-size changes nothing here (give more text, or a smaller "
+            f"--vocab-size such as {tok.vocab_size:,})")

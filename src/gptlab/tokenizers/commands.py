@@ -21,6 +21,7 @@ def train_tokenizer(data: str = "builtin", vocab_size: int = 8192, out: str | No
     """
     from gptlab.data.corpus import iter_corpus
     from gptlab.tokenizers import EOT, train_bpe
+    from gptlab.tokenizers.bpe import shortfall_note
 
     if not out:
         raise GptlabError("give --out DIR: where to save the trained tokenizer")
@@ -28,6 +29,9 @@ def train_tokenizer(data: str = "builtin", vocab_size: int = 8192, out: str | No
                     special_tokens=special_tokens or [EOT])
     tok.save(out)
     print(f"saved a {tok.vocab_size:,}-token byte-level BPE to {out} (eos {tok.eos_token!r} = {tok.eos_id})")
+    note = shortfall_note(tok, vocab_size, min_frequency)
+    if note:
+        print(note)
     return 0
 
 
