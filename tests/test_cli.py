@@ -228,3 +228,80 @@ def test_dashed_key_in_a_config_file_suggests_the_underscore_spelling(tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith("error: train: the --config file has the key 'max-steps'; write it max_steps")
     assert "is not accepted" not in err and err.count("\n") == 1
+
+
+def _synthesized():
+    """A command made from a settings table, as recipes do: ``__signature__``, ``__annotations__``, ``__doc__``."""
+    import inspect
+    import typing
+
+    fields = [("model", str, inspect.Parameter.empty), ("max_steps", int | None, None),
+              ("compile", bool, False), ("mode", typing.Literal["logits", "text"], "logits"),
+              ("sizes", list[int] | None, None)]
+    seen = {}
+
+    def command(**kwargs):
+        seen.clear()
+        seen.update(kwargs)
+        return 0
+
+    command.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t) for n, t, d in fields])
+    command.__annotations__ = {n: t for n, t, _ in fields}
+    command.__doc__ = ("Train from a settings table.\n\nArgs:\n    model: the model to start from.\n"
+                       "    max_steps: optimizer steps\n        (default: until the data runs out).\n")
+    return command, seen
+
+
+def test_a_synthesized_signature_is_parsed_and_documented(monkeypatch, capsys):
+    import sys
+    import types
+
+    import gptlab.cli as cli
+
+    command, seen = _synthesized()
+    mod = types.ModuleType("gptlab_synth")
+    mod.command = command
+    monkeypatch.setitem(sys.modules, "gptlab_synth", mod)
+    monkeypatch.setitem(cli.COMMANDS, "synth", ("gptlab_synth:command", "test"))
+    assert run(["synth", "m", "--max-steps", "3", "--compile", "--mode", "text", "--sizes", "1,2", "--sizes", "3"]) == 0
+    assert seen == {"model": "m", "max_steps": 3, "compile": True, "mode": "text", "sizes": [1, 2, 3]}
+    assert run(["synth", "--model", "m"]) == 0
+    assert seen == {"model": "m", "max_steps": None, "compile": False, "mode": "logits", "sizes": None}
+    assert run(["synth", "m", "--mode", "tokens"]) == 2
+    assert _one_error_line(capsys) == ("error: synth: --mode expects one of logits, text, got 'tokens'; "
+                                       "see gptlab synth --help")
+    assert run(["synth", "m", "--sizes", "1,x"]) == 2
+    assert _one_error_line(capsys).startswith("error: synth: --sizes expects a list")
+    with pytest.raises(SystemExit) as e:
+        run(["synth", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "Train from a settings table." in out and "the model to start from." in out
+    assert "optimizer steps (default: until the data runs out)." in out and "--max-steps" in out
+
+
+def test_the_parser_raises_a_structured_error():
+    from gptlab.cli_parser import UsageError
+
+    with pytest.raises(UsageError) as e:
+        parse(_f, ["m", "t", "--max-steps", "x"], prog="test")
+    assert (e.value.kind, e.value.name, e.value.value) == ("bad_value", "max_steps", "x")
+    with pytest.raises(UsageError) as e:
+        parse(_f, ["m", "t", "--max-stepz", "1"], prog="test")
+    assert e.value.kind == "unknown_flag" and e.value.flags == ("--max-stepz",)
+    assert e.value.suggestion == "--max-steps"
+    with pytest.raises(UsageError) as e:
+        parse(_f, [], prog="test")
+    assert e.value.kind == "missing" and e.value.names == ("model", "text")
+    with pytest.raises(UsageError) as e:
+        parse(_f, ["m", "t", "u"], prog="test")
+    assert e.value.kind == "unexpected" and e.value.words == ("u",)
+
+
+def test_config_file_sets_flags_at_its_place(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("max_steps: 7\ncompile: true\nname: null\n")
+    assert parse(_f, ["m", "t", "--max-steps", "2", "--config", str(cfg)], prog="test")["max_steps"] == 7
+    got = parse(_f, ["--config", str(cfg), "--max-steps", "2", "m", "t"], prog="test")
+    assert got == {"model": "m", "text": "t", "max_steps": 2, "compile": True, "name": None}

@@ -40,6 +40,10 @@ _TRUE, _FALSE = {"true", "yes", "on"}, {"false", "no", "off"}
 _BOOL_WORDS = _TRUE | _FALSE | {"1", "0"}
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
 
+# what is wrong with a command line (UsageError.kind)
+Kind = typing.Literal["unknown_flag", "bad_value", "needs_value", "missing", "unexpected", "config_file",
+                      "config_yaml", "config_not_mapping", "config_key", "config_dashed_key"]
+
 
 class UsageError(Exception):
     """The command line does not fit the command's signature (exit status 2).
@@ -51,7 +55,7 @@ class UsageError(Exception):
     ``config_key`` (``key``, ``suggestion``), ``config_dashed_key`` (``key``).
     """
 
-    def __init__(self, kind: str, *, name: str = "", value: object = None, hint: object = None,
+    def __init__(self, kind: Kind, *, name: str = "", value: object = None, hint: object = None,
                  names: tuple[str, ...] = (), words: tuple[str, ...] = (), flags: tuple[str, ...] = (),
                  suggestion: str = "", key: str = "", path: str = "", detail: str = ""):
         self.kind, self.name, self.value, self.hint = kind, name, value, hint
