@@ -2,7 +2,19 @@
 
 import pytest
 
-from gptlab.cli import COMMANDS, _normalize, run
+from gptlab.cli import COMMANDS, run
+from gptlab.cli_parser import parse
+
+
+def _parsed(argv, func):
+    return parse(func, argv, prog="test")
+
+
+def _with_defaults(func, given):
+    """Every parameter of ``func``: ``given``, and the defaults for the rest."""
+    import inspect
+
+    return {n: given.get(n, p.default) for n, p in inspect.signature(func).parameters.items()}
 
 
 def _f(model: str, text: str, max_steps: int = 1, compile: bool = False, name: str | None = None):
@@ -10,15 +22,16 @@ def _f(model: str, text: str, max_steps: int = 1, compile: bool = False, name: s
 
 
 @pytest.mark.parametrize("argv,expected", [
-    (["m", "hello"], ["--model", "m", "--text", "hello"]),
-    (["--model", "m", "--text=hi"], ["--model", "m", "--text=hi"]),
-    (["m", "--max-steps", "5", "t"], ["--max_steps", "5", "--model", "m", "--text", "t"]),
-    (["--compile", "m", "t"], ["--compile", "true", "--model", "m", "--text", "t"]),
-    (["--compile", "false", "m", "t"], ["--compile", "false", "--model", "m", "--text", "t"]),
-    (["--text", "t", "m"], ["--text", "t", "--model", "m"]),
+    (["m", "hello"], {"model": "m", "text": "hello"}),
+    (["--model", "m", "--text=hi"], {"model": "m", "text": "hi"}),
+    (["m", "--max-steps", "5", "t"], {"max_steps": 5, "model": "m", "text": "t"}),
+    (["m", "--max_steps", "5", "t"], {"max_steps": 5, "model": "m", "text": "t"}),  # the Python spelling too
+    (["--compile", "m", "t"], {"compile": True, "model": "m", "text": "t"}),
+    (["--compile", "false", "m", "t"], {"compile": False, "model": "m", "text": "t"}),
+    (["--text", "t", "m"], {"text": "t", "model": "m"}),
 ])
 def test_normalize(argv, expected):
-    assert _normalize(argv, _f) == expected
+    assert _parsed(argv, _f) == _with_defaults(_f, expected)
 
 
 def test_help_lists_every_command(capsys):
@@ -74,13 +87,13 @@ def _h(model: str, balanced: bool | None = None, limit: int | None = None):
 
 
 @pytest.mark.parametrize("argv,expected", [
-    (["m", "--balanced", "--limit", "200"], ["--balanced", "true", "--limit", "200", "--model", "m"]),
-    (["m", "--limit", "200", "--balanced"], ["--limit", "200", "--balanced", "true", "--model", "m"]),
-    (["m", "--balanced", "false"], ["--balanced", "false", "--model", "m"]),
-    (["--balanced", "m"], ["--balanced", "true", "--model", "m"]),
+    (["m", "--balanced", "--limit", "200"], {"balanced": True, "limit": 200, "model": "m"}),
+    (["m", "--limit", "200", "--balanced"], {"limit": 200, "balanced": True, "model": "m"}),
+    (["m", "--balanced", "false"], {"balanced": False, "model": "m"}),
+    (["--balanced", "m"], {"balanced": True, "model": "m"}),
 ])
 def test_optional_boolean_is_a_bare_flag_too(argv, expected):
-    assert _normalize(argv, _h) == expected
+    assert _parsed(argv, _h) == _with_defaults(_h, expected)
 
 
 def test_optional_boolean_end_to_end(monkeypatch, capsys):
@@ -109,19 +122,13 @@ def _g(model: str, add: list[str] | None = None, targets: list[str] | None = Non
 
 
 def test_list_flags_repeat_or_take_commas():
-    assert _normalize(["m", "--add", "a", "--add", "b,c"], _g) == ["--model", "m", "--add", '["a", "b", "c"]']
-    assert _normalize(["m", "--add", '["x"]'], _g) == ["--add", '["x"]', "--model", "m"]
+    assert _parsed(["m", "--add", "a", "--add", "b,c"], _g) == _with_defaults(_g, {"model": "m", "add": ["a", "b", "c"]})
+    assert _parsed(["m", "--add", '["x"]'], _g) == _with_defaults(_g, {"add": ["x"], "model": "m"})
 
 
 def test_command_output_is_never_rewritten(capsys):
     assert run(["inspect", "gpt2-nano", "--as-json"]) == 0
     assert "max_steps" not in capsys.readouterr().out  # (sanity) and no flag-like text was touched
-    from gptlab.cli import _DashedHelp
-    import io
-
-    buf = io.StringIO()
-    _DashedHelp(buf).write("use --max_new_tokens")
-    assert buf.getvalue() == "use --max-new-tokens"
 
 
 def test_unwritable_path_is_one_line(tmp_path, capsys):
@@ -221,3 +228,80 @@ def test_dashed_key_in_a_config_file_suggests_the_underscore_spelling(tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith("error: train: the --config file has the key 'max-steps'; write it max_steps")
     assert "is not accepted" not in err and err.count("\n") == 1
+
+
+def _synthesized():
+    """A command made from a settings table, as recipes do: ``__signature__``, ``__annotations__``, ``__doc__``."""
+    import inspect
+    import typing
+
+    fields = [("model", str, inspect.Parameter.empty), ("max_steps", int | None, None),
+              ("compile", bool, False), ("mode", typing.Literal["logits", "text"], "logits"),
+              ("sizes", list[int] | None, None)]
+    seen = {}
+
+    def command(**kwargs):
+        seen.clear()
+        seen.update(kwargs)
+        return 0
+
+    command.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t) for n, t, d in fields])
+    command.__annotations__ = {n: t for n, t, _ in fields}
+    command.__doc__ = ("Train from a settings table.\n\nArgs:\n    model: the model to start from.\n"
+                       "    max_steps: optimizer steps\n        (default: until the data runs out).\n")
+    return command, seen
+
+
+def test_a_synthesized_signature_is_parsed_and_documented(monkeypatch, capsys):
+    import sys
+    import types
+
+    import gptlab.cli as cli
+
+    command, seen = _synthesized()
+    mod = types.ModuleType("gptlab_synth")
+    mod.command = command
+    monkeypatch.setitem(sys.modules, "gptlab_synth", mod)
+    monkeypatch.setitem(cli.COMMANDS, "synth", ("gptlab_synth:command", "test"))
+    assert run(["synth", "m", "--max-steps", "3", "--compile", "--mode", "text", "--sizes", "1,2", "--sizes", "3"]) == 0
+    assert seen == {"model": "m", "max_steps": 3, "compile": True, "mode": "text", "sizes": [1, 2, 3]}
+    assert run(["synth", "--model", "m"]) == 0
+    assert seen == {"model": "m", "max_steps": None, "compile": False, "mode": "logits", "sizes": None}
+    assert run(["synth", "m", "--mode", "tokens"]) == 2
+    assert _one_error_line(capsys) == ("error: synth: --mode expects one of logits, text, got 'tokens'; "
+                                       "see gptlab synth --help")
+    assert run(["synth", "m", "--sizes", "1,x"]) == 2
+    assert _one_error_line(capsys).startswith("error: synth: --sizes expects a list")
+    with pytest.raises(SystemExit) as e:
+        run(["synth", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "Train from a settings table." in out and "the model to start from." in out
+    assert "optimizer steps (default: until the data runs out)." in out and "--max-steps" in out
+
+
+def test_the_parser_raises_a_structured_error():
+    from gptlab.cli_parser import UsageError
+
+    with pytest.raises(UsageError) as e:
+        parse(_f, ["m", "t", "--max-steps", "x"], prog="test")
+    assert (e.value.kind, e.value.name, e.value.value) == ("bad_value", "max_steps", "x")
+    with pytest.raises(UsageError) as e:
+        parse(_f, ["m", "t", "--max-stepz", "1"], prog="test")
+    assert e.value.kind == "unknown_flag" and e.value.flags == ("--max-stepz",)
+    assert e.value.suggestion == "--max-steps"
+    with pytest.raises(UsageError) as e:
+        parse(_f, [], prog="test")
+    assert e.value.kind == "missing" and e.value.names == ("model", "text")
+    with pytest.raises(UsageError) as e:
+        parse(_f, ["m", "t", "u"], prog="test")
+    assert e.value.kind == "unexpected" and e.value.words == ("u",)
+
+
+def test_config_file_sets_flags_at_its_place(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("max_steps: 7\ncompile: true\nname: null\n")
+    assert parse(_f, ["m", "t", "--max-steps", "2", "--config", str(cfg)], prog="test")["max_steps"] == 7
+    got = parse(_f, ["--config", str(cfg), "--max-steps", "2", "m", "t"], prog="test")
+    assert got == {"model": "m", "text": "t", "max_steps": 2, "compile": True, "name": None}

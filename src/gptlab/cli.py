@@ -2,8 +2,9 @@
 
 Every command is a plain Python function elsewhere in the package; its
 signature is the command's flags and its docstring is the ``--help`` text
-(jsonargparse builds the parser). Any command also reads ``--config FILE.yaml``
-with the same keys, and flags given after it override the file.
+(:mod:`gptlab.cli_parser` reads them; it is the one parser). Any command also
+reads ``--config FILE.yaml`` with the same keys, and flags given after it
+override the file.
 
 Only the chosen command's module is imported, so ``gptlab --help`` is fast.
 
@@ -20,16 +21,14 @@ Errors are one line on stderr, starting ``error:``:
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import importlib
-import json
 import inspect
-import io
 import os
 import re
 import sys
-import typing
+
+from gptlab.cli_parser import UsageError, dashed, parse
 
 # name -> ("module:function", one-line summary shown by `gptlab --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -69,139 +68,6 @@ def _resolve(argv: list[str]) -> tuple[str, list[str]]:
     return "", argv
 
 
-_FLAG = re.compile(r"--([a-z0-9]+(?:_[a-z0-9]+)+)")
-
-
-def _normalize(args: list[str], func) -> list[str]:
-    """Turn the user's words into the parser's flags.
-
-    - ``--max-steps`` is accepted for the parser's ``--max_steps``;
-    - bare words fill the required parameters in order, so ``gptlab inspect
-      gpt2-124m`` means ``--model gpt2-124m`` (both spellings work).
-    - a boolean flag alone means true (``--compile`` = ``--compile true``).
-    """
-    required = [n for n, p in inspect.signature(func).parameters.items()
-                if p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD]
-    try:
-        hints = typing.get_type_hints(func)
-    except Exception:  # unresolvable annotation: treat every flag as taking a value
-        hints = {}
-    booleans = {n for n, t in hints.items() if _is_bool(t)}
-    lists = {n for n, t in hints.items() if list in (typing.get_origin(t), *map(typing.get_origin, typing.get_args(t)))}
-    flags, bare, given = [], [], set()
-    list_values: dict[str, list[str]] = {}
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a.startswith("--") and len(a) > 2:
-            name, eq, value = a[2:].partition("=")
-            name = name.replace("-", "_")
-            given.add(name)
-            if name in lists and not (eq and value.startswith("[")) and not (
-                    not eq and i + 1 < len(args) and args[i + 1].startswith("[")):
-                # a list flag may repeat: --add a --add b (or --add a,b)
-                if not eq:
-                    value = args[i + 1] if i + 1 < len(args) else ""
-                    i += 1
-                list_values.setdefault(name, []).extend(v for v in value.split(",") if v)
-            elif eq or name in ("help", "print_config"):
-                flags.append(f"--{name}{eq}{value}")
-            elif name in booleans and (i + 1 >= len(args) or args[i + 1].lower() not in _BOOL_WORDS):
-                flags += [f"--{name}", "true"]  # a bare boolean flag means true
-            else:
-                flags.append(f"--{name}")
-                if i + 1 < len(args):
-                    flags.append(args[i + 1])
-                    i += 1
-        elif a == "-h":
-            flags.append(a)
-        else:
-            bare.append(a)
-        i += 1
-    free = [n for n in required if n not in given]
-    if len(bare) > len(free):
-        extra = " ".join(bare[len(free):])
-        raise _UsageError(f"unexpected argument(s): {extra}" + (f" (expected: {', '.join(free).upper()})" if free else ""))
-    for name, value in zip(free, bare):
-        flags += [f"--{name}", value]
-    for name, values in list_values.items():
-        flags += [f"--{name}", json.dumps(values)]
-    return flags
-
-
-def _is_bool(hint) -> bool:
-    """``bool`` or ``bool | None`` (a tri-state flag whose None means "the default"): a bare flag means true."""
-    return hint is bool or (typing.get_origin(hint) is not None and bool in typing.get_args(hint)
-                            and set(typing.get_args(hint)) <= {bool, type(None)})
-
-
-_BOOL_WORDS = {"true", "false", "yes", "no", "1", "0", "on", "off"}
-
-
-class _UsageError(Exception):
-    pass
-
-
-def _dash(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _describe(hint) -> str:
-    """What a flag of this type expects, in words (``int | None`` -> 'an integer')."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is not None and typing.get_origin(hint) is not list and len(args) == 1:
-        hint = args[0]  # X | None: None is the default, the user types an X
-    if typing.get_origin(hint) is list:
-        return "a list (repeat the flag or separate values with commas)"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "text"}.get(
-        hint, str(hint).replace("typing.", ""))
-
-
-def _parse_error(message: str, func) -> str:
-    """jsonargparse's parse error (often several lines) as one line naming the flags the user types."""
-    lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()] or ["invalid arguments"]
-    first = lines[0]
-    params = list(inspect.signature(func).parameters)
-    if m := re.match(r'Parser key "(\w+)":\s*(.*)', first):  # a value of the wrong type
-        try:
-            hint = typing.get_type_hints(func).get(m.group(1))
-        except Exception:
-            hint = None
-        if hint is None and m.group(2):  # e.g. --config: File does not exist: 'x.yaml'
-            return f"{_dash(m.group(1))}: {m.group(2)[:1].lower()}{m.group(2)[1:]}"
-        got = next((re.split(r"(?:Got|Given) value: ", ln, maxsplit=1)[1] for ln in reversed(lines)
-                    if re.search(r"(?:Got|Given) value: ", ln)), None)
-        flag = _dash(m.group(1))
-        what = f"{flag} expects {_describe(hint)}" if hint is not None else f"bad value for {flag}"
-        return what + (f", got {got!r}" if got is not None else "")
-    if m := re.match(r"the following arguments are required: (.+)", first):
-        names = [n.strip() for n in m.group(1).split(",")]
-        return "missing " + ", ".join(f"{_dash(n)} {n.upper()}" for n in names)
-    if m := re.match(r"argument --(\w+): expected one argument", first):
-        return f"{_dash(m.group(1))} needs a value"
-    if m := re.match(r"unrecognized arguments: (.+)", first):
-        flags = [w.split("=")[0] for w in m.group(1).split() if w.startswith("--")]
-        if not flags:
-            return f"unexpected argument(s): {m.group(1)}"
-        known = [_dash(n) for n in params] + ["--config"]
-        close = difflib.get_close_matches(_dash(flags[0][2:]), known, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        return f"unknown flag{'s' if len(flags) > 1 else ''} {' '.join(_dash(f[2:]) for f in flags)}{hint}"
-    if m := re.match(r"Option '([\w-]+)' is not accepted", first):  # a key of the --config file
-        key = m.group(1)
-        if key.replace("-", "_") in params:  # a flag's spelling used as a key: max-steps
-            return (f"the --config file has the key {key!r}; write it {key.replace('-', '_')} "
-                    "(keys are the flag names with underscores)")
-        close = difflib.get_close_matches(key.replace("-", "_"), params, n=1)
-        return f"unknown key {key!r} in the --config file" + (f" (did you mean {close[0]}?)" if close else "")
-    if m := re.match(r"Unexpected config: (.*)", first):
-        return ("the --config file must hold a YAML mapping of flag names to values (max_steps: 100), "
-                f"got {m.group(1)!r}")
-    if m := re.match(r"Problems parsing config: (.*)", " ".join(lines)):
-        return f"the --config file is not valid YAML ({m.group(1)})"
-    return _FLAG.sub(lambda f: _dash(f.group(1)), " ".join(lines))
-
-
 def _flag_names(message: str, func) -> str:
     """Show ``max_new_tokens=0`` as ``--max-new-tokens 0`` for the command's own parameters.
 
@@ -215,33 +81,16 @@ def _flag_names(message: str, func) -> str:
     fields = {f: flag for f, flag in _FIELD_FLAGS.items() if flag in params and f not in params}
     names = sorted(params | set(fields), key=len, reverse=True)
     pattern = re.compile(r"(?<![\w./\\-])(" + "|".join(map(re.escape, names)) + r")=")
-    message = pattern.sub(lambda m: _dash(fields.get(m.group(1), m.group(1))) + " ", message)
-    # a message that already names a flag but spells it the parser's way: --allowed_special
-    return _FLAG.sub(lambda m: _dash(m.group(1)) if m.group(1) in params else m.group(0), message)
+    message = pattern.sub(lambda m: dashed(fields.get(m.group(1), m.group(1))) + " ", message)
+    # a message that already names a flag but spells it the Python way: --allowed_special
+    return _UNDERSCORED_FLAG.sub(lambda m: dashed(m.group(1)) if m.group(1) in params else m.group(0), message)
+
+
+_UNDERSCORED_FLAG = re.compile(r"--([a-z0-9]+(?:_[a-z0-9]+)+)")
 
 
 # ModelConfig field -> the flag that sets it, where the two names differ
 _FIELD_FLAGS = {"drop_rate": "dropout"}
-
-
-class _DashedHelp(io.TextIOBase):
-    """Shows flags as --max-steps in help and usage text (the parser's names use _)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, s: str) -> int:
-        self.stream.write(_FLAG.sub(lambda m: "--" + m.group(1).replace("_", "-"), s))
-        return len(s)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def isatty(self) -> bool:  # progress bars ask; answer for the real stream
-        return self.stream.isatty()
-
-    def fileno(self) -> int:
-        return self.stream.fileno()
 
 
 def _subcommands(group: str) -> list[str]:
@@ -289,28 +138,18 @@ def run(argv: list[str]) -> int:
         return 2
     target, _summary = COMMANDS[name]
     module, func_name = target.split(":")
-    from argparse import ArgumentError
-
-    from jsonargparse import CLI
-
     from gptlab.errors import GptlabError
 
     func = None
     try:
         func = getattr(importlib.import_module(module), func_name)
-        wants_help = any(a in ("-h", "--help") for a in rest)
-        # Help and usage text show --dashed-flags; a command's own output is never rewritten.
-        out = contextlib.redirect_stdout(_DashedHelp(sys.stdout)) if wants_help else contextlib.nullcontext()
-        with out:
-            result = CLI(func, args=_normalize(rest, func), prog=f"gptlab {name}", as_positional=False,
-                         fail_untyped=False, env_prefix="GPTLAB", default_env=False, exit_on_error=False)
+        result = func(**parse(func, rest, prog=f"gptlab {name}"))
     except GptlabError as e:
         text = re.sub(r"\s*\n\s*", " ", str(e).strip())  # one line, whatever the message held
         print(f"error: {_flag_names(text, func) if func is not None else text}", file=sys.stderr)
         return 1
-    except (_UsageError, ArgumentError) as e:
-        what = str(e) if isinstance(e, _UsageError) else _parse_error(e.message, func)
-        print(f"error: {name}: {what}; see gptlab {name} --help", file=sys.stderr)
+    except UsageError as e:
+        print(f"error: {name}: {e.message()}; see gptlab {name} --help", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `gptlab fit --json | head`
         sys.stderr.close()
