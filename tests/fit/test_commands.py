@@ -5,7 +5,7 @@ import json
 import pytest
 
 from gptlab.cli import run
-from gptlab.fit import hardware
+from gptlab.fit import calibration, hardware
 
 from test_hardware import FIGURES
 
@@ -15,7 +15,7 @@ def cached(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
     monkeypatch.setattr(hardware, "_nvml_gpus", lambda notes: [])
     monkeypatch.setattr(hardware, "_amd_gpus", lambda: [])
-    (tmp_path / "fit-calibration.json").write_text(json.dumps({hardware._fingerprint([]): FIGURES}))
+    (tmp_path / "fit-calibration.json").write_text(json.dumps({calibration._fingerprint([]): FIGURES}))
 
 
 def test_table_text(capsys):

@@ -64,7 +64,7 @@ GPTLAB_BANDWIDTH_EFFICIENCY = 1.0
 
 ENGINES: dict[str, Engine] = {
     # gptlab: our own PyTorch runtime. Bandwidth, matmul peak and the per-layer
-    # eager overhead are measured on this machine (hardware.py).
+    # eager overhead are measured on this machine (benchmarks.py).
     "gptlab": Engine("gptlab", False, GPTLAB_BANDWIDTH_EFFICIENCY, 0.8, None, 512, True),
     # llama.cpp / Ollama: not measurable here. Assumed: its quantized GEMV kernels
     # reach 80% of the bandwidth torch's fp32 GEMV reaches; ~150 MiB process + graph
@@ -74,7 +74,7 @@ ENGINES: dict[str, Engine] = {
 
 # Eager aten ops per decode step of gptlab's models: (per layer, fixed), counted
 # with a TorchDispatchMode on one cached decode step (tests/fit recount them).
-# Used only when the decode overhead was not measured (see hardware.measure_decode_overhead).
+# Used only when the decode overhead was not measured (see benchmarks.measure_decode_overhead).
 EAGER_OPS = {"gpt2": (39, 10), "llama": (75, 20)}
 # generate() adds its own per-token ops (sampling, cat, eos bookkeeping).
 GENERATE_OPS = 25
