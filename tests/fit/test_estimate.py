@@ -173,3 +173,35 @@ def test_training_speed_uses_six_n(hw):
     tps = train_tokens_per_s(s, hw, 256, "fp32")
     flops = 3 * 2 * (s.params_total - s.params_embedding + s.params_lm_head)  # + a small attention term
     assert tps == pytest.approx(1e12 * 0.35 / flops, rel=0.05)
+
+
+def test_gptlab_engine_keeps_every_token_of_a_sliding_window_model(hw):
+    """gptlab's KVCache holds every token (decode reads the last W); llama.cpp holds the window. inspect agrees."""
+    from gptlab.inspect import summarize
+    from gptlab.models import empty_model
+
+    mistral = spec_from_ref("mistral-7b")
+    # 2 · 32 layers · 8 KV heads · 128 · 32768 tokens · 2 bytes = 4 GiB; the window's 4096 tokens: 0.5 GiB.
+    assert kv_cache_bytes(mistral, 32768, engine="gptlab") == 4 * GiB
+    assert kv_cache_bytes(mistral, 32768, engine="llama.cpp") == 0.5 * GiB
+    s = summarize(empty_model(get_preset("mistral-7b")))
+    assert s["kv_cache_bytes"]["bf16"] == inference_memory(mistral, hw, "BF16", 32768, engine="gptlab").kv_cache
+    assert s["kv_cache_bytes_windowed"]["bf16"] == inference_memory(mistral, hw, "Q4_K_M", 32768).kv_cache
+    # Both engines read only the window's K/V per decode step.
+    assert bytes_per_token(mistral, "BF16", 32768) == bytes_per_token(mistral, "BF16", 4096)
+
+
+def test_sizes_are_the_configs_methods():
+    """fit's FLOPs and KV figures are ModelConfig's (one formula set), also for a checkpoint without a family."""
+    import transformers as tf
+
+    from gptlab.fit.catalog import CountedConfig, spec_from_hf_config
+    from gptlab.fit.estimate import flops_per_token
+
+    for spec in (spec_from_ref("mistral-7b"), spec_from_ref("gpt2-124m")):
+        assert flops_per_token(spec, 8192) == spec.config.flops_per_token(8192)
+    moe = spec_from_hf_config(tf.MixtralConfig(vocab_size=320, hidden_size=64, intermediate_size=96,
+                                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                               num_local_experts=4, num_experts_per_tok=2).to_dict(), "moe")
+    assert isinstance(moe.config, CountedConfig) and moe.config.active_params() == moe.params_active
+    assert flops_per_token(moe, 100) == 2 * (moe.params_active - moe.params_embedding + 320 * 64) + 4 * 3 * 100 * 64

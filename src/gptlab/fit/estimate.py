@@ -1,13 +1,16 @@
 """The one estimator: memory and speed of a model, for inference and training.
 
 Every view (table, plan, JSON, TUI, --verify) calls these functions; nothing
-else computes a size or a speed.
+else computes a size or a speed. Parameter counts, KV-cache bytes, attended
+tokens and FLOPs per token are the spec's ``ModelConfig`` methods, the ones
+``gptlab inspect`` prints.
 
 Inference memory = weights at the quant + KV cache + compute buffer + runtime
 (+ load buffers, see ``load_buffer_bytes``):
 
     weights   = parameters · bits per weight / 8          (exact file bytes for a GGUF at its own quant)
-    KV cache  = 2 · L · Hkv · hd · min(T, window) · B · bytes per element
+    KV cache  = 2 · L · Hkv · hd · T · B · bytes per element, T = every token (gptlab's cache)
+                or min(T, window) (llama.cpp keeps the last W of a sliding-window model)
     compute   = activations of one forward chunk; dominated by the logits (chunk · V · 4 bytes)
     runtime   = the process itself (measured RSS of python + torch + gptlab; an assumed
                 figure for llama.cpp)
@@ -54,6 +57,7 @@ class Engine:
     runtime_bytes: int | None  # process memory; None = measured (gptlab)
     compute_chunk: int  # tokens per forward chunk at prefill (sizes the compute buffer)
     eager: bool  # per-op dispatch cost applies
+    kv_window: bool  # the KV cache of a sliding-window model holds only the last W tokens
 
 
 # gptlab's decode matmuls stream weights at the rate the width-resolved GEMV
@@ -65,11 +69,13 @@ GPTLAB_BANDWIDTH_EFFICIENCY = 1.0
 ENGINES: dict[str, Engine] = {
     # gptlab: our own PyTorch runtime. Bandwidth, matmul peak and the per-layer
     # eager overhead are measured on this machine (benchmarks.py).
-    "gptlab": Engine("gptlab", False, GPTLAB_BANDWIDTH_EFFICIENCY, 0.8, None, 512, True),
+    # Its KVCache keeps every token even with a sliding window (decode reads only the last W).
+    "gptlab": Engine("gptlab", False, GPTLAB_BANDWIDTH_EFFICIENCY, 0.8, None, 512, True, False),
     # llama.cpp / Ollama: not measurable here. Assumed: its quantized GEMV kernels
     # reach 80% of the bandwidth torch's fp32 GEMV reaches; ~150 MiB process + graph
-    # overhead; 512-token ubatch; graph execution (no Python per op).
-    "llama.cpp": Engine("llama.cpp", True, 0.8, 0.5, 150 * 2**20, 512, False),
+    # overhead; 512-token ubatch; graph execution (no Python per op); a sliding-window
+    # model's cache holds the last W tokens.
+    "llama.cpp": Engine("llama.cpp", True, 0.8, 0.5, 150 * 2**20, 512, False, True),
 }
 
 # Eager aten ops per decode step of gptlab's models: (per layer, fixed), counted
@@ -115,15 +121,23 @@ def weights_bytes(spec: ModelSpec, quant: str) -> float:
     return spec.params_total * get_quant(quant).bits / 8
 
 
-def kv_cache_bytes(spec: ModelSpec, context: int, batch: int = 1, kv_quant: str = "f16") -> float:
-    """K and V for ``context`` tokens: 2 · L · Hkv · hd · min(T, window) · B · bytes.
+def kv_cache_bytes(spec: ModelSpec, context: int, batch: int = 1, kv_quant: str = "f16",
+                   engine: str = "llama.cpp") -> float:
+    """K and V held for ``context`` tokens by ``engine``: ``ModelConfig.kv_cache_bytes`` at the KV format.
 
-    With a sliding window (Mistral) only the last ``window`` tokens are kept.
+    2 · L · Hkv · hd · T · B · bytes. With a sliding window (Mistral) llama.cpp
+    keeps only the last ``window`` tokens, T = min(context, W); gptlab's cache
+    keeps every token, T = context (the figure ``gptlab inspect`` prints).
     """
     if context < 1 or batch < 1:
         raise GptlabError(f"context ({context}) and batch ({batch}) must be at least 1")
-    kept = min(context, spec.sliding_window) if spec.sliding_window else context
-    return 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * kept * batch * kv_bytes_per_element(kv_quant)
+    windowed = get_engine(engine).kv_window
+    return spec.config.kv_cache_bytes(context, batch, kv_bytes_per_element(kv_quant), windowed=windowed)
+
+
+def kv_read_bytes(spec: ModelSpec, context: int, kv_quant: str = "f16") -> float:
+    """K and V one decode step reads at ``context``: the attended tokens, min(T, W), in every engine."""
+    return spec.config.kv_cache_bytes(context, 1, kv_bytes_per_element(kv_quant), windowed=True)
 
 
 def compute_buffer_bytes(spec: ModelSpec, context: int, engine: Engine, batch: int = 1) -> float:
@@ -188,7 +202,7 @@ def inference_memory(spec: ModelSpec, hw: Hardware, quant: str, context: int, ba
     q = check_quant(spec, quant, eng)
     return InferenceMemory(
         weights=weights_bytes(spec, q),
-        kv_cache=kv_cache_bytes(spec, context, batch, kv_quant),
+        kv_cache=kv_cache_bytes(spec, context, batch, kv_quant, engine),
         compute=compute_buffer_bytes(spec, context, eng, batch),
         runtime=runtime_bytes(hw, eng),
         load_buffers=load_buffer_bytes(spec, eng),
@@ -202,7 +216,9 @@ def bytes_per_token(spec: ModelSpec, quant: str, context: int, kv_quant: str = "
     A GGUF file at its own format reads its tensors' real bytes (its embedding
     and head are often in a bigger type than the rest).
     """
-    kv = kv_cache_bytes(spec, context, 1, kv_quant)
+    if context < 1:
+        raise GptlabError(f"context ({context}) must be at least 1")
+    kv = kv_read_bytes(spec, context, kv_quant)
     if is_native(spec, quant) and spec.native_read_bytes is not None:
         return spec.native_read_bytes + kv
     touched = spec.params_active - spec.params_embedding + (spec.params_lm_head if spec.tied else 0)
@@ -210,10 +226,11 @@ def bytes_per_token(spec: ModelSpec, quant: str, context: int, kv_quant: str = "
 
 
 def flops_per_token(spec: ModelSpec, context: int) -> float:
-    """Forward FLOPs for one token attending to ``context`` tokens: 2·N_active + 4·L·T·H·hd."""
-    matmul = 2 * (spec.params_active - spec.params_embedding + spec.params_lm_head)
-    kept = min(context, spec.sliding_window) if spec.sliding_window else context
-    return matmul + 4 * spec.n_layers * kept * spec.n_heads * spec.head_dim
+    """Forward FLOPs for one token attending to ``context`` tokens (``ModelConfig.flops_per_token``).
+
+    2 · (active non-embedding params + head) + 4 · L · min(T, W) · H · hd.
+    """
+    return float(spec.config.flops_per_token(context))
 
 
 def eager_ops_per_token(spec: ModelSpec) -> int:
@@ -268,7 +285,7 @@ def prefill_seconds(spec: ModelSpec, hw: Hardware, quant: str, prompt_tokens: in
     eng = get_engine(engine)
     bw, peak = _device_speed(hw, gpu, quant)
     # P tokens through the matmuls, plus causal attention over on average P/2 keys each.
-    kept = min(prompt_tokens, spec.sliding_window) if spec.sliding_window else prompt_tokens
+    kept = spec.config.attended_tokens(prompt_tokens)
     flops = prompt_tokens * flops_per_token(spec, max(1, kept // 2))
     t_mem = bytes_per_token(spec, quant, 1) / (bw * eng.bandwidth_efficiency)
     return max(flops / (peak * eng.matmul_efficiency), t_mem)
