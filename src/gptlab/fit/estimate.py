@@ -40,7 +40,8 @@ from dataclasses import asdict, dataclass
 from gptlab.errors import GptlabError
 from gptlab.fit.catalog import ModelSpec
 from gptlab.fit.hardware import GPU, Hardware, bandwidth_at_width
-from gptlab.fit.quant import TORCH_DTYPES, canonical_name, get_quant, kv_bytes_per_element
+from gptlab.fit.quant import (GPTLAB_QUANTS, INT4_RESIDENT_COPIES, TORCH_DTYPES, canonical_name, get_quant,
+                              gptlab_quant_bits, kv_bytes_per_element)
 
 GiB = 2**30
 
@@ -105,19 +106,44 @@ def is_native(spec: ModelSpec, quant: str) -> bool:
 def check_quant(spec: ModelSpec, quant: str, engine: Engine) -> str:
     """The canonical quant name, rejecting formats the engine cannot hold in memory."""
     q = spec.native_quant if is_native(spec, quant) else get_quant(quant).name
-    if not engine.quantized_weights and q not in TORCH_DTYPES:
+    if not engine.quantized_weights and q not in TORCH_DTYPES and q not in GPTLAB_QUANTS:
         raise GptlabError(
             f"quant {quant} is a GGUF block format, but the gptlab engine dequantizes weights to "
-            f"{'/'.join(TORCH_DTYPES)}; pass --quant BF16 (or F32), or --engine llama.cpp to size quantized inference"
+            f"{'/'.join(TORCH_DTYPES)} (and quantizes them itself only as INT8 or INT4, --quantize int8|int4); "
+            "pass --quant BF16, F32, INT8 or INT4, or --engine llama.cpp to size quantized inference"
         )
+    if engine.quantized_weights and q in GPTLAB_QUANTS:
+        raise GptlabError(f"quant {quant} is gptlab's own format (--quantize {q.lower()}); pass --engine gptlab, "
+                          "or for llama.cpp a GGUF format (Q4_1 has INT4's blocks, Q8_0 is 8-bit)")
     return q
 
 
 # ---------------------------------------------------------------- memory
+def gptlab_quant_bytes(spec: ModelSpec, quant: str, resident: bool = True) -> float:
+    """Bytes of a model under gptlab's ``--quantize int8|int4``: ``resident`` (held) or read per decode step.
+
+    The linear layers of the blocks at the format (``quant.gptlab_quant_bits``,
+    rows of d inputs; their few norm and bias values counted with them, < 0.1 %),
+    the output head as int8 under both (a tied head becomes an int8 copy beside
+    the float embedding), the input embedding tables at bf16 (read: one row).
+    INT4 on the CPU keeps its codes twice (``INT4_RESIDENT_COPIES``).
+    """
+    d = spec.emb_dim
+    head = spec.params_lm_head * gptlab_quant_bits("INT8", d) / 8
+    blocks = spec.params_active - spec.params_embedding - (0 if spec.tied else spec.params_lm_head)
+    per_weight = gptlab_quant_bits(quant, d) / 8
+    if quant == "INT4" and resident:
+        per_weight *= INT4_RESIDENT_COPIES
+    embedding = 2.0 * spec.params_embedding if resident else 2.0 * d
+    return blocks * per_weight + head + embedding
+
+
 def weights_bytes(spec: ModelSpec, quant: str) -> float:
     """Bytes of all weights at ``quant`` (exact file bytes for a GGUF at its own format)."""
     if is_native(spec, quant):
         return float(spec.native_weight_bytes)
+    if canonical_name(quant) in GPTLAB_QUANTS:
+        return gptlab_quant_bytes(spec, canonical_name(quant))
     return spec.params_total * get_quant(quant).bits / 8
 
 
@@ -221,6 +247,8 @@ def bytes_per_token(spec: ModelSpec, quant: str, context: int, kv_quant: str = "
     kv = kv_read_bytes(spec, context, kv_quant)
     if is_native(spec, quant) and spec.native_read_bytes is not None:
         return spec.native_read_bytes + kv
+    if canonical_name(quant) in GPTLAB_QUANTS:
+        return gptlab_quant_bytes(spec, canonical_name(quant), resident=False) + kv
     touched = spec.params_active - spec.params_embedding + (spec.params_lm_head if spec.tied else 0)
     return touched * get_quant(quant).bits / 8 + kv
 
