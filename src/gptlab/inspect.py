@@ -22,17 +22,30 @@ def parameter_table(model: nn.Module) -> list[tuple[str, tuple[int, ...], int, s
 
 
 def summarize(model: nn.Module) -> dict:
-    """Counts, memory and FLOPs of a model (works on the meta device too)."""
+    """Counts, memory, KV cache and FLOPs of a model (works on the meta device too).
+
+    ``kv_cache_bytes`` is gptlab's own cache at the full context, batch 1
+    (every token kept, also with a sliding window), the figure ``gptlab fit
+    --engine gptlab`` plans; ``kv_cache_bytes_windowed`` is what an engine that
+    keeps only the window holds (llama.cpp), when it differs.
+    """
     cfg = model.cfg
     counts = cfg.param_counts()
     actual = sum(p.numel() for p in model.parameters())  # tied parameters counted once
-    return {
+    T = cfg.context_length
+    kv = {"context": T, "bf16": cfg.kv_cache_bytes(T, 1, 2), "fp32": cfg.kv_cache_bytes(T, 1, 4)}
+    out = {
         "config": cfg.to_dict(),
         "parameters": {**counts, "actual": actual},
         "memory_bytes": {"fp32": actual * 4, "bf16": actual * 2, "fp16": actual * 2},
+        "kv_cache_bytes": kv,
         "flops_per_token_forward": cfg.flops_per_token(),
         "flops_per_token_training": 3 * cfg.flops_per_token(),
     }
+    if cfg.cached_tokens(T, windowed=True) != T:
+        out["kv_cache_bytes_windowed"] = {"context": T, "bf16": cfg.kv_cache_bytes(T, 1, 2, windowed=True),
+                                          "fp32": cfg.kv_cache_bytes(T, 1, 4, windowed=True)}
+    return out
 
 
 def get_weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -121,6 +134,11 @@ def inspect_command(model: str, params: bool = True, tree: bool = True, as_json:
     print(f"tied (counted once):  {c['tied']:,}")
     m = s["memory_bytes"]
     print(f"memory: fp32 {m['fp32'] / 2**30:.2f} GiB, bf16/fp16 {m['bf16'] / 2**30:.2f} GiB")
+    kv = s["kv_cache_bytes"]
+    windowed = s.get("kv_cache_bytes_windowed")
+    print(f"KV cache at context {kv['context']} (batch 1): bf16 {kv['bf16'] / 2**30:.2f} GiB in gptlab "
+          "(every token kept)" + (f"; {windowed['bf16'] / 2**30:.2f} GiB where only the sliding window is kept "
+                                   "(llama.cpp)" if windowed else ""))
     cfg = net.cfg
     window = "" if cfg.attended_tokens() == cfg.context_length else f" (sliding window {cfg.attended_tokens()})"
     print(f"FLOPs per token: forward {_human(s['flops_per_token_forward'])}, "

@@ -5,11 +5,12 @@ import math
 
 import pytest
 
-from gptlab.fit import hardware
+from gptlab.fit import calibration, hardware
 from gptlab.fit.calibration_check import calibration_problems
 from gptlab.fit.catalog import spec_from_ref
 from gptlab.fit.estimate import decode_tokens_per_s
-from gptlab.fit.hardware import DEFAULT_SPEEDS, detect_hardware, load_calibration
+from gptlab.fit.calibration import detect_hardware, load_calibration
+from gptlab.fit.hardware import DEFAULT_SPEEDS
 
 from conftest import make_hw
 
@@ -117,7 +118,7 @@ def fake_calibrate(monkeypatch, *results):
     def calibrate(gpus=None):
         calls.append(1)
         return dict(results[min(len(calls), len(results)) - 1])
-    monkeypatch.setattr(hardware, "calibrate", calibrate)
+    monkeypatch.setattr(calibration, "calibrate", calibrate)
     return calls
 
 
@@ -128,14 +129,14 @@ def test_a_failed_measurement_is_repeated(cache, monkeypatch, capsys):
     calls = fake_calibrate(monkeypatch, NONSENSE, NONSENSE, SANE)
     entry, fresh = load_calibration([])
     assert entry == SANE and fresh and len(calls) == 3
-    assert json.loads(cache.read_text())[hardware._fingerprint([])] == SANE
+    assert json.loads(cache.read_text())[calibration._fingerprint([])] == SANE
     assert capsys.readouterr().err == ""
 
 
 def test_persistent_nonsense_falls_back_to_defaults_and_is_not_cached(cache, monkeypatch, capsys):
     calls = fake_calibrate(monkeypatch, NONSENSE)
     hw = detect_hardware()
-    assert len(calls) == hardware.CALIBRATION_TRIES
+    assert len(calls) == calibration.CALIBRATION_TRIES
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("warning: gptlab fit: calibration rejected after 3 tries (cpu_bandwidth 3 GB/s")
@@ -143,7 +144,7 @@ def test_persistent_nonsense_falls_back_to_defaults_and_is_not_cached(cache, mon
     assert not hw.calibrated and hw.cpu_bandwidth == DEFAULT_SPEEDS["cpu_bandwidth"]
     assert hw.cpu_matmul_fp32 == DEFAULT_SPEEDS["cpu_matmul_fp32"] and hw.decode_overhead == {}
     assert any("failed the sanity check 3 times" in a and "--calibrate" in a for a in hw.assumptions)
-    stored = json.loads(cache.read_text())[hardware._fingerprint([])]
+    stored = json.loads(cache.read_text())[calibration._fingerprint([])]
     assert "cpu_bandwidth" not in stored and stored["rejected"].startswith("cpu_bandwidth 3 GB/s")
     # Later runs use the defaults without measuring again (and say why) ...
     again = detect_hardware()
@@ -157,7 +158,7 @@ def test_persistent_nonsense_falls_back_to_defaults_and_is_not_cached(cache, mon
 
 
 def test_cached_nonsense_from_before_the_check_is_measured_again(cache, monkeypatch, capsys):
-    cache.write_text(json.dumps({hardware._fingerprint([]): NONSENSE}))
+    cache.write_text(json.dumps({calibration._fingerprint([]): NONSENSE}))
     stale = detect_hardware(measure=False)  # no measuring allowed: defaults, with the reason
     assert not stale.calibrated and stale.cpu_bandwidth == DEFAULT_SPEEDS["cpu_bandwidth"]
     assert any("cached speeds fail the sanity check (cpu_bandwidth 3 GB/s" in a for a in stale.assumptions)

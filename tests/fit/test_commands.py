@@ -5,7 +5,7 @@ import json
 import pytest
 
 from gptlab.cli import run
-from gptlab.fit import hardware
+from gptlab.fit import calibration, hardware
 
 from test_hardware import FIGURES
 
@@ -15,7 +15,7 @@ def cached(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
     monkeypatch.setattr(hardware, "_nvml_gpus", lambda notes: [])
     monkeypatch.setattr(hardware, "_amd_gpus", lambda: [])
-    (tmp_path / "fit-calibration.json").write_text(json.dumps({hardware._fingerprint([]): FIGURES}))
+    (tmp_path / "fit-calibration.json").write_text(json.dumps({calibration._fingerprint([]): FIGURES}))
 
 
 def test_table_text(capsys):
@@ -99,3 +99,23 @@ def test_help_lists_the_flags(capsys):
     out = capsys.readouterr().out
     for flag in ("--model", "--quant", "--kv-quant", "--train", "--verify", "--tui", "--calibrate", "--vram"):
         assert flag in out
+
+
+def test_table_header_says_the_context_is_capped(capsys):
+    assert run(["fit", "--ram", "16", "--family", "smollm2", "--context", "100000000"]) == 0
+    out = capsys.readouterr().out
+    assert "Models (3), engine llama.cpp, context 100000000 tokens (capped at the model's maximum for 3 of 3" in out
+    assert run(["fit", "--ram", "16", "--family", "smollm2", "--context", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "context 1024 tokens:" in out and "capped" not in out
+
+
+def test_verify_outside_its_targets_exits_3_not_the_usage_code_2(monkeypatch, capsys):
+    import gptlab.fit.verify as verify
+
+    res = {"within_targets": False}
+    monkeypatch.setattr(verify, "verify_model", lambda *a, **k: res)
+    monkeypatch.setattr(verify, "render_verify", lambda r: "OUTSIDE targets")
+    assert run(["fit", "--verify", "gpt2-nano"]) == 3
+    res["within_targets"] = True
+    assert run(["fit", "--verify", "gpt2-nano"]) == 0

@@ -173,3 +173,82 @@ def test_training_speed_uses_six_n(hw):
     tps = train_tokens_per_s(s, hw, 256, "fp32")
     flops = 3 * 2 * (s.params_total - s.params_embedding + s.params_lm_head)  # + a small attention term
     assert tps == pytest.approx(1e12 * 0.35 / flops, rel=0.05)
+
+
+def test_gptlab_engine_keeps_every_token_of_a_sliding_window_model(hw):
+    """gptlab's KVCache holds every token (decode reads the last W); llama.cpp holds the window. inspect agrees."""
+    from gptlab.inspect import summarize
+    from gptlab.models import empty_model
+
+    mistral = spec_from_ref("mistral-7b")
+    # 2 · 32 layers · 8 KV heads · 128 · 32768 tokens · 2 bytes = 4 GiB; the window's 4096 tokens: 0.5 GiB.
+    assert kv_cache_bytes(mistral, 32768, engine="gptlab") == 4 * GiB
+    assert kv_cache_bytes(mistral, 32768, engine="llama.cpp") == 0.5 * GiB
+    s = summarize(empty_model(get_preset("mistral-7b")))
+    assert s["kv_cache_bytes"]["bf16"] == inference_memory(mistral, hw, "BF16", 32768, engine="gptlab").kv_cache
+    assert s["kv_cache_bytes_windowed"]["bf16"] == inference_memory(mistral, hw, "Q4_K_M", 32768).kv_cache
+    # Both engines read only the window's K/V per decode step.
+    assert bytes_per_token(mistral, "BF16", 32768) == bytes_per_token(mistral, "BF16", 4096)
+
+
+def test_sizes_are_the_configs_methods():
+    """fit's FLOPs and KV figures are ModelConfig's (one formula set), also for a checkpoint without a family."""
+    import transformers as tf
+
+    from gptlab.fit.catalog import CountedConfig, spec_from_hf_config
+    from gptlab.fit.estimate import flops_per_token
+
+    for spec in (spec_from_ref("mistral-7b"), spec_from_ref("gpt2-124m")):
+        assert flops_per_token(spec, 8192) == spec.config.flops_per_token(8192)
+    moe = spec_from_hf_config(tf.MixtralConfig(vocab_size=320, hidden_size=64, intermediate_size=96,
+                                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                               num_local_experts=4, num_experts_per_tok=2).to_dict(), "moe")
+    assert isinstance(moe.config, CountedConfig) and moe.config.active_params() == moe.params_active
+    assert flops_per_token(moe, 100) == 2 * (moe.params_active - moe.params_embedding + 320 * 64) + 4 * 3 * 100 * 64
+
+
+def _held_bytes(model) -> int:
+    """Bytes a model holds: parameters and buffers once each, plus the CPU int4 kernel's packed copies."""
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    for m in model.modules():
+        packed = getattr(m, "_packed", None)
+        if packed:
+            n += sum(x.numel() * x.element_size() for x in packed[1:])
+    return n
+
+
+@pytest.mark.parametrize("preset", ["gpt2-micro", "llama-micro"])
+@pytest.mark.parametrize("quant", ["INT8", "INT4"])
+def test_gptlab_quantize_is_planned_at_the_bytes_it_holds(preset, quant, hw):
+    """`--engine gptlab --quant INT8|INT4` sizes what `--quantize int8|int4` holds (bf16 rest), within 1 %."""
+    from gptlab.quantize import apply_quantization
+
+    cfg = get_preset(preset)
+    model = build_model(cfg).to(torch.bfloat16).eval()
+    apply_quantization(model, quant.lower())
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))  # the int4 CPU kernel packs its copy at the first forward
+    spec = spec_from_config(cfg)
+    assert weights_bytes(spec, quant) == pytest.approx(_held_bytes(model), rel=0.01)
+    m = inference_memory(spec, hw, quant, 64, engine="gptlab")
+    assert m.weights == weights_bytes(spec, quant)
+    # A decode step reads one row of the embedding and one copy of the codes.
+    assert bytes_per_token(spec, quant, 1) < m.weights
+
+
+def test_gptlab_formats_belong_to_the_gptlab_engine(hw):
+    from gptlab.fit.plan import make_plan
+
+    s = spec_from_ref("llama-3-8b")
+    plan = make_plan(s, hw, context=4096, quant="int4", engine="gptlab")
+    assert plan.inputs["quant"] == "INT4" and {"BF16", "INT8", "INT4"} <= plan.max_context.keys()
+    # INT8: 8 bits + a bf16 scale per 4096-wide row for the blocks, the head int8, the embedding bf16.
+    blocks = s.params_total - s.params_embedding - s.params_lm_head
+    assert weights_bytes(s, "INT8") == pytest.approx(blocks * (1 + 2 / 4096) + s.params_lm_head * (1 + 2 / 4096)
+                                                     + 2 * s.params_embedding)
+    with pytest.raises(GptlabError, match="gptlab's own format"):
+        inference_memory(s, hw, "INT4", 4096, engine="llama.cpp")

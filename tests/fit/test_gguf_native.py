@@ -12,7 +12,7 @@ from gguf_helpers import hf_llama_to_gguf, smollm2_gguf  # noqa: E402
 
 from gptlab.cli import run
 from gptlab.errors import GptlabError
-from gptlab.fit import hardware
+from gptlab.fit import calibration, hardware
 from gptlab.fit.catalog import file_type_name, spec_from_gguf
 from gptlab.fit.estimate import bytes_per_token, kv_cache_bytes, weights_bytes
 from gptlab.fit.plan import make_plan, table_row
@@ -32,7 +32,7 @@ def cached(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
     monkeypatch.setattr(hardware, "_nvml_gpus", lambda notes: [])
     monkeypatch.setattr(hardware, "_amd_gpus", lambda: [])
-    (tmp_path / "fit-calibration.json").write_text(json.dumps({hardware._fingerprint([]): FIGURES}))
+    (tmp_path / "fit-calibration.json").write_text(json.dumps({calibration._fingerprint([]): FIGURES}))
 
 
 def file_bytes(path) -> dict[str, int]:

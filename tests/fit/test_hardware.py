@@ -6,8 +6,9 @@ import socket
 import pytest
 
 from gptlab.errors import GptlabError
-from gptlab.fit import hardware
-from gptlab.fit.hardware import detect_hardware, ollama_running, parse_mig_uuids, simulate
+from gptlab.fit import benchmarks, calibration, hardware
+from gptlab.fit.calibration import detect_hardware
+from gptlab.fit.hardware import ollama_running, parse_mig_uuids, simulate
 
 from conftest import make_hw
 
@@ -20,7 +21,7 @@ FIGURES = {"cpu_bandwidth": 20e9, "cpu_bandwidth_1core": 8e9, "cpu_matmul_fp32":
 def cached(tmp_path, monkeypatch):
     """A calibration cache for this machine, so no microbenchmark runs."""
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
-    (tmp_path / "fit-calibration.json").write_text(json.dumps({hardware._fingerprint([]): FIGURES}))
+    (tmp_path / "fit-calibration.json").write_text(json.dumps({calibration._fingerprint([]): FIGURES}))
     return tmp_path
 
 
@@ -45,13 +46,13 @@ def test_uncalibrated_degrades_to_stated_assumption(tmp_path, monkeypatch):
 def test_calibration_is_cached_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
     calls = []
-    monkeypatch.setattr(hardware, "calibrate", lambda gpus=None: calls.append(1) or dict(FIGURES))
-    first, fresh = hardware.load_calibration([])
-    second, fresh2 = hardware.load_calibration([])
+    monkeypatch.setattr(calibration, "calibrate", lambda gpus=None: calls.append(1) or dict(FIGURES))
+    first, fresh = calibration.load_calibration([])
+    second, fresh2 = calibration.load_calibration([])
     assert (fresh, fresh2, len(calls)) == (True, False, 1) and first == second
-    hardware.load_calibration([], refresh=True)
+    calibration.load_calibration([], refresh=True)
     assert len(calls) == 2
-    assert json.loads((tmp_path / "fit-calibration.json").read_text())[hardware._fingerprint([])] == FIGURES
+    assert json.loads((tmp_path / "fit-calibration.json").read_text())[calibration._fingerprint([])] == FIGURES
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -89,6 +90,6 @@ def test_ollama_probe():
 
 
 def test_microbenchmarks_measure_something():
-    assert hardware.measure_bandwidth(mib=32) > 1e8
-    assert hardware.measure_matmul("fp32", n=256) > 1e8
-    assert 0 < hardware.measure_op_latency() < 1e-2
+    assert benchmarks.measure_bandwidth(mib=32) > 1e8
+    assert benchmarks.measure_matmul("fp32", n=256) > 1e8
+    assert 0 < benchmarks.measure_op_latency() < 1e-2

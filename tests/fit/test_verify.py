@@ -6,7 +6,7 @@ import math
 import pytest
 
 from gptlab.cli import run
-from gptlab.fit import hardware
+from gptlab.fit import benchmarks, calibration
 from gptlab.fit.verify import TARGETS, render_verify, verify_model
 
 from conftest import make_hw
@@ -16,7 +16,7 @@ from conftest import make_hw
 def test_verify_tiny_preset_memory():
     """A tiny model: the measured peak RSS of a clean process is within the memory target."""
     hw = make_hw()
-    hw.runtime_rss = hardware.measure_runtime_rss()
+    hw.runtime_rss = benchmarks.measure_runtime_rss()
     res = verify_model("gpt2-nano", hw, prompt=8, new_tokens=8, threads=1)
     assert res["measured"]["peak_reset"] is True
     assert abs(res["errors"]["memory"]) <= TARGETS["memory"]
@@ -27,7 +27,7 @@ def test_verify_tiny_preset_memory():
 
 def test_verify_bad_ref(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
-    (tmp_path / "fit-calibration.json").write_text(json.dumps({hardware._fingerprint([]): {
+    (tmp_path / "fit-calibration.json").write_text(json.dumps({calibration._fingerprint([]): {
         "cpu_bandwidth": 1e10, "cpu_matmul_fp32": 1e11, "cpu_matmul_bf16": 1e11, "runtime_rss": 2**28}}))
     assert run(["fit", "--verify", "no-such-model"]) == 1
 
@@ -40,7 +40,7 @@ def test_verify_smollm2_within_targets(smollm2_path):
     machine is not a test (observed -12 % ... +47 % for identical runs). ``gptlab fit
     --verify`` prints it; here it only has to be measured and finite.
     """
-    hw = hardware.detect_hardware()
+    hw = calibration.detect_hardware()
     res = verify_model(str(smollm2_path), hw, train=True, batch=2, context=64, threads=1)
     print(render_verify(res))
     assert abs(res["errors"]["memory"]) <= TARGETS["memory"]

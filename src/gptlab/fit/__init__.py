@@ -1,6 +1,8 @@
 """The fit planner: will a model fit on this machine, and how fast will it run?
 
-    hardware.py   detect CPU/RAM/GPUs/Ollama; measure bandwidth, matmul peak, op latency (cached)
+    hardware.py   Hardware/GPU records; detect CPU/RAM/GPUs/Ollama; simulate other machines
+    benchmarks.py measure bandwidth (by row width), matmul peak, op latency, decode overhead, runtime RSS
+    calibration.py  the per-machine cache of those figures (checked first); detect_hardware()
     calibration_check.py  are measured figures believable? (checked before they are cached)
     quant.py      bits per weight of each weight format, from the GGUF block layouts
     catalog.py    ModelSpec: exact sizes from a preset, HF config.json, GGUF file or run directory
@@ -14,7 +16,8 @@
 from gptlab.fit.catalog import ModelSpec, catalog, spec_from_config, spec_from_gguf, spec_from_hf_config, spec_from_ref
 from gptlab.fit.estimate import (decode_tokens_per_s, inference_memory, kv_cache_bytes, prefill_seconds,
                                  train_tokens_per_s, training_memory, weights_bytes)
-from gptlab.fit.hardware import Hardware, detect_hardware
+from gptlab.fit.calibration import detect_hardware
+from gptlab.fit.hardware import Hardware
 from gptlab.fit.plan import Plan, make_plan, rank, table_row
 from gptlab.fit.quant import QUANTS, get_quant
 

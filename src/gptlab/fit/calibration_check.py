@@ -6,7 +6,7 @@ then contradicts itself (all threads slower than one; a small model ranked
 slower than a bigger one). The cache keeps figures for good, so a bad set
 would mislead every later plan. ``calibration_problems`` says what is wrong
 with a set of figures; it measures nothing (arithmetic on the numbers given,
-tested with made-up figures). ``hardware.load_calibration`` re-measures a set
+tested with made-up figures). ``calibration.load_calibration`` re-measures a set
 that has problems a few times, then falls back to the stated defaults.
 
 The checks:
@@ -68,7 +68,7 @@ OVERHEAD_PER_OP = 20.0
 def calibration_problems(figures: dict) -> list[str]:
     """What is implausible or inconsistent in calibration ``figures``, one line each; [] if they are sane.
 
-    ``figures`` is a ``hardware.calibrate()`` result (or a cached one); figures
+    ``figures`` is a ``benchmarks.calibrate()`` result (or a cached one); figures
     it lacks are not checked (older caches have no one-thread matmul).
     """
     problems = _range_problems(figures)

@@ -5,6 +5,14 @@ shapes (for the KV cache), the exact parameter counts split the way memory and
 speed need them (input lookup tables, output head, total vs. active for
 mixture-of-experts), and the format the weights ship in.
 
+Every spec carries a ``ModelConfig`` and its sizes come from that config's
+methods (``param_counts``, ``kv_cache_bytes``, ``flops_per_token``,
+``attended_tokens``) — the ones ``gptlab inspect`` prints. A gptlab preset or
+run directory brings its own config; a checkpoint of an architecture without a
+gptlab family (Qwen3, Mixtral, any GGUF file) becomes a :class:`CountedConfig`:
+its shapes plus the parameter counts read from the checkpoint, so the same
+methods size it.
+
 Sources (``spec_from_ref`` picks by the reference's shape):
 
 - a gptlab preset name (``llama-3-8b``) -> ``ModelConfig.param_counts()``;
@@ -26,10 +34,29 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from gptlab.errors import GptlabError
 from gptlab.models.config import ConfigError, ModelConfig, get_preset, list_presets
+
+
+@dataclass
+class CountedConfig(ModelConfig):
+    """The shapes and exact parameter counts of a checkpoint gptlab has no family for.
+
+    ``counts`` is a ``param_counts()`` dict read from the checkpoint (a Hugging
+    Face ``config.json``'s keys, a GGUF file's tensors); ``ModelConfig``'s sizing
+    methods then run on it unchanged. Not buildable: there is no model class.
+    """
+
+    family: ClassVar[str] = "counted"
+
+    arch: str = "unknown"  # the checkpoint's architecture name (qwen3, mixtral, a GGUF general.architecture)
+    sliding_window: int | None = None
+    counts: dict = field(default_factory=dict)
+
+    def param_counts(self) -> dict[str, int]:
+        return dict(self.counts)
 
 
 @dataclass(frozen=True)
@@ -51,7 +78,7 @@ class ModelSpec:
 
     name: str
     source: str  # "preset" | "gptlab" | "hf" | "gguf"
-    arch: str
+    arch: str  # a gptlab family (gpt2, llama) or a CountedConfig's architecture
     n_layers: int
     emb_dim: int
     n_heads: int
@@ -71,11 +98,11 @@ class ModelSpec:
     native_weight_bytes: int | None = None  # exact, for GGUF files
     native_read_bytes: int | None = None  # exact, for GGUF files
     path: str | None = None
-    config: ModelConfig | None = field(default=None, compare=False, repr=False)
+    config: ModelConfig | None = field(default=None, compare=False, repr=False)  # where every size comes from
 
     @property
     def family(self) -> str:
-        return self.config.family if self.config is not None else self.arch
+        return self.arch
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -84,21 +111,43 @@ class ModelSpec:
 
 
 # ---------------------------------------------------------------- gptlab configs
-def spec_from_config(cfg: ModelConfig, source: str = "preset", path: str | None = None) -> ModelSpec:
-    """A spec from a gptlab ``ModelConfig`` (exact counts from ``param_counts()``)."""
+def spec_from_config(cfg: ModelConfig, source: str = "preset", path: str | None = None,
+                     native_quant: str | None = None, **native: Any) -> ModelSpec:
+    """A spec from a ``ModelConfig``: every count from ``param_counts()``, shapes from its fields.
+
+    ``native`` carries a GGUF file's exact ``native_weight_bytes`` / ``native_read_bytes``.
+    """
     try:
         c = cfg.param_counts()
     except NotImplementedError:
         raise GptlabError(f"the {cfg.family} family cannot count its parameters yet") from None
+    arch = cfg.arch if isinstance(cfg, CountedConfig) else cfg.family
+    if native_quant is None:
+        native_quant = "F32" if cfg.family == "gpt2" else "BF16"
     return ModelSpec(
-        name=cfg.name, source=source, arch=cfg.family, n_layers=cfg.n_layers, emb_dim=cfg.emb_dim,
+        name=cfg.name, source=source, arch=arch, n_layers=cfg.n_layers, emb_dim=cfg.emb_dim,
         n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
         vocab_size=cfg.vocab_size, context_length=cfg.context_length,
-        params_total=c["total"], params_active=c["total"], params_embedding=c["embedding"],
+        params_total=c["total"], params_active=cfg.active_params(), params_embedding=c["embedding"],
         params_lm_head=c["lm_head"], tied=bool(cfg.tie_embeddings),
         sliding_window=getattr(cfg, "sliding_window", None) or None,
-        native_quant="F32" if cfg.family == "gpt2" else "BF16", path=path, config=cfg,
+        n_experts=c.get("experts", 0), n_experts_active=c.get("experts_active", 0),
+        native_quant=native_quant, path=path, config=cfg, **native,
     )
+
+
+def counted_config(name: str, arch: str, *, L: int, d: int, H: int, Hkv: int, hd: int, V: int, ctx: int,
+                   total: int, active: int, embedding: int, tied: bool, F: int | None = None,
+                   window: int | None = None, experts: tuple[int, int] = (0, 0)) -> CountedConfig:
+    """A :class:`CountedConfig` from a checkpoint's shapes and counts (the head is V·d, once if tied)."""
+    counts = {"total": total, "active": active, "embedding": embedding, "non_embedding": total - embedding,
+              "lm_head": V * d, "tied": V * d if tied else 0, "experts": experts[0], "experts_active": experts[1]}
+    try:
+        return CountedConfig(name=name, arch=arch, n_layers=L, emb_dim=d, n_heads=H, n_kv_heads=Hkv, head_dim=hd,
+                             vocab_size=V, context_length=ctx, hidden_dim=F, tie_embeddings=tied,
+                             sliding_window=window or None, counts=counts)
+    except ConfigError as e:
+        raise GptlabError(f"{name}: {e}") from None
 
 
 # ---------------------------------------------------------------- HF config.json
@@ -139,10 +188,9 @@ def _hf_gpt2(cfg: dict, name: str, path: str | None) -> ModelSpec:
     block = (d * 3 * d + 3 * d) + (d * d + d) + (d * F + F + F * d + d) + 4 * d
     tied = cfg.get("tie_word_embeddings", True)
     total = V * d + ctx * d + L * block + 2 * d + (0 if tied else V * d)
-    return ModelSpec(name=name, source="hf", arch="gpt2", n_layers=L, emb_dim=d, n_heads=H, n_kv_heads=H,
-                     head_dim=d // H, vocab_size=V, context_length=ctx, params_total=total,
-                     params_active=total, params_embedding=V * d + ctx * d, params_lm_head=V * d,
-                     tied=tied, native_quant=_hf_dtype(cfg, "F32"), path=path)
+    counted = counted_config(name, "gpt2", L=L, d=d, H=H, Hkv=H, hd=d // H, V=V, ctx=ctx, total=total,
+                             active=total, embedding=V * d + ctx * d, tied=tied, F=F)
+    return spec_from_config(counted, "hf", path, native_quant=_hf_dtype(cfg, "F32"))
 
 
 def _hf_dtype(cfg: dict, default: str) -> str:
@@ -182,13 +230,10 @@ def _hf_llama_like(cfg: dict, mtype: str, name: str, path: str | None) -> ModelS
     total = emb + L * (attn + mlp_total + norms) + d + head
     active = emb + L * (attn + mlp_active + norms) + d + head
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-    return ModelSpec(
-        name=name, source="hf", arch=mtype or "llama", n_layers=L, emb_dim=d, n_heads=H, n_kv_heads=Hkv,
-        head_dim=hd, vocab_size=V, context_length=_get(cfg, "max_position_embeddings", default=4096),
-        params_total=total, params_active=active, params_embedding=emb, params_lm_head=V * d, tied=tied,
-        sliding_window=window or None, n_experts=E, n_experts_active=k,
-        native_quant=_hf_dtype(cfg, "BF16"), path=path,
-    )
+    counted = counted_config(name, mtype or "llama", L=L, d=d, H=H, Hkv=Hkv, hd=hd, V=V,
+                             ctx=_get(cfg, "max_position_embeddings", default=4096), total=total, active=active,
+                             embedding=emb, tied=tied, F=F, window=window, experts=(E, k))
+    return spec_from_config(counted, "hf", path, native_quant=_hf_dtype(cfg, "BF16"))
 
 
 # ---------------------------------------------------------------- GGUF files
@@ -273,14 +318,11 @@ def _spec_from_gguf_cached(path_str: str, _size: int, _mtime: int) -> ModelSpec:
     # tied head in full, and k of E experts: the same split as params_active - embedding.
     read = nbytes - emb_bytes + (tok_bytes if tied else 0) - (expert_bytes - expert_bytes * k // E if E else 0)
     main = file_type_name(f.meta) or (max(types, key=types.get) if types else "F32")
-    return ModelSpec(
-        name=path.name, source="gguf", arch=arch, n_layers=L, emb_dim=d, n_heads=H, n_kv_heads=Hkv,
-        head_dim=hd, vocab_size=vocab, context_length=meta(f"{arch}.context_length", 2048),
-        params_total=total, params_active=active, params_embedding=emb, params_lm_head=vocab * d,
-        tied=tied, sliding_window=meta(f"{arch}.attention.sliding_window"),
-        n_experts=E, n_experts_active=k, native_quant=main, native_weight_bytes=nbytes,
-        native_read_bytes=read, path=str(path),
-    )
+    counted = counted_config(path.name, arch, L=L, d=d, H=H, Hkv=Hkv, hd=hd, V=vocab,
+                             ctx=meta(f"{arch}.context_length", 2048), total=total, active=active, embedding=emb,
+                             tied=tied, window=meta(f"{arch}.attention.sliding_window"), experts=(E, k))
+    return spec_from_config(counted, "gguf", str(path), native_quant=main, native_weight_bytes=nbytes,
+                            native_read_bytes=read)
 
 
 # ---------------------------------------------------------------- references

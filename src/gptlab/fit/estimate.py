@@ -1,13 +1,16 @@
 """The one estimator: memory and speed of a model, for inference and training.
 
 Every view (table, plan, JSON, TUI, --verify) calls these functions; nothing
-else computes a size or a speed.
+else computes a size or a speed. Parameter counts, KV-cache bytes, attended
+tokens and FLOPs per token are the spec's ``ModelConfig`` methods, the ones
+``gptlab inspect`` prints.
 
 Inference memory = weights at the quant + KV cache + compute buffer + runtime
 (+ load buffers, see ``load_buffer_bytes``):
 
     weights   = parameters · bits per weight / 8          (exact file bytes for a GGUF at its own quant)
-    KV cache  = 2 · L · Hkv · hd · min(T, window) · B · bytes per element
+    KV cache  = 2 · L · Hkv · hd · T · B · bytes per element, T = every token (gptlab's cache)
+                or min(T, window) (llama.cpp keeps the last W of a sliding-window model)
     compute   = activations of one forward chunk; dominated by the logits (chunk · V · 4 bytes)
     runtime   = the process itself (measured RSS of python + torch + gptlab; an assumed
                 figure for llama.cpp)
@@ -37,7 +40,8 @@ from dataclasses import asdict, dataclass
 from gptlab.errors import GptlabError
 from gptlab.fit.catalog import ModelSpec
 from gptlab.fit.hardware import GPU, Hardware, bandwidth_at_width
-from gptlab.fit.quant import TORCH_DTYPES, canonical_name, get_quant, kv_bytes_per_element
+from gptlab.fit.quant import (GPTLAB_QUANTS, INT4_RESIDENT_COPIES, TORCH_DTYPES, canonical_name, get_quant,
+                              gptlab_quant_bits, kv_bytes_per_element)
 
 GiB = 2**30
 
@@ -54,6 +58,7 @@ class Engine:
     runtime_bytes: int | None  # process memory; None = measured (gptlab)
     compute_chunk: int  # tokens per forward chunk at prefill (sizes the compute buffer)
     eager: bool  # per-op dispatch cost applies
+    kv_window: bool  # the KV cache of a sliding-window model holds only the last W tokens
 
 
 # gptlab's decode matmuls stream weights at the rate the width-resolved GEMV
@@ -64,17 +69,19 @@ GPTLAB_BANDWIDTH_EFFICIENCY = 1.0
 
 ENGINES: dict[str, Engine] = {
     # gptlab: our own PyTorch runtime. Bandwidth, matmul peak and the per-layer
-    # eager overhead are measured on this machine (hardware.py).
-    "gptlab": Engine("gptlab", False, GPTLAB_BANDWIDTH_EFFICIENCY, 0.8, None, 512, True),
+    # eager overhead are measured on this machine (benchmarks.py).
+    # Its KVCache keeps every token even with a sliding window (decode reads only the last W).
+    "gptlab": Engine("gptlab", False, GPTLAB_BANDWIDTH_EFFICIENCY, 0.8, None, 512, True, False),
     # llama.cpp / Ollama: not measurable here. Assumed: its quantized GEMV kernels
     # reach 80% of the bandwidth torch's fp32 GEMV reaches; ~150 MiB process + graph
-    # overhead; 512-token ubatch; graph execution (no Python per op).
-    "llama.cpp": Engine("llama.cpp", True, 0.8, 0.5, 150 * 2**20, 512, False),
+    # overhead; 512-token ubatch; graph execution (no Python per op); a sliding-window
+    # model's cache holds the last W tokens.
+    "llama.cpp": Engine("llama.cpp", True, 0.8, 0.5, 150 * 2**20, 512, False, True),
 }
 
 # Eager aten ops per decode step of gptlab's models: (per layer, fixed), counted
 # with a TorchDispatchMode on one cached decode step (tests/fit recount them).
-# Used only when the decode overhead was not measured (see hardware.measure_decode_overhead).
+# Used only when the decode overhead was not measured (see benchmarks.measure_decode_overhead).
 EAGER_OPS = {"gpt2": (39, 10), "llama": (75, 20)}
 # generate() adds its own per-token ops (sampling, cat, eos bookkeeping).
 GENERATE_OPS = 25
@@ -99,31 +106,64 @@ def is_native(spec: ModelSpec, quant: str) -> bool:
 def check_quant(spec: ModelSpec, quant: str, engine: Engine) -> str:
     """The canonical quant name, rejecting formats the engine cannot hold in memory."""
     q = spec.native_quant if is_native(spec, quant) else get_quant(quant).name
-    if not engine.quantized_weights and q not in TORCH_DTYPES:
+    if not engine.quantized_weights and q not in TORCH_DTYPES and q not in GPTLAB_QUANTS:
         raise GptlabError(
             f"quant {quant} is a GGUF block format, but the gptlab engine dequantizes weights to "
-            f"{'/'.join(TORCH_DTYPES)}; pass --quant BF16 (or F32), or --engine llama.cpp to size quantized inference"
+            f"{'/'.join(TORCH_DTYPES)} (and quantizes them itself only as INT8 or INT4, --quantize int8|int4); "
+            "pass --quant BF16, F32, INT8 or INT4, or --engine llama.cpp to size quantized inference"
         )
+    if engine.quantized_weights and q in GPTLAB_QUANTS:
+        raise GptlabError(f"quant {quant} is gptlab's own format (--quantize {q.lower()}); pass --engine gptlab, "
+                          "or for llama.cpp a GGUF format (Q4_1 has INT4's blocks, Q8_0 is 8-bit)")
     return q
 
 
 # ---------------------------------------------------------------- memory
+def gptlab_quant_bytes(spec: ModelSpec, quant: str, resident: bool = True) -> float:
+    """Bytes of a model under gptlab's ``--quantize int8|int4``: ``resident`` (held) or read per decode step.
+
+    The linear layers of the blocks at the format (``quant.gptlab_quant_bits``,
+    rows of d inputs; their few norm and bias values counted with them, < 0.1 %),
+    the output head as int8 under both (a tied head becomes an int8 copy beside
+    the float embedding), the input embedding tables at bf16 (read: one row).
+    INT4 on the CPU keeps its codes twice (``INT4_RESIDENT_COPIES``).
+    """
+    d = spec.emb_dim
+    head = spec.params_lm_head * gptlab_quant_bits("INT8", d) / 8
+    blocks = spec.params_active - spec.params_embedding - (0 if spec.tied else spec.params_lm_head)
+    per_weight = gptlab_quant_bits(quant, d) / 8
+    if quant == "INT4" and resident:
+        per_weight *= INT4_RESIDENT_COPIES
+    embedding = 2.0 * spec.params_embedding if resident else 2.0 * d
+    return blocks * per_weight + head + embedding
+
+
 def weights_bytes(spec: ModelSpec, quant: str) -> float:
     """Bytes of all weights at ``quant`` (exact file bytes for a GGUF at its own format)."""
     if is_native(spec, quant):
         return float(spec.native_weight_bytes)
+    if canonical_name(quant) in GPTLAB_QUANTS:
+        return gptlab_quant_bytes(spec, canonical_name(quant))
     return spec.params_total * get_quant(quant).bits / 8
 
 
-def kv_cache_bytes(spec: ModelSpec, context: int, batch: int = 1, kv_quant: str = "f16") -> float:
-    """K and V for ``context`` tokens: 2 · L · Hkv · hd · min(T, window) · B · bytes.
+def kv_cache_bytes(spec: ModelSpec, context: int, batch: int = 1, kv_quant: str = "f16",
+                   engine: str = "llama.cpp") -> float:
+    """K and V held for ``context`` tokens by ``engine``: ``ModelConfig.kv_cache_bytes`` at the KV format.
 
-    With a sliding window (Mistral) only the last ``window`` tokens are kept.
+    2 · L · Hkv · hd · T · B · bytes. With a sliding window (Mistral) llama.cpp
+    keeps only the last ``window`` tokens, T = min(context, W); gptlab's cache
+    keeps every token, T = context (the figure ``gptlab inspect`` prints).
     """
     if context < 1 or batch < 1:
         raise GptlabError(f"context ({context}) and batch ({batch}) must be at least 1")
-    kept = min(context, spec.sliding_window) if spec.sliding_window else context
-    return 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * kept * batch * kv_bytes_per_element(kv_quant)
+    windowed = get_engine(engine).kv_window
+    return spec.config.kv_cache_bytes(context, batch, kv_bytes_per_element(kv_quant), windowed=windowed)
+
+
+def kv_read_bytes(spec: ModelSpec, context: int, kv_quant: str = "f16") -> float:
+    """K and V one decode step reads at ``context``: the attended tokens, min(T, W), in every engine."""
+    return spec.config.kv_cache_bytes(context, 1, kv_bytes_per_element(kv_quant), windowed=True)
 
 
 def compute_buffer_bytes(spec: ModelSpec, context: int, engine: Engine, batch: int = 1) -> float:
@@ -188,7 +228,7 @@ def inference_memory(spec: ModelSpec, hw: Hardware, quant: str, context: int, ba
     q = check_quant(spec, quant, eng)
     return InferenceMemory(
         weights=weights_bytes(spec, q),
-        kv_cache=kv_cache_bytes(spec, context, batch, kv_quant),
+        kv_cache=kv_cache_bytes(spec, context, batch, kv_quant, engine),
         compute=compute_buffer_bytes(spec, context, eng, batch),
         runtime=runtime_bytes(hw, eng),
         load_buffers=load_buffer_bytes(spec, eng),
@@ -202,18 +242,23 @@ def bytes_per_token(spec: ModelSpec, quant: str, context: int, kv_quant: str = "
     A GGUF file at its own format reads its tensors' real bytes (its embedding
     and head are often in a bigger type than the rest).
     """
-    kv = kv_cache_bytes(spec, context, 1, kv_quant)
+    if context < 1:
+        raise GptlabError(f"context ({context}) must be at least 1")
+    kv = kv_read_bytes(spec, context, kv_quant)
     if is_native(spec, quant) and spec.native_read_bytes is not None:
         return spec.native_read_bytes + kv
+    if canonical_name(quant) in GPTLAB_QUANTS:
+        return gptlab_quant_bytes(spec, canonical_name(quant), resident=False) + kv
     touched = spec.params_active - spec.params_embedding + (spec.params_lm_head if spec.tied else 0)
     return touched * get_quant(quant).bits / 8 + kv
 
 
 def flops_per_token(spec: ModelSpec, context: int) -> float:
-    """Forward FLOPs for one token attending to ``context`` tokens: 2·N_active + 4·L·T·H·hd."""
-    matmul = 2 * (spec.params_active - spec.params_embedding + spec.params_lm_head)
-    kept = min(context, spec.sliding_window) if spec.sliding_window else context
-    return matmul + 4 * spec.n_layers * kept * spec.n_heads * spec.head_dim
+    """Forward FLOPs for one token attending to ``context`` tokens (``ModelConfig.flops_per_token``).
+
+    2 · (active non-embedding params + head) + 4 · L · min(T, W) · H · hd.
+    """
+    return float(spec.config.flops_per_token(context))
 
 
 def eager_ops_per_token(spec: ModelSpec) -> int:
@@ -268,7 +313,7 @@ def prefill_seconds(spec: ModelSpec, hw: Hardware, quant: str, prompt_tokens: in
     eng = get_engine(engine)
     bw, peak = _device_speed(hw, gpu, quant)
     # P tokens through the matmuls, plus causal attention over on average P/2 keys each.
-    kept = min(prompt_tokens, spec.sliding_window) if spec.sliding_window else prompt_tokens
+    kept = spec.config.attended_tokens(prompt_tokens)
     flops = prompt_tokens * flops_per_token(spec, max(1, kept // 2))
     t_mem = bytes_per_token(spec, quant, 1) / (bw * eng.bandwidth_efficiency)
     return max(flops / (peak * eng.matmul_efficiency), t_mem)

@@ -146,7 +146,7 @@ def quants_for(engine: str, spec: ModelSpec | None = None) -> list[str]:
     own format comes first.
     """
     if not get_engine(engine).quantized_weights:
-        return ["BF16", "F32"]
+        return ["BF16", "INT8", "INT4", "F32"]  # F32 last: never the best fit, listed for --max-context
     if spec is not None and spec.native_weight_bytes is not None and spec.native_quant not in QUALITY_LADDER:
         return [spec.native_quant] + QUALITY_LADDER
     return QUALITY_LADDER

@@ -56,6 +56,28 @@ MIXES: dict[str, tuple[str, str, float]] = {
 }
 
 
+# gptlab's own weight quantization (``--quantize int8|int4``, gptlab/quantize.py): the linear
+# layers only; embeddings, norms and biases stay float. name -> (weights per block, {field: bytes}).
+# INT8: one int8 per weight and one bf16 scale per output row (a "block" is a row of K = d inputs,
+# so 8 + 16/d bits). INT4: GGUF Q4_1's block (32 4-bit codes, a bf16 scale and a bf16 minimum:
+# 5.0 bits), with the output head int8 as under INT8.
+GPTLAB_QUANTS: dict[str, tuple[int, dict[str, int]]] = {
+    "INT8": (0, {"q int8": 1, "scale bf16 per row": 2}),
+    "INT4": (32, {"codes u4[32]": 16, "scale bf16": 2, "min bf16": 2}),
+}
+# The CPU int4 kernel (aten._weight_int4pack_mm_for_cpu) packs its own copy of the codes, scales
+# and zeros at the first forward and Int4Linear keeps its buffers too: 2 x 5.0 bits stay resident,
+# 5.0 are read per token.
+INT4_RESIDENT_COPIES = 2
+
+
+def gptlab_quant_bits(name: str, width: int) -> float:
+    """Bits per linear weight of a gptlab format for rows of ``width`` inputs (INT8's scale is per row)."""
+    n, fields = GPTLAB_QUANTS[name]
+    if name == "INT8":
+        return 8 * (fields["q int8"] + fields["scale bf16 per row"] / width)
+    return 8 * sum(fields.values()) / n
+
 @dataclass(frozen=True)
 class Quant:
     """A weight format: its bits per weight and whether that figure is exact."""
@@ -74,6 +96,8 @@ def _build() -> dict[str, Quant]:
     for name, (main, big, frac) in MIXES.items():
         bits = (1 - frac) * block_bits(main) + frac * block_bits(big)
         table[name] = Quant(name, bits, frac == 0.0)
+    for name in GPTLAB_QUANTS:  # the linear layers' figure at a 4096-wide row; estimate sizes each model exactly
+        table[name] = Quant(name, gptlab_quant_bits(name, 4096), False)
     return table
 
 

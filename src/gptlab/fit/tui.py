@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Footer, Input, Static
 
 from gptlab.errors import GptlabError
 from gptlab.fit.catalog import ModelSpec, catalog
-from gptlab.fit.commands import TABLE_COLUMNS, render_plan, row_cells
+from gptlab.fit.render import TABLE_COLUMNS, render_plan, row_cells
 from gptlab.fit.hardware import Hardware
 from gptlab.fit.plan import SORT_KEYS, make_plan, quants_for, rank, table_row
 

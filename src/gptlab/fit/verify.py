@@ -69,7 +69,7 @@ def _child(args: dict) -> dict:
         torch.set_num_threads(args["threads"])
     torch.manual_seed(0)
     if args["mode"] == "speeds":
-        from gptlab.fit.hardware import measure_speeds
+        from gptlab.fit.benchmarks import measure_speeds
 
         return measure_speeds()
     out: dict = {}
@@ -113,7 +113,7 @@ def _child(args: dict) -> dict:
         out["train_tokens_per_s"] = args["batch"] * args["context"] / (sum(times[1:]) / 2)
     out["peak_bytes"] = _vmhwm()
     if args["mode"] == "decode":  # peak already read: now the benchmark cannot inflate it
-        from gptlab.fit.hardware import measure_speeds
+        from gptlab.fit.benchmarks import measure_speeds
 
         out["speeds_after"] = measure_speeds()
     return out

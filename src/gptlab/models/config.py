@@ -63,19 +63,42 @@ class ModelConfig:
 
     # ---- derived sizes, used by inspect, fit and the trainer ----
     def param_counts(self) -> dict[str, int]:
-        """Exact parameter counts by group, computed from the config alone."""
+        """Exact parameter counts by group, computed from the config alone.
+
+        Keys: ``total``, ``embedding`` (input lookup tables), ``non_embedding``,
+        ``lm_head`` (V·d, read in full by every token even when tied), ``tied``,
+        ``per_block``; a mixture-of-experts config adds ``active`` (the
+        parameters one token uses), which defaults to ``total``.
+        """
         raise NotImplementedError
 
     @property
     def num_params(self) -> int:
         return self.param_counts()["total"]
 
-    def kv_cache_bytes(self, context: int, batch: int = 1, bytes_per_el: float = 2.0) -> float:
-        """Bytes of K and V for `context` tokens: 2 · L · Hkv · hd · T · B · bytes.
+    def active_params(self) -> int:
+        """Parameters one token uses: ``total``, or fewer for a mixture of experts (k of E experts)."""
+        c = self.param_counts()
+        return c.get("active", c["total"])
 
-        gptlab's cache keeps every token even with a sliding window, so T is not capped here.
+    def cached_tokens(self, context: int, windowed: bool = False) -> int:
+        """Tokens whose K and V a cache holds at ``context``: all of them, or min(T, W) when ``windowed``.
+
+        gptlab's KVCache keeps every token even with a sliding window (its decode
+        reads only the last W: ``attended_tokens``); an engine that keeps a ring
+        of the last W tokens (llama.cpp) passes ``windowed=True``.
         """
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * context * batch * bytes_per_el
+        return self.attended_tokens(context) if windowed else context
+
+    def kv_cache_bytes(self, context: int, batch: int = 1, bytes_per_el: float = 2.0,
+                       windowed: bool = False) -> float:
+        """Bytes of K and V for `context` tokens: 2 · L · Hkv · hd · T · B · bytes, T = ``cached_tokens``.
+
+        The default is gptlab's own cache, which keeps every token even with a
+        sliding window; ``windowed=True`` caps T at the window.
+        """
+        T = self.cached_tokens(context, windowed)
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * T * batch * bytes_per_el
 
     def attended_tokens(self, context: int | None = None) -> int:
         """How many keys one token attends to at ``context``: min(T, W) with a sliding window W (Mistral)."""
@@ -84,15 +107,16 @@ class ModelConfig:
         return min(T, window) if window else T
 
     def flops_per_token(self, context: int | None = None) -> int:
-        """Forward FLOPs per token: 2 · (non-embedding params + lm head) + attention scores.
+        """Forward FLOPs per token: 2 · (active non-embedding params + lm head) + attention scores.
 
         The attention term (2 · 2 · L · T · H · hd) follows Kaplan et al. 2020 /
         PaLM appendix B with T the attended length: the context, or the sliding
         window if that is shorter (a Mistral token sees only the last W keys).
+        A mixture of experts counts its active parameters (k of E experts).
         """
         c = self.param_counts()
         T = self.attended_tokens(context)
-        matmul = 2 * (c["total"] - c["embedding"] + self.vocab_size * self.emb_dim)
+        matmul = 2 * (c.get("active", c["total"]) - c["embedding"] + self.vocab_size * self.emb_dim)
         attn = 2 * 2 * self.n_layers * T * self.n_heads * self.head_dim
         return int(matmul + attn)
 
