@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gguf_helpers import hf_llama_to_gguf, tokenizer_kv  # noqa: E402
 
-from gptlab.chat import ChatSession, run_chat_loop
+from gptlab.inference.chat import ChatSession, run_chat_loop
 from gptlab.errors import GptlabError
-from gptlab.generation import generate
+from gptlab.inference.generate import generate
 from gptlab.models.attention import KVCache
 from gptlab.tokenizers import train_bpe
 from gptlab.tokenizers.chat_template import ChatTemplate
