@@ -47,7 +47,7 @@ def main() -> None:
     n = args.new_tokens
     path = find_model()
 
-    from gptlab.inference.generate import generate
+    from gptlab.inference.generation import generate
     from gptlab.tokenizers import load_tokenizer
     from gptlab.tokenizers.chat_template import ChatTemplate
     from gptlab.weights.gguf import load_gguf

@@ -13,7 +13,7 @@ from scripted import ScriptedModel  # noqa: E402
 
 from gptlab.errors import GptlabError
 from gptlab.inference.chat import ChatSession, run_chat_loop
-from gptlab.inference.generate import generate
+from gptlab.inference.generation import generate
 from gptlab.tokenizers import train_bpe
 from gptlab.tokenizers.chat_template import ChatTemplate
 

@@ -37,12 +37,12 @@ def test_a_seed_that_is_not_an_integer_is_named(model, seed):
 
 
 def test_sliding_past_the_context_warns_once(model, caplog):
-    with caplog.at_level(logging.WARNING, logger="gptlab.inference.generate"):
+    with caplog.at_level(logging.WARNING, logger="gptlab.inference.generation"):
         out = generate(model, torch.tensor([1, 2, 3]), 40)
     assert out.shape == (1, 43)
     warnings = [r for r in caplog.records if "passed the model's context of 16 tokens" in r.getMessage()]
     assert len(warnings) == 1
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="gptlab.inference.generate"):
+    with caplog.at_level(logging.WARNING, logger="gptlab.inference.generation"):
         generate(model, torch.tensor([1, 2, 3]), 13)  # 3 + 13 = 16 tokens: the context holds them all
     assert not caplog.records

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gptlab.errors import GptlabError
-from gptlab.inference.generate import generate
+from gptlab.inference.generation import generate
 from gptlab.inference.sampling import filter_logits
 from gptlab.models import build_model
 from gptlab.models.gpt2 import GPT2Config

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from gptlab.errors import GptlabError
-from gptlab.inference.generate import generate
+from gptlab.inference.generation import generate
 from gptlab.models import build_model, get_preset
 from gptlab.inference.quantize import (_INT4_OK, _KERNEL_OK, Int4Linear, Int8Linear, apply_quantization, quantize_int4,
                              quantize_int8)

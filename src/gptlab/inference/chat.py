@@ -29,7 +29,7 @@ from typing import Callable, TextIO
 import torch
 
 from gptlab.errors import GptlabError
-from gptlab.inference.generate import completion_text, generate_events
+from gptlab.inference.generation import completion_text, generate_events
 from gptlab.inference.sampling import validate_sampling
 from gptlab.inference.stops import StopSet
 from gptlab.tokenizers.chat_template import ChatTemplate
