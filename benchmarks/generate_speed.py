@@ -47,7 +47,7 @@ def main() -> None:
     n = args.new_tokens
     path = find_model()
 
-    from gptlab.generation import generate
+    from gptlab.inference.generation import generate
     from gptlab.tokenizers import load_tokenizer
     from gptlab.tokenizers.chat_template import ChatTemplate
     from gptlab.weights.gguf import load_gguf
@@ -74,7 +74,7 @@ def main() -> None:
             compiled = load_gguf(path, dtype=dtype)
             compiled.forward = torch.compile(compiled.forward, dynamic=True)
             engines[label + " + compile"] = gptlab_engine(compiled)
-    from gptlab.quantize import quantize_int4, quantize_int8
+    from gptlab.inference.quantize import quantize_int4, quantize_int8
 
     engines["gptlab int8 (weight-only)"] = gptlab_engine(quantize_int8(load_gguf(path)))
     engines["gptlab int4 (Q4_1 blocks)"] = gptlab_engine(quantize_int4(load_gguf(path)))

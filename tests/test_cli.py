@@ -192,7 +192,7 @@ def test_value_errors_name_the_typed_flags(capsys):
     assert run(["generate", "gpt2-nano", "--max-new-tokens", "-1"]) == 1
     assert _one_error_line(capsys) == "error: --max-new-tokens -1 must be >= 0"
     from gptlab.errors import GptlabError
-    from gptlab.generation import validate_sampling
+    from gptlab.inference.sampling import validate_sampling
 
     with pytest.raises(GptlabError, match=r"^top_k=0 must"):  # the Python API keeps its own names
         validate_sampling(top_k=0)

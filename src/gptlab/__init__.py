@@ -5,7 +5,8 @@ The public API is re-exported lazily here so ``import gptlab`` stays cheap:
     gptlab.load_tokenizer(spec)            tokenizers/
     gptlab.load_model(ref, dtype=...)      weights/
     gptlab.build_model(cfg), gptlab.get_preset(name)   models/
-    gptlab.generate(model, ids, ...)       generation.py
+    gptlab.generate(model, ids, ...)       inference/
+    gptlab.open_model(ref, ...)            inference/
     gptlab.train(...)                      training/
 """
 
@@ -23,7 +24,8 @@ _LAZY = {
     "list_presets": "gptlab.models",
     "ModelConfig": "gptlab.models.config",
     "GPT2Config": "gptlab.models",
-    "generate": "gptlab.generation",
+    "generate": "gptlab.inference",
+    "open_model": "gptlab.inference",
     "train": "gptlab.training",
     "TrainConfig": "gptlab.training",
     "GptlabError": "gptlab.errors",

@@ -33,8 +33,8 @@ from gptlab.cli_parser import UsageError, dashed, parse
 # name -> ("module:function", one-line summary shown by `gptlab --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("gptlab.training.commands:train", "pretrain (or continue) a model on a corpus"),
-    "generate": ("gptlab.generation:generate_command", "generate text from a model"),
-    "chat": ("gptlab.chat:chat_command", "chat with a model interactively"),
+    "generate": ("gptlab.inference.generation:generate_command", "generate text from a model"),
+    "chat": ("gptlab.inference.chat:chat_command", "chat with a model interactively"),
     "eval": ("gptlab.evaluation.commands:eval_command", "loss and perplexity of a model on a corpus"),
     "prepare": ("gptlab.data.commands:prepare", "tokenize a corpus into memmapped train/val token files"),
     "tokenizer train": ("gptlab.tokenizers.commands:train_tokenizer", "train a byte-level BPE tokenizer"),

@@ -67,7 +67,7 @@ def test_seeded_untrained_model_generates_the_course_text(tokenizer):
 
 
 def test_greedy_generation_equals_gptlab_generate(tiny_cfg):
-    from gptlab.generation import generate as gptlab_generate
+    from gptlab.inference.generation import generate as gptlab_generate
 
     torch.manual_seed(0)
     model = GPTModel(dict(tiny_cfg, vocab_size=500)).eval()

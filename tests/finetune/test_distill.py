@@ -81,7 +81,7 @@ def test_short_runs_both_modes(tmp_path, base_dir, sms_path, mode):
 def test_distilled_student_beats_the_same_student_without_teacher(tmp_path):
     """The corpus is sampled from the teacher, so the teacher is the true distribution; two identical
     students see the same 8k tokens for the same steps, one also with the teacher's full distributions."""
-    from gptlab.generation import generate
+    from gptlab.inference.generation import generate
     from gptlab.tokenizers import CharTokenizer
     from gptlab.weights.native import save_model_dir
 

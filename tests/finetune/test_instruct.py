@@ -47,7 +47,7 @@ def test_alpaca_and_phi3_formats_exact():
 def test_a_model_tuned_in_a_style_chats_in_the_same_format(style):
     """finetune instruct --style S and chat --style S render one definition: the training prompt of an
     instruction is exactly what the chat sends for that message."""
-    from gptlab.chat import ChatSession
+    from gptlab.inference.chat import ChatSession
     from gptlab.tokenizers import train_bpe
 
     tok = train_bpe("Name three primary colors. Red, blue and yellow. " * 20, vocab_size=300,

@@ -255,7 +255,7 @@ def test_streamed_continuation_keeps_the_leading_space(spm_pair):
 
     import torch
 
-    from gptlab.generation import TextStreamer, continuation_text
+    from gptlab.inference.detokenize import TextStreamer, continuation_text
 
     _, tok, _ = spm_pair
     full = tok.encode("I had always thought Jack Gisburn rather a cheap genius")

@@ -9,8 +9,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gguf_helpers import densify_transformers_gguf, smollm2_gguf  # noqa: E402
 
-from gptlab.chat import ChatSession
-from gptlab.generation import generate
+from gptlab.inference.chat import ChatSession
+from gptlab.inference.generation import generate
 from gptlab.tokenizers import load_tokenizer
 from gptlab.weights.gguf import load_gguf
 
@@ -103,7 +103,7 @@ def test_quantized_real_model_keeps_perplexity_and_predictions(scheme):
     """int8 / int4 decoding (the fast paths) cost < 2 % perplexity on real text and keep ≥ 90 % of
     the fp32 model's next-token choices. (Greedy answers can still differ where fp32 itself is
     near a tie: for "What is the capital of France?" its first token is "The" 0.152 vs "L" 0.140.)"""
-    from gptlab.quantize import apply_quantization
+    from gptlab.inference.quantize import apply_quantization
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from paths import SHARED

@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from gptlab.errors import GptlabError  # noqa: E402
-from gptlab.generation import generate  # noqa: E402
+from gptlab.inference.generation import generate  # noqa: E402
 from gptlab.weights import load_model  # noqa: E402
 
 V = 96

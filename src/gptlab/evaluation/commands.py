@@ -20,16 +20,14 @@ def eval_command(model: str, data: str | None = None, max_length: int | None = N
         batch_size: windows per forward pass.
         max_tokens: score only the first N tokens of the corpus.
         device: auto, cpu, cuda or mps.
-        dtype: weights dtype (fp32, bf16, fp16).
+        dtype: weights dtype (fp32, bf16, fp16); default: bf16 on CUDA GPUs that support it, else fp32.
         as_json: print JSON.
     """
     from gptlab.data import load_corpus
-    from gptlab.device import parse_dtype, pick_device
-    from gptlab.tokenizers import load_tokenizer
-    from gptlab.weights import load_model
+    from gptlab.inference import open_model
 
-    net = load_model(model, dtype=parse_dtype(dtype), device=pick_device(device))
-    tok = load_tokenizer(model)
+    opened = open_model(model, device=device, dtype=dtype)
+    net, tok = opened.model, opened.tokenizer
     ids = tok.encode(load_corpus(data), allowed_special="all")
     if max_tokens is not None:
         ids = ids[:max_tokens]

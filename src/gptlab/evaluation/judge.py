@@ -148,37 +148,33 @@ class OpenAIJudge:
 
 
 class LocalJudge:
-    """A model loaded in-process by gptlab, prompted through its chat template (greedy)."""
+    """A model opened in-process by gptlab (``open_model``), prompted through its chat template (greedy).
+
+    Its reply ends at the model's StopSet (eos, the template's end-of-turn token).
+    """
 
     def __init__(self, ref: str, device: str = "auto", max_new_tokens: int = 12, model=None, tokenizer=None,
                  answer_prefix: str = ""):
-        from gptlab.device import pick_device
-        from gptlab.finetune.common import load_tokenizer_for
+        from gptlab.inference import open_model
 
-        if model is None:
-            from gptlab.weights import load_model
-
-            model = load_model(ref, device=pick_device(device))
-        self.model, self.tok = model.eval(), tokenizer or load_tokenizer_for(ref)
+        self.opened = open_model(ref, device=device, model=model, tokenizer=tokenizer)
+        self.model, self.tok = self.opened.model, self.opened.tokenizer
         self.max_new_tokens, self.answer_prefix = max_new_tokens, answer_prefix
         self.name = f"local:{ref}" + (f" (answer prefix {answer_prefix!r})" if answer_prefix else "")
 
     def ask(self, prompt: str) -> str:
         import torch
 
-        from gptlab.finetune.instruct import render_chat, stop_ids
-        from gptlab.generation import generate
+        from gptlab.finetune.instruct import render_chat
+        from gptlab.inference import completion_text, generate_events
 
         template = getattr(self.tok, "chat_template", None)
         text = render_chat(template, [{"role": "user", "content": prompt}], self.tok) if template else prompt
         text += self.answer_prefix  # e.g. "Score:" starts the reply, so a small model continues with a number
         ids = self.tok.encode(text, allowed_special="all")[-(self.model.cfg.context_length - self.max_new_tokens):]
-        device = next(self.model.parameters()).device
-        stops = stop_ids(self.tok)
-        out = generate(self.model, torch.tensor([ids], device=device), self.max_new_tokens, temperature=0.0,
-                       eos_id=stops or None)[0, len(ids):].tolist()
-        cut = next((i for i, t in enumerate(out) if t in stops), len(out))
-        return self.answer_prefix + self.tok.decode(out[:cut])
+        events = generate_events(self.model, torch.tensor(ids), self.max_new_tokens, tokenizer=self.tok,
+                                 stops=self.opened.stops, text_after_prompt=False)
+        return self.answer_prefix + completion_text(events)[0]
 
 
 def make_judge(judge: str, model: str = "llama3", api: str = "auto", timeout: float = 120.0,

@@ -135,18 +135,22 @@ def check_same_tokenizer(teacher_tok, student_tok) -> None:
 @torch.no_grad()
 def teacher_corpus(teacher: nn.Module, tok, prompts: list[list[int]], max_new_tokens: int, *,
                    temperature: float = 1.0, top_k: int | None = 50, seed: int = 0) -> np.ndarray:
-    """Sequence-level distillation data: the teacher's continuation of each prompt, joined by end-of-text."""
-    from gptlab.generation import generate
+    """Sequence-level distillation data: the teacher's continuation of each prompt, joined by end-of-text.
+
+    A continuation ends at the teacher's StopSet (eos of tokenizer and config, its chat template's
+    end-of-turn token), as ``gptlab generate`` would end it.
+    """
+    from gptlab.inference import StopSet, generate_events
 
     if not prompts:
         raise GptlabError("sequence-level distillation needs at least one prompt")
-    device = next(teacher.parameters()).device
+    stops = StopSet(StopSet.for_model(tok, teacher.cfg).token_ids)  # token ids only: the corpus is ids
     sep = tok.eos_id if tok.eos_id is not None else 0
     out: list[int] = []
     for i, p in enumerate(prompts):
-        ids = generate(teacher, torch.tensor([p], device=device), max_new_tokens, temperature=temperature,
-                       top_k=top_k, seed=seed + i)[0].tolist()
-        out += ids + [sep]
+        events = generate_events(teacher, torch.tensor(p), max_new_tokens, stops=stops, temperature=temperature,
+                                 top_k=top_k, seed=seed + i)
+        out += p + [e.token_id for e in events if e.finish_reason != "stop" and e.token_id is not None] + [sep]
     return np.asarray(out, dtype=np.int64)
 
 

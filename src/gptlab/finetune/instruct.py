@@ -218,23 +218,17 @@ class InstructionTask:
 
 # ---- responses ---------------------------------------------------------------------------------
 
-def stop_ids(tok) -> list[int]:
-    """Token ids that end a response: end-of-text plus any chat end-of-turn tokens the tokenizer has."""
-    ids = {tok.eos_id} if tok.eos_id is not None else set()
-    for name in ("<|im_end|>", "<|end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
-        if name in tok.special_tokens:
-            ids.add(tok.special_tokens[name])
-    return sorted(i for i in ids if i is not None)
-
-
 @torch.no_grad()
 def generate_responses(model: nn.Module, tok, entries: list[dict], style: str = "alpaca",
                        max_new_tokens: int = 128, progress: bool = True) -> list[dict]:
-    """Copies of ``entries`` with a ``model_response`` field: the greedy continuation of each prompt."""
-    from gptlab.generation import generate
+    """Copies of ``entries`` with a ``model_response`` field: the greedy continuation of each prompt.
 
-    device = next(model.parameters()).device
-    stops = stop_ids(tok)
+    A response ends where a chat reply in ``style`` would: at the model's StopSet for that
+    prompt style (eos, the template's end-of-turn token, the style's stop strings).
+    """
+    from gptlab.inference import StopSet, completion_text, generate_events
+
+    stops = StopSet.for_model(tok, model.cfg, template=_template(style, tok))
     out = []
     it = entries
     if progress:
@@ -243,10 +237,9 @@ def generate_responses(model: nn.Module, tok, entries: list[dict], style: str = 
         it = tqdm(entries, desc="responses", unit="entry", dynamic_ncols=True)
     for entry in it:
         prompt, _ = format_example(entry, style, tok)
-        ids = torch.tensor([tok.encode(prompt, allowed_special="all")], device=device)
-        gen = generate(model, ids, max_new_tokens, temperature=0.0, eos_id=stops or None)[0, ids.shape[1]:].tolist()
-        cut = next((i for i, t in enumerate(gen) if t in stops), len(gen))
-        text = tok.decode(gen[:cut]).replace("### Response:", "").strip()
+        ids = torch.tensor(tok.encode(prompt, allowed_special="all"))
+        events = generate_events(model, ids, max_new_tokens, tokenizer=tok, stops=stops, text_after_prompt=False)
+        text = completion_text(events)[0].replace("### Response:", "").strip()
         e = {k: v for k, v in entry.items() if k != "messages"}
         e["model_response"] = text
         out.append(e)

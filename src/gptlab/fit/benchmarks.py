@@ -122,7 +122,7 @@ def measure_op_latency() -> float:
 
 def measure_runtime_rss() -> int:
     """RSS (bytes) of a fresh process after importing what gptlab inference imports."""
-    code = ("import gc, psutil, torch, gptlab.models.llama, gptlab.models.gpt2, gptlab.weights, gptlab.generation\n"
+    code = ("import gc, psutil, torch, gptlab.models.llama, gptlab.models.gpt2, gptlab.weights, gptlab.inference.generation\n"
             "gc.collect(); print(psutil.Process().memory_info().rss)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
@@ -151,7 +151,7 @@ def measure_decode_overhead(layers: tuple[int, int] = (1, 5), tokens: int = 12) 
     """
     import torch
 
-    from gptlab.generation import generate
+    from gptlab.inference.generation import generate
     from gptlab.models import build_model, get_preset
 
     tiny = {"gpt2": get_preset("gpt2-nano").replace(emb_dim=64, n_heads=4, vocab_size=256, context_length=64),

@@ -56,7 +56,7 @@ MIXES: dict[str, tuple[str, str, float]] = {
 }
 
 
-# gptlab's own weight quantization (``--quantize int8|int4``, gptlab/quantize.py): the linear
+# gptlab's own weight quantization (``--quantize int8|int4``, gptlab/inference/quantize.py): the linear
 # layers only; embeddings, norms and biases stay float. name -> (weights per block, {field: bytes}).
 # INT8: one int8 per weight and one bf16 scale per output row (a "block" is a row of K = d inputs,
 # so 8 + 16/d bits). INT4: GGUF Q4_1's block (32 4-bit codes, a bf16 scale and a bf16 minimum:

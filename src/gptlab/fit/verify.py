@@ -87,7 +87,7 @@ def _child(args: dict) -> dict:
     V = model.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     if args["mode"] == "decode":
-        from gptlab.generation import generate
+        from gptlab.inference.generation import generate
 
         ids = torch.randint(0, V, (1, args["prompt"]), generator=g)
         with torch.no_grad():

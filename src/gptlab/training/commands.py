@@ -64,7 +64,7 @@ def run_training(data: str | None = None, *, preset: str = "gpt2-mini", out: str
                  overwrite: bool = False, progress: bool = True, train_cfg: TrainConfig | None = None) -> TrainResult:
     """Pretrain (or resume) a model; see :func:`train` for the meaning of each argument."""
     from gptlab.device import pick_device
-    from gptlab.generation import generate
+    from gptlab.inference.generation import generate
     from gptlab.models import build_model, get_preset
     from gptlab.training.checkpoint import latest_checkpoint, load_checkpoint
 

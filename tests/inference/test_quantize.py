@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 
 from gptlab.errors import GptlabError
-from gptlab.generation import generate
+from gptlab.inference.generation import generate
 from gptlab.models import build_model, get_preset
-from gptlab.quantize import (_INT4_OK, _KERNEL_OK, Int4Linear, Int8Linear, apply_quantization, quantize_int4,
+from gptlab.inference.quantize import (_INT4_OK, _KERNEL_OK, Int4Linear, Int8Linear, apply_quantization, quantize_int4,
                              quantize_int8)
 
 
@@ -160,7 +160,7 @@ def test_quantizing_frees_each_float_weight(scheme, monkeypatch):
     import gc
     import weakref
 
-    import gptlab.quantize as qmod
+    import gptlab.inference.quantize as qmod
 
     model = build_model(get_preset("llama-micro").replace(vocab_size=64, context_length=16, tie_embeddings=False))
     refs = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, nn.Linear)]

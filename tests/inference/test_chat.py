@@ -6,15 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gguf_helpers import hf_llama_to_gguf, tokenizer_kv  # noqa: E402
+from scripted import ScriptedModel  # noqa: E402
 
-from gptlab.chat import ChatSession, run_chat_loop
 from gptlab.errors import GptlabError
-from gptlab.generation import generate
-from gptlab.models.attention import KVCache
+from gptlab.inference.chat import ChatSession, run_chat_loop
+from gptlab.inference.generation import generate
 from gptlab.tokenizers import train_bpe
 from gptlab.tokenizers.chat_template import ChatTemplate
 
@@ -30,31 +29,6 @@ def tok():
     t = train_bpe(TEXT, vocab_size=320, special_tokens=SPECIALS, min_frequency=2)
     t.chat_template = CHATML
     return t
-
-
-class ScriptedModel(nn.Module):
-    """A stand-in LM that answers every prompt with the same token script (then repeats its last token)."""
-
-    def __init__(self, vocab: int, script: list[int], context_length: int = 512):
-        super().__init__()
-        self.script, self.vocab = script, vocab
-        self.dummy = nn.Parameter(torch.zeros(1))
-        self.cfg = type("Cfg", (), {"context_length": context_length})()
-        self.prompt_len = 0
-
-    def forward(self, ids, cache=None):
-        assert cache is not None, "chat decodes with the KV cache"
-        if cache.pos == 0:  # prefill: a new prompt
-            self.prompt_len = ids.shape[1]
-        k = cache.pos + ids.shape[1] - self.prompt_len  # tokens generated before this step's output
-        cache.advance(ids.shape[1])
-        nxt = self.script[min(k, len(self.script) - 1)]
-        logits = torch.zeros(ids.shape[0], ids.shape[1], self.vocab)
-        logits[:, -1, nxt] = 10.0
-        return logits  # (B, T, V)
-
-    def new_cache(self, batch, max_len=None, **_):
-        return KVCache(0, batch, 1, max_len or self.cfg.context_length, 1, dtype=torch.float32, device="cpu")
 
 
 def scripted(tok, reply: str, then: str = "<|im_end|>"):

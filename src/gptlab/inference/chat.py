@@ -1,13 +1,14 @@
 """Chatting with a model: a conversation kept as messages, rendered by the chat template each turn.
 
-    from gptlab.chat import ChatSession
+    from gptlab.inference.chat import ChatSession
     session = ChatSession(model, tokenizer, system="You are terse.")
     reply = session.send("What is the capital of France?")
 
 Each turn: append the user's message to the history, render the whole history
 with the model's chat template plus the assistant header
-(``add_generation_prompt``), generate until the template's end-of-turn token
-(or the tokenizer's end-of-text), and append the reply to the history.
+(``add_generation_prompt``), generate until the session's StopSet (the
+template's end-of-turn token, the tokenizer's and the config's end-of-text, the
+style's stop strings) ends the reply, and append the reply to the history.
 
 The whole conversation is re-encoded each turn (simple, and the prompt pass is
 cheap next to decoding). When it outgrows the context window the oldest turns
@@ -28,59 +29,10 @@ from typing import Callable, TextIO
 import torch
 
 from gptlab.errors import GptlabError
+from gptlab.inference.generation import completion_text, generate_events
+from gptlab.inference.sampling import validate_sampling
+from gptlab.inference.stops import StopSet
 from gptlab.tokenizers.chat_template import ChatTemplate
-
-# End-of-turn tokens of common chat formats; whichever the tokenizer knows also stops generation.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<|end_of_text|>", "</s>",
-                      "<end_of_turn>")
-
-
-class _StopGeneration(Exception):
-    """Raised from the stream callback to end generation early (a stop string appeared)."""
-
-
-class _ReplyStream:
-    """Collect a reply's tokens; print complete text, holding back what may become a stop string."""
-
-    def __init__(self, tokenizer, stop_ids: set[int], stop_strings: list[str],
-                 emit: Callable[[str], None] | None):
-        self.tok, self.stop_ids, self.stop_strings, self.emit = tokenizer, stop_ids, stop_strings, emit
-        self.ids: list[int] = []
-        self.shown = 0
-        self.done = False
-
-    def text(self) -> str:
-        text = self.tok.decode(self.ids)
-        for s in self.stop_strings:
-            if s in text:
-                text = text[:text.index(s)]
-                self.done = True
-        return text
-
-    def __call__(self, nxt: torch.Tensor) -> None:
-        t = int(nxt[0])
-        if t in self.stop_ids:
-            raise _StopGeneration
-        self.ids.append(t)
-        text = self.text()
-        if self.done:
-            self._show(text)
-            raise _StopGeneration
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            return
-        hold = max((len(s) - 1 for s in self.stop_strings), default=0)
-        self._show(text[:len(text) - hold] if hold else text)
-
-    def _show(self, text: str) -> None:
-        if self.emit is not None and len(text) > self.shown:
-            self.emit(text[self.shown:])
-            self.shown = len(text)
-
-    def finish(self) -> str:
-        text = self.text()
-        self._show(text)
-        return text
-
 
 class ChatSession:
     """A conversation with a model: ``send(text) -> reply``; the history is kept in ``messages``.
@@ -93,7 +45,7 @@ class ChatSession:
             ``finetune instruct --style`` trains with) instead of the tokenizer's template.
         max_new_tokens: the longest reply, in tokens.
         temperature: 0 = greedy; higher = more random.
-        top_k, top_p, min_p, repetition_penalty: sampling filters (see ``gptlab.generation``).
+        top_k, top_p, min_p, repetition_penalty: sampling filters (see ``gptlab.inference.sampling``).
         seed: makes sampled replies reproducible (turn i uses seed + i).
     """
 
@@ -101,8 +53,6 @@ class ChatSession:
                  style: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None):
-        from gptlab.generation import validate_sampling
-
         validate_sampling(temperature, top_k, top_p, min_p, max_new_tokens, repetition_penalty)
         if max_new_tokens < 1:
             raise GptlabError(f"max_new_tokens={max_new_tokens} must be >= 1 for a chat reply")
@@ -111,22 +61,11 @@ class ChatSession:
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              repetition_penalty=repetition_penalty)
         self.max_new_tokens, self.seed = max_new_tokens, seed
-        self.stop_ids = self._stop_ids()
-        self.stop_strings = self.template.stop_strings  # a style without an end-of-turn token: the next header
+        # The template's end-of-turn token, eos of tokenizer and config, a style's stop strings (the next header).
+        self.stops = StopSet.for_model(tokenizer, model.cfg, template=self.template)
         self.turns = 0
         self.messages: list[dict] = []
         self.reset()
-
-    def _stop_ids(self) -> set[int]:
-        ids = set()
-        names = [self.template.stop_token, getattr(self.tok, "eos_token", None), *END_OF_TURN_TOKENS]
-        specials = getattr(self.tok, "special_tokens", {}) or {}
-        for name in names:
-            if name is not None and name in specials:
-                ids.add(specials[name])
-        if self.tok.eos_id is not None:
-            ids.add(self.tok.eos_id)
-        return ids
 
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""
@@ -156,33 +95,31 @@ class ChatSession:
             if len(kept) - first > 1 and kept[first]["role"] == "assistant":
                 del kept[first]
 
-    def send(self, text: str, stream: Callable[[str], None] | None = None) -> str:
+    def send(self, text: str, stream: Callable[[str], None] | None = None,
+             cancel: Callable[[], bool] | None = None) -> str:
         """Add a user message, generate the reply (streamed to ``stream`` piece by piece), return it.
 
         Args:
             text: the user's message.
             stream: called with each new piece of reply text as it is generated.
+            cancel: checked before each token; when it returns True the reply ends there (and is kept).
         """
-        from gptlab.generation import generate
-
         if not isinstance(text, str):
             raise GptlabError(f"send() needs the message as a str, got {type(text).__name__}")
         self.messages.append({"role": "user", "content": text})
         try:
-            ids = torch.tensor([self.prompt_ids()], dtype=torch.long)
+            ids = torch.tensor(self.prompt_ids(), dtype=torch.long)
         except GptlabError:
             self.messages.pop()
             raise
-        reply = _ReplyStream(self.tok, self.stop_ids, self.stop_strings, stream)
         seed = None if self.seed is None else self.seed + self.turns
+        events = generate_events(self.model, ids, self.max_new_tokens, tokenizer=self.tok, stops=self.stops,
+                                 seed=seed, cancel=cancel, text_after_prompt=False, **self.sampling)
         try:
-            generate(self.model, ids, self.max_new_tokens, seed=seed, stream=reply, **self.sampling)
-        except _StopGeneration:
-            pass
+            answer, _ = completion_text(events, stream)
         except GptlabError:
             self.messages.pop()  # no reply: the history stays as it was before this message
             raise
-        answer = reply.finish()
         self.messages.append({"role": "assistant", "content": answer})
         self.turns += 1
         return answer
@@ -277,30 +214,12 @@ def chat_command(model: str, system: str | None = None, style: str | None = None
         dtype: weights dtype (fp32, bf16, fp16); default: bf16 on CUDA GPUs that support it, else
             fp32 (on CPU, bf16 halves memory but does not decode faster).
         quantize: "int4" (4-bit blocks like GGUF Q4_1; fastest on CPU) or "int8" weight-only
-            linear layers: faster replies, logits approximate (see gptlab/quantize.py).
+            linear layers: faster replies, logits approximate (see gptlab/inference/quantize.py).
     """
-    from gptlab.device import parse_dtype, pick_device
-    from gptlab.tokenizers import load_tokenizer
-    from gptlab.weights import load_model
+    from gptlab.inference.open import open_model
 
-    dev = pick_device(device)
-    if quantize is not None:
-        from gptlab.quantize import check_scheme
-
-        quantize = check_scheme(quantize)  # a typo fails now, not after the model is loaded
-    if dtype is None:
-        # Measured on a CPU with AVX512-BF16: one-token (M=1) bf16 matmuls are no faster than
-        # fp32 in PyTorch 2.13, and fp32 keeps exact parity, so CPUs get fp32.
-        cuda_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
-        torch_dtype = torch.bfloat16 if cuda_bf16 else torch.float32
-    else:
-        torch_dtype = parse_dtype(dtype)
-    tok = load_tokenizer(tokenizer or model)
-    net = load_model(model, dtype=torch_dtype, device=dev)
-    if quantize is not None:
-        from gptlab.quantize import apply_quantization
-
-        apply_quantization(net, quantize)
+    opened = open_model(model, device=device, dtype=dtype, quantize=quantize, tokenizer=tokenizer)
+    net, tok = opened.model, opened.tokenizer
     session = ChatSession(net, tok, system, style=style, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     if sys.stdin.isatty():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from gptlab.errors import GptlabError
-from gptlab.generation import filter_logits, generate
+from gptlab.inference.generation import generate
+from gptlab.inference.sampling import filter_logits
 from gptlab.models import build_model
 from gptlab.models.gpt2 import GPT2Config
 

@@ -1,0 +1,26 @@
+"""Inference: open a model, decode it, stop it, detokenize it, chat with it, quantize it.
+
+    open.py        open_model(ref, device, dtype, quantize, tokenizer) -> OpenedModel(model, tokenizer, stops)
+    stops.py       StopSet: eos ids (tokenizer + config), the chat template's end-of-turn tokens, stop strings
+    detokenize.py  Detokenizer: token ids -> text pieces (split UTF-8, SentencePiece spaces)
+    sampling.py    Sampling settings and the per-step filters (temperature, top-k/p, min-p, repetition)
+    generation.py  the one decoding loop; generate(...) -> ids tensor; generate_events(...) -> events
+    chat.py        ChatSession and `gptlab chat`
+    quantize.py    int8 / int4 weight-only linear layers
+
+Everything that generates text (``gptlab generate``, ``gptlab chat``, the
+in-process judge, instruction responses, distillation's teacher) opens its
+model with :func:`open_model` (or holds one already) and decodes through
+:func:`decode_steps`, stopping at a :class:`StopSet`.
+"""
+
+from gptlab.inference.detokenize import Detokenizer, continuation_text
+from gptlab.inference.generation import (CANCELLED, LENGTH, STOP, GenerationEvent, completion_text, decode_steps,
+                                       generate, generate_events)
+from gptlab.inference.open import OpenedModel, default_dtype, open_model
+from gptlab.inference.sampling import Sampling, filter_logits, validate_sampling
+from gptlab.inference.stops import StopSet, end_of_turn_tokens
+
+__all__ = ["CANCELLED", "LENGTH", "STOP", "Detokenizer", "GenerationEvent", "OpenedModel", "Sampling", "StopSet",
+           "completion_text", "continuation_text", "decode_steps", "default_dtype", "end_of_turn_tokens",
+           "filter_logits", "generate", "generate_events", "open_model", "validate_sampling"]
