@@ -225,7 +225,7 @@ def _held_bytes(model) -> int:
 @pytest.mark.parametrize("quant", ["INT8", "INT4"])
 def test_gptlab_quantize_is_planned_at_the_bytes_it_holds(preset, quant, hw):
     """`--engine gptlab --quant INT8|INT4` sizes what `--quantize int8|int4` holds (bf16 rest), within 1 %."""
-    from gptlab.quantize import apply_quantization
+    from gptlab.inference.quantize import apply_quantization
 
     cfg = get_preset(preset)
     model = build_model(cfg).to(torch.bfloat16).eval()
