@@ -17,7 +17,6 @@ application, ``_StderrLines`` writes them to stderr as one ``warning: ...`` /
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -30,24 +29,12 @@ from gptlab.fit.benchmarks import calibrate
 from gptlab.fit.calibration_check import calibration_problems
 from gptlab.fit.hardware import (DEFAULT_SPEEDS, GPU, Hardware, apply_gpu_speeds, cpu_name, detect_devices,
                                  ollama_running, simulate, speeds_from, usable_cores)
+from gptlab.logs import get_logger
 
 # Measurements per calibration before its figures are given up on.
 CALIBRATION_TRIES = 3
 
-
-class _StderrLines(logging.Handler):
-    """One ``warning: ...`` / ``note: ...`` line per record on the current ``sys.stderr``."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        level = "warning" if record.levelno >= logging.WARNING else "note"
-        sys.stderr.write(f"{level}: {record.getMessage()}\n")
-
-
-log = logging.getLogger("gptlab.fit")
-if not log.handlers:
-    log.addHandler(_StderrLines())
-    log.setLevel(logging.INFO)
-    log.propagate = False
+log = get_logger("gptlab.fit")
 
 
 def cache_dir() -> Path:

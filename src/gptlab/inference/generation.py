@@ -19,7 +19,6 @@ Shapes: B = batch (sequences), T = prompt length, V = vocabulary size.
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -30,8 +29,9 @@ from gptlab.errors import GptlabError
 from gptlab.inference.detokenize import Detokenizer
 from gptlab.inference.sampling import Sampling, validate_sampling
 from gptlab.inference.stops import StopSet
+from gptlab.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"  # finish reasons (OpenAI's names)
 
