@@ -5,6 +5,7 @@ from __future__ import annotations
 from paths import SHARED  # noqa: E402
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +182,60 @@ def test_gpt2_export_with_tokenizer_loads_in_transformers(tmp_path):
     ref, _ = _hf_logits(out, ids)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ref, atol=1e-5, rtol=1e-5)
+
+
+# ---- issue 16: --out is never silently replaced, never inside a run, written atomically ----
+
+def test_export_refuses_an_existing_out_without_overwrite(tmp_path, capsys):
+    _, src = make_hf("llama-tied", tmp_path)
+    capsys.readouterr()  # transformers' save progress
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier export")
+    assert run(["export", str(src), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already exists and is not empty" in err and "--overwrite" in err, err
+    assert (out / "keep.txt").read_text() == "earlier export" and not (out / "config.json").exists()
+    assert run(["export", str(src), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    torch.testing.assert_close(_hf_logits(out)[0], _hf_logits(src)[0])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp dirs left
+
+
+def test_export_into_an_empty_existing_dir_is_fine(tmp_path):
+    _, src = make_hf("llama-tied", tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert run(["export", str(src), "--out", str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("marker", ["train_config.yaml", "checkpoints", "model/config.json"])
+def test_export_refuses_an_out_inside_a_run_directory(marker, tmp_path, capsys):
+    _, src = make_hf("llama-tied", tmp_path)
+    capsys.readouterr()  # transformers' save progress
+    run_dir = tmp_path / "runs" / "r1"
+    (run_dir / marker).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / marker).mkdir() if marker == "checkpoints" else (run_dir / marker).write_text("{}")
+    for out in (run_dir, run_dir / "hf", run_dir / "model" / "hf"):
+        assert run(["export", str(src), "--out", str(out), "--overwrite"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"inside the training run {run_dir}" in err, err
+        assert not (out / "config.json").is_file() or marker == "model/config.json"
+
+
+def test_a_failed_export_leaves_the_old_out_untouched(tmp_path, monkeypatch):
+    from gptlab.weights import export
+
+    _, src = make_hf("llama-tied", tmp_path)
+    out = tmp_path / "exported"
+    assert run(["export", str(src), "--out", str(out)]) == 0
+    before = (out / "model.safetensors").read_bytes()
+
+    def broken(model, where, tokenizer=None):
+        (Path(where) / "model.safetensors").write_bytes(b"half")
+        raise GptlabError("disk full")
+
+    monkeypatch.setattr(export, "export_hf", broken)
+    assert run(["export", str(src), "--out", str(out), "--overwrite"]) == 1
+    assert (out / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from gptlab.errors import GptlabError
-from gptlab.weights import load_model, package_path, resolve
+from gptlab.refs import package_path, resolve
+from gptlab.weights import load_model
 
 transformers = pytest.importorskip("transformers")
 huggingface_hub = pytest.importorskip("huggingface_hub")

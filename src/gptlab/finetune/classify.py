@@ -36,6 +36,7 @@ from gptlab.fileio import atomic_write_json
 from gptlab.finetune.common import (json_records, load_model_and_tokenizer, load_tokenizer_for, pad_id_of,
                                     prepare_out_dir, split_fractions)
 from gptlab.finetune.surgery import apply_freezing, replace_output_head
+from gptlab.models.base import ClassifierInfo
 from gptlab.training.batches import Batch, IndexedBatches
 
 NAMED_DATASETS = {"sms-spam"}  # balanced by default
@@ -240,71 +241,70 @@ def predict_batches(model: nn.Module, batches: IndexedBatches, device) -> tuple[
 # ---- saving and loading a classifier ------------------------------------------------------------
 
 def save_classifier(model: nn.Module, out: str | Path, tokenizer, info: dict) -> Path:
-    """Write a model directory whose ``config.json`` also holds ``"classifier": info`` (labels, max_length)."""
+    """Write a model directory of kind ``classifier`` whose ``config.json`` holds ``"classifier": info``
+    (labels, max_length, pad_id, ...)."""
     from gptlab.weights.native import save_model_dir
 
-    if getattr(model, "lora_config", None) is not None:  # adapters are merged into a copy for a plain model dir
+    if model.lora is not None:  # adapters are merged into a copy for a plain model dir
         from gptlab.finetune.lora import merged_copy
 
         model = merged_copy(model)
-    return save_model_dir(model, out, tokenizer, extra={"classifier": info})
+    model.classifier = ClassifierInfo.from_dict(info)
+    return save_model_dir(model, out, tokenizer)
 
 
-def _info_from_run(p: Path, meta: dict) -> dict | None:
+def _info_from_run(p: Path) -> ClassifierInfo | None:
     """The classifier entry for a checkpoint ``RUN/checkpoints/step-N`` written without one (gptlab <= this fix).
 
     Taken from ``RUN/model/config.json`` when the checkpoint's head has one output per label there.
     """
-    from gptlab.weights.native import classifier_head
+    from gptlab.weights.native import classifier_head, read_config, read_info
 
-    run_model = p.parent.parent / "model" / "config.json"
-    if p.parent.name != "checkpoints" or not run_model.is_file():
+    run_model = p.parent.parent / "model"
+    if p.parent.name != "checkpoints" or not (run_model / "config.json").is_file():
         return None
     try:
-        info = json.loads(run_model.read_text()).get("classifier")
-    except (OSError, ValueError, AttributeError):
+        info = read_info(run_model).classifier
+        head = classifier_head(p, read_config(p).vocab_size)
+    except GptlabError:
         return None
-    head = classifier_head(p, (meta.get("model") or {}).get("vocab_size"))
-    if isinstance(info, dict) and head and head[0] == len(info.get("labels", [])):
+    if info is not None and head and head[0] == len(info.labels):
         return info
     return None
 
 
 def load_classifier(path: str | Path, device=None) -> tuple[nn.Module, object, dict]:
     """(model, tokenizer, info) of a classifier saved by :func:`save_classifier`, a run dir holding one,
-    or one of the run's checkpoints (LoRA adapters in a checkpoint are merged on load)."""
-    from gptlab.models import build_model
-    from gptlab.weights.native import load_state_strict, read_config
-    from safetensors.torch import load_file
+    or one of the run's checkpoints (LoRA adapters in a checkpoint are merged on load).
+
+    ``info`` is the config.json entry as a dict (``model.classifier`` holds it typed).
+    """
+    from gptlab.weights.native import load_native, read_info
 
     p = Path(path)
     if not (p / "config.json").is_file() and (p / "model" / "config.json").is_file():
         p = p / "model"
-    cfgfile = p / "config.json"
-    if not cfgfile.is_file():
+    if not (p / "config.json").is_file():
         raise GptlabError(f"{p} is not a classifier directory (no config.json); give the --out of "
                           "`gptlab finetune classify`")
-    meta = json.loads(cfgfile.read_text())
-    info = meta.get("classifier") or _info_from_run(p, meta)
-    if not info:
+    found = read_info(p)
+    info = (found.classifier or _info_from_run(p)) if found.kind == "classifier" else None
+    if info is None:
         raise GptlabError(f"{p} holds a language model, not a classifier (no 'classifier' entry in config.json)")
-    cfg = read_config(p)
-    with torch.device("meta"):
-        model = build_model(cfg)
-    replace_output_head(model, len(info["labels"]))
-    lora = meta.get("lora")
-    if lora:  # a checkpoint of a --trainable lora run: its adapters are stored unmerged
-        from gptlab.finetune.lora import LoraConfig, add_lora
 
-        add_lora(model, LoraConfig(**lora))
-    load_state_strict(model, load_file(str(p / "model.safetensors")), str(p / "model.safetensors"))
-    if lora:
+    def prepare(model: nn.Module, ck) -> None:
+        model.classifier = info
+        if ck.lora is not None:  # a checkpoint of a --trainable lora run: its adapters are stored unmerged
+            from gptlab.finetune.lora import add_lora
+
+            add_lora(model, ck.lora)
+
+    model = load_native(p, device=device or "cpu", prepare=prepare)
+    if model.lora is not None:
         from gptlab.finetune.lora import merge_lora
 
         merge_lora(model)
-    model.reset_buffers()
-    model = model.to(device or "cpu").eval()
-    return model, load_tokenizer_for(p), info
+    return model.eval(), load_tokenizer_for(p), info.to_dict()
 
 
 @torch.no_grad()
@@ -377,7 +377,7 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
     else:
         if max_length < 1:
             raise GptlabError(f"max_length={max_length} must be >= 1")
-        from gptlab.weights import resolve
+        from gptlab.refs import resolve
 
         resolve(model)  # a wrong model reference fails now, not after the data is prepared
         s = ClassifySettings(model=recorded_ref(model), data=recorded_ref(data, NAMED_DATASETS),
@@ -429,7 +429,7 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
 
     info = {"labels": labeled.names, "max_length": max_length, "pad_id": pad, "base_model": s.model,
             "trainable": s.trainable}
-    net.config_extra = {"classifier": info}  # also in every checkpoint the loop writes, not only in OUT/model
+    net.classifier = ClassifierInfo.from_dict(info)  # recorded in every checkpoint the loop writes, and OUT/model
     bs = tcfg.batch_size
     train_b = classification_batches(enc["train"], lab["train"], bs, pad, shuffle=True, drop_last=True, seed=seed)
     val_b = classification_batches(enc["val"], lab["val"], bs, pad, shuffle=False, drop_last=False)

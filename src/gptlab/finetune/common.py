@@ -18,22 +18,13 @@ T = TypeVar("T")
 
 
 def load_tokenizer_for(ref: str | Path):
-    """The tokenizer that belongs to model ``ref`` (run/model dir, HF dir, .gguf file or pkg: ref)."""
+    """The tokenizer that belongs to model ``ref`` (run/model dir, HF dir, .gguf file, Hub id or pkg: ref).
+
+    ``load_tokenizer`` resolves model references with :func:`gptlab.refs.resolve`, as ``load_model`` does.
+    """
     from gptlab.tokenizers import load_tokenizer
 
-    try:
-        return load_tokenizer(str(ref))
-    except GptlabError:
-        from gptlab.weights import resolve
-
-        path = resolve(ref)
-        if path.is_file() and path.suffix == ".gguf":
-            from gptlab.tokenizers.gguf_tokenizer import load_gguf_tokenizer
-
-            return load_gguf_tokenizer(path)
-        if path.is_dir():
-            return load_tokenizer(str(path))
-        raise
+    return load_tokenizer(str(ref))
 
 
 def load_model_and_tokenizer(ref: str | Path, device: torch.device | None = None) -> tuple[nn.Module, object]:
@@ -245,16 +236,11 @@ def resumed_train_config(recorded: dict[str, Any], *, max_steps: int | None = No
 
 def restore_checkpoint(model: nn.Module, run: Path) -> dict[str, Any]:
     """Load the latest checkpoint's weights of ``run`` into ``model`` (strict); return its resume state."""
-    from safetensors.torch import load_file
-
     from gptlab.training.checkpoint import latest_checkpoint, load_resume_state
-    from gptlab.weights.native import load_state_strict
+    from gptlab.weights.native import load_weights_into
 
     ck = latest_checkpoint(run)
-    state = load_file(str(ck / "model.safetensors"))
-    device = next(model.parameters()).device
-    load_state_strict(model, {k: v.to(device) for k, v in state.items()}, str(ck / "model.safetensors"))
-    model.tie_weights()
-    resume_state = load_resume_state(ck, device)
+    load_weights_into(model, ck)
+    resume_state = load_resume_state(ck, next(model.parameters()).device)
     print(f"resuming {run} at step {resume_state['step']}", flush=True)
     return resume_state

@@ -299,7 +299,7 @@ def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "a
         tcfg = resumed_train_config(meta["train"], max_steps=max_steps, epochs=epochs)
         refuse_reached_limit(run, tcfg, meta.get("steps_per_epoch"), LIMIT_FLAGS)
     else:
-        from gptlab.weights import resolve
+        from gptlab.refs import resolve
 
         resolve(model)  # a wrong model reference fails now, not after the data is prepared
         s = InstructSettings(model=recorded_ref(model), data=recorded_ref(data, ["instruction-data"]), style=style,

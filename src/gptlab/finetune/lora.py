@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,36 +32,10 @@ import torch.nn as nn
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_save, atomic_write_json
 from gptlab.finetune.surgery import blocks, head_name
+from gptlab.models.base import LoraConfig  # the settings' type is declared with the model: LanguageModel.lora
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-@dataclass
-class LoraConfig:
-    """Rank, alpha, dropout and which linear layers get adapters.
-
-    ``targets``: module short names (the last part of the name, e.g. ``q_proj``,
-    ``v_proj`` for Llama, ``qkv``, ``fc`` for GPT-2) or ``"all-linear"``: every
-    linear layer inside the transformer blocks (the head is left alone).
-    """
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["all-linear"])
-
-    def validate(self) -> None:
-        if self.rank < 1:
-            raise GptlabError(f"LoRA rank={self.rank} must be >= 1")
-        if self.alpha <= 0:
-            raise GptlabError(f"LoRA alpha={self.alpha} must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise GptlabError(f"LoRA dropout={self.dropout} must be in [0, 1)")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
 
 
 class LoRALinear(nn.Linear):
@@ -123,18 +96,19 @@ def _target_names(model: nn.Module, cfg: LoraConfig) -> list[str]:
 def add_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Wrap the target linear layers in :class:`LoRALinear`, in place; returns their names.
 
-    Records ``model.lora_config`` (used when saving and merging). Freezing is
+    Records ``model.lora`` (saved in every model directory written while the adapters are unmerged). Freezing is
     separate: call ``apply_freezing(model, "lora")`` to train only the adapters.
     """
     cfg.validate()
-    if getattr(model, "lora_config", None) is not None:
+    blocks(model)  # a gptlab model (the interface declares ``lora``), or one clear error
+    if model.lora is not None:
         raise GptlabError("the model already has LoRA adapters; merge_lora(model) first to add new ones")
     names = _target_names(model, cfg)
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, attr, LoRALinear(getattr(parent, attr), cfg.rank, cfg.alpha, cfg.dropout))
-    model.lora_config = cfg
+    model.lora = cfg
     return names
 
 
@@ -148,7 +122,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, m in lora_modules(model).items():
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, m.merged())
-    model.lora_config = None
+    model.lora = None
     return model
 
 
@@ -181,7 +155,7 @@ def save_adapter(model: nn.Module, out: str | Path, base_model: str = "") -> Pat
     """
     from safetensors.torch import save_file
 
-    cfg: LoraConfig | None = getattr(model, "lora_config", None)
+    cfg = model.lora
     mods = lora_modules(model)
     if cfg is None or not mods:
         raise GptlabError("the model has no LoRA adapters to save; train with --trainable lora")

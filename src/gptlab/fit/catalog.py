@@ -329,7 +329,7 @@ def _spec_from_gguf_cached(path_str: str, _size: int, _mtime: int) -> ModelSpec:
 def resolve_path(ref: str) -> Path | None:
     """``pkg:PACKAGE/FILE`` or a filesystem path -> an existing Path (None if not a path)."""
     if ref.startswith("pkg:"):
-        from gptlab.weights import package_path
+        from gptlab.refs import package_path
 
         return package_path(ref)
     p = Path(ref).expanduser()

@@ -11,13 +11,70 @@ each family uses) and writes ``features``; the rest is shared.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
+from gptlab.errors import GptlabError
 from gptlab.models.attention import KVCache
 from gptlab.models.config import ModelConfig
+
+
+@dataclass
+class ClassifierInfo:
+    """What a classifier's head means (``gptlab finetune classify``): one output per label.
+
+    Saved as the ``"classifier"`` entry of a model directory's config.json.
+    """
+
+    labels: list[str]
+    max_length: int  # inputs are cropped (and padded) to this many tokens
+    pad_id: int
+    base_model: str = ""  # the model it was fine-tuned from
+    trainable: str = ""  # the freezing policy it was trained with
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json entry."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ClassifierInfo":
+        """Read the config.json entry (unknown keys are ignored)."""
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except TypeError as e:
+            raise GptlabError(f"the 'classifier' entry of config.json is incomplete ({e})") from None
+
+
+@dataclass
+class LoraConfig:
+    """LoRA settings: rank, alpha, dropout and which linear layers get adapters (``finetune/lora.py``).
+
+    ``targets``: module short names (the last part of the name, e.g. ``q_proj``,
+    ``v_proj`` for Llama, ``qkv``, ``fc`` for GPT-2) or ``"all-linear"``: every
+    linear layer inside the transformer blocks (the head is left alone).
+    Saved as the ``"lora"`` entry of the config.json of a model with unmerged adapters.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise GptlabError(f"LoRA rank={self.rank} must be >= 1")
+        if self.alpha <= 0:
+            raise GptlabError(f"LoRA alpha={self.alpha} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise GptlabError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
 
 
 class LanguageModel(nn.Module):
@@ -33,6 +90,9 @@ class LanguageModel(nn.Module):
     HEAD: ClassVar[str]  # the output projection (d -> V, or d -> n_classes for a classifier)
 
     cfg: ModelConfig
+    # What a checkpoint of this model records besides its config (weights/native.py saves and restores them):
+    classifier: ClassifierInfo | None = None  # set when the head was replaced by a classifier's
+    lora: LoraConfig | None = None  # set while the model carries unmerged LoRA adapters (finetune/lora.py)
 
     # ---- the parts ----
     def get_embedding(self) -> nn.Embedding:

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptlab.errors import GptlabError
 from gptlab.models.attention import KVCache, attend
 from gptlab.models.base import LanguageModel
 from gptlab.models.config import ConfigError, Family, KeyRule, ModelConfig, register_family, register_preset
@@ -184,8 +185,56 @@ HF_KEYS: tuple[KeyRule, ...] = (
     KeyRule("out_head.weight", "lm_head.weight", when=lambda cfg: not cfg.tie_embeddings),
 )
 
+
+
+# ---- transformers' config.json <-> GPT2Config (used by weights/hf.py and weights/export.py) ----
+def _require(hf: dict, key: str, arch: str):
+    if hf.get(key) is None:
+        raise GptlabError(f"config.json for {arch} has no {key!r}; the file is incomplete or not a {arch} config")
+    return hf[key]
+
+
+def hf_config(hf: dict, arch: str) -> GPT2Config:
+    """A transformers ``GPT2LMHeadModel`` config.json -> :class:`GPT2Config` (GptlabError if unsupported)."""
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_tanh"):
+        raise GptlabError(f"GPT-2 activation_function={act!r} is not supported (gptlab's GPT-2 uses gelu_new)")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if hf.get(flag):
+            raise GptlabError(f"GPT-2 option {flag}=true is not supported by gptlab's GPT-2")
+    if hf.get("scale_attn_weights") is False:
+        raise GptlabError("GPT-2 option scale_attn_weights=false is not supported by gptlab's GPT-2")
+    return GPT2Config(
+        vocab_size=_require(hf, "vocab_size", arch),
+        context_length=hf.get("n_positions") or _require(hf, "n_ctx", arch),
+        emb_dim=_require(hf, "n_embd", arch),
+        n_layers=_require(hf, "n_layer", arch),
+        n_heads=_require(hf, "n_head", arch),
+        hidden_dim=hf.get("n_inner"),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        qkv_bias=True,
+    )
+
+
+def hf_export(cfg: GPT2Config) -> tuple[str, dict]:
+    """:class:`GPT2Config` -> (``GPT2LMHeadModel``, its transformers config.json)."""
+    if not cfg.qkv_bias:
+        raise GptlabError("GPT-2 without q/k/v bias (qkv_bias=False) has no transformers equivalent; "
+                          "export a model trained with qkv_bias=True")
+    n_inner = cfg.hidden_dim if cfg.hidden_dim != 4 * cfg.emb_dim else None
+    return "GPT2LMHeadModel", {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": n_inner,
+        "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": 50256, "eos_token_id": 50256,
+    }
+
+
 register_family(Family("gpt2", GPT2Config, GPT2, hf_keys=HF_KEYS, hf_prefix="transformer.",
-                       hf_architectures=("GPT2LMHeadModel",)))
+                       hf_architectures=("GPT2LMHeadModel",), hf_config=hf_config, hf_export=hf_export))
 
 # ---- presets: OpenAI's four sizes, plus small ones that train on a laptop CPU ----
 for _name, (_L, _d, _H) in {

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptlab.errors import GptlabError
 from gptlab.models.attention import KVCache, apply_rope, attend, rope_cos_sin, rope_frequencies
 from gptlab.models.base import LanguageModel
 from gptlab.models.config import ConfigError, Family, KeyRule, ModelConfig, register_family, register_preset
@@ -271,9 +272,128 @@ HF_KEYS: tuple[KeyRule, ...] = (
     KeyRule("lm_head.weight", "lm_head.weight", when=lambda cfg: not cfg.tie_embeddings),
 )
 
+
+
+# ---- transformers' config.json <-> LlamaConfig (used by weights/hf.py and weights/export.py) ----
+# HF activation names -> ours (the tanh GELU has three spellings).
+HF_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+           "gelu_tanh": "gelu_tanh"}
+
+
+def _require(hf: dict, key: str, arch: str):
+    if hf.get(key) is None:
+        raise GptlabError(f"config.json for {arch} has no {key!r}; the file is incomplete or not a {arch} config")
+    return hf[key]
+
+
+def _hf_rope(hf: dict) -> tuple[float, dict | None]:
+    """(theta, Llama 3 scaling or None) from either the v4 or the v5 config layout."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or params
+    theta = hf.get("rope_theta") or params.get("rope_theta") or 10000.0
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if kind == "default":
+        return float(theta), None
+    if kind != "llama3":
+        raise GptlabError(f"RoPE scaling type {kind!r} is not supported (gptlab supports the default and 'llama3')")
+    return float(theta), {k: scaling[k] for k in ROPE_SCALING_KEYS if k in scaling}
+
+
+def _hf_activation(hf: dict, arch: str) -> str:
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    if arch == "GemmaForCausalLM" and act == "gelu":  # Gemma's legacy spelling means the tanh approximation
+        act = "gelu_pytorch_tanh"
+    if act not in HF_ACTS:
+        raise GptlabError(f"{arch} activation {act!r} is not supported (supported: {', '.join(HF_ACTS)})")
+    return HF_ACTS[act]
+
+
+def hf_config(hf: dict, arch: str) -> LlamaConfig:
+    """A transformers Llama / Mistral / Qwen2 / Gemma config.json -> :class:`LlamaConfig`."""
+    is_gemma = arch == "GemmaForCausalLM"
+    is_qwen2 = arch == "Qwen2ForCausalLM"
+    if hf.get("mlp_bias"):
+        raise GptlabError(f"{arch} with mlp_bias=true is not supported (gptlab's MLP has no biases)")
+    if hf.get("attention_bias") and not is_qwen2:
+        raise GptlabError(f"{arch} with attention_bias=true (bias on o_proj too) is not supported")
+    if is_qwen2 and hf.get("use_sliding_window"):
+        raise GptlabError("Qwen2 with use_sliding_window=true (per-layer windows) is not supported")
+    act = _hf_activation(hf, arch)
+    theta, scaling = _hf_rope(hf)
+    n_heads = _require(hf, "num_attention_heads", arch)
+    return LlamaConfig(
+        vocab_size=_require(hf, "vocab_size", arch),
+        context_length=_require(hf, "max_position_embeddings", arch),
+        emb_dim=_require(hf, "hidden_size", arch),
+        n_layers=_require(hf, "num_hidden_layers", arch),
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim"),
+        hidden_dim=_require(hf, "intermediate_size", arch),
+        tie_embeddings=hf.get("tie_word_embeddings", is_gemma),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        qkv_bias=is_qwen2,
+        mlp_act=act,
+        embed_scale=is_gemma,
+        norm_unit_offset=is_gemma,
+        sliding_window=hf.get("sliding_window") if arch == "MistralForCausalLM" else None,
+        bos_id=hf.get("bos_token_id"),
+        eos_id=hf.get("eos_token_id"),
+    )
+
+
+def _hf_architecture(cfg: LlamaConfig) -> str:
+    """The transformers architecture whose fields match ``cfg`` (GptlabError if none does)."""
+    gemma = (cfg.embed_scale, cfg.norm_unit_offset, cfg.mlp_act)
+    if gemma == (True, True, "gelu_tanh"):
+        if cfg.qkv_bias or cfg.sliding_window or cfg.rope_scaling:
+            raise GptlabError("a Gemma-style config with qkv_bias, sliding_window or rope_scaling has no "
+                              "transformers equivalent")
+        return "GemmaForCausalLM"
+    if cfg.embed_scale or cfg.norm_unit_offset:
+        raise GptlabError("embed_scale / norm_unit_offset are only exportable together with mlp_act='gelu_tanh' "
+                          "(the Gemma architecture)")
+    if cfg.qkv_bias and cfg.sliding_window:
+        raise GptlabError("qkv_bias together with sliding_window has no transformers equivalent")
+    if cfg.sliding_window:
+        return "MistralForCausalLM"
+    if cfg.qkv_bias:
+        return "Qwen2ForCausalLM"
+    return "LlamaForCausalLM"
+
+
+def hf_export(cfg: LlamaConfig) -> tuple[str, dict]:
+    """:class:`LlamaConfig` -> (architecture, its transformers config.json)."""
+    arch = _hf_architecture(cfg)
+    act = "silu" if cfg.mlp_act == "silu" else "gelu_pytorch_tanh"
+    out = {
+        "architectures": [arch], "model_type": arch.removesuffix("ForCausalLM").lower(),
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length,
+        "hidden_size": cfg.emb_dim, "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "hidden_act": act, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0,
+        "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
+    }
+    if arch == "LlamaForCausalLM":
+        out.update(attention_bias=False, mlp_bias=False)
+    if arch == "GemmaForCausalLM":
+        out["hidden_activation"] = act
+    if arch == "MistralForCausalLM":
+        out["sliding_window"] = cfg.sliding_window
+    if arch == "Qwen2ForCausalLM":
+        out.update(use_sliding_window=False, sliding_window=None)
+    if cfg.rope_scaling:
+        out["rope_scaling"] = {"rope_type": "llama3", **cfg.rope_scaling}
+    return arch, out
+
+
 register_family(Family("llama", LlamaConfig, Llama, hf_keys=HF_KEYS, hf_prefix="model.",
                        hf_architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                         "GemmaForCausalLM")))
+                                         "GemmaForCausalLM"), hf_config=hf_config, hf_export=hf_export))
 
 
 # ---- presets: published shapes (from each model's config.json), plus a tiny trainable one ----

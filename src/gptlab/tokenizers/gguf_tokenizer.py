@@ -243,13 +243,9 @@ def load_gguf_tokenizer(path: str | Path) -> HFTokenizer:
 
 
 def _resolve_gguf(spec: str) -> HFTokenizer | None:
-    """load_tokenizer resolver: a ``.gguf`` file path or ``pkg:PACKAGE/....gguf``."""
-    if not spec.endswith(".gguf"):
+    """load_tokenizer resolver: a ``.gguf`` file path (``pkg:PACKAGE/....gguf`` is resolved to one first)."""
+    if not spec.endswith(".gguf") or spec.startswith("pkg:"):
         return None
-    if spec.startswith("pkg:"):
-        from gptlab.weights import package_path
-
-        return load_gguf_tokenizer(package_path(spec))
     return load_gguf_tokenizer(spec)
 
 

@@ -5,10 +5,15 @@ recognises it returns the tokenizer. Each resolver returns ``None`` for specs
 it does not handle and raises :class:`GptlabError` for specs it handles but
 cannot load.
 
-Extension point: other parts of gptlab (e.g. ``.gguf`` files, Hugging Face
-model dirs, repo ids, ``pkg:`` refs) add their own resolver with
-:func:`register_resolver` (which also adds a line to :data:`ACCEPTED`, so the
-error message stays complete) in a module listed in :data:`EXTENSION_MODULES`;
+A model reference that names its files only indirectly (``pkg:PACKAGE/PATH``,
+a training run directory, a Hub repo id) is turned into a local path by
+:func:`gptlab.refs.resolve` -- the same function ``load_model`` uses -- and the
+resolvers are tried again on that path. So every command finds a model's
+tokenizer the way it finds the model.
+
+Extension point: other formats (e.g. ``.gguf`` files) add their own resolver
+with :func:`register_resolver` (which also adds a line to :data:`ACCEPTED`, so
+the error message stays complete) in a module listed in :data:`EXTENSION_MODULES`;
 those modules are imported on the first call, so this file need not import them.
 """
 
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gptlab.errors import GptlabError
+from gptlab.refs import needs_resolving, resolve
 from gptlab.tokenizers.base import META_FILE, Tokenizer
 from gptlab.tokenizers.char import CharTokenizer
 from gptlab.tokenizers.gpt2 import GPT2Tokenizer
@@ -96,11 +102,12 @@ ACCEPTED: list[str] = [
     "a directory saved by gptlab (holds gptlab_tokenizer.json)",
     "a directory holding encoder.json + vocab.bpe",
     "a tokenizer.json file, or a directory holding one",
+    "a model reference: training run dir, Hub repo id (owner/name) or pkg:PACKAGE/PATH",
 ]
 """Human-readable list of accepted specs, shown when nothing matches."""
 
 
-EXTENSION_MODULES: list[str] = ["gptlab.tokenizers.gguf_tokenizer", "gptlab.weights"]
+EXTENSION_MODULES: list[str] = ["gptlab.tokenizers.gguf_tokenizer"]
 """Modules imported on the first :func:`load_tokenizer` call; each registers its resolvers on import.
 EXTENSION POINT: append a module name here (or import it yourself) to add specs."""
 
@@ -127,6 +134,14 @@ def register_resolver(resolver: Resolver, accepts: str, first: bool = True) -> N
     ACCEPTED.append(accepts)
 
 
+def _first_match(text: str) -> Tokenizer | None:
+    for resolver in RESOLVERS:
+        tok = resolver(text)
+        if tok is not None:
+            return tok
+    return None
+
+
 def load_tokenizer(spec: "str | Path | Tokenizer") -> Tokenizer:
     """Load a tokenizer from a spec (see :data:`ACCEPTED`); a Tokenizer is returned as is."""
     if isinstance(spec, Tokenizer):
@@ -135,9 +150,10 @@ def load_tokenizer(spec: "str | Path | Tokenizer") -> Tokenizer:
         raise GptlabError(f"tokenizer spec must be a non-empty string or path, got {spec!r}")
     text = str(spec)
     _import_extensions()
-    for resolver in RESOLVERS:
-        tok = resolver(text)
-        if tok is not None:
-            return tok
+    tok = _first_match(text)
+    if tok is None and needs_resolving(text):  # pkg:, run dir, Hub id: the path load_model would use
+        tok = _first_match(str(resolve(text)))
+    if tok is not None:
+        return tok
     where = "the path does not exist" if not Path(text).exists() else "nothing there looks like a tokenizer"
     raise GptlabError(f"cannot load tokenizer {text!r} ({where}); accepted: " + "; ".join(ACCEPTED))

@@ -1,13 +1,13 @@
 """Export a gptlab model as a Hugging Face directory that ``transformers`` loads.
 
 ``export_hf(model, out)`` writes ``config.json`` + ``model.safetensors`` (+ the
-tokenizer's files). The architecture follows from the config fields:
+tokenizer's files). The architecture and config.json come from the family (``Family.hf_export``
+in ``models/gpt2.py`` / ``models/llama.py``), chosen by the config fields
+(e.g. a Llama config with ``sliding_window`` is a MistralForCausalLM).
 
-    GPT2Config                               -> GPT2LMHeadModel
-    LlamaConfig, plain                       -> LlamaForCausalLM
-      sliding_window set                     -> MistralForCausalLM
-      qkv_bias                               -> Qwen2ForCausalLM
-      embed_scale + norm_unit_offset + GeGLU -> GemmaForCausalLM
+``gptlab export`` writes into a temporary directory beside ``--out`` and
+renames it into place; it refuses an existing non-empty ``--out`` without
+``--overwrite`` and an ``--out`` inside a training run directory.
 
 Tensor names come from the same key maps the loader uses (weights/keymaps.py),
 read in reverse, so an export loads back into gptlab unchanged.
@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_save, atomic_write_bytes, atomic_write_json
-from gptlab.models.config import ModelConfig
+from gptlab.models.config import FAMILIES, ModelConfig, get_family
 from gptlab.weights.keymaps import expand
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -37,76 +37,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
 
-def _gpt2_hf_config(cfg) -> dict:
-    if not cfg.qkv_bias:
-        raise GptlabError("GPT-2 without q/k/v bias (qkv_bias=False) has no transformers equivalent; "
-                          "export a model trained with qkv_bias=True")
-    if cfg.hidden_dim != 4 * cfg.emb_dim:
-        n_inner = cfg.hidden_dim
-    else:
-        n_inner = None
-    return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_ctx": cfg.context_length,
-        "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": n_inner,
-        "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": 50256, "eos_token_id": 50256,
-    }
-
-
-def _llama_architecture(cfg) -> str:
-    gemma = (cfg.embed_scale, cfg.norm_unit_offset, cfg.mlp_act)
-    if gemma == (True, True, "gelu_tanh"):
-        if cfg.qkv_bias or cfg.sliding_window or cfg.rope_scaling:
-            raise GptlabError("a Gemma-style config with qkv_bias, sliding_window or rope_scaling has no "
-                              "transformers equivalent")
-        return "GemmaForCausalLM"
-    if cfg.embed_scale or cfg.norm_unit_offset:
-        raise GptlabError("embed_scale / norm_unit_offset are only exportable together with mlp_act='gelu_tanh' "
-                          "(the Gemma architecture)")
-    if cfg.qkv_bias and cfg.sliding_window:
-        raise GptlabError("qkv_bias together with sliding_window has no transformers equivalent")
-    if cfg.sliding_window:
-        return "MistralForCausalLM"
-    if cfg.qkv_bias:
-        return "Qwen2ForCausalLM"
-    return "LlamaForCausalLM"
-
-
-def _llama_hf_config(cfg) -> dict:
-    arch = _llama_architecture(cfg)
-    act = "silu" if cfg.mlp_act == "silu" else "gelu_pytorch_tanh"
-    out = {
-        "architectures": [arch], "model_type": arch.removesuffix("ForCausalLM").lower(),
-        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length,
-        "hidden_size": cfg.emb_dim, "intermediate_size": cfg.hidden_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-        "hidden_act": act, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0,
-        "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
-    }
-    if arch == "LlamaForCausalLM":
-        out.update(attention_bias=False, mlp_bias=False)
-    if arch == "GemmaForCausalLM":
-        out["hidden_activation"] = act
-    if arch == "MistralForCausalLM":
-        out["sliding_window"] = cfg.sliding_window
-    if arch == "Qwen2ForCausalLM":
-        out.update(use_sliding_window=False, sliding_window=None)
-    if cfg.rope_scaling:
-        out["rope_scaling"] = {"rope_type": "llama3", **cfg.rope_scaling}
-    return out
-
-
 def config_to_hf(cfg: ModelConfig) -> dict:
-    """The Hugging Face ``config.json`` dict for a gptlab config (GptlabError if not representable)."""
-    if cfg.family == "gpt2":
-        return _gpt2_hf_config(cfg)
-    if cfg.family == "llama":
-        return _llama_hf_config(cfg)
-    raise GptlabError(f"export of model family {cfg.family!r} is not supported (gpt2 and llama are)")
+    """The Hugging Face ``config.json`` dict for a gptlab config (GptlabError if not representable).
+
+    Each family writes its own (``Family.hf_export`` in ``models/<family>.py``).
+    """
+    family = get_family(cfg.family)
+    if family.hf_export is None:
+        raise GptlabError(f"export of model family {cfg.family!r} is not supported "
+                          f"(supported: {', '.join(n for n, f in FAMILIES.items() if f.hf_export)})")
+    return family.hf_export(cfg)[1]
 
 
 def _check_weights_match_config(model: nn.Module) -> None:
@@ -116,11 +56,11 @@ def _check_weights_match_config(model: nn.Module) -> None:
     cfg = model.cfg
     expected = {k: tuple(v.shape) for k, v in empty_model(cfg).state_dict().items()}  # meta: no memory
     own = model.state_dict()
-    for head in ("out_head.weight", "lm_head.weight"):
-        if head in own and head in expected and own[head].shape[0] != cfg.vocab_size:
-            raise GptlabError(f"the model's output head has {own[head].shape[0]} outputs, not one per token of its "
-                              f"{cfg.vocab_size}-token vocabulary: a classifier (gptlab finetune classify) cannot "
-                              "be exported as a Hugging Face causal LM; export the model it was fine-tuned from")
+    head = model.head_key()
+    if head in own and head in expected and own[head].shape[0] != cfg.vocab_size:
+        raise GptlabError(f"the model's output head has {own[head].shape[0]} outputs, not one per token of its "
+                          f"{cfg.vocab_size}-token vocabulary: a classifier (gptlab finetune classify) cannot "
+                          "be exported as a Hugging Face causal LM; export the model it was fine-tuned from")
     extra = sorted(set(own) - set(expected))
     wrong = [f"{k} {tuple(own[k].shape)} (config: {expected[k]})" for k in expected
              if k in own and tuple(own[k].shape) != expected[k]]
@@ -194,27 +134,84 @@ def copy_tokenizer_files(src: str | Path, out: str | Path) -> list[str]:
     return copied
 
 
-def export_command(model: str, out: str = "", format: str = "hf", dtype: str | None = None) -> int:
+# What makes a directory a training run (training/checkpoint.py, finetune/*): an export must not land in one.
+RUN_MARKERS = ("train_config.yaml", "classify_config.json", "instruct_config.json", "distill_config.json",
+               "checkpoints", "model/config.json")
+
+
+def _run_dir_at_or_above(path: Path) -> Path | None:
+    """The training run directory that ``path`` is, or lies inside, if any."""
+    for d in [path, *path.parents]:
+        if any((d / marker).exists() for marker in RUN_MARKERS):
+            return d
+    return None
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` inside a training run, and an existing non-empty one unless ``overwrite``."""
+    out = out.expanduser().absolute()
+    run = _run_dir_at_or_above(out)
+    if run is not None:
+        raise GptlabError(f"--out {out} is inside the training run {run}; writing there would mix the export "
+                          "with the run's files: give an --out outside it")
+    if out.exists() and not out.is_dir():
+        raise GptlabError(f"--out {out} exists and is not a directory; give a new directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise GptlabError(f"--out {out} already exists and is not empty; pass --overwrite to replace it, "
+                          "or give a new directory")
+
+
+def export_atomically(write, out: Path) -> Path:
+    """Run ``write(tmp)`` into a fresh directory beside ``out``, then rename it into place.
+
+    A failed or interrupted export leaves ``out`` as it was; an existing ``out``
+    is replaced only once the new one is complete.
+    """
+    import shutil
+    import tempfile
+
+    out = out.expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        write(tmp)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / out.name)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def export_command(model: str, out: str = "", format: str = "hf", dtype: str | None = None,
+                   overwrite: bool = False) -> int:
     """Export a model as a Hugging Face directory that transformers can load.
 
     Args:
         model: a gptlab run or model directory, a Hugging Face directory or repo id,
             a .gguf file, or pkg:PACKAGE/PATH.
-        out: the directory to write (required).
+        out: the directory to write (required; not inside a training run).
         format: the output format; only "hf" (Hugging Face safetensors) is supported.
         dtype: convert the weights first (fp32, bf16, fp16); default: keep them.
+        overwrite: replace an existing non-empty --out directory.
     """
-    from gptlab.weights import load_model, resolve
+    from gptlab.refs import resolve
+    from gptlab.weights import load_model
+    from gptlab.weights.native import refuse_classifier
 
     if format != "hf":
         raise GptlabError(f"--format {format!r} is not supported; use --format hf")
     if not out:
         raise GptlabError("give the output directory with --out DIR")
     src = resolve(model)
-    from gptlab.weights.native import refuse_classifier
-
     refuse_classifier(src, model, "only language models export to Hugging Face format",
                       "or export the model it was fine-tuned from")
+    check_out_dir(Path(out), overwrite)
     net = load_model(src, dtype=dtype)
     tokenizer = None
     if src.is_dir() and (src / "tokenizer.json").is_file():
@@ -226,7 +223,7 @@ def export_command(model: str, out: str = "", format: str = "hf", dtype: str | N
             tokenizer = load_tokenizer(str(src))
         except (ImportError, GptlabError) as e:
             print(f"note: no tokenizer exported ({e})")
-    path = export_hf(net, out, tokenizer)
+    path = export_atomically(lambda tmp: export_hf(net, tmp, tokenizer), Path(out))
     n = sum(p.numel() for p in net.parameters())
     print(f"wrote {path} ({config_to_hf(net.cfg)['architectures'][0]}, {n:,} parameters)")
     return 0

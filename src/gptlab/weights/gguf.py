@@ -4,12 +4,13 @@ A GGUF file is one memory-mapped container: a metadata table (architecture
 hyperparameters under ``{arch}.*``, the tokenizer under ``tokenizer.*``) and
 named tensors, most of them quantized in blocks (``weights/dequant.py``).
 
-Loading is: metadata -> :class:`LlamaConfig` (``gguf_config``), build the model
-on the meta device (no memory), then for each tensor: dequantize, undo
-llama.cpp's row permutation of the query/key projections, cast, and assign —
-one tensor at a time, so peak memory is about the final model plus one tensor.
+Loading is: metadata -> :class:`LlamaConfig` (``gguf_config``), then the one
+load path (``weights/materialize.py``) asks :class:`GGUFTensors` for each
+tensor: dequantize in chunks, undo llama.cpp's row permutation of the
+query/key projections, cast, release the file pages -- one tensor at a time,
+so peak memory is about the final model plus one tensor.
 
-Names (``KEY_MAP``; N is the layer index):
+Names (``GGUF_KEYS``, in the KeyRule dialect of ``weights/keymaps.py``; N is the layer index):
 
     token_embd              embed_tokens
     blk.N.attn_norm         layers.N.input_layernorm
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
-import re
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +34,30 @@ import torch
 import torch.nn as nn
 
 from gptlab.errors import GptlabError
+from gptlab.models.config import KeyRule
 from gptlab.weights.dequant import FORMATS, dequantize_chunks
+from gptlab.weights.keymaps import expand_rules, theirs_pattern
+from gptlab.weights.materialize import materialize
 
-# GGUF tensor name pattern -> our parameter name ({n} = layer index). ".weight"/".bias" suffixes carry over.
-KEY_MAP: dict[str, str] = {
-    "token_embd": "embed_tokens",
-    "output_norm": "norm",
-    "output": "lm_head",
-    "blk.{n}.attn_norm": "layers.{n}.input_layernorm",
-    "blk.{n}.attn_q": "layers.{n}.self_attn.q_proj",
-    "blk.{n}.attn_k": "layers.{n}.self_attn.k_proj",
-    "blk.{n}.attn_v": "layers.{n}.self_attn.v_proj",
-    "blk.{n}.attn_output": "layers.{n}.self_attn.o_proj",
-    "blk.{n}.ffn_norm": "layers.{n}.post_attention_layernorm",
-    "blk.{n}.ffn_gate": "layers.{n}.mlp.gate_proj",
-    "blk.{n}.ffn_up": "layers.{n}.mlp.up_proj",
-    "blk.{n}.ffn_down": "layers.{n}.mlp.down_proj",
-}
+# GGUF tensor names <-> ours, in the one key-map dialect (weights/keymaps.py). GGUF files hold only
+# Llama-family models here (SUPPORTED_ARCHS), so the table lives with the format rather than in a Family.
+GGUF_KEYS: tuple[KeyRule, ...] = (
+    KeyRule("embed_tokens.weight", "token_embd.weight"),
+    KeyRule("layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    KeyRule("layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    KeyRule("layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    KeyRule("layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    KeyRule("layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias", when=lambda cfg: cfg.qkv_bias),
+    KeyRule("layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias", when=lambda cfg: cfg.qkv_bias),
+    KeyRule("layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias", when=lambda cfg: cfg.qkv_bias),
+    KeyRule("layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    KeyRule("layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    KeyRule("layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    KeyRule("layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+    KeyRule("layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+    KeyRule("norm.weight", "output_norm.weight"),
+    KeyRule("lm_head.weight", "output.weight", when=lambda cfg: not cfg.tie_embeddings),
+)
 
 # Architectures whose q/k rows llama.cpp's converter permutes (it uses the
 # interleaved-pairs RoPE layout; Hugging Face checkpoints use "rotate half").
@@ -60,24 +67,15 @@ SUPPORTED_ARCHS = {"llama", "qwen2"}
 NON_PARAMETERS = {"rope_freqs.weight"}
 
 
-def _compile_key_map() -> list[tuple[re.Pattern, str]]:
-    out = []
-    for src, dst in KEY_MAP.items():
-        pattern = re.escape(src).replace(r"\{n\}", r"(?P<n>\d+)")
-        out.append((re.compile(rf"^{pattern}\.(?P<kind>weight|bias)$"), dst))
-    return out
-
-
-_KEY_RES = _compile_key_map()
+_KEY_RES = [(theirs_pattern(r), r.ours) for r in GGUF_KEYS]
 
 
 def map_name(gguf_name: str) -> str | None:
-    """Our parameter name for a GGUF tensor name, or None if the key map has no entry."""
-    for rx, dst in _KEY_RES:
+    """Our parameter name for a GGUF tensor name, or None if the key map has no row for it."""
+    for rx, ours in _KEY_RES:
         m = rx.match(gguf_name)
         if m:
-            n = m.groupdict().get("n")
-            return dst.format(n=n) + "." + m.group("kind")
+            return ours.replace("{i}", m.group("i")) if "{i}" in ours else ours
     return None
 
 
@@ -361,6 +359,30 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
             .reshape(rows, *rest))
 
 
+class GGUFTensors:
+    """The parameters of a GGUF file for :func:`materialize`: dequantized one at a time, pages released."""
+
+    by = "model"
+
+    def __init__(self, f: GGUFFile, cfg):
+        self.f, self.cfg, self.source = f, cfg, str(f.path)
+        self.permuted = f.meta["general.architecture"] in PERMUTED_ARCHS
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: t.shape for n, t in self.f.tensors.items()}
+
+    def rules(self, model: nn.Module):
+        return expand_rules(GGUF_KEYS, self.cfg), lambda k: k in NON_PARAMETERS
+
+    def get(self, key: str, dtype: torch.dtype | None) -> torch.Tensor:
+        """Dequantize ``key`` to ``dtype`` (default float32) in chunks, un-permute q/k rows, release its pages."""
+        w = self.f.to_torch(key, dtype or torch.float32)
+        if self.permuted and (".attn_q." in key or ".attn_k." in key):
+            w = unpermute_rows(w, self.cfg.n_heads if ".attn_q." in key else self.cfg.n_kv_heads)
+        self.f.release(key)
+        return w
+
+
 def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None) -> nn.Module:
     """Load a GGUF checkpoint as a gptlab Llama model (dequantized to ``dtype``).
 
@@ -373,10 +395,6 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None
     Every tensor in the file must map to a parameter and every parameter must be
     present, with the right shape; otherwise a GptlabError names the offenders.
     """
-    from gptlab.models import empty_model
-    from gptlab.weights.native import load_state_strict
-
-    dtype = dtype or torch.float32
     f = read_gguf(path)
     path, meta = f.path, f.meta
     info = {n: (t.type_name, t.shape) for n, t in f.tensors.items()}
@@ -386,27 +404,8 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None
                           f"(supported: {', '.join(FORMATS)}); use a file quantized as e.g. Q4_K_M, Q8_0 or F16")
     freqs = f.to_torch("rope_freqs.weight").numpy() if "rope_freqs.weight" in f.tensors else None
     cfg = gguf_config(meta, info, freqs, source=str(path))
-    arch = meta["general.architecture"]
-
     unexpected = sorted(n for n in f.tensors if n not in NON_PARAMETERS and map_name(n) is None)
     if unexpected:
         raise GptlabError(f"{path}: tensors with no place in the model: {unexpected[:5]}"
                           f"{' ...' if len(unexpected) > 5 else ''} (an unsupported architecture variant?)")
-    model = empty_model(cfg)
-    state: dict[str, torch.Tensor] = {}
-    for name in f.tensors:
-        if name in NON_PARAMETERS:
-            continue
-        ours = map_name(name)
-        w = f.to_torch(name, dtype)
-        if arch in PERMUTED_ARCHS and (".attn_q." in name or ".attn_k." in name):
-            heads = cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads
-            w = unpermute_rows(w, heads)
-        f.release(name)
-        state[ours] = w.to(device) if device is not None else w
-        del w
-    load_state_strict(model, state, str(path))
-    model.finish_loading()
-    if device is not None:
-        model = model.to(device)
-    return model.eval()
+    return materialize(cfg, GGUFTensors(f, cfg), dtype or torch.float32, device)

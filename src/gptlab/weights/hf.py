@@ -2,11 +2,10 @@
 
 A Hugging Face directory holds ``config.json`` (with ``architectures``) and
 ``model.safetensors`` or shards listed in ``model.safetensors.index.json``.
-Supported architectures and what they become:
-
-    GPT2LMHeadModel                      -> GPT2Config
-    LlamaForCausalLM, MistralForCausalLM,
-    Qwen2ForCausalLM, GemmaForCausalLM   -> LlamaConfig (differences are config fields)
+Supported architectures are those of the registered families
+(``Family.hf_architectures``); each family translates its own config.json
+(``Family.hf_config``, in ``models/gpt2.py`` / ``models/llama.py``), so this
+file names no family.
 
 Loading is memory-efficient: the model is built on the meta device (no
 memory) and each parameter becomes a zero-copy view of the memory-mapped
@@ -19,123 +18,36 @@ from __future__ import annotations
 
 import json
 import mmap
+import re
 import struct
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from gptlab.errors import GptlabError
-from gptlab.models import build_model, empty_model
-from gptlab.models import ConfigError, GPT2Config, ModelConfig
-from gptlab.weights.keymaps import plan_import
+from gptlab.models import FAMILIES, ConfigError, ModelConfig
+from gptlab.models.config import family_for_architecture
+from gptlab.weights.keymaps import IGNORED, TIED_HEAD, expand, normalize_keys
+from gptlab.weights.materialize import materialize
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# HF activation names -> ours (the tanh GELU has three spellings).
-_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-         "gelu_tanh": "gelu_tanh"}
+
+def _architectures() -> list[str]:
+    return [a for f in FAMILIES.values() for a in f.hf_architectures]
 
 
-# ---- config.json -> ModelConfig ----
-
-def _require(hf: dict, key: str, arch: str) -> Any:
-    if hf.get(key) is None:
-        raise GptlabError(f"config.json for {arch} has no {key!r}; the file is incomplete or not a {arch} config")
-    return hf[key]
+def _from_model_type(model_type: str) -> str:
+    """The architecture a config without ``architectures`` means (``llama`` -> ``LlamaForCausalLM``)."""
+    return next((a for a in _architectures()
+                 if a.lower().removesuffix("forcausallm").removesuffix("lmheadmodel") == model_type.lower()), "")
 
 
-def _gpt2_config(hf: dict, arch: str) -> GPT2Config:
-    act = hf.get("activation_function", "gelu_new")
-    if _ACTS.get(act) != "gelu_tanh":
-        raise GptlabError(f"GPT-2 activation_function={act!r} is not supported (gptlab's GPT-2 uses gelu_new)")
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        if hf.get(flag):
-            raise GptlabError(f"GPT-2 option {flag}=true is not supported by gptlab's GPT-2")
-    if hf.get("scale_attn_weights") is False:
-        raise GptlabError("GPT-2 option scale_attn_weights=false is not supported by gptlab's GPT-2")
-    return GPT2Config(
-        vocab_size=_require(hf, "vocab_size", arch),
-        context_length=hf.get("n_positions") or _require(hf, "n_ctx", arch),
-        emb_dim=_require(hf, "n_embd", arch),
-        n_layers=_require(hf, "n_layer", arch),
-        n_heads=_require(hf, "n_head", arch),
-        hidden_dim=hf.get("n_inner"),
-        tie_embeddings=hf.get("tie_word_embeddings", True),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        qkv_bias=True,
-    )
-
-
-def _rope(hf: dict) -> tuple[float, dict | None]:
-    """(theta, Llama 3 scaling or None) from either the v4 or the v5 config layout."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or params
-    theta = hf.get("rope_theta") or params.get("rope_theta") or 10000.0
-    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    if kind == "default":
-        return float(theta), None
-    if kind != "llama3":
-        raise GptlabError(f"RoPE scaling type {kind!r} is not supported (gptlab supports the default and 'llama3')")
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    return float(theta), {k: scaling[k] for k in keys if k in scaling}
-
-
-def _llama_config(hf: dict, arch: str) -> ModelConfig:
-    from gptlab.models.llama import LlamaConfig
-
-    is_gemma = arch == "GemmaForCausalLM"
-    is_qwen2 = arch == "Qwen2ForCausalLM"
-    if hf.get("mlp_bias"):
-        raise GptlabError(f"{arch} with mlp_bias=true is not supported (gptlab's MLP has no biases)")
-    if hf.get("attention_bias") and not is_qwen2:
-        raise GptlabError(f"{arch} with attention_bias=true (bias on o_proj too) is not supported")
-    if is_qwen2 and hf.get("use_sliding_window"):
-        raise GptlabError("Qwen2 with use_sliding_window=true (per-layer windows) is not supported")
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
-    if is_gemma and act == "gelu":  # Gemma's legacy spelling means the tanh approximation
-        act = "gelu_pytorch_tanh"
-    if act not in _ACTS:
-        raise GptlabError(f"{arch} activation {act!r} is not supported (supported: {', '.join(_ACTS)})")
-    theta, scaling = _rope(hf)
-    n_heads = _require(hf, "num_attention_heads", arch)
-    return LlamaConfig(
-        vocab_size=_require(hf, "vocab_size", arch),
-        context_length=_require(hf, "max_position_embeddings", arch),
-        emb_dim=_require(hf, "hidden_size", arch),
-        n_layers=_require(hf, "num_hidden_layers", arch),
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim"),
-        hidden_dim=_require(hf, "intermediate_size", arch),
-        tie_embeddings=hf.get("tie_word_embeddings", is_gemma),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        qkv_bias=is_qwen2,
-        mlp_act=_ACTS[act],
-        embed_scale=is_gemma,
-        norm_unit_offset=is_gemma,
-        sliding_window=hf.get("sliding_window") if arch == "MistralForCausalLM" else None,
-        bos_id=hf.get("bos_token_id"),
-        eos_id=hf.get("eos_token_id"),
-    )
-
-
-# architecture -> (gptlab family, config converter)
-ARCHITECTURES: dict[str, tuple[str, Callable[[dict, str], ModelConfig]]] = {
-    "GPT2LMHeadModel": ("gpt2", _gpt2_config),
-    "LlamaForCausalLM": ("llama", _llama_config),
-    "MistralForCausalLM": ("llama", _llama_config),
-    "Qwen2ForCausalLM": ("llama", _llama_config),
-    "GemmaForCausalLM": ("llama", _llama_config),
-}
-_MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}
-
+# ---- config.json -> ModelConfig (each family translates its own: Family.hf_config) ----
 
 def read_hf_config(path: str | Path) -> dict:
     """The parsed ``config.json`` of a Hugging Face model directory."""
@@ -154,18 +66,21 @@ def read_hf_config(path: str | Path) -> dict:
 def architecture(hf: dict) -> str:
     """The supported architecture name of a HF config, or a GptlabError naming what is supported."""
     archs = hf.get("architectures") or []
-    arch = archs[0] if archs else _MODEL_TYPES.get(hf.get("model_type", ""), "")
-    if arch not in ARCHITECTURES:
+    arch = archs[0] if archs else _from_model_type(str(hf.get("model_type", "")))
+    if family_for_architecture(arch) is None:
         shown = arch or f"model_type={hf.get('model_type')!r}"
-        raise GptlabError(f"unsupported architecture {shown}; gptlab loads {', '.join(ARCHITECTURES)}")
+        raise GptlabError(f"unsupported architecture {shown}; gptlab loads {', '.join(_architectures())}")
     return arch
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
     """Convert a Hugging Face ``config.json`` dict to the matching gptlab config."""
     arch = architecture(hf)
+    family = family_for_architecture(arch)
+    if family.hf_config is None:
+        raise GptlabError(f"model family {family.name!r} has no Hugging Face config translation")
     try:
-        cfg = ARCHITECTURES[arch][1](hf, arch)
+        cfg = family.hf_config(hf, arch)
     except ConfigError as e:
         raise GptlabError(f"config.json ({arch}): {e}") from None
     name = hf.get("_name_or_path")
@@ -175,6 +90,33 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 # ---- safetensors checkpoints (single file or shards) ----
+
+class HFTensors:
+    """The tensors of a HF directory under their canonical names, for :func:`materialize`."""
+
+    by = "checkpoint"
+
+    def __init__(self, ckpt: "SafetensorsCheckpoint", cfg: ModelConfig):
+        self.ckpt, self.cfg, self.source = ckpt, cfg, str(ckpt.path)
+        self.canon = {c: k for k, c in normalize_keys(cfg.family, ckpt.keys()).items()}  # canonical -> stored
+        self._target: torch.dtype | None = None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        stored = self.ckpt.shapes()
+        return {c: stored[k] for c, k in self.canon.items()}
+
+    def rules(self, model: nn.Module):
+        ignored = re.compile("|".join(IGNORED))
+        tied = self.cfg.tie_embeddings
+        return expand(self.cfg.family, self.cfg), lambda k: bool(ignored.match(k)) or (tied and k == TIED_HEAD)
+
+    def get(self, key: str, dtype: torch.dtype | None) -> torch.Tensor:
+        """A zero-copy view of the file unless a dtype conversion is needed (one tensor at a time)."""
+        if self._target is None:
+            self._target = dtype or self.ckpt.dtype()
+        t = self.ckpt.get(self.canon[key])
+        return t.to(self._target) if t.is_floating_point() else t
+
 
 class SafetensorsCheckpoint:
     """Tensors of a HF directory, memory-mapped; shards opened lazily by key."""
@@ -293,29 +235,5 @@ def load_hf_dir(path: str | Path, *, dtype: torch.dtype | None = None, device=No
     ``dtype`` None keeps the stored dtype of the weights.
     """
     path = Path(path)
-    hf = read_hf_config(path)
-    cfg = config_from_hf(hf)
-    ckpt = SafetensorsCheckpoint(path)
-    model = empty_model(cfg)
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        own.pop(model.head_key(), None)
-    plan = plan_import(cfg.family, cfg, ckpt.shapes(), own, str(path))
-    target = dtype or ckpt.dtype()
-    state = {}
-    for ours, stored, transpose in plan:
-        t = ckpt.get(stored)
-        if transpose:
-            t = t.t()
-        # .to() is a no-op when the dtype matches and .contiguous() copies only transposed
-        # tensors: otherwise the parameter stays a view of the memory-mapped file.
-        state[ours] = t.to(target).contiguous() if t.is_floating_point() else t
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    left = [n for n, p in model.named_parameters() if p.is_meta]
-    if left:  # the key map missed a parameter: a gptlab bug, not the user's
-        raise GptlabError(f"parameters {left[:5]} were not loaded from {path} (please report this bug)")
-    model.reset_buffers()
-    if device is not None:
-        model = model.to(device)
-    return model.eval()
+    cfg = config_from_hf(read_hf_config(path))
+    return materialize(cfg, HFTensors(SafetensorsCheckpoint(path), cfg), dtype, device)
