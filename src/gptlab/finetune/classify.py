@@ -5,7 +5,7 @@ Recipe, each step a small function below:
     read (text, label) rows  ->  optional undersampling to balance the classes
     -> seeded 70/10/20 train/val/test split  ->  tokenize, truncate to max_length
     -> swap the LM head (d -> V) for a class head (d -> C)  ->  freeze by policy
-    -> fit() with ClassificationTask: cross-entropy on the logits of the LAST real token
+    -> train_loop() with ClassificationTask: cross-entropy on the logits of the LAST real token
     -> test accuracy, precision/recall/F1 and confusion matrix in OUT/metrics.json
 
 Why the last token: in a causal model only the last position has attended to
@@ -198,7 +198,7 @@ def classification_batches(ids: list[list[int]], labels: list[int], batch_size: 
                           tokens_per_item=max(1, sum(map(len, ids)) // max(1, len(ids))))
 
 
-# ---- the task plugged into fit() --------------------------------------------------------------
+# ---- the task plugged into train_loop() --------------------------------------------------------------
 
 class ClassificationTask:
     """Cross-entropy on the class logits of each sequence's last real token; reports accuracy."""
@@ -365,7 +365,7 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
     from gptlab.evaluation.metrics import classification_report
     from gptlab.finetune.common import (read_run_settings, recorded_ref, refuse_changed_settings,
                                         refuse_reached_limit, restore_checkpoint, resumed_train_config)
-    from gptlab.training.loop import TrainConfig, fit
+    from gptlab.training.loop import TrainConfig, train_loop
 
     TrainConfig(max_steps=max_steps, epochs=epochs).validate_limits()  # before anything is read
     dev = pick_device(device)
@@ -401,7 +401,7 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
     if len(splits.train) < tcfg.batch_size or not splits.val or not splits.test:
         raise GptlabError(f"only {len(labeled.texts)} examples: too few for a 70/10/20 split with batch_size="
                           f"{tcfg.batch_size}; give more data or a smaller batch size")
-    steps_per_epoch = max(1, len(splits.train) // tcfg.batch_size // tcfg.grad_accum)  # as fit() counts them
+    steps_per_epoch = max(1, len(splits.train) // tcfg.batch_size // tcfg.grad_accum)  # as train_loop() counts them
     if resume is not None and "steps_per_epoch" not in meta:  # a run recorded before it was: known only now
         refuse_reached_limit(run, tcfg, steps_per_epoch, LIMIT_FLAGS)
 
@@ -448,7 +448,7 @@ def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: st
           f"max length {max_length} tokens", flush=True)
     print(f"model: {counts['trainable'] / 1e6:.2f}M of {counts['total'] / 1e6:.2f}M parameters train "
           f"({s.trainable}); device {dev}", flush=True)
-    result = fit(net, train_b, val_b, tcfg, run, task=ClassificationTask(), tokenizer=tok, resume_state=resume_state,
+    result = train_loop(net, train_b, val_b, tcfg, run, task=ClassificationTask(), tokenizer=tok, resume_state=resume_state,
                  save_model=lambda m, d: save_classifier(m, d, tok, info), progress=progress)
     plot_accuracy(result.records, run / "accuracy.png")
 

@@ -210,7 +210,7 @@ def refuse_reached_limit(run: Path, cfg, steps_per_epoch: int | None, flags: str
 
     Such a resume would train nothing (and classification would re-score every
     split). ``steps_per_epoch`` (optimizer steps) turns an ``epochs`` limit into
-    steps as :func:`gptlab.training.loop.fit` does; when it is not known yet, an
+    steps as :func:`gptlab.training.loop.train_loop` does; when it is not known yet, an
     ``epochs`` limit is not checked. ``flags`` names the command's limit flags.
     """
     import math

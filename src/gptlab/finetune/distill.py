@@ -215,7 +215,7 @@ def distill(teacher: str, student: str, data: str | None, out: str | Path, *, mo
                                         recorded_ref, refuse_changed_settings, refuse_reached_limit,
                                         restore_checkpoint, resumed_train_config)
     from gptlab.training.batches import window_batches
-    from gptlab.training.loop import LanguageModeling, TrainConfig, fit
+    from gptlab.training.loop import LanguageModeling, TrainConfig, train_loop
 
     TrainConfig(max_steps=max_steps).validate_limits()  # before anything is read
     dev = pick_device(device)
@@ -280,7 +280,7 @@ def distill(teacher: str, student: str, data: str | None, out: str | Path, *, mo
     print(f"distilling ({s.mode}) {s.teacher} -> {s.student}: student "
           f"{s_model.cfg.param_counts()['total'] / 1e6:.2f}M parameters, {len(train_ids):,} training tokens, "
           f"alpha {s.alpha}, T {s.temperature}", flush=True)
-    return fit(s_model, train_b, val_b, cfg, run, task=task, tokenizer=t_tok, resume_state=resume_state,
+    return train_loop(s_model, train_b, val_b, cfg, run, task=task, tokenizer=t_tok, resume_state=resume_state,
                progress=progress)
 
 

@@ -10,7 +10,7 @@ Recipe:
     -> collate: pad to the batch's longest, targets = inputs shifted by one, padding in the
        targets -> -100 except the first end-of-text, optional masking of the prompt tokens,
        allowed_max_length truncation
-    -> fit() with the ordinary next-token loss (targets of -100 are ignored)
+    -> train_loop() with the ordinary next-token loss (targets of -100 are ignored)
     -> greedy responses for the test split, saved with a ``model_response`` field per entry
        (the course's ``instruction-data-with-response.json``)
 """
@@ -185,7 +185,7 @@ def collate(items: list[list[int]], *, pad_id: int, eos_id: int | None = None, i
 def instruction_batches(encoded: list[tuple[list[int], int]], batch_size: int, *, pad_id: int, eos_id: int,
                         allowed_max_length: int | None, mask_prompt: bool, shuffle: bool, drop_last: bool,
                         seed: int = 0) -> IndexedBatches:
-    """Batch source for :func:`gptlab.training.fit` over encoded (ids, prompt_length) examples."""
+    """Batch source for :func:`gptlab.training.train_loop` over encoded (ids, prompt_length) examples."""
 
     def fetch(idx: torch.Tensor) -> Batch:
         rows = [encoded[i] for i in idx.tolist()]
@@ -292,7 +292,7 @@ def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "a
                                         refuse_reached_limit, resumed_train_config)
     from gptlab.finetune.lora import LoraConfig, add_lora, merged_copy, save_adapter
     from gptlab.finetune.surgery import apply_freezing
-    from gptlab.training.loop import TrainConfig, fit
+    from gptlab.training.loop import TrainConfig, train_loop
     from gptlab.weights.native import save_model_dir
 
     TrainConfig(max_steps=max_steps, epochs=epochs).validate_limits()  # before anything is read
@@ -349,7 +349,7 @@ def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "a
     net.to(dev)
     kw = dict(pad_id=pad, eos_id=eos, allowed_max_length=limit, mask_prompt=s.mask_prompt)
     train_b = instruction_batches(enc["train"], tcfg.batch_size, shuffle=True, drop_last=True, seed=tcfg.seed, **kw)
-    steps_per_epoch = max(1, len(train_b) // tcfg.grad_accum)  # as fit() counts them
+    steps_per_epoch = max(1, len(train_b) // tcfg.grad_accum)  # as train_loop() counts them
     if resume is not None:
         if "steps_per_epoch" not in meta:  # a run recorded before it was: an --epochs limit is checked only now
             refuse_reached_limit(run, tcfg, steps_per_epoch, LIMIT_FLAGS)
@@ -375,7 +375,7 @@ def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "a
         return generate_responses(m, tok, [sample_entry], s.style, min(48, s.max_new_tokens), progress=False)[0][
             "model_response"]
 
-    result = fit(net, train_b, val_b, tcfg, run, task=InstructionTask(), tokenizer=tok, resume_state=resume_state, sample_fn=sample,
+    result = train_loop(net, train_b, val_b, tcfg, run, task=InstructionTask(), tokenizer=tok, resume_state=resume_state, sample_fn=sample,
                  save_model=save, progress=progress)
     if lora:
         save_adapter(net, run / "adapter", base_model=s.model)

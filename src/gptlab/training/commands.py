@@ -20,7 +20,7 @@ import yaml
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_write_text
 from gptlab.training.batches import IndexedBatches, RandomWindows, window_batches
-from gptlab.training.loop import TrainConfig, TrainResult, fit
+from gptlab.training.loop import TrainConfig, TrainResult, train_loop
 
 DEFAULT_START = "The"
 
@@ -159,7 +159,7 @@ def run_training(data: str | None = None, *, preset: str = "gpt2-mini", out: str
         out_ids = generate(m, start_ids, sample_tokens, temperature=0.8, top_k=40, seed=0)
         return tok.decode(out_ids[0].tolist())
 
-    result = fit(model, train_b, val_b, tcfg, run, tokenizer=tok, resume_state=resume_state,
+    result = train_loop(model, train_b, val_b, tcfg, run, tokenizer=tok, resume_state=resume_state,
                  sample_fn=sample, progress=progress)
     d = result.diagnosis
     print(f"\nstopped ({result.stopped_because}) at step {result.step}, {result.tokens:,} tokens seen")
