@@ -92,8 +92,9 @@ def _signature(cls: type, positional: Iterable[str] = ()) -> tuple[inspect.Signa
     hints = typing.get_type_hints(cls)
     positional = list(positional)
     kinds = {n: inspect.Parameter.POSITIONAL_OR_KEYWORD for n in positional}
+    base = {f.name for f in dataclasses.fields(RunSettings)}  # the shared flags come after the recipe's own
     fields = sorted(dataclasses.fields(cls), key=lambda f: positional.index(f.name) if f.name in positional
-                    else len(positional))
+                    else len(positional) + (f.name in base))
     params = [inspect.Parameter(f.name, kinds.get(f.name, inspect.Parameter.KEYWORD_ONLY if positional else
                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD),
                                 default=_default(f), annotation=hints[f.name]) for f in fields]
