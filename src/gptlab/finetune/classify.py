@@ -377,14 +377,10 @@ class Classification:
         return metrics
 
 
-def _run(s: ClassifySettings) -> dict:
-    return run_recipe(Classification(), s)
-
-
-finetune_classifier = api(ClassifySettings, _run, name="finetune_classifier", positional=("model", "data", "out"),
+finetune_classifier = api(ClassifySettings, lambda s: run_recipe(Classification(), s), name="finetune_classifier", positional=("model", "data", "out"),
                           returns=dict, summary="Fine-tune ``model`` as a classifier on ``data``; returns the "
                           "metrics written to ``OUT/metrics.json`` (see :class:`ClassifySettings`).")
-classify_command = command(ClassifySettings, _run, name="classify_command")
+classify_command = command(ClassifySettings, lambda s: run_recipe(Classification(), s), name="classify_command")
 
 
 def predict_command(model: str, text: str, device: str = "auto") -> int:

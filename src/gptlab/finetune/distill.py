@@ -323,11 +323,7 @@ class Distillation:
         return result
 
 
-def _run(s: DistillSettings):
-    return run_recipe(Distillation(), s)
-
-
-distill = api(DistillSettings, _run, name="distill", positional=("teacher", "student", "data", "out"),
+distill = api(DistillSettings, lambda s: run_recipe(Distillation(), s), name="distill", positional=("teacher", "student", "data", "out"),
               summary="Distil ``teacher`` into ``student``; returns the :class:`TrainResult` "
               "(see :class:`DistillSettings`).")
-distill_command = command(DistillSettings, _run, name="distill_command")
+distill_command = command(DistillSettings, lambda s: run_recipe(Distillation(), s), name="distill_command")

@@ -435,11 +435,7 @@ class InstructionTuning:
         return summary
 
 
-def _run(s: InstructSettings) -> dict:
-    return run_recipe(InstructionTuning(), s)
-
-
-finetune_instruct = api(InstructSettings, _run, name="finetune_instruct", positional=("model", "data", "out"),
+finetune_instruct = api(InstructSettings, lambda s: run_recipe(InstructionTuning(), s), name="finetune_instruct", positional=("model", "data", "out"),
                         returns=dict, summary="Instruction-tune ``model`` on ``data``; returns a summary "
                         "(see :class:`InstructSettings`).")
-instruct_command = command(InstructSettings, _run, name="instruct_command")
+instruct_command = command(InstructSettings, lambda s: run_recipe(InstructionTuning(), s), name="instruct_command")
