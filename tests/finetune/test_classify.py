@@ -7,8 +7,9 @@ import torch
 
 from gptlab.cli import run as cli_run
 from gptlab.errors import GptlabError
-from gptlab.finetune.classify import (ClassificationTask, balance, classification_batches, finetune_classifier,
-                                      load_classifier, load_labeled, make_splits, predict, read_labeled)
+from gptlab.finetune.classify import (ClassificationTask, classification_batches, finetune_classifier,
+                                      load_classifier, predict)
+from gptlab.finetune.labeled import balance, load_labeled, make_splits, read_labeled
 from gptlab.finetune.surgery import apply_freezing, head_name, replace_output_head
 from ft_helpers import tiny_gpt2, tiny_llama
 
@@ -322,7 +323,7 @@ def test_resume_from_another_directory_with_relative_paths(tmp_path, base_dir, s
     works from any working directory."""
     import shutil
 
-    from gptlab.finetune.common import recorded_ref
+    from gptlab.training.settings import recorded_ref
 
     work = tmp_path / "work"
     shutil.copytree(base_dir, work / "base")

@@ -187,3 +187,25 @@ def test_local_paths_are_recorded_absolute(tmp_path, base_dir, instructions_path
                       max_new_tokens=1, max_test=1, precision="fp32", device="cpu", progress=False)
     s = json.loads((tmp_path / "run" / "instruct_config.json").read_text())["settings"]
     assert (s["model"], s["data"]) == (str(tmp_path / "base"), str(tmp_path / "small.json"))
+
+
+def test_overwrite_with_a_bad_data_path_leaves_the_old_run_whole(tmp_path, base_dir, instructions_path, capsys):
+    """Issue 16: `finetune instruct --overwrite` used to delete the old run before checking --data."""
+    import hashlib
+
+    data = _small_data(tmp_path, instructions_path, n=20)
+    finetune_instruct(str(base_dir), str(data), tmp_path / "run", max_steps=1, batch_size=4, allowed_max_length=32,
+                      eval_iters=1, trainable="last-1", max_new_tokens=1, max_test=1, precision="fp32", device="cpu",
+                      progress=False)
+
+    def digest():
+        return hashlib.sha256(b"".join(p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file())
+                              ).hexdigest()
+
+    before = digest()
+    from gptlab.cli import run as cli_run
+
+    assert cli_run(["finetune", "instruct", "--model", str(base_dir), "--data", str(tmp_path / "typo.json"),
+                    "--out", str(tmp_path / "run"), "--overwrite"]) == 1
+    assert "instruction data" in capsys.readouterr().err
+    assert digest() == before

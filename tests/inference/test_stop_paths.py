@@ -64,7 +64,7 @@ def test_generate_stops_at_end_of_turn(tok, monkeypatch, capsys):
 
     model = _model(tok)
     monkeypatch.setattr("gptlab.weights.load_model", lambda ref, dtype=None, device=None: model)
-    monkeypatch.setattr(opening, "load_tokenizer_of", lambda ref: tok)
+    monkeypatch.setattr(opening, "load_tokenizer", lambda ref: tok)
     assert generate_command("scripted", prompt=QUESTION, max_new_tokens=20, temperature=0.0, device="cpu",
                             stream=False) == 0
     assert capsys.readouterr().out == QUESTION + "Paris\n"

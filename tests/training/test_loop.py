@@ -9,7 +9,7 @@ import torch
 
 from gptlab.errors import GptlabError
 from gptlab.models import build_model, get_preset
-from gptlab.training import LanguageModeling, TrainConfig, TrainingDiverged, fit, window_batches
+from gptlab.training import LanguageModeling, TrainConfig, TrainingDiverged, train_loop, window_batches
 from gptlab.training.checkpoint import latest_checkpoint, load_checkpoint
 from gptlab.weights.native import load_model_dir
 
@@ -51,17 +51,17 @@ class _InterruptAt(LanguageModeling):
 @pytest.mark.parametrize("interrupt_at", [9, 10])
 def test_resume_is_bitwise_equal_to_uninterrupted(tmp_path, interrupt_at):
     model, train, val = _setup()
-    full = fit(model, train, val, _cfg(), tmp_path / "full", progress=False)
+    full = train_loop(model, train, val, _cfg(), tmp_path / "full", progress=False)
 
     model2, train2, val2 = _setup()
-    part = fit(model2, train2, val2, _cfg(grad_accum=1), tmp_path / "part", task=_InterruptAt(interrupt_at),
+    part = train_loop(model2, train2, val2, _cfg(grad_accum=1), tmp_path / "part", task=_InterruptAt(interrupt_at),
                progress=False)
     assert part.stopped_because == "interrupted"
     torch.rand(100)  # disturb the global RNG: resume must restore it
     ck = latest_checkpoint(tmp_path / "part")
     model3, state = load_checkpoint(ck, "cpu")
     assert state["step"] == interrupt_at - 1
-    resumed = fit(model3, train2, val2, _cfg(), tmp_path / "part", resume_state=state, progress=False)
+    resumed = train_loop(model3, train2, val2, _cfg(), tmp_path / "part", resume_state=state, progress=False)
 
     a = [(r["step"], r["tokens"], r["train_loss"], r["val_loss"]) for r in full.records]
     b = [(r["step"], r["tokens"], r["train_loss"], r["val_loss"]) for r in resumed.records]
@@ -72,7 +72,7 @@ def test_resume_is_bitwise_equal_to_uninterrupted(tmp_path, interrupt_at):
 
 def test_run_directory_contents(tmp_path):
     model, train, val = _setup()
-    res = fit(model, train, val, _cfg(), tmp_path, sample_fn=lambda m: "hello", progress=False)
+    res = train_loop(model, train, val, _cfg(), tmp_path, sample_fn=lambda m: "hello", progress=False)
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [4, 8, 12]
     for r in lines:
@@ -111,7 +111,7 @@ def test_time_limit_between_evaluations_evaluates_the_final_state(tmp_path, monk
     clock = _Clock()
     monkeypatch.setattr(loop, "time", clock)
     model, train, val = _setup()
-    res = fit(model, train, val, _cfg(max_steps=None, max_time=5.5), tmp_path, task=_TicksPerBatch(clock),
+    res = train_loop(model, train, val, _cfg(max_steps=None, max_time=5.5), tmp_path, task=_TicksPerBatch(clock),
               sample_fn=lambda m: "hello", progress=False)
     assert res.stopped_because == "max_time" and res.step == 6  # stopped between the evaluations at 4 and 8
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -128,7 +128,7 @@ def test_time_limit_before_the_first_evaluation_still_writes_metrics(tmp_path, m
     clock = _Clock()
     monkeypatch.setattr(loop, "time", clock)
     model, train, val = _setup()
-    res = fit(model, train, val, _cfg(max_steps=None, max_time=2.5), tmp_path, task=_TicksPerBatch(clock),
+    res = train_loop(model, train, val, _cfg(max_steps=None, max_time=2.5), tmp_path, task=_TicksPerBatch(clock),
               sample_fn=lambda m: "hello", progress=False)
     assert res.step == 3 and [r["step"] for r in res.records] == [3]
     for name in ("metrics.jsonl", "loss.png", "samples.txt", "model/config.json"):
@@ -145,7 +145,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
             return out * float("nan") if self.n > 6 else out
 
     with pytest.raises(TrainingDiverged, match="loss became nan at step 7.*last good checkpoint"):
-        fit(model, train, val, _cfg(), tmp_path, task=Exploding(), progress=False)
+        train_loop(model, train, val, _cfg(), tmp_path, task=Exploding(), progress=False)
     ck = latest_checkpoint(tmp_path)
     m, state = load_checkpoint(ck, "cpu")
     assert state["step"] == 4
@@ -162,7 +162,7 @@ def test_early_stopping_on_val(tmp_path):
             ValGetsWorse.calls += 1
             return {"loss": float(ValGetsWorse.calls)}  # rises every evaluation
 
-    res = fit(model, train, val, _cfg(max_steps=40, patience=2), tmp_path, task=ValGetsWorse(), progress=False)
+    res = train_loop(model, train, val, _cfg(max_steps=40, patience=2), tmp_path, task=ValGetsWorse(), progress=False)
     assert res.stopped_because == "early_stopping"
     assert res.best_step == 4 and res.step == 12
 
@@ -174,8 +174,8 @@ def test_gradient_accumulation_matches_big_batch(tmp_path):
     tokens = np.arange(2000) % 50
     t4 = window_batches(tokens, 16, 16, batch_size=4, seed=3, shuffle=False)
     t2 = window_batches(tokens, 16, 16, batch_size=2, seed=3, shuffle=False)
-    fit(m1, t4, None, _cfg(max_steps=3, eval_every=3), tmp_path / "a", progress=False)
-    fit(m2, t2, None, _cfg(max_steps=3, eval_every=3, grad_accum=2), tmp_path / "b", progress=False)
+    train_loop(m1, t4, None, _cfg(max_steps=3, eval_every=3), tmp_path / "a", progress=False)
+    train_loop(m2, t2, None, _cfg(max_steps=3, eval_every=3, grad_accum=2), tmp_path / "b", progress=False)
     for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), k
 

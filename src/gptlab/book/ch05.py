@@ -8,7 +8,7 @@ state, no gradient clipping, no learning-rate schedule in
 ``train_model_simple``), so a seeded notebook prints the course's numbers.
 The full-strength equivalents add what a real run needs:
 
-    train_model_simple  ->  gptlab.training.loop.fit / ``gptlab train``
+    train_model_simple  ->  gptlab.training.loop.train_loop / ``gptlab train``
                             (warmup + cosine schedule, clipping, mixed precision,
                             checkpoints with exact resume, early stopping)
     generate            ->  gptlab.generate (KV cache, top-p / min-p, seeds,
@@ -103,7 +103,7 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
     Every ``eval_freq`` optimizer steps it evaluates ``eval_iter`` batches of each
     loader and prints ``Ep E (Step NNNNNN): Train loss ..., Val loss ...``; after
     each epoch it prints a greedy sample from ``start_context``.
-    Full strength: ``gptlab.training.loop.fit`` (``gptlab train``).
+    Full strength: ``gptlab.training.loop.train_loop`` (``gptlab train``).
     """
     if eval_freq < 1 or eval_iter < 1:
         raise GptlabError(f"eval_freq={eval_freq} and eval_iter={eval_iter} must both be >= 1")

@@ -1,4 +1,4 @@
-"""Fine-tuning recipes, each a plug-in to the one training loop (:func:`gptlab.training.fit`).
+"""Fine-tuning recipes, each a plug-in to the one training loop (:func:`gptlab.training.train_loop`).
 
     classify.py   an n-class classifier on the last token (the course's chapter 6)
     instruct.py   instruction tuning with prompt masking (chapter 7)

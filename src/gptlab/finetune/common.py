@@ -1,13 +1,13 @@
-"""What the fine-tuning recipes share: loading a model with its tokenizer, seeded splits, run settings, resuming."""
+"""What the fine-tuning recipes share: loading a model with its tokenizer, records of JSON data, seeded splits,
+restoring a checkpoint. (The run directory and the resume rule are in :mod:`gptlab.training.rundir` and
+:mod:`gptlab.training.settings`.)"""
 
 from __future__ import annotations
 
-import inspect
 import json
 import random
-import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -17,22 +17,13 @@ from gptlab.errors import GptlabError
 T = TypeVar("T")
 
 
-def load_tokenizer_for(ref: str | Path):
-    """The tokenizer that belongs to model ``ref`` (run/model dir, HF dir, .gguf file, Hub id or pkg: ref).
-
-    ``load_tokenizer`` resolves model references with :func:`gptlab.refs.resolve`, as ``load_model`` does.
-    """
-    from gptlab.tokenizers import load_tokenizer
-
-    return load_tokenizer(str(ref))
-
-
 def load_model_and_tokenizer(ref: str | Path, device: torch.device | None = None) -> tuple[nn.Module, object]:
     """Load a pretrained model (fp32 master weights for training) and its tokenizer."""
+    from gptlab.tokenizers import load_tokenizer
     from gptlab.weights import load_model
 
     model = load_model(ref, dtype=torch.float32, device=device)
-    return model, load_tokenizer_for(ref)
+    return model, load_tokenizer(str(ref))
 
 
 def json_records(path: Path, *, jsonl: bool | None = None) -> list[tuple[str, Any]]:
@@ -93,145 +84,6 @@ def split_fractions(items: Sequence[T], fractions: Sequence[float], *, seed: int
         parts.append(items[start:end])
         start = end
     return parts
-
-
-def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Create the run directory, refusing to clobber an earlier run unless ``overwrite``."""
-    run = Path(out)
-    if (run / "checkpoints").exists() or (run / "model").exists():
-        if not overwrite:
-            raise GptlabError(f"{run} already holds a run; pass --resume {run} to continue it, --out NEW_DIR "
-                              "for a new one, or --overwrite to replace it")
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-    return run
-
-
-# ---- resuming -----------------------------------------------------------------------------------
-
-def recorded_ref(ref: str | Path | None, keep: Iterable[str] = ()) -> str | None:
-    """``ref`` as a run records it for ``--resume``: an existing local path made absolute, so the run
-    resumes from any working directory; anything else (a Hub repo id, a preset, a ``pkg:`` reference,
-    one of the names in ``keep``) as typed."""
-    if ref is None:
-        return None
-    text = str(ref)
-    if not text or text.startswith("pkg:") or text in set(keep):
-        return text
-    path = Path(text).expanduser()
-    return str(path.resolve()) if path.exists() else text
-
-
-# The settings file each kind of run records, and the command that resumes it (to name it in errors).
-RUN_CONFIGS = {"classify_config.json": "gptlab finetune classify", "distill_config.json": "gptlab distill",
-               "instruct_config.json": "gptlab finetune instruct", "train_config.yaml": "gptlab train"}
-# Arguments that may differ on --resume: the stopping limit, and how/where this process runs.
-_MAY_CHANGE = {"max_steps", "epochs", "device", "progress", "out", "resume", "overwrite"}
-
-
-def read_run_settings(resume: str | Path, config_name: str, what: str, settings_cls: type[T], *,
-                      overwrite: bool = False) -> tuple[Path, T, dict]:
-    """(run directory, its settings as ``settings_cls``, the whole record) of a run to continue with ``--resume``.
-
-    The record is ``{"settings": ..., "train": ...}`` as the run wrote it to
-    ``config_name``. Every way the path can be wrong is one :class:`GptlabError`
-    saying what to do.
-    """
-    run = Path(resume)
-    if overwrite:
-        raise GptlabError(f"--resume {run} continues that run and --overwrite would delete it; drop one of the two")
-    if not run.is_dir():
-        raise GptlabError(f"--resume {run}: no such directory; give the --out directory of an earlier {what} run")
-    saved = run / config_name
-    if not saved.is_file():
-        other = next((cmd for name, cmd in RUN_CONFIGS.items() if (run / name).is_file()), None)
-        hint = f"it was made by `{other}`; resume it with that command" if other else "check the --resume path"
-        article = "an" if what[:1] in "aeiou" else "a"
-        raise GptlabError(f"{run} is not {article} {what} run (no {config_name}); {hint}")
-    try:
-        meta = json.loads(saved.read_text())
-        if not isinstance(meta.get("train"), dict):
-            raise KeyError("train")
-        settings = settings_cls(**meta["settings"])
-    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-        raise GptlabError(f"{saved} is damaged or from another gptlab version ({type(e).__name__}: {e}); "
-                          "the run cannot be resumed, start a new one with --out") from None
-    return run, settings, meta
-
-
-def refuse_changed_settings(func: Callable, args: dict[str, Any], meta: dict, run: Path) -> None:
-    """With ``--resume`` every setting but the stopping limit comes from the run; refuse one given differently.
-
-    ``args`` are the arguments ``func`` was called with. Only its keyword settings
-    are checked (the positional model/data references are read from the run), and
-    one left at ``func``'s default counts as not given.
-    """
-    recorded = {**meta["train"], **meta["settings"]}
-    params = inspect.signature(func).parameters
-    limits = "/".join(_dash(n) for n in ("max_steps", "epochs") if n in params)
-    for name, value in args.items():
-        if name in _MAY_CHANGE or name not in recorded or name not in params:
-            continue
-        default = params[name].default
-        if default is inspect.Parameter.empty or value is None or value == default:
-            continue
-        if value != recorded[name]:
-            flag = _dash(name)
-            raise GptlabError(f"{flag} {value} differs from the {recorded[name]!r} that {run} was started with; a "
-                              f"resumed run keeps its settings (only {limits} may change): drop {flag}, "
-                              "or start a new run with --out")
-
-
-def _dash(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def checkpoint_step(run: Path) -> int | None:
-    """The step of the run's latest checkpoint, read from its name (``step-000020``) without loading it."""
-    import re
-
-    from gptlab.training.checkpoint import latest_checkpoint
-
-    m = re.fullmatch(r"step-(\d+)", latest_checkpoint(run).name)
-    return int(m.group(1)) if m else None
-
-
-def refuse_reached_limit(run: Path, cfg, steps_per_epoch: int | None, flags: str) -> None:
-    """Refuse to resume a run whose latest checkpoint is already at the (new) stopping limit of ``cfg``.
-
-    Such a resume would train nothing (and classification would re-score every
-    split). ``steps_per_epoch`` (optimizer steps) turns an ``epochs`` limit into
-    steps as :func:`gptlab.training.loop.fit` does; when it is not known yet, an
-    ``epochs`` limit is not checked. ``flags`` names the command's limit flags.
-    """
-    import math
-
-    step = checkpoint_step(run)
-    if step is None:
-        return
-    target = cfg.max_steps
-    if target is None and cfg.epochs is not None and steps_per_epoch:
-        target = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    if target is not None and step >= target:
-        epoch = f" (epoch {round(step / steps_per_epoch, 2):g})" if steps_per_epoch else ""
-        raise GptlabError(f"{run} is already at step {step}{epoch}; give a larger {flags} to continue")
-
-
-def resumed_train_config(recorded: dict[str, Any], *, max_steps: int | None = None, epochs: float | None = None):
-    """The run's recorded :class:`TrainConfig` with only the stopping limit replaced, when a new one is given."""
-    from gptlab.training.loop import TrainConfig
-
-    try:
-        cfg = TrainConfig(**recorded)
-    except TypeError as e:
-        raise GptlabError(f"the recorded training settings do not fit this gptlab version ({e}); "
-                          "the run cannot be resumed, start a new one with --out") from None
-    if max_steps is not None:
-        cfg.max_steps, cfg.epochs = max_steps, None
-    elif epochs is not None:
-        cfg.max_steps, cfg.epochs = None, epochs
-    cfg.validate()
-    return cfg
 
 
 def restore_checkpoint(model: nn.Module, run: Path) -> dict[str, Any]:

@@ -27,7 +27,7 @@ continues it exactly from the latest checkpoint.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +36,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
-from gptlab.fileio import atomic_save, atomic_write_json
+from gptlab.fileio import atomic_save
+from gptlab.finetune.common import load_model_and_tokenizer, restore_checkpoint
 from gptlab.training.batches import Batch
+from gptlab.training.driver import Job, run_recipe
+from gptlab.training.loop import TrainConfig
+from gptlab.training.settings import RunSettings, api, command, from_record, recorded_ref, train_config_from
 
 IGNORE = -100
 CONFIG_FILE = "distill_config.json"  # the run's settings, for --resume
@@ -175,126 +179,7 @@ def _student(student: str, tok, device, context_length: int | None):
 
 
 @dataclass
-class DistillSettings:
-    """What a distillation run records in ``OUT/distill_config.json`` (and ``--resume`` reads back)."""
-
-    teacher: str
-    student: str
-    data: str | None
-    mode: str = "logits"
-    alpha: float = 0.5
-    temperature: float = 2.0
-    context_length: int = 128
-    stride: int | None = None
-    val_ratio: float = 0.1
-    prompts: int = 64
-    gen_tokens: int = 128
-
-
-def _save_tokens(path: Path, ids: np.ndarray) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temp name
-            np.save(f, ids)
-
-    atomic_save(path, write)
-
-
-def distill(teacher: str, student: str, data: str | None, out: str | Path, *, mode: str = "logits",
-            alpha: float = 0.5, temperature: float = 2.0, context_length: int = 128, stride: int | None = None,
-            max_steps: int | None = None,
-            batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 0.1, eval_every: int = 50,
-            eval_iters: int = 10, val_ratio: float = 0.1, prompts: int = 64, gen_tokens: int = 128,
-            resume: str | Path | None = None, precision: str = "auto", device: str = "auto", seed: int = 123,
-            overwrite: bool = False, progress: bool = True):
-    """Distil ``teacher`` into ``student``; returns the :class:`TrainResult` (see :func:`distill_command`).
-
-    ``resume`` continues the run in that directory with its recorded settings
-    (``teacher``, ``student``, ``data`` and ``out`` are then ignored; only
-    ``max_steps`` may change, and the learning-rate schedule follows it).
-    """
-    args = dict(locals())  # as called: a setting changed on --resume is refused, not silently ignored
-    from gptlab.data import load_corpus, split_text
-    from gptlab.device import pick_device
-    from gptlab.finetune.common import (load_model_and_tokenizer, prepare_out_dir, read_run_settings,
-                                        recorded_ref, refuse_changed_settings, refuse_reached_limit,
-                                        restore_checkpoint, resumed_train_config)
-    from gptlab.training.batches import window_batches
-    from gptlab.training.loop import LanguageModeling, TrainConfig, fit
-
-    TrainConfig(max_steps=max_steps).validate_limits()  # before anything is read
-    dev = pick_device(device)
-    if resume is not None:
-        run, s, meta = read_run_settings(resume, CONFIG_FILE, "distillation", DistillSettings, overwrite=overwrite)
-        refuse_changed_settings(distill, args, meta, run)
-        cfg = resumed_train_config(meta["train"], max_steps=max_steps)
-        refuse_reached_limit(run, cfg, None, "--max-steps")  # before the teacher and student are loaded
-    else:
-        if mode not in ("logits", "sequence"):
-            raise GptlabError(f"mode={mode!r} must be 'logits' (match the teacher's distributions) or 'sequence' "
-                              "(train on text the teacher generates)")
-        from gptlab.data.corpus import BUILTIN
-        from gptlab.data.download import DATASETS
-        from gptlab.models.config import list_presets
-
-        s = DistillSettings(teacher=recorded_ref(teacher), student=recorded_ref(student, list_presets()),
-                            data=recorded_ref(data, [BUILTIN, *DATASETS]),
-                            mode=mode, alpha=alpha, temperature=temperature, context_length=context_length,
-                            stride=stride, val_ratio=val_ratio, prompts=prompts, gen_tokens=gen_tokens)
-        cfg = TrainConfig(max_steps=DEFAULT_STEPS if max_steps is None else max_steps, batch_size=batch_size, lr=lr,
-                          weight_decay=weight_decay, eval_every=eval_every, eval_iters=eval_iters,
-                          precision=precision, seed=seed, device=str(dev))
-        cfg.validate()
-    torch.manual_seed(cfg.seed)
-    t_model, t_tok = load_model_and_tokenizer(s.teacher, dev)
-    s_model, s_tok = _student(s.student, t_tok, dev, s.context_length)
-    check_same_tokenizer(t_tok, s_tok)
-    if s_model.cfg.vocab_size != t_model.cfg.vocab_size:
-        raise GptlabError(f"teacher vocabulary {t_model.cfg.vocab_size} != student vocabulary "
-                          f"{s_model.cfg.vocab_size}; they must share one tokenizer")
-    L = min(s.context_length, s_model.cfg.context_length, t_model.cfg.context_length)
-    train_text, val_text = split_text(load_corpus(s.data), 1.0 - s.val_ratio)
-    train_ids = np.asarray(t_tok.encode(train_text, allowed_special="none"), dtype=np.int64)
-    val_ids = np.asarray(t_tok.encode(val_text, allowed_special="none"), dtype=np.int64)
-    task = DistillationTask(t_model, s.alpha, s.temperature)
-    if s.mode == "sequence":
-        task = LanguageModeling()
-        if resume is not None:  # the text the teacher wrote when the run started, not a new sample
-            saved = run / TEACHER_TOKENS
-            if not saved.is_file():
-                raise GptlabError(f"{run} has no {TEACHER_TOKENS} (the teacher's generated text) to resume "
-                                  "sequence-level distillation from; start a new run with --out")
-            train_ids = np.load(saved)
-        else:
-            # Prompts: the first tokens of evenly spaced training windows; the teacher writes the rest.
-            starts = np.linspace(0, max(0, len(train_ids) - 16), num=s.prompts).astype(int)
-            train_ids = teacher_corpus(t_model, t_tok, [train_ids[i:i + 8].tolist() for i in starts],
-                                       min(s.gen_tokens, t_model.cfg.context_length - 8), seed=cfg.seed)
-    resume_state = None
-    if resume is not None:
-        resume_state = restore_checkpoint(s_model, run)
-    else:
-        run = prepare_out_dir(out, overwrite)
-        if s.mode == "sequence":
-            _save_tokens(run / TEACHER_TOKENS, train_ids)
-        atomic_write_json(run / CONFIG_FILE, {"settings": asdict(s), "train": asdict(cfg)})
-    stride = s.stride or L
-    train_b = window_batches(train_ids, L, stride, cfg.batch_size, seed=cfg.seed)
-    val_b = window_batches(val_ids, L, stride, cfg.batch_size, shuffle=False, drop_last=False, what="validation") \
-        if len(val_ids) > L else None
-    print(f"distilling ({s.mode}) {s.teacher} -> {s.student}: student "
-          f"{s_model.cfg.param_counts()['total'] / 1e6:.2f}M parameters, {len(train_ids):,} training tokens, "
-          f"alpha {s.alpha}, T {s.temperature}", flush=True)
-    return fit(s_model, train_b, val_b, cfg, run, task=task, tokenizer=t_tok, resume_state=resume_state,
-               progress=progress)
-
-
-def distill_command(teacher: str | None = None, student: str | None = None, data: str | None = None,
-                    out: str = "runs/distill", mode: str = "logits", alpha: float = 0.5, temperature: float = 2.0,
-                    context_length: int = 128, stride: int | None = None, max_steps: int | None = None,
-                    batch_size: int = 8, lr: float = 1e-3,
-                    weight_decay: float = 0.1, eval_every: int = 50, eval_iters: int = 10, val_ratio: float = 0.1,
-                    prompts: int = 64, gen_tokens: int = 128, resume: str | None = None, precision: str = "auto",
-                    device: str = "auto", seed: int = 123, overwrite: bool = False, progress: bool = True) -> int:
+class DistillSettings(RunSettings):
     """Knowledge distillation: train a small student on a teacher's predictions (or generated text).
 
     Logit mode minimises (1 - alpha) * CE(student, labels) + alpha * T^2 *
@@ -303,11 +188,10 @@ def distill_command(teacher: str | None = None, student: str | None = None, data
     student must share the tokenizer. OUT/distill_config.json records the run's
     settings, which --resume reads back.
 
-    Args:
+    Attributes:
         teacher: the teacher model: run/model dir, Hugging Face dir, .gguf file or pkg:PACKAGE/PATH.
         student: a pretrained student REF, or a preset name (e.g. llama-micro) built fresh with the teacher's vocabulary.
         data: the text corpus: a file, a directory of .txt files, or a named corpus (the-verdict, tinyshakespeare).
-        out: run directory to create.
         mode: logits (word-level distillation) or sequence (the teacher generates the training text).
         alpha: weight of the teacher term (0 = ordinary training, 1 = teacher only).
         temperature: softening temperature T of both distributions.
@@ -324,20 +208,126 @@ def distill_command(teacher: str | None = None, student: str | None = None, data
         gen_tokens: sequence mode: tokens generated per prompt.
         resume: continue the run in this directory from its latest checkpoint, with the settings it was
             started with (only --max-steps, the new total, may change; the schedule follows it).
-        precision: auto (bf16 where fast), fp32, bf16 or fp16.
-        device: auto, cpu, cuda or mps.
-        seed: random seed.
-        overwrite: replace an existing run in --out.
-        progress: show a progress bar.
     """
-    if not resume and (not teacher or not student):
-        raise GptlabError("give --teacher REF and --student REF|PRESET (e.g. --student llama-micro), "
-                          "or --resume RUN_DIR")
-    r = distill(teacher or "", student or "", data, out, mode=mode, alpha=alpha, temperature=temperature,
-                context_length=context_length, stride=stride, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                weight_decay=weight_decay, eval_every=eval_every, eval_iters=eval_iters, val_ratio=val_ratio,
-                prompts=prompts, gen_tokens=gen_tokens, resume=resume, precision=precision, device=device,
-                seed=seed, overwrite=overwrite, progress=progress)
-    if r.best_val_loss is not None:
-        print(f"best student val loss {r.best_val_loss:.3f} at step {r.best_step} (saved in {resume or out}/model)")
-    return 0
+
+    teacher: str | None = None
+    student: str | None = None
+    data: str | None = None
+    out: str = "runs/distill"
+    mode: str = "logits"
+    alpha: float = 0.5
+    temperature: float = 2.0
+    context_length: int = 128
+    stride: int | None = None
+    max_steps: int | None = None
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    eval_every: int = 50
+    eval_iters: int = 10
+    val_ratio: float = 0.1
+    prompts: int = 64
+    gen_tokens: int = 128
+
+
+RECORDED = ("teacher", "student", "data", "mode", "alpha", "temperature", "context_length", "stride", "val_ratio",
+            "prompts", "gen_tokens")
+
+
+def _save_tokens(path: Path, ids: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temp name
+            np.save(f, ids)
+
+    atomic_save(path, write)
+
+
+def _sequence_data(s: DistillSettings, t_model, t_tok, train_ids: np.ndarray, seed: int, resuming) -> np.ndarray:
+    """Sequence mode's training tokens: the teacher's text saved when the run started, or a new sample."""
+    if resuming is not None:  # the text the teacher wrote when the run started, not a new sample
+        saved = resuming.path / TEACHER_TOKENS
+        if not saved.is_file():
+            raise GptlabError(f"{resuming.path} has no {TEACHER_TOKENS} (the teacher's generated text) to resume "
+                              "sequence-level distillation from; start a new run with --out")
+        return np.load(saved)
+    # Prompts: the first tokens of evenly spaced training windows; the teacher writes the rest.
+    starts = np.linspace(0, max(0, len(train_ids) - 16), num=s.prompts).astype(int)
+    return teacher_corpus(t_model, t_tok, [train_ids[i:i + 8].tolist() for i in starts],
+                          min(s.gen_tokens, t_model.cfg.context_length - 8), seed=seed)
+
+
+class Distillation:
+    """The distillation recipe (see the module docstring)."""
+
+    config_file, what, limits = CONFIG_FILE, "distillation", ("max_steps",)
+
+    @property
+    def refs(self) -> dict:
+        from gptlab.data.corpus import BUILTIN
+        from gptlab.data.download import DATASETS
+        from gptlab.models.config import list_presets
+
+        return {"teacher": (), "student": tuple(list_presets()), "data": (BUILTIN, *DATASETS)}
+
+    def check(self, s: DistillSettings) -> None:
+        if not s.teacher or not s.student:
+            raise GptlabError("give --teacher REF and --student REF|PRESET (e.g. --student llama-micro), "
+                              "or --resume RUN_DIR")
+        if s.mode not in ("logits", "sequence"):
+            raise GptlabError(f"mode={s.mode!r} must be 'logits' (match the teacher's distributions) or 'sequence' "
+                              "(train on text the teacher generates)")
+
+    def train_config(self, s: DistillSettings, device) -> TrainConfig:
+        return train_config_from(s, max_steps=DEFAULT_STEPS if s.max_steps is None else s.max_steps, device=str(device))
+
+    def record(self, s: DistillSettings) -> dict:
+        refs = self.refs
+        return {k: getattr(s, k) for k in RECORDED} | {k: recorded_ref(getattr(s, k), refs[k]) for k in refs}
+
+    def from_record(self, meta: dict, s: DistillSettings) -> DistillSettings:
+        return from_record(DistillSettings, meta, s)
+
+    def build(self, s: DistillSettings, cfg: TrainConfig, dev, resuming, steps_known) -> Job:
+        from gptlab.data import load_corpus, split_text
+        from gptlab.training.batches import window_batches
+        from gptlab.training.loop import LanguageModeling
+
+        if resuming is None:
+            s = replace(s, **self.record(s))
+        torch.manual_seed(cfg.seed)
+        t_model, t_tok = load_model_and_tokenizer(s.teacher, dev)
+        s_model, s_tok = _student(s.student, t_tok, dev, s.context_length)
+        check_same_tokenizer(t_tok, s_tok)
+        if s_model.cfg.vocab_size != t_model.cfg.vocab_size:
+            raise GptlabError(f"teacher vocabulary {t_model.cfg.vocab_size} != student vocabulary "
+                              f"{s_model.cfg.vocab_size}; they must share one tokenizer")
+        L = min(s.context_length, s_model.cfg.context_length, t_model.cfg.context_length)
+        train_text, val_text = split_text(load_corpus(s.data), 1.0 - s.val_ratio)
+        train_ids = np.asarray(t_tok.encode(train_text, allowed_special="none"), dtype=np.int64)
+        val_ids = np.asarray(t_tok.encode(val_text, allowed_special="none"), dtype=np.int64)
+        task = DistillationTask(t_model, s.alpha, s.temperature)
+        files = {}
+        if s.mode == "sequence":
+            task = LanguageModeling()
+            train_ids = _sequence_data(s, t_model, t_tok, train_ids, cfg.seed, resuming)
+            files[TEACHER_TOKENS] = lambda p, ids=train_ids: _save_tokens(p, ids)
+        resume_state = restore_checkpoint(s_model, resuming.path) if resuming is not None else None
+        stride = s.stride or L
+        train_b = window_batches(train_ids, L, stride, cfg.batch_size, seed=cfg.seed)
+        val_b = window_batches(val_ids, L, stride, cfg.batch_size, shuffle=False, drop_last=False, what="validation") \
+            if len(val_ids) > L else None
+        print(f"distilling ({s.mode}) {s.teacher} -> {s.student}: student "
+              f"{s_model.cfg.param_counts()['total'] / 1e6:.2f}M parameters, {len(train_ids):,} training tokens, "
+              f"alpha {s.alpha}, T {s.temperature}", flush=True)
+        return Job(s_model, train_b, val_b, task, t_tok, resume_state=resume_state, files=files)
+
+    def report(self, s: DistillSettings, cfg: TrainConfig, job: Job, result, run: Path):
+        if result.best_val_loss is not None:
+            print(f"best student val loss {result.best_val_loss:.3f} at step {result.best_step} (saved in {run}/model)")
+        return result
+
+
+distill = api(DistillSettings, lambda s: run_recipe(Distillation(), s), name="distill", positional=("teacher", "student", "data", "out"),
+              summary="Distil ``teacher`` into ``student``; returns the :class:`TrainResult` "
+              "(see :class:`DistillSettings`).")
+distill_command = command(DistillSettings, lambda s: run_recipe(Distillation(), s), name="distill_command")

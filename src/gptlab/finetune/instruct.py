@@ -10,7 +10,7 @@ Recipe:
     -> collate: pad to the batch's longest, targets = inputs shifted by one, padding in the
        targets -> -100 except the first end-of-text, optional masking of the prompt tokens,
        allowed_max_length truncation
-    -> fit() with the ordinary next-token loss (targets of -100 are ignored)
+    -> train_loop() with the ordinary next-token loss (targets of -100 are ignored)
     -> greedy responses for the test split, saved with a ``model_response`` field per entry
        (the course's ``instruction-data-with-response.json``)
 """
@@ -26,17 +26,18 @@ import torch.nn as nn
 
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_write_json, atomic_write_text
-from gptlab.finetune.common import (json_records, load_model_and_tokenizer, pad_id_of, prepare_out_dir,
-                                    recorded_ref, restore_checkpoint, split_fractions)
+from gptlab.finetune.common import json_records, load_model_and_tokenizer, pad_id_of, restore_checkpoint, split_fractions
 from gptlab.tokenizers.chat_template import MODEL_TEMPLATE, PROMPT_STYLES, style_name
 from gptlab.training.batches import Batch, IndexedBatches
+from gptlab.training.driver import Job, run_recipe
+from gptlab.training.loop import TrainConfig
+from gptlab.training.settings import RunSettings, api, command, from_record, recorded_ref, train_config_from
 
 IGNORE = -100
 STYLES = PROMPT_STYLES  # alpaca, phi-3 (alias phi3), chatml, llama-3, chat
 RESPONSES_FILE = "instruction-data-with-response.json"
 CONFIG_FILE = "instruct_config.json"  # the run's settings, for --resume
 DEFAULT_EPOCHS = 2
-LIMIT_FLAGS = "--max-steps/--epochs"  # the stopping limits a resumed run may change
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -185,7 +186,7 @@ def collate(items: list[list[int]], *, pad_id: int, eos_id: int | None = None, i
 def instruction_batches(encoded: list[tuple[list[int], int]], batch_size: int, *, pad_id: int, eos_id: int,
                         allowed_max_length: int | None, mask_prompt: bool, shuffle: bool, drop_last: bool,
                         seed: int = 0) -> IndexedBatches:
-    """Batch source for :func:`gptlab.training.fit` over encoded (ids, prompt_length) examples."""
+    """Batch source for :func:`gptlab.training.train_loop` over encoded (ids, prompt_length) examples."""
 
     def fetch(idx: torch.Tensor) -> Batch:
         rows = [encoded[i] for i in idx.tolist()]
@@ -249,164 +250,17 @@ def generate_responses(model: nn.Module, tok, entries: list[dict], style: str = 
 # ---- the whole run -----------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class InstructSettings:
-    """What an instruction run records in ``OUT/instruct_config.json`` (and ``--resume`` reads back)."""
-
-    model: str
-    data: str
-    style: str = "alpaca"
-    trainable: str = "last-4"
-    mask_prompt: bool = False
-    allowed_max_length: int = 256
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["all-linear"])
-    max_new_tokens: int = 128
-    max_test: int | None = None
-
-
-def finetune_instruct(model: str, data: str, out: str | Path, *, style: str = "alpaca", trainable: str = "last-4",
-                      mask_prompt: bool = False, allowed_max_length: int = 256, epochs: float | None = None,
-                      max_steps: int | None = None, batch_size: int = 8, lr: float = 5e-5,
-                      weight_decay: float = 0.1, eval_every: int | None = None, eval_iters: int = 5,
-                      lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
-                      lora_targets: list[str] | None = None, max_new_tokens: int = 128, max_test: int | None = None,
-                      resume: str | Path | None = None, precision: str = "auto", device: str = "auto",
-                      seed: int = 123, overwrite: bool = False, progress: bool = True) -> dict:
-    """Instruction-tune ``model`` on ``data``; returns a summary (see :func:`instruct_command`).
-
-    ``resume`` continues the run in that directory with its recorded settings
-    (``model``, ``data`` and ``out`` are then ignored; only ``epochs``/``max_steps`` may change).
-    """
-    args = dict(locals())  # as called: a setting changed on --resume is refused, not silently ignored
-    from gptlab.device import pick_device
-    from gptlab.finetune.common import (read_run_settings, refuse_changed_settings,
-                                        refuse_reached_limit, resumed_train_config)
-    from gptlab.finetune.lora import LoraConfig, add_lora, merged_copy, save_adapter
-    from gptlab.finetune.surgery import apply_freezing
-    from gptlab.training.loop import TrainConfig, fit
-    from gptlab.weights.native import save_model_dir
-
-    TrainConfig(max_steps=max_steps, epochs=epochs).validate_limits()  # before anything is read
-    style = args["style"] = style_name(style)
-    dev = pick_device(device)
-    resume_state = None
-    if resume is not None:
-        run, s, meta = read_run_settings(resume, CONFIG_FILE, "instruction", InstructSettings, overwrite=overwrite)
-        s.style = meta["settings"]["style"] = style_name(s.style)  # runs recorded "phi3" before it became phi-3
-        refuse_changed_settings(finetune_instruct, args, meta, run)
-        tcfg = resumed_train_config(meta["train"], max_steps=max_steps, epochs=epochs)
-        refuse_reached_limit(run, tcfg, meta.get("steps_per_epoch"), LIMIT_FLAGS)
-    else:
-        from gptlab.refs import resolve
-
-        resolve(model)  # a wrong model reference fails now, not after the data is prepared
-        s = InstructSettings(model=recorded_ref(model), data=recorded_ref(data, ["instruction-data"]), style=style,
-                             trainable=trainable, mask_prompt=mask_prompt, allowed_max_length=allowed_max_length,
-                             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                             lora_targets=list(lora_targets or ["all-linear"]), max_new_tokens=max_new_tokens,
-                             max_test=max_test)
-        tcfg = TrainConfig(epochs=None if max_steps else (DEFAULT_EPOCHS if epochs is None else epochs),
-                           max_steps=max_steps, batch_size=batch_size, lr=lr,
-                           weight_decay=weight_decay, eval_every=eval_every or 50, eval_iters=eval_iters,
-                           warmup_steps=0, min_lr=lr, precision=precision, seed=seed, device=str(dev))
-        tcfg.validate()
-        run = prepare_out_dir(out, overwrite)
-
-    entries = load_instruction_data(s.data)
-    train, test, val = course_split(entries)
-    if len(train) < tcfg.batch_size:
-        raise GptlabError(f"only {len(train)} training entries for batch_size={tcfg.batch_size}; "
-                          "give more data or a smaller batch size")
-    torch.manual_seed(tcfg.seed)
-    net, tok = load_model_and_tokenizer(s.model, dev)
-    pad = pad_id_of(tok)
-    eos = tok.eos_id if tok.eos_id is not None else pad
-    limit = min(s.allowed_max_length, net.cfg.context_length)
-    enc = {k: [encode_example(tok, e, s.style) for e in part] for k, part in (("train", train), ("val", val))}
-    if s.mask_prompt:  # an example whose prompt fills the whole window would teach nothing
-        for k in enc:
-            kept = [e for e in enc[k] if e[1] < limit]
-            if len(kept) < len(enc[k]):
-                print(f"note: {len(enc[k]) - len(kept)} {k} examples dropped: their prompt alone reaches "
-                      f"allowed_max_length={limit}", flush=True)
-            enc[k] = kept
-        if not enc["train"]:
-            raise GptlabError(f"every training prompt is at least allowed_max_length={limit} tokens long, so "
-                              "nothing is left to learn; raise --allowed_max_length or drop --mask_prompt")
-    lora = s.trainable.strip().lower() == "lora"
-    if lora:
-        add_lora(net, LoraConfig(rank=s.lora_rank, alpha=s.lora_alpha, dropout=s.lora_dropout, targets=s.lora_targets))
-    counts = apply_freezing(net, s.trainable)
-    net.to(dev)
-    kw = dict(pad_id=pad, eos_id=eos, allowed_max_length=limit, mask_prompt=s.mask_prompt)
-    train_b = instruction_batches(enc["train"], tcfg.batch_size, shuffle=True, drop_last=True, seed=tcfg.seed, **kw)
-    steps_per_epoch = max(1, len(train_b) // tcfg.grad_accum)  # as fit() counts them
-    if resume is not None:
-        if "steps_per_epoch" not in meta:  # a run recorded before it was: an --epochs limit is checked only now
-            refuse_reached_limit(run, tcfg, steps_per_epoch, LIMIT_FLAGS)
-        resume_state = restore_checkpoint(net, run)
-    else:
-        if eval_every is None:
-            tcfg.eval_every = max(1, len(train) // tcfg.batch_size // 2)  # twice per epoch
-        atomic_write_json(run / CONFIG_FILE, {"settings": dataclasses.asdict(s), "train": dataclasses.asdict(tcfg),
-                                              "steps_per_epoch": steps_per_epoch})
-    val_b = instruction_batches(enc["val"], tcfg.batch_size, shuffle=False, drop_last=False, **kw) if enc["val"] else None
-    print(f"data: {len(train)} train / {len(test)} test / {len(val)} val entries, style {s.style}"
-          f"{', prompt masked' if s.mask_prompt else ''}; model: {counts['trainable'] / 1e6:.2f}M of "
-          f"{counts['total'] / 1e6:.2f}M parameters train ({s.trainable}); device {dev}", flush=True)
-
-    def save(m: nn.Module, d: Path) -> None:
-        save_model_dir(merged_copy(m) if lora else m, d, tok)
-        if lora:
-            save_adapter(m, d / "adapter", base_model=s.model)
-
-    sample_entry = (val or test or train)[0]
-
-    def sample(m: nn.Module) -> str:
-        return generate_responses(m, tok, [sample_entry], s.style, min(48, s.max_new_tokens), progress=False)[0][
-            "model_response"]
-
-    result = fit(net, train_b, val_b, tcfg, run, task=InstructionTask(), tokenizer=tok, resume_state=resume_state, sample_fn=sample,
-                 save_model=save, progress=progress)
-    if lora:
-        save_adapter(net, run / "adapter", base_model=s.model)
-    from gptlab.weights import load_model
-
-    best = load_model(run / "model", device=dev)  # best by validation loss
-    todo = test if s.max_test is None else test[:s.max_test]
-    responses = generate_responses(best, tok, todo, s.style, s.max_new_tokens, progress=progress)
-    atomic_write_text(run / RESPONSES_FILE, json.dumps(responses, indent=4, ensure_ascii=False))
-    summary = {"steps": result.step, "best_val_loss": result.best_val_loss, "best_step": result.best_step,
-               "n_train": len(train), "n_test": len(test), "n_val": len(val), "responses": str(run / RESPONSES_FILE)}
-    atomic_write_json(run / "summary.json", summary)
-    print(f"stopped ({result.stopped_because}) at step {result.step}; best val loss "
-          f"{result.best_val_loss if result.best_val_loss is None else round(result.best_val_loss, 3)}; "
-          f"{len(responses)} test responses in {run / RESPONSES_FILE}", flush=True)
-    print(f"next: gptlab judge --responses {run / RESPONSES_FILE} --judge REF_OR_URL", flush=True)
-    return summary
-
-
-def instruct_command(model: str | None = None, data: str = "instruction-data", out: str = "runs/instruct",
-                     style: str = "alpaca", trainable: str = "last-4", mask_prompt: bool = False,
-                     allowed_max_length: int = 256, epochs: float | None = None, max_steps: int | None = None,
-                     batch_size: int = 8, lr: float = 5e-5, weight_decay: float = 0.1, eval_every: int | None = None,
-                     eval_iters: int = 5, lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
-                     lora_targets: list[str] | None = None, max_new_tokens: int = 128, max_test: int | None = None,
-                     resume: str | None = None, precision: str = "auto", device: str = "auto", seed: int = 123,
-                     overwrite: bool = False, progress: bool = True) -> int:
+class InstructSettings(RunSettings):
     """Instruction fine-tuning (Alpaca / Phi-3 / the model's chat template), then test-set responses.
 
     Writes OUT/model (best by validation loss; LoRA adapters merged, and also saved
     alone in OUT/adapter in the peft format), OUT/instruction-data-with-response.json
     (the test entries with a model_response field), metrics.jsonl and loss.png.
 
-    Args:
+    Attributes:
         model: pretrained model: run/model dir, Hugging Face dir, .gguf file or pkg:PACKAGE/PATH.
         data: instruction-data (downloaded, checksummed), or a JSON/JSONL file of
             {instruction, input, output} or {messages: [...]} records.
-        out: run directory to create.
         style: prompt style: alpaca, phi-3 (alias phi3), chatml, llama-3, or chat (the model's own chat
             template); `gptlab chat --style` renders the same formats.
         trainable: what trains: last-N (last N blocks + final norm + head), head, all, or lora.
@@ -427,18 +281,154 @@ def instruct_command(model: str | None = None, data: str = "instruction-data", o
         max_test: generate responses for only the first N test entries.
         resume: continue the run in this directory from its latest checkpoint, with the settings it was
             started with (only --epochs or --max-steps, the new total, may change).
-        precision: auto (bf16 where fast), fp32, bf16 or fp16.
-        device: auto, cpu, cuda or mps.
-        seed: random seed.
-        overwrite: replace an existing run in --out.
         progress: show progress bars.
     """
-    if not model and not resume:
-        raise GptlabError("give the pretrained model to start from: --model REF (or --resume RUN_DIR)")
-    finetune_instruct(model or "", data, out, style=style, trainable=trainable, mask_prompt=mask_prompt,
-                      allowed_max_length=allowed_max_length, epochs=epochs, max_steps=max_steps,
-                      batch_size=batch_size, lr=lr, weight_decay=weight_decay, eval_every=eval_every,
-                      eval_iters=eval_iters, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                      lora_targets=lora_targets, max_new_tokens=max_new_tokens, max_test=max_test, resume=resume,
-                      precision=precision, device=device, seed=seed, overwrite=overwrite, progress=progress)
-    return 0
+
+    model: str | None = None
+    data: str = "instruction-data"
+    out: str = "runs/instruct"
+    style: str = "alpaca"
+    trainable: str = "last-4"
+    mask_prompt: bool = False
+    allowed_max_length: int = 256
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int = 8
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    eval_every: int | None = None
+    eval_iters: int = 5
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None
+    max_new_tokens: int = 128
+    max_test: int | None = None
+
+
+RECORDED = ("model", "data", "style", "trainable", "mask_prompt", "allowed_max_length", "lora_rank", "lora_alpha",
+            "lora_dropout", "lora_targets", "max_new_tokens", "max_test")
+
+
+def _encode(tok, s: InstructSettings, parts: dict[str, list[dict]], limit: int) -> dict[str, list]:
+    """(ids, prompt length) per example; with mask_prompt, examples whose prompt fills the window are dropped."""
+    enc = {k: [encode_example(tok, e, s.style) for e in part] for k, part in parts.items()}
+    if s.mask_prompt:  # an example whose prompt fills the whole window would teach nothing
+        for k in enc:
+            kept = [e for e in enc[k] if e[1] < limit]
+            if len(kept) < len(enc[k]):
+                print(f"note: {len(enc[k]) - len(kept)} {k} examples dropped: their prompt alone reaches "
+                      f"allowed_max_length={limit}", flush=True)
+            enc[k] = kept
+        if not enc["train"]:
+            raise GptlabError(f"every training prompt is at least allowed_max_length={limit} tokens long, so "
+                              "nothing is left to learn; raise --allowed_max_length or drop --mask_prompt")
+    return enc
+
+
+def _saver(tok, lora: bool, base_model: str):
+    from gptlab.finetune.lora import merged_copy, save_adapter
+    from gptlab.weights.native import save_model_dir
+
+    def save(m: nn.Module, d: Path) -> None:
+        save_model_dir(merged_copy(m) if lora else m, d, tok)
+        if lora:
+            save_adapter(m, d / "adapter", base_model=base_model)
+
+    return save
+
+
+class InstructionTuning:
+    """The instruction-tuning recipe (see the module docstring)."""
+
+    config_file, what, limits = CONFIG_FILE, "instruction", ("max_steps", "epochs")
+    refs = {"model": (), "data": ("instruction-data",)}
+
+    def check(self, s: InstructSettings) -> None:
+        if not s.model:
+            raise GptlabError("give the pretrained model to start from: --model REF (or --resume RUN_DIR)")
+        from gptlab.refs import resolve
+
+        resolve(s.model)  # a wrong model reference fails now, not after the data is prepared
+
+    def train_config(self, s: InstructSettings, device) -> TrainConfig:
+        epochs = None if s.max_steps else (DEFAULT_EPOCHS if s.epochs is None else s.epochs)
+        return train_config_from(s, epochs=epochs, eval_every=s.eval_every or 50, warmup_steps=0, min_lr=s.lr,
+                                 device=str(device))
+
+    def record(self, s: InstructSettings) -> dict:
+        return {k: getattr(s, k) for k in RECORDED} | {
+            "model": recorded_ref(s.model), "data": recorded_ref(s.data, ["instruction-data"]),
+            "style": style_name(s.style), "lora_targets": list(s.lora_targets or ["all-linear"])}
+
+    def from_record(self, meta: dict, s: InstructSettings) -> InstructSettings:
+        meta["settings"]["style"] = style_name(meta["settings"]["style"])  # runs recorded "phi3" before phi-3
+        s.style = style_name(s.style)  # compared with the recorded one by the resume rule
+        return from_record(InstructSettings, meta, s)
+
+    def build(self, s: InstructSettings, cfg: TrainConfig, dev, resuming, steps_known) -> Job:
+        from gptlab.finetune.lora import LoraConfig, add_lora
+        from gptlab.finetune.surgery import apply_freezing
+
+        if resuming is None:
+            s = dataclasses.replace(s, **self.record(s))
+        train, test, val = course_split(load_instruction_data(s.data))
+        if len(train) < cfg.batch_size:
+            raise GptlabError(f"only {len(train)} training entries for batch_size={cfg.batch_size}; "
+                              "give more data or a smaller batch size")
+        torch.manual_seed(cfg.seed)
+        net, tok = load_model_and_tokenizer(s.model, dev)
+        pad = pad_id_of(tok)
+        limit = min(s.allowed_max_length, net.cfg.context_length)
+        enc = _encode(tok, s, {"train": train, "val": val}, limit)
+        lora = s.trainable.strip().lower() == "lora"
+        if lora:
+            add_lora(net, LoraConfig(rank=s.lora_rank, alpha=s.lora_alpha, dropout=s.lora_dropout, targets=s.lora_targets))
+        counts = apply_freezing(net, s.trainable)
+        net.to(dev)
+        kw = dict(pad_id=pad, eos_id=tok.eos_id if tok.eos_id is not None else pad, allowed_max_length=limit,
+                  mask_prompt=s.mask_prompt)
+        train_b = instruction_batches(enc["train"], cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, **kw)
+        steps_known(cfg.steps_per_epoch(len(train_b)))
+        resume_state = restore_checkpoint(net, resuming.path) if resuming is not None else None
+        if resuming is None and s.eval_every is None:
+            cfg.eval_every = max(1, len(train) // cfg.batch_size // 2)  # twice per epoch
+        val_b = instruction_batches(enc["val"], cfg.batch_size, shuffle=False, drop_last=False, **kw) if enc["val"] else None
+        print(f"data: {len(train)} train / {len(test)} test / {len(val)} val entries, style {s.style}"
+              f"{', prompt masked' if s.mask_prompt else ''}; model: {counts['trainable'] / 1e6:.2f}M of "
+              f"{counts['total'] / 1e6:.2f}M parameters train ({s.trainable}); device {dev}", flush=True)
+        sample_entry = (val or test or train)[0]
+
+        def sample(m: nn.Module) -> str:
+            return generate_responses(m, tok, [sample_entry], s.style, min(48, s.max_new_tokens), progress=False)[0][
+                "model_response"]
+
+        return Job(net, train_b, val_b, InstructionTask(), tok, steps_per_epoch=cfg.steps_per_epoch(len(train_b)),
+                   save_model=_saver(tok, lora, s.model), sample_fn=sample, resume_state=resume_state,
+                   extra=dict(s=s, lora=lora, split=(train, test, val)))
+
+    def report(self, s: InstructSettings, cfg: TrainConfig, job: Job, result, run: Path) -> dict:
+        from gptlab.finetune.lora import save_adapter
+        from gptlab.weights import load_model
+
+        s, (train, test, val) = job.extra["s"], job.extra["split"]
+        if job.extra["lora"]:
+            save_adapter(job.model, run / "adapter", base_model=s.model)
+        best = load_model(run / "model", device=next(job.model.parameters()).device)  # best by validation loss
+        todo = test if s.max_test is None else test[:s.max_test]
+        responses = generate_responses(best, job.tokenizer, todo, s.style, s.max_new_tokens, progress=s.progress)
+        atomic_write_text(run / RESPONSES_FILE, json.dumps(responses, indent=4, ensure_ascii=False))
+        summary = {"steps": result.step, "best_val_loss": result.best_val_loss, "best_step": result.best_step,
+                   "n_train": len(train), "n_test": len(test), "n_val": len(val), "responses": str(run / RESPONSES_FILE)}
+        atomic_write_json(run / "summary.json", summary)
+        print(f"stopped ({result.stopped_because}) at step {result.step}; best val loss "
+              f"{result.best_val_loss if result.best_val_loss is None else round(result.best_val_loss, 3)}; "
+              f"{len(responses)} test responses in {run / RESPONSES_FILE}", flush=True)
+        print(f"next: gptlab judge --responses {run / RESPONSES_FILE} --judge REF_OR_URL", flush=True)
+        return summary
+
+
+finetune_instruct = api(InstructSettings, lambda s: run_recipe(InstructionTuning(), s), name="finetune_instruct", positional=("model", "data", "out"),
+                        returns=dict, summary="Instruction-tune ``model`` on ``data``; returns a summary "
+                        "(see :class:`InstructSettings`).")
+instruct_command = command(InstructSettings, lambda s: run_recipe(InstructionTuning(), s), name="instruct_command")

@@ -22,6 +22,7 @@ import torch
 
 from gptlab.errors import GptlabError
 from gptlab.inference.stops import StopSet
+from gptlab.tokenizers import load_tokenizer
 
 
 @dataclass
@@ -51,21 +52,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
-
-
-def load_tokenizer_of(ref: str | Path):
-    """The tokenizer of model reference ``ref`` (also what the ref resolves to: a run, pkg:, a Hub id)."""
-    from gptlab.tokenizers import load_tokenizer
-
-    try:
-        return load_tokenizer(str(ref))
-    except GptlabError:
-        from gptlab.weights import resolve
-
-        path = resolve(ref)
-        if str(path) == str(ref):
-            raise
-        return load_tokenizer(str(path))
 
 
 def open_model(ref: str | Path, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = None,
@@ -98,5 +84,5 @@ def open_model(ref: str | Path, device: str | torch.device | None = "auto", dtyp
 
         apply_quantization(model, quantize)
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
-        tokenizer = load_tokenizer_of(tokenizer or ref)
+        tokenizer = load_tokenizer(str(tokenizer or ref))  # model references resolve as load_model's do
     return OpenedModel(model.eval(), tokenizer, StopSet.for_model(tokenizer, model.cfg), str(ref))

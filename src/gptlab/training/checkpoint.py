@@ -69,9 +69,16 @@ def save_checkpoint(run: Path, model, tokenizer, optimizer, state: dict[str, Any
 
 
 def latest_checkpoint(run: Path) -> Path:
-    """The newest complete checkpoint of a run, with a clear error if there is none."""
+    """The newest complete checkpoint of a run, with a clear error if there is none.
+
+    ``checkpoints/latest`` names it; when that pointer is missing (deleted by hand), the newest
+    ``step-N`` directory that holds a ``state.pt`` is used.
+    """
     pointer = run / "checkpoints" / "latest"
     if not pointer.is_file():
+        complete = sorted(p for p in (run / "checkpoints").glob("step-*") if (p / "state.pt").is_file())
+        if complete:
+            return complete[-1]
         raise GptlabError(f"{run} has no checkpoint to resume from (no {pointer}); "
                           "start a new run or pass the directory of an earlier run")
     ck = run / "checkpoints" / pointer.read_text().strip()

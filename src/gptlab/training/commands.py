@@ -1,28 +1,105 @@
 """``gptlab train``: pretrain a model on a corpus, or resume a run.
 
-The Python API is :func:`run_training` (also ``gptlab.train``); the CLI
-function :func:`train` is the same with flags, and exits non-zero on error.
+:class:`PretrainSettings` is the recipe's settings (its docstring is ``gptlab train --help``);
+:func:`run_training` (also ``gptlab.train``) is the Python API and :func:`train` the CLI command,
+both made from it, so the defaults are one set. :class:`Pretraining` is the recipe that
+:func:`gptlab.training.driver.run_recipe` runs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from gptlab.errors import GptlabError
-from gptlab.fileio import atomic_write_text
-from gptlab.training.batches import IndexedBatches, RandomWindows, window_batches
-from gptlab.training.loop import TrainConfig, TrainResult, fit
+from gptlab.training.batches import RandomWindows, window_batches
+from gptlab.training.driver import Job, run_recipe
+from gptlab.training.loop import TrainConfig, TrainResult
+from gptlab.training.settings import RunSettings, api, command, from_record, recorded_ref, train_config_from
 
 DEFAULT_START = "The"
+DEFAULT_STEPS = 300  # when no other limit is given
+SAMPLE_TOKENS = 40
+INTERRUPTED = 130  # the exit status of a run stopped by Ctrl-C (after its checkpoint is saved)
+
+
+@dataclass
+class PretrainSettings(RunSettings):
+    """Pretrain a GPT (or any preset) on a corpus and write a run directory.
+
+    With no flags this trains gpt2-mini on the built-in corpus (CPython's
+    documentation text; no download) for 300 steps, a few minutes on 2 CPU cores.
+
+    Attributes:
+        data: text file, directory of .txt files, .jsonl with a "text" field, a
+            directory made by `gptlab prepare`, or a named corpus (the-verdict,
+            tinyshakespeare). Default: the built-in corpus.
+        preset: model shape (gptlab presets, e.g. gpt2-mini, gpt2-micro, gpt2-124m, llama-micro).
+        tokenizer: gpt2, char, or a tokenizer path; default: train a byte-level BPE on the training split.
+        vocab_size: vocabulary size of the trained BPE tokenizer.
+        max_steps: optimizer steps (default 300 when no other limit is given).
+        epochs: train for this many passes over the training windows instead.
+        max_time: stop after this many seconds.
+        batch_size: sequences per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        lr: peak learning rate (AdamW).
+        min_lr: floor of the cosine decay (default lr/10).
+        warmup_steps: linear warmup steps (default 5% of max_steps).
+        weight_decay: AdamW weight decay on 2-D weights.
+        grad_clip: clip the gradient norm to this (0 or None disables).
+        context_length: override the preset's context length.
+        n_layers: override the preset's number of layers.
+        emb_dim: override the preset's embedding width.
+        n_heads: override the preset's number of heads.
+        dropout: dropout rate (GPT-2 family; default: the preset's, 0.1 for the small gpt2 presets).
+        stride: distance between training windows (default: the context length).
+        val_ratio: fraction of the text held out for validation.
+        eval_every: evaluate, sample and checkpoint every N steps.
+        eval_iters: batches per evaluation.
+        patience: stop after N evaluations without validation improvement.
+        compile: use torch.compile.
+        start_context: text the samples start from.
+        resume: continue the run in this directory from its latest checkpoint (exact); only
+            --max-steps, --epochs, --max-time and --patience may change.
+    """
+
+    data: str | None = None
+    preset: str = "gpt2-mini"
+    tokenizer: str | None = None
+    vocab_size: int = 4096
+    max_steps: int | None = None
+    epochs: float | None = None
+    max_time: float | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    weight_decay: float = 0.1
+    grad_clip: float | None = 1.0
+    context_length: int | None = None
+    n_layers: int | None = None
+    emb_dim: int | None = None
+    n_heads: int | None = None
+    dropout: float | None = None
+    stride: int | None = None
+    val_ratio: float = 0.1
+    eval_every: int = 50
+    eval_iters: int = 10
+    patience: int | None = None
+    compile: bool = False
+    start_context: str = DEFAULT_START
+
+
+# Recorded under "settings" (the rest of the run is in "train", "data" and "model").
+RECORDED = ("data", "preset", "tokenizer", "vocab_size", "context_length", "n_layers", "emb_dim", "n_heads",
+            "dropout", "stride", "val_ratio", "start_context")
 
 
 def _tokenize(tok, text: str) -> np.ndarray:
@@ -56,111 +133,123 @@ def _data(data: str | None, tokenizer_spec: str | None, vocab_size: int, val_rat
     return tok, _tokenize(tok, train_text), _tokenize(tok, val_text), False
 
 
-def run_training(data: str | None = None, *, preset: str = "gpt2-mini", out: str | Path = "runs/default",
-                 resume: str | Path | None = None, tokenizer: str | None = None, vocab_size: int = 4096,
-                 context_length: int | None = None, n_layers: int | None = None, emb_dim: int | None = None,
-                 n_heads: int | None = None, dropout: float | None = None, stride: int | None = None,
-                 val_ratio: float = 0.1, start_context: str = DEFAULT_START, sample_tokens: int = 40,
-                 overwrite: bool = False, progress: bool = True, train_cfg: TrainConfig | None = None) -> TrainResult:
-    """Pretrain (or resume) a model; see :func:`train` for the meaning of each argument."""
-    from gptlab.device import pick_device
-    from gptlab.inference.generation import generate
-    from gptlab.models import build_model, get_preset
-    from gptlab.training.checkpoint import latest_checkpoint, load_checkpoint
+def _model_config(s: PretrainSettings):
+    """The preset with the command's overrides (an unknown preset fails before the tokenizer is trained)."""
+    from gptlab.models import get_preset
 
-    tcfg = train_cfg or TrainConfig()
-    tcfg.validate_limits()  # a bad limit is refused before a --resume reads anything
-    resume_state = None
-    if resume is not None:
-        run = Path(resume)
-        saved_path = run / "train_config.yaml"
-        if not saved_path.is_file():
-            raise GptlabError(f"{run} is not a gptlab run directory (no train_config.yaml); check the --resume path")
-        saved = yaml.safe_load(saved_path.read_text())
-        ck = latest_checkpoint(run)
-        device = pick_device(tcfg.device)
-        model, resume_state = load_checkpoint(ck, device)
-        from gptlab.tokenizers import load_tokenizer
+    cfg = get_preset(s.preset)
+    changes: dict[str, Any] = {k: getattr(s, k) for k in ("context_length", "n_layers", "emb_dim", "n_heads")
+                               if getattr(s, k) is not None}
+    if s.dropout is not None:
+        if hasattr(cfg, "drop_rate"):
+            changes["drop_rate"] = s.dropout
+        elif s.dropout > 0:
+            raise GptlabError(f"--dropout: the {cfg.family} family has no dropout; omit the flag")
+    return cfg.replace(**changes)  # validates the overrides (e.g. emb_dim divisible by n_heads)
 
-        tok = load_tokenizer(ck)
-        d = saved["data"]
-        _, train_ids, val_ids, random_windows = _data(d["spec"], str(ck), vocab_size, d["val_ratio"])
-        # Keep the schedule and data order of the original run; only the stopping limits may change.
-        old = TrainConfig(**saved["train"])
-        for f in ("max_steps", "epochs", "max_time", "patience"):
-            if getattr(tcfg, f) is not None:
-                setattr(old, f, getattr(tcfg, f))
-        tcfg = old
-        stride = d["stride"]
-        start_context, sample_tokens = saved.get("start_context", start_context), saved.get("sample_tokens", sample_tokens)
-        data, val_ratio = d["spec"], d["val_ratio"]
-        print(f"resuming {run} from {ck.name} (step {resume_state['step']})", flush=True)
-    else:
-        run = Path(out)
-        if (run / "checkpoints").exists() or (run / "model").exists():
-            if not overwrite:
-                raise GptlabError(f"{run} already holds a run; pass --resume {run} to continue it, "
-                                  "--out NEW_DIR for a new one, or --overwrite to replace it")
-            shutil.rmtree(run)
-        tcfg.validate()
-        torch.manual_seed(tcfg.seed)
-        device = pick_device(tcfg.device)
+
+def _batches(train_ids, val_ids, L: int, stride: int, cfg: TrainConfig, random_windows: bool):
+    """(train, val or None) batch sources over token arrays: random windows of a prepared corpus, else
+    windows ``stride`` apart."""
+    if random_windows:
+        val = RandomWindows(val_ids, L, cfg.batch_size, seed=cfg.seed + 1, what="validation") if len(val_ids) > L else None
+        return RandomWindows(train_ids, L, cfg.batch_size, seed=cfg.seed), val
+    train = window_batches(train_ids, L, stride, cfg.batch_size, seed=cfg.seed)
+    if len(val_ids) > L:
+        return train, window_batches(val_ids, L, L, cfg.batch_size, shuffle=False, drop_last=False, what="validation")
+    print(f"note: validation split has {len(val_ids)} tokens, fewer than one window of {L + 1}; "
+          "no validation loss will be reported", flush=True)
+    return train, None
+
+
+class Pretraining:
+    """The pretraining recipe: next-token loss on windows of a tokenized corpus."""
+
+    config_file = "train_config.yaml"
+    what = "gptlab train"  # "... is not a gptlab train run (no train_config.yaml)"
+    limits = ("max_steps", "epochs", "max_time", "patience")
+    refs = {"data": ("the-verdict", "tinyshakespeare")}
+
+    def __init__(self, train_cfg: TrainConfig | None = None):
+        self.train_cfg = train_cfg  # the Python API's full TrainConfig, instead of the settings' fields
+
+    def check(self, s: PretrainSettings) -> None:
+        if not 0.0 < s.val_ratio < 1.0:
+            raise GptlabError(f"--val-ratio {s.val_ratio} must be strictly between 0 and 1 (e.g. 0.1)")
+
+    def train_config(self, s: PretrainSettings, device) -> TrainConfig:
         from gptlab.device import autocast_dtype
 
-        autocast_dtype(device, tcfg.precision)  # refuse a bad --precision before any work
-        if not 0.0 < val_ratio < 1.0:
-            raise GptlabError(f"--val-ratio {val_ratio} must be strictly between 0 and 1 (e.g. 0.1)")
-        cfg = get_preset(preset)  # an unknown preset fails before the tokenizer is trained
-        changes: dict[str, Any] = {}
-        for k, v in (("context_length", context_length), ("n_layers", n_layers), ("emb_dim", emb_dim),
-                     ("n_heads", n_heads)):
-            if v is not None:
-                changes[k] = v
-        if dropout is not None:
-            if hasattr(cfg, "drop_rate"):
-                changes["drop_rate"] = dropout
-            elif dropout > 0:
-                raise GptlabError(f"--dropout: the {cfg.family} family has no dropout; omit the flag")
-        cfg = cfg.replace(**changes)  # validates the overrides (e.g. emb_dim divisible by n_heads)
-        tok, train_ids, val_ids, random_windows = _data(data, tokenizer, vocab_size, val_ratio)
-        cfg = cfg.replace(vocab_size=tok.vocab_size)
-        model = build_model(cfg).to(device)
-        stride = stride or cfg.context_length
-
-    L = model.cfg.context_length
-    if random_windows:
-        train_b = RandomWindows(train_ids, L, tcfg.batch_size, seed=tcfg.seed)
-        val_b = RandomWindows(val_ids, L, tcfg.batch_size, seed=tcfg.seed + 1, what="validation") if len(val_ids) > L else None
-    else:
-        train_b = window_batches(train_ids, L, stride, tcfg.batch_size, seed=tcfg.seed)
-        val_b = None
-        if len(val_ids) > L:
-            val_b = window_batches(val_ids, L, L, tcfg.batch_size, shuffle=False, drop_last=False, what="validation")
+        if self.train_cfg is not None:
+            cfg = self.train_cfg
         else:
-            print(f"note: validation split has {len(val_ids)} tokens, fewer than one window of {L + 1}; "
-                  "no validation loss will be reported", flush=True)
+            no_limit = s.max_steps is None and s.epochs is None and s.max_time is None
+            cfg = train_config_from(s, max_steps=DEFAULT_STEPS if no_limit else s.max_steps,
+                                    grad_clip=s.grad_clip or None)
+        autocast_dtype(device, cfg.precision)  # refuse a bad --precision before any work
+        return cfg
 
-    if resume_state is None:
-        run.mkdir(parents=True, exist_ok=True)
-        record = {"data": {"spec": data, "val_ratio": val_ratio, "stride": stride,
+    def record(self, s: PretrainSettings) -> dict:
+        return {k: getattr(s, k) for k in RECORDED} | {"data": recorded_ref(s.data, self.refs["data"])}
+
+    def from_record(self, meta: dict, s: PretrainSettings) -> PretrainSettings:
+        if "settings" not in meta:  # a run recorded before settings were: its data spec and sampling
+            d = meta.get("data") or {}
+            meta["settings"] = {"data": d.get("spec"), "val_ratio": d.get("val_ratio", 0.1),
+                                "stride": d.get("stride"), "start_context": meta.get("start_context", DEFAULT_START)}
+        return from_record(PretrainSettings, meta, s)
+
+    def build(self, s: PretrainSettings, cfg: TrainConfig, device, resuming, steps_known) -> Job:
+        from gptlab.models import build_model
+
+        resume_state = None
+        if resuming is not None:
+            from gptlab.training.checkpoint import load_checkpoint
+
+            ck = resuming.latest_checkpoint()
+            model, resume_state = load_checkpoint(ck, device)
+            tok, train_ids, val_ids, random_windows = _data(s.data, str(ck), s.vocab_size, s.val_ratio)
+            print(f"resuming {resuming.path} from {ck.name} (step {resume_state['step']})", flush=True)
+        else:
+            torch.manual_seed(cfg.seed)
+            mcfg = _model_config(s)
+            tok, train_ids, val_ids, random_windows = _data(s.data, s.tokenizer, s.vocab_size, s.val_ratio)
+            model = build_model(mcfg.replace(vocab_size=tok.vocab_size)).to(device)
+            s.stride = s.stride or mcfg.context_length
+        L = model.cfg.context_length
+        train_b, val_b = _batches(train_ids, val_ids, L, s.stride or L, cfg, random_windows)
+        steps_known(cfg.steps_per_epoch(len(train_b)))
+        record = {"data": {"spec": recorded_ref(s.data, self.refs["data"]), "val_ratio": s.val_ratio, "stride": s.stride,
                            "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids))},
-                  "model": model.cfg.to_dict(), "tokenizer": tokenizer or "bpe (trained on the training split)",
-                  "train": dataclasses.asdict(tcfg), "start_context": start_context, "sample_tokens": sample_tokens,
+                  "model": model.cfg.to_dict(), "tokenizer": s.tokenizer or "bpe (trained on the training split)",
+                  "start_context": s.start_context, "sample_tokens": SAMPLE_TOKENS,
                   "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-        atomic_write_text(run / "train_config.yaml", yaml.safe_dump(record, sort_keys=False))
-        n = model.cfg.param_counts()
-        print(f"model: {model.cfg.family} {n['total'] / 1e6:.2f}M parameters "
-              f"(L{model.cfg.n_layers} d{model.cfg.emb_dim} h{model.cfg.n_heads}, context {L}, vocab {model.cfg.vocab_size}); "
-              f"data: {len(train_ids):,} train / {len(val_ids):,} val tokens; device {device}", flush=True)
+        if resuming is None:
+            n = model.cfg.param_counts()
+            print(f"model: {model.cfg.family} {n['total'] / 1e6:.2f}M parameters (L{model.cfg.n_layers} "
+                  f"d{model.cfg.emb_dim} h{model.cfg.n_heads}, context {L}, vocab {model.cfg.vocab_size}); "
+                  f"data: {len(train_ids):,} train / {len(val_ids):,} val tokens; device {device}", flush=True)
+        return Job(model, train_b, val_b, None, tok, steps_per_epoch=cfg.steps_per_epoch(len(train_b)),
+                   sample_fn=_sampler(tok, s.start_context), resume_state=resume_state, record=record)
+
+    def report(self, s: PretrainSettings, cfg: TrainConfig, job: Job, result: TrainResult, run: Path) -> TrainResult:
+        _print_report(result, run, s.start_context)
+        return result
+
+
+def _sampler(tok, start_context: str):
+    from gptlab.inference.generation import generate
 
     start_ids = torch.tensor([tok.encode(start_context) or [tok.eos_id or 0]], dtype=torch.long)
 
     def sample(m: torch.nn.Module) -> str:
-        out_ids = generate(m, start_ids, sample_tokens, temperature=0.8, top_k=40, seed=0)
+        out_ids = generate(m, start_ids, SAMPLE_TOKENS, temperature=0.8, top_k=40, seed=0)
         return tok.decode(out_ids[0].tolist())
 
-    result = fit(model, train_b, val_b, tcfg, run, tokenizer=tok, resume_state=resume_state,
-                 sample_fn=sample, progress=progress)
+    return sample
+
+
+def _print_report(result: TrainResult, run: Path, start_context: str) -> None:
     d = result.diagnosis
     print(f"\nstopped ({result.stopped_because}) at step {result.step}, {result.tokens:,} tokens seen")
     if result.best_val_loss is not None:
@@ -171,74 +260,22 @@ def run_training(data: str | None = None, *, preset: str = "gpt2-mini", out: str
     if not written:  # e.g. --max-time ran out before the first step
         print(f"run directory: {run}  (nothing trained, so no metrics, samples or model were written; "
               "give a longer --max-time or --max-steps)")
-        return result
+        return
     print(f"run directory: {run}  ({', '.join(written)})")
     if (run / "model").exists():
         print(f"try: gptlab generate --model {run} --prompt {json.dumps(start_context)}")
-    return result
 
 
-def train(data: str | None = None, preset: str = "gpt2-mini", out: str = "runs/default",
-          resume: str | None = None, tokenizer: str | None = None, vocab_size: int = 4096,
-          max_steps: int | None = None, epochs: float | None = None, max_time: float | None = None,
-          batch_size: int = 8, grad_accum: int = 1, lr: float = 1e-3, min_lr: float | None = None,
-          warmup_steps: int | None = None, weight_decay: float = 0.1, grad_clip: float | None = 1.0,
-          context_length: int | None = None, n_layers: int | None = None, emb_dim: int | None = None,
-          n_heads: int | None = None, dropout: float | None = None, stride: int | None = None,
-          val_ratio: float = 0.1, eval_every: int = 50, eval_iters: int = 10, patience: int | None = None,
-          precision: str = "auto", compile: bool = False, device: str = "auto", seed: int = 123,
-          start_context: str = DEFAULT_START, overwrite: bool = False, progress: bool = True) -> int:
-    """Pretrain a GPT (or any preset) on a corpus and write a run directory.
+def _run(s: PretrainSettings, train_cfg: TrainConfig | None = None) -> TrainResult:
+    return run_recipe(Pretraining(train_cfg), s)
 
-    With no flags this trains gpt2-mini on the built-in corpus (CPython's
-    documentation text; no download) for 300 steps, a few minutes on 2 CPU cores.
 
-    Args:
-        data: text file, directory of .txt files, .jsonl with a "text" field, a
-            directory made by `gptlab prepare`, or a named corpus (the-verdict,
-            tinyshakespeare). Default: the built-in corpus.
-        preset: model shape (gptlab presets, e.g. gpt2-mini, gpt2-micro, gpt2-124m, llama-micro).
-        out: run directory to create.
-        resume: continue the run in this directory from its latest checkpoint (exact).
-        tokenizer: gpt2, char, or a tokenizer path; default: train a byte-level BPE on the training split.
-        vocab_size: vocabulary size of the trained BPE tokenizer.
-        max_steps: optimizer steps (default 300 when no other limit is given).
-        epochs: train for this many passes over the training windows instead.
-        max_time: stop after this many seconds.
-        batch_size: sequences per micro-batch.
-        grad_accum: micro-batches per optimizer step.
-        lr: peak learning rate (AdamW).
-        min_lr: floor of the cosine decay (default lr/10).
-        warmup_steps: linear warmup steps (default 5% of max_steps).
-        weight_decay: AdamW weight decay on 2-D weights.
-        grad_clip: clip the gradient norm to this (0 or None disables).
-        context_length: override the preset's context length.
-        n_layers: override the preset's number of layers.
-        emb_dim: override the preset's embedding width.
-        n_heads: override the preset's number of heads.
-        dropout: dropout rate (GPT-2 family; default: the preset's, 0.1 for the small gpt2 presets).
-        stride: distance between training windows (default: the context length).
-        val_ratio: fraction of the text held out for validation.
-        eval_every: evaluate, sample and checkpoint every N steps.
-        eval_iters: batches per evaluation.
-        patience: stop after N evaluations without validation improvement.
-        precision: auto (bf16 where fast), fp32, bf16 or fp16.
-        compile: use torch.compile.
-        device: auto, cpu, cuda or mps.
-        seed: random seed.
-        start_context: text the samples start from.
-        overwrite: replace an existing run in --out.
-        progress: show a progress bar.
-    """
-    if max_steps is None and epochs is None and max_time is None and resume is None:
-        max_steps = 300
-    cfg = TrainConfig(max_steps=max_steps, epochs=epochs, max_time=max_time, batch_size=batch_size,
-                      grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
-                      weight_decay=weight_decay, grad_clip=grad_clip or None, precision=precision,
-                      compile=compile, eval_every=eval_every, eval_iters=eval_iters, patience=patience,
-                      seed=seed, device=device)
-    run_training(data, preset=preset, out=out, resume=resume, tokenizer=tokenizer, vocab_size=vocab_size,
-                 context_length=context_length, n_layers=n_layers, emb_dim=emb_dim, n_heads=n_heads,
-                 dropout=dropout, stride=stride, val_ratio=val_ratio, start_context=start_context,
-                 overwrite=overwrite, progress=progress, train_cfg=cfg)
-    return 0
+def _command(s: PretrainSettings) -> int:
+    result = _run(s)
+    return INTERRUPTED if result.stopped_because == "interrupted" else 0
+
+
+run_training = api(PretrainSettings, _run, name="run_training", positional=("data",), returns=TrainResult,
+                   summary="Pretrain (or resume) a model; returns the TrainResult. ``train_cfg=TrainConfig(...)`` "
+                           "replaces the training fields (lr, batch_size, limits, ...) as a whole.")
+train = command(PretrainSettings, _command, name="train")

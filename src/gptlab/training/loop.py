@@ -2,22 +2,21 @@
 
 Pretraining, classification, instruction tuning, LoRA and distillation differ
 in three things only — the batches, the loss, and which parameters train — so
-they all run through :func:`fit` with a different :class:`Task` and batch
+they all run through :func:`train_loop` with a different :class:`Task` and batch
 source. The loop reads top to bottom:
 
     for each optimizer step:
-        lr <- warmup/cosine schedule
+        lr <- warmup/cosine schedule (:class:`Schedule`)
         for each micro-batch (gradient accumulation): loss = task.loss(model, batch); backward
-        clip gradients; optimizer step
-        every eval_every steps: evaluate train/val, sample, log, plot, checkpoint, early stop
+        clip gradients; optimizer step (:func:`optimizer_step`)
+        every eval_every steps: evaluate train/val, log, sample, plot, keep the best model,
+        checkpoint, early stop (:class:`gptlab.training.hooks.Evaluation`; files on the main rank only)
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptlab.device import autocast_dtype, pick_device
+from gptlab.device import autocast_dtype
 from gptlab.errors import GptlabError
-from gptlab.fileio import atomic_write_text
 from gptlab.training.batches import Batch, IndexedBatches
-from gptlab.training.checkpoint import rng_state, save_checkpoint, set_rng_state
+from gptlab.training.checkpoint import rng_state, set_rng_state
+from gptlab.training.hooks import Counters, Evaluation, Progress, Samples, Throughput, to_device
 from gptlab.training.optim import build_optimizer, lr_at
-from gptlab.training.report import Diagnosis, MetricsLog, diagnose, plot_losses
+from gptlab.training.report import Diagnosis, diagnose
 from gptlab.weights.native import save_model_dir
 
 
@@ -61,6 +60,19 @@ class TrainConfig:
     patience: int | None = None  # early stopping: evaluations without val improvement
     seed: int = 123
     device: str = "auto"
+
+    def steps_per_epoch(self, batches_per_epoch: int) -> int:
+        """Optimizer steps in one pass over ``batches_per_epoch`` micro-batches (the one place it is computed)."""
+        return max(1, batches_per_epoch // self.grad_accum)
+
+    def total_steps(self, steps_per_epoch: int | None) -> int | None:
+        """The step the run stops at: ``max_steps``, else ``epochs`` in steps (None: a time limit only,
+        or an epochs limit while ``steps_per_epoch`` is not known yet)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        if self.epochs is not None and steps_per_epoch:
+            return max(1, math.ceil(self.epochs * steps_per_epoch))
+        return None
 
     def validate_limits(self) -> None:
         """Check the stopping limits that are set (the only settings a resumed run may change)."""
@@ -119,6 +131,8 @@ class LanguageModeling:
 
 @dataclass
 class TrainResult:
+    """What :func:`train_loop` returns: where it stopped and why, the best validation loss, every record."""
+
     step: int
     tokens: int
     best_val_loss: float | None
@@ -132,16 +146,79 @@ class TrainingDiverged(GptlabError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
-def _to(batch: Batch, device: torch.device) -> Batch:
-    return tuple(t.to(device, non_blocking=True) for t in batch)
+class Schedule:
+    """The run's length and learning-rate schedule (warmup + cosine), computed once from its settings."""
+
+    def __init__(self, cfg: TrainConfig, train: IndexedBatches):
+        self.cfg = cfg
+        self.steps_per_epoch = cfg.steps_per_epoch(len(train))
+        self.max_steps = cfg.total_steps(self.steps_per_epoch)
+        self.horizon = self.max_steps if self.max_steps is not None else 10**9  # time-only runs: no decay horizon
+        self.warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
+                       else (max(1, self.horizon // 20) if self.max_steps else 100))
+        self.min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
+
+    def lr(self, step: int) -> float:
+        """Learning rate of 0-based optimizer step ``step``."""
+        return lr_at(step, lr=self.cfg.lr, warmup_steps=self.warmup, max_steps=self.horizon, min_lr=self.min_lr)
+
+    def stop_reason(self, c: Counters, t_start: float) -> str | None:
+        """``"max_steps"`` / ``"max_time"`` once a limit is reached, else None."""
+        if self.max_steps is not None and c.step >= self.max_steps:
+            return "max_steps"
+        if self.cfg.max_time is not None and time.perf_counter() - t_start >= self.cfg.max_time:
+            return "max_time"
+        return None
 
 
-def fit(model: nn.Module, train: IndexedBatches, val: IndexedBatches | None, cfg: TrainConfig,
-        run_dir: str | Path, *, task: Task | None = None, tokenizer=None,
-        resume_state: dict[str, Any] | None = None,
-        sample_fn: Callable[[nn.Module], str] | None = None,
-        save_model: Callable[[nn.Module, Path], None] | None = None,
-        progress: bool = True, echo: Callable[[str], None] | None = None) -> TrainResult:
+def optimizer_step(model: nn.Module, fwd: nn.Module, train: IndexedBatches, task: Task, optimizer, scaler,
+                   cfg: TrainConfig, c: Counters, lr: float, autocast, run: Path) -> tuple[float, int]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, tokens seen)."""
+    device = next(model.parameters()).device
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    model.train()
+    loss_sum, n_tokens = 0.0, 0
+    for k in range(cfg.grad_accum):
+        batch = to_device(train.batch(c.step * cfg.grad_accum + k), device)
+        with autocast():
+            loss = task.loss(fwd, batch) / cfg.grad_accum
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {float(loss.detach() * cfg.grad_accum)} at step {c.step + 1}; stopped. The last good "
+                f"checkpoint is kept in {run / 'checkpoints'}. Lower the learning rate (now {lr:.2e}) "
+                "or use --precision fp32, then --resume")
+        (scaler.scale(loss) if scaler else loss).backward()
+        loss_sum += float(loss.detach())
+        n_tokens += int(batch[0].numel())
+    if scaler:
+        scaler.unscale_(optimizer)
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, n_tokens
+
+
+def _resume(optimizer, cfg: TrainConfig, resume_state: dict[str, Any] | None) -> Counters:
+    """The counters to start from: a checkpoint's (optimizer and RNG restored too), or zero (seeded)."""
+    if resume_state is None:
+        torch.manual_seed(cfg.seed)  # dropout masks follow the run's seed
+        return Counters()
+    optimizer.load_state_dict(resume_state["optimizer"])
+    set_rng_state(resume_state["rng"])
+    return Counters.from_state(resume_state)
+
+
+def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | None, cfg: TrainConfig,
+               run_dir: str | Path, *, task: Task | None = None, tokenizer=None,
+               resume_state: dict[str, Any] | None = None, sample_fn: Callable[[nn.Module], str] | None = None,
+               save_model: Callable[[nn.Module, Path], None] | None = None, progress: bool = True,
+               echo: Callable[[str], None] | None = None, is_main: bool = True) -> TrainResult:
     """Train ``model`` on batches from ``train``, evaluating on ``val``; write the run directory.
 
     Args:
@@ -157,177 +234,56 @@ def fit(model: nn.Module, train: IndexedBatches, val: IndexedBatches | None, cfg
         save_model: how to write a model directory (default: gptlab's native format).
         progress: show a progress bar.
         echo: where status lines go.
+        is_main: this process is the main rank: only it prints and writes files.
     """
     cfg.validate()
-    echo = echo or (lambda msg: print(msg, flush=True))
-    task = task or LanguageModeling()
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
-    amp = autocast_dtype(device, cfg.precision)
-    save_model = save_model or (lambda m, d: save_model_dir(m, d, tokenizer))
-
-    micro_per_epoch = len(train)
-    steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
-    max_steps = cfg.max_steps
-    if max_steps is None and cfg.epochs is not None:
-        max_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    horizon = max_steps if max_steps is not None else 10**9  # time-only runs: no decay horizon
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else (max(1, horizon // 20) if max_steps else 100)
-    min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
-
+    echo = (echo or (lambda msg: print(msg, flush=True))) if is_main else (lambda msg: None)
+    task, run = task or LanguageModeling(), Path(run_dir)
+    if is_main:
+        run.mkdir(parents=True, exist_ok=True)
+    amp = autocast_dtype(next(model.parameters()).device, cfg.precision)
+    autocast = ((lambda: torch.autocast(next(model.parameters()).device.type, dtype=amp)) if amp is not None
+                else contextlib.nullcontext)
+    sched = Schedule(cfg, train)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    scaler = torch.amp.GradScaler(next(model.parameters()).device.type) if amp == torch.float16 else None
     fwd = torch.compile(model) if cfg.compile else model
-
-    step, tokens, best_val, best_step, bad_evals, elapsed = 0, 0, None, None, 0, 0.0
-    if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        step, tokens = resume_state["step"], resume_state["tokens"]
-        best_val, best_step = resume_state.get("best_val"), resume_state.get("best_step")
-        bad_evals, elapsed = resume_state.get("bad_evals", 0), resume_state.get("elapsed", 0.0)
-        set_rng_state(resume_state["rng"])
-    else:
-        torch.manual_seed(cfg.seed)  # dropout masks follow the run's seed
-    log = MetricsLog(run / "metrics.jsonl", resume_step=step if resume_state else None)
-    samples_path = run / "samples.txt"
-    if resume_state is None and samples_path.exists():
-        samples_path.unlink()
-    eval_train = train.fixed_batches(cfg.eval_iters)
-    eval_val = val.fixed_batches(cfg.eval_iters) if val is not None else None
-    tokens_per_epoch = micro_per_epoch * train.bs * max(1, train.tokens_per_item)
-
-    def checkpoint_state() -> dict[str, Any]:
-        return {"step": step, "tokens": tokens, "best_val": best_val, "best_step": best_step,
-                "bad_evals": bad_evals, "elapsed": elapsed, "config": dataclasses.asdict(cfg)}
-
-    lr = lr_at(max(step - 1, 0), lr=cfg.lr, warmup_steps=warmup, max_steps=horizon, min_lr=min_lr)
-    bar = None
-
-    def evaluate_and_save() -> bool:
-        """Evaluate train/val, log, sample, plot, keep the best model, checkpoint; True -> patience ran out."""
-        nonlocal window_tokens, window_time, best_val, best_step, bad_evals
-        model.eval()
-        with torch.no_grad(), autocast():
-            tr = task.evaluate(model, [_to(b, device) for b in eval_train])
-            va = task.evaluate(model, [_to(b, device) for b in eval_val]) if eval_val else {}
-        rec = {"step": step, "tokens": tokens, "epoch": round(train.epoch_of(step * cfg.grad_accum), 4),
-               "lr": lr, "train_loss": tr["loss"], "val_loss": va.get("loss"),
-               "tokens_per_s": window_tokens / max(window_time, 1e-9), "elapsed_s": round(elapsed, 2)}
-        rec.update({f"train_{k}": v for k, v in tr.items() if k != "loss"})
-        rec.update({f"val_{k}": v for k, v in va.items() if k != "loss"})
-        window_tokens, window_time = 0, 0.0
-        log.log(rec)
-        line = f"step {step}: train loss {tr['loss']:.3f}"
-        if va:
-            line += f", val loss {va['loss']:.3f}"
-            extra = {k: v for k, v in va.items() if k not in ("loss", "perplexity")}
-            line += "".join(f", val {k} {v:.3f}" for k, v in extra.items())
-        line += f", {rec['tokens_per_s']:,.0f} tok/s"
-        (bar.write if bar is not None else echo)(line)
-        if sample_fn is not None:
-            text = sample_fn(model)
-            (bar.write if bar is not None else echo)(f"  sample: {text!r}")
-            prev = samples_path.read_text() if samples_path.exists() else ""
-            atomic_write_text(samples_path, prev + f"--- step {step} ---\n{text}\n")
-        plot_losses(log.records, run / "loss.png", tokens_per_epoch)
-        improved = False
-        score = va.get("loss") if va else None
-        if score is not None:
-            if best_val is None or score < best_val:
-                best_val, best_step, bad_evals, improved = score, step, 0, True
-            else:
-                bad_evals += 1
-        if improved or val is None:
-            save_model(model, run / "model")
-        save_checkpoint(run, model, tokenizer, optimizer, checkpoint_state())
-        return cfg.patience is not None and bad_evals >= cfg.patience
-
-    plain_progress = progress and not sys.stderr.isatty()  # logs/CI: a line every log_every steps
-    if progress and not plain_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True, leave=True)
-    stopped = "max_steps"
-    window_tokens, window_time, last_loss = 0, 0.0, float("nan")
-    t_start = time.perf_counter() - elapsed
-    step_rng, tokens_at_step_start = rng_state(), tokens
-    start_step, start_elapsed = step, elapsed
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
+    c = _resume(optimizer, cfg, resume_state)
+    bar = Progress(progress, sched.max_steps, c, cfg.log_every, echo, is_main)
+    evaluation = Evaluation(run, model, task, train, val, cfg, optimizer, tokenizer, autocast=autocast,
+                            save_model=save_model or (lambda m, d: save_model_dir(m, d, tokenizer)),
+                            samples=Samples(run, sample_fn, resume_state is not None, is_main), progress=bar,
+                            resumed_at=c.step if resume_state is not None else None, is_main=is_main)
+    lr, speed, stopped = sched.lr(max(c.step - 1, 0)), Throughput(), None
+    t_start = time.perf_counter() - c.elapsed
+    step_rng, tokens_at_step_start = rng_state(), c.tokens
     try:
-        while True:
-            if max_steps is not None and step >= max_steps:
-                stopped = "max_steps"
-                break
-            if cfg.max_time is not None and time.perf_counter() - t_start >= cfg.max_time:
-                stopped = "max_time"
-                break
+        while (stopped := sched.stop_reason(c, t_start)) is None:
             t0 = time.perf_counter()
-            step_rng, tokens_at_step_start = rng_state(), tokens  # to replay this step exactly if it is interrupted
-            lr = lr_at(step, lr=cfg.lr, warmup_steps=warmup, max_steps=horizon, min_lr=min_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            model.train()
-            loss_sum = 0.0
-            for k in range(cfg.grad_accum):
-                batch = _to(train.batch(step * cfg.grad_accum + k), device)
-                with autocast():
-                    loss = task.loss(fwd, batch) / cfg.grad_accum
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {float(loss.detach() * cfg.grad_accum)} at step {step + 1}; stopped. The last good "
-                        f"checkpoint is kept in {run / 'checkpoints'}. Lower the learning rate (now {lr:.2e}) "
-                        "or use --precision fp32, then --resume")
-                (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += float(loss.detach())
-                tokens += int(batch[0].numel())
-                window_tokens += int(batch[0].numel())
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last_loss = loss_sum
-            window_time += time.perf_counter() - t0
-            elapsed = time.perf_counter() - t_start
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{window_tokens / max(window_time, 1e-9):,.0f}",
-                                refresh=False)
-            elif plain_progress and step % cfg.log_every == 0:
-                rate = (step - start_step) / max(elapsed - start_elapsed, 1e-9)
-                eta = f", eta {(max_steps - step) / rate:.0f}s" if max_steps and rate > 0 else ""
-                echo(f"step {step}{f'/{max_steps}' if max_steps else ''}: loss {last_loss:.3f}, "
-                     f"{window_tokens / max(window_time, 1e-9):,.0f} tok/s{eta}")
-
-            if step % cfg.eval_every == 0 or step == max_steps:
-                if evaluate_and_save():
-                    stopped = "early_stopping"
-                    (bar.write if bar is not None else echo)(
-                        f"early stopping: no val improvement in {cfg.patience} evaluations (best step {best_step})")
-                    break
+            step_rng, tokens_at_step_start = rng_state(), c.tokens  # to replay this step exactly if it is interrupted
+            lr = sched.lr(c.step)
+            loss, n_tokens = optimizer_step(model, fwd, train, task, optimizer, scaler, cfg, c, lr, autocast, run)
+            c.step, c.tokens = c.step + 1, c.tokens + n_tokens
+            speed.add(n_tokens, time.perf_counter() - t0)
+            c.elapsed = time.perf_counter() - t_start
+            bar.update(c, loss, speed)
+            if (c.step % cfg.eval_every == 0 or c.step == sched.max_steps) and evaluation(c, lr, speed):
+                stopped = "early_stopping"
+                bar.write(f"early stopping: no val improvement in {cfg.patience} evaluations (best step {c.best_step})")
+                break
     except KeyboardInterrupt:
         stopped = "interrupted"
         optimizer.zero_grad(set_to_none=True)
-        tokens = tokens_at_step_start
-        save_checkpoint(run, model, tokenizer, optimizer, checkpoint_state(), rng=step_rng)
-        echo(f"\ninterrupted at step {step}; checkpoint saved. Continue with --resume {run}")
+        c.tokens = tokens_at_step_start
+        evaluation.checkpoint(c, rng=step_rng)
+        echo(f"\ninterrupted at step {c.step}; checkpoint saved. Continue with --resume {run}")
     finally:
-        if bar is not None:
-            bar.close()
-            bar = None  # a final evaluation below prints plain lines
+        bar.close()
     # A time limit (or a resumed run already past --max-steps) may stop between evaluations: evaluate
     # the final state too, so metrics.jsonl, loss.png, samples.txt and the checkpoint describe it.
-    last = log.records[-1]["step"] if log.records else -1
-    if stopped in ("max_time", "max_steps") and last != step and step > 0:
-        evaluate_and_save()
-    if not (run / "model" / "config.json").exists() and step > 0:
-        save_model(model, run / "model")
-    diag = diagnose(log.records, getattr(getattr(model, "cfg", None), "vocab_size", None))
-    return TrainResult(step, tokens, best_val, best_step, stopped, diag, log.records)
+    if stopped in ("max_time", "max_steps") and evaluation.last_step() != c.step and c.step > 0:
+        evaluation(c, lr, speed)
+    if is_main and not (run / "model" / "config.json").exists() and c.step > 0:
+        evaluation.save_model(model, run / "model")
+    diag = diagnose(evaluation.log.records, getattr(getattr(model, "cfg", None), "vocab_size", None))
+    return TrainResult(c.step, c.tokens, c.best_val, c.best_step, stopped, diag, evaluation.log.records)

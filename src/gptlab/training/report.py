@@ -17,8 +17,8 @@ class MetricsLog:
     so the log matches an uninterrupted run.
     """
 
-    def __init__(self, path: Path, resume_step: int | None = None):
-        self.path = path
+    def __init__(self, path: Path, resume_step: int | None = None, write: bool = True):
+        self.path, self.write = path, write  # write=False: records kept in memory only (not the main rank)
         self.records: list[dict] = []
         if resume_step is not None and path.exists():
             for line in path.read_text().splitlines():
@@ -26,14 +26,16 @@ class MetricsLog:
                     rec = json.loads(line)
                     if rec.get("step", 0) <= resume_step:
                         self.records.append(rec)
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
-        elif path.exists():
+            if write:
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        elif path.exists() and write:
             path.unlink()
 
     def log(self, record: dict) -> None:
         """Add one record; the file is rewritten atomically (it holds one line per evaluation)."""
         self.records.append(record)
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        if self.write:
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def evals(self) -> list[dict]:
         return [r for r in self.records if r.get("val_loss") is not None or r.get("train_loss") is not None]

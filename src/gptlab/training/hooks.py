@@ -1,0 +1,197 @@
+"""The training loop's side effects, each a small named piece: progress, evaluation, metrics, samples,
+the loss plot, the best model, checkpoints and early stopping.
+
+Every piece takes ``is_main``: in a multi-process run only the main rank prints and writes files (the
+others still evaluate, so a later all-reduce has every rank's numbers). With ``is_main=False`` a piece
+keeps its in-memory state (records, best loss, patience) but touches no file and prints nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from gptlab.fileio import atomic_write_text
+from gptlab.training.batches import Batch, IndexedBatches
+from gptlab.training.checkpoint import save_checkpoint
+from gptlab.training.report import MetricsLog, plot_losses
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Every tensor of ``batch`` on ``device``."""
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+@dataclass
+class Counters:
+    """Where a run is: what a checkpoint records and a resume restores exactly."""
+
+    step: int = 0
+    tokens: int = 0
+    best_val: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    elapsed: float = 0.0
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Counters":
+        """The counters saved in a checkpoint's ``state.pt``."""
+        return cls(state["step"], state["tokens"], state.get("best_val"), state.get("best_step"),
+                   state.get("bad_evals", 0), state.get("elapsed", 0.0))
+
+
+class Throughput:
+    """Tokens and seconds since the last evaluation (the tok/s figure)."""
+
+    def __init__(self):
+        self.tokens, self.seconds = 0, 0.0
+
+    def add(self, tokens: int, seconds: float = 0.0) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def rate(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def reset(self) -> None:
+        self.tokens, self.seconds = 0, 0.0
+
+
+class Progress:
+    """A progress bar on a terminal, a plain line every ``log_every`` steps elsewhere (logs, CI), or nothing."""
+
+    def __init__(self, enabled: bool, max_steps: int | None, c: Counters, log_every: int,
+                 echo: Callable[[str], None], is_main: bool = True):
+        self.echo, self.max_steps, self.log_every = echo, max_steps, log_every
+        self.start_step, self.start_elapsed = c.step, c.elapsed
+        enabled = enabled and is_main
+        self.plain = enabled and not sys.stderr.isatty()
+        self.bar = None
+        if enabled and not self.plain:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=c.step, unit="step", dynamic_ncols=True, leave=True)
+
+    def write(self, line: str) -> None:
+        """A status line that does not break the bar."""
+        (self.bar.write if self.bar is not None else self.echo)(line)
+
+    def update(self, c: Counters, loss: float, speed: Throughput) -> None:
+        """After each optimizer step."""
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed.rate():,.0f}", refresh=False)
+        elif self.plain and c.step % self.log_every == 0:
+            rate = (c.step - self.start_step) / max(c.elapsed - self.start_elapsed, 1e-9)
+            eta = f", eta {(self.max_steps - c.step) / rate:.0f}s" if self.max_steps and rate > 0 else ""
+            self.echo(f"step {c.step}{f'/{self.max_steps}' if self.max_steps else ''}: loss {loss:.3f}, "
+                      f"{speed.rate():,.0f} tok/s{eta}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None  # later lines (a final evaluation) are printed plainly
+
+
+class Samples:
+    """``samples.txt``: the text ``sample_fn`` writes at each evaluation, one section per step."""
+
+    def __init__(self, run: Path, sample_fn: Callable[[nn.Module], str] | None, resumed: bool, is_main: bool = True):
+        self.path, self.fn, self.is_main = run / "samples.txt", sample_fn, is_main
+        if is_main and not resumed and self.path.exists():
+            self.path.unlink()
+
+    def __call__(self, model: nn.Module, step: int, write: Callable[[str], None]) -> None:
+        if self.fn is None or not self.is_main:
+            return
+        text = self.fn(model)
+        write(f"  sample: {text!r}")
+        prev = self.path.read_text() if self.path.exists() else ""
+        atomic_write_text(self.path, prev + f"--- step {step} ---\n{text}\n")
+
+
+def keep_best(c: Counters, val_loss: float | None) -> bool:
+    """Update the best validation loss and the patience count; True when this evaluation is the new best."""
+    if val_loss is None:
+        return False
+    if c.best_val is None or val_loss < c.best_val:
+        c.best_val, c.best_step, c.bad_evals = val_loss, c.step, 0
+        return True
+    c.bad_evals += 1
+    return False
+
+
+def eval_line(step: int, tr: dict[str, float], va: dict[str, float], tok_s: float) -> str:
+    """``step 50: train loss 4.210, val loss 4.380, val accuracy 0.812, 1,234 tok/s``."""
+    line = f"step {step}: train loss {tr['loss']:.3f}"
+    if va:
+        line += f", val loss {va['loss']:.3f}"
+        line += "".join(f", val {k} {v:.3f}" for k, v in va.items() if k not in ("loss", "perplexity"))
+    return line + f", {tok_s:,.0f} tok/s"
+
+
+class Evaluation:
+    """What happens every ``eval_every`` steps, in order: evaluate train/val, log the metrics, print a line,
+    sample, plot, keep the best model, write a checkpoint; :meth:`__call__` says whether patience ran out."""
+
+    def __init__(self, run: Path, model: nn.Module, task, train: IndexedBatches, val: IndexedBatches | None,
+                 cfg, optimizer, tokenizer, *, save_model: Callable[[nn.Module, Path], None],
+                 samples: Samples, progress: Progress, autocast, resumed_at: int | None, is_main: bool = True):
+        self.run, self.model, self.task, self.cfg, self.optimizer = run, model, task, cfg, optimizer
+        self.tokenizer, self.save_model, self.samples, self.progress = tokenizer, save_model, samples, progress
+        self.autocast, self.is_main, self.train, self.has_val = autocast, is_main, train, val is not None
+        self.device = next(model.parameters()).device
+        self.eval_train = train.fixed_batches(cfg.eval_iters)
+        self.eval_val = val.fixed_batches(cfg.eval_iters) if val is not None else None
+        self.log = MetricsLog(run / "metrics.jsonl", resume_step=resumed_at, write=is_main)
+        self.tokens_per_epoch = len(train) * train.bs * max(1, train.tokens_per_item)
+
+    def evaluate(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(train metrics, val metrics) over the fixed evaluation batches."""
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            tr = self.task.evaluate(self.model, [to_device(b, self.device) for b in self.eval_train])
+            va = (self.task.evaluate(self.model, [to_device(b, self.device) for b in self.eval_val])
+                  if self.eval_val else {})
+        return tr, va
+
+    def record(self, c: Counters, lr: float, tr: dict, va: dict, speed: Throughput) -> dict:
+        """One ``metrics.jsonl`` line."""
+        rec = {"step": c.step, "tokens": c.tokens, "epoch": round(self.train.epoch_of(c.step * self.cfg.grad_accum), 4),
+               "lr": lr, "train_loss": tr["loss"], "val_loss": va.get("loss"),
+               "tokens_per_s": speed.rate(), "elapsed_s": round(c.elapsed, 2)}
+        rec.update({f"train_{k}": v for k, v in tr.items() if k != "loss"})
+        rec.update({f"val_{k}": v for k, v in va.items() if k != "loss"})
+        return rec
+
+    def checkpoint(self, c: Counters, rng: dict | None = None) -> None:
+        """checkpoints/step-N with the counters (``rng``: the state to replay an interrupted step from)."""
+        if self.is_main:
+            state = {**dataclasses.asdict(c), "config": dataclasses.asdict(self.cfg)}
+            save_checkpoint(self.run, self.model, self.tokenizer, self.optimizer, state, rng=rng)
+
+    def __call__(self, c: Counters, lr: float, speed: Throughput) -> bool:
+        tr, va = self.evaluate()
+        rec = self.record(c, lr, tr, va, speed)
+        speed.reset()
+        self.log.log(rec)
+        if self.is_main:
+            self.progress.write(eval_line(c.step, tr, va, rec["tokens_per_s"]))
+        self.samples(self.model, c.step, self.progress.write)
+        if self.is_main:
+            plot_losses(self.log.records, self.run / "loss.png", self.tokens_per_epoch)
+        improved = keep_best(c, va.get("loss") if va else None)
+        if self.is_main and (improved or not self.has_val):
+            self.save_model(self.model, self.run / "model")
+        self.checkpoint(c)
+        return self.cfg.patience is not None and c.bad_evals >= self.cfg.patience
+
+    def last_step(self) -> int:
+        """The step of the latest logged evaluation (-1 before the first)."""
+        return self.log.records[-1]["step"] if self.log.records else -1

@@ -1,0 +1,189 @@
+"""One run directory: refuse to clobber, create (replacing by rename), lock, record settings, resume.
+
+    RunDir.new(out, ...)        checks that ``out`` may take a new run; writes nothing
+    run.create(record)          writes the run's settings, and only then replaces an old run (--overwrite):
+                                the new run is built in a hidden sibling and renamed into place
+    RunDir.resume(path, ...)    the run to continue and its recorded settings (locked)
+    run.latest_checkpoint()     the newest complete checkpoint
+
+While a process writes a run it holds an OS lock (``fcntl.flock``) on ``RUN/.lock``; the kernel releases
+it when the process ends, however it ends (``kill -9`` included), so a stale lock never blocks a run. A
+second writer refuses in one line naming the first one's pid.
+
+The settings file is one record, ``{"settings": ..., "train": ..., "steps_per_epoch": ...}`` plus what a
+recipe adds, written as JSON (``*.json``) or YAML (``train_config.yaml``, pretraining's historical name).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gptlab.errors import GptlabError
+from gptlab.fileio import atomic_write_text
+
+LOCK = ".lock"
+# The settings file each kind of run records, and the command that resumes it (to name it in errors).
+RUN_CONFIGS = {"classify_config.json": "gptlab finetune classify", "distill_config.json": "gptlab distill",
+               "instruct_config.json": "gptlab finetune instruct", "train_config.yaml": "gptlab train"}
+
+
+def holds_run(path: Path) -> bool:
+    """Whether ``path`` already holds a trained run (a model or checkpoints)."""
+    return (path / "checkpoints").exists() or (path / "model").exists()
+
+
+def lock_run(path: Path) -> int:
+    """Take the writer's lock of run directory ``path`` (which exists); returns the open descriptor.
+
+    Raises a one-line GptlabError naming the pid that holds it.
+    """
+    import fcntl
+
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise GptlabError(f"{path} is being written by another gptlab process (pid {pid}); wait for it to "
+                          "finish, or give another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _dump(path: Path, record: dict) -> str:
+    if path.suffix in (".yaml", ".yml"):
+        return yaml.safe_dump(record, sort_keys=False)
+    return json.dumps(record, indent=2) + "\n"
+
+
+class RunDir:
+    """A run directory that this process writes (see the module docstring)."""
+
+    def __init__(self, path: str | Path, config_name: str, *, replace: bool = False):
+        self.path, self.config_name, self.replace = Path(path), config_name, replace
+        self._fds: list[int] = []
+
+    # ---- a new run ------------------------------------------------------------------------------
+
+    @classmethod
+    def new(cls, out: str | Path, config_name: str, overwrite: bool) -> "RunDir":
+        """A new run at ``out``: refused if ``out`` holds a run and not ``overwrite``. Nothing is written yet."""
+        run = Path(out)
+        if holds_run(run) and not overwrite:
+            raise GptlabError(f"{run} already holds a run; pass --resume {run} to continue it, --out NEW_DIR "
+                              "for a new one, or --overwrite to replace it")
+        return cls(run, config_name, replace=holds_run(run))
+
+    def create(self, record: dict, files: dict[str, Any] | None = None) -> Path:
+        """Write the settings ``record`` (and ``files``: name -> ``write(path)``), locked; returns the path.
+
+        With --overwrite the new run is built in a hidden sibling and renamed into place, and the old run
+        is deleted last: up to here everything was validated, and a crash leaves one whole run.
+        """
+        files = files or {}
+        if not self.replace:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._fds.append(lock_run(self.path))
+            self._write(self.path, record, files)
+            return self.path
+        self._fds.append(lock_run(self.path))  # no other process is writing the old run
+        stage = self.path.parent / f".{self.path.name}.new-{os.getpid()}"
+        _clean_stale(self.path)
+        stage.mkdir()
+        self._fds.append(lock_run(stage))  # the lock file moves with the directory
+        self._write(stage, record, files)
+        old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
+        os.rename(self.path, old)
+        os.rename(stage, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+        return self.path
+
+    def _write(self, where: Path, record: dict, files: dict[str, Any]) -> None:
+        for name, write in files.items():
+            write(where / name)
+        atomic_write_text(where / self.config_name, _dump(where / self.config_name, record))
+
+    # ---- a run to continue ----------------------------------------------------------------------
+
+    @classmethod
+    def resume(cls, resume: str | Path, config_name: str, what: str, *, overwrite: bool = False) -> tuple["RunDir", dict]:
+        """(the run to continue, locked; its recorded settings record). Every way the path can be wrong
+        is one GptlabError saying what to do."""
+        run = Path(resume)
+        if overwrite:
+            raise GptlabError(f"--resume {run} continues that run and --overwrite would delete it; drop one of the two")
+        if not run.is_dir():
+            raise GptlabError(f"--resume {run}: no such directory; give the --out directory of an earlier {what} run")
+        saved = run / config_name
+        if not saved.is_file():
+            other = next((cmd for name, cmd in RUN_CONFIGS.items() if (run / name).is_file()), None)
+            hint = f"it was made by `{other}`; resume it with that command" if other else "check the --resume path"
+            article = "an" if what[:1] in "aeiou" else "a"
+            raise GptlabError(f"{run} is not {article} {what} run (no {config_name}); {hint}")
+        try:
+            text = saved.read_text()
+            meta = yaml.safe_load(text) if saved.suffix == ".yaml" else json.loads(text)
+            if not isinstance(meta, dict) or not isinstance(meta.get("train"), dict):
+                raise KeyError("train")
+        except (json.JSONDecodeError, yaml.YAMLError, KeyError, AttributeError, TypeError) as e:
+            raise GptlabError(f"{saved} is damaged or from another gptlab version ({type(e).__name__}: {e}); "
+                              "the run cannot be resumed, start a new one with --out") from None
+        rd = cls(run, config_name)
+        rd._fds.append(lock_run(run))
+        return rd, meta
+
+    def latest_checkpoint(self) -> Path:
+        """The newest complete checkpoint (see :func:`gptlab.training.checkpoint.latest_checkpoint`)."""
+        from gptlab.training.checkpoint import latest_checkpoint
+
+        return latest_checkpoint(self.path)
+
+    def checkpoint_step(self) -> int | None:
+        """The step of the latest checkpoint, read from its name (``step-000020``) without loading it."""
+        m = re.fullmatch(r"step-(\d+)", self.latest_checkpoint().name)
+        return int(m.group(1)) if m else None
+
+    def refuse_reached_limit(self, cfg, steps_per_epoch: int | None, flags: str) -> None:
+        """Refuse to resume a run already at the (new) stopping limit of ``cfg``: it would train nothing.
+
+        ``steps_per_epoch`` turns an ``epochs`` limit into steps; when it is not known yet, an ``epochs``
+        limit is not checked. ``flags`` names the command's limit flags.
+        """
+        step = self.checkpoint_step()
+        target = cfg.total_steps(steps_per_epoch)
+        if step is not None and target is not None and step >= target:
+            epoch = f" (epoch {round(step / steps_per_epoch, 2):g})" if steps_per_epoch else ""
+            raise GptlabError(f"{self.path} is already at step {step}{epoch}; give a larger {flags} to continue")
+
+    # ---- the lock -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the lock(s) this process holds."""
+        while self._fds:
+            os.close(self._fds.pop())
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _clean_stale(run: Path) -> None:
+    """Delete hidden siblings ``.RUN.new-PID`` / ``.RUN.old-PID`` that a killed process left behind."""
+    for p in run.parent.glob(f".{run.name}.[no][el][wd]-*"):
+        try:
+            fd = lock_run(p)
+        except (GptlabError, OSError):
+            continue  # another live process is using it
+        os.close(fd)
+        shutil.rmtree(p, ignore_errors=True)

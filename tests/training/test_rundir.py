@@ -1,0 +1,132 @@
+"""The run directory: --overwrite validates first and replaces by rename, the writer's lock, resume rules."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from paths import SHARED
+
+from gptlab.cli import run
+from gptlab.errors import GptlabError
+from gptlab.training.rundir import RunDir, lock_run
+
+VERDICT = Path(SHARED) / "the-verdict.txt"
+pytestmark = pytest.mark.skipif(not VERDICT.exists(), reason="shared/data/the-verdict.txt not found")
+
+TINY = ["--preset", "gpt2-nano", "--context-length", "32", "--vocab-size", "300", "--batch-size", "4",
+        "--eval-every", "5", "--eval-iters", "2", "--precision", "fp32", "--progress", "false"]
+
+
+def _hash(run_dir: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(run_dir.rglob("*")):
+        h.update(str(p.relative_to(run_dir)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "verdict"
+    assert run(["train", "--data", str(VERDICT), "--out", str(out), "--max-steps", "5", *TINY]) == 0
+    return out
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (["--data", "no-such-corpus.txt"], "not found"),
+    (["--preset", "gpt2-nope"], "gpt2-nope"),
+    (["--device", "tpu"], "tpu"),
+    (["--tokenizer", "no/such/tokenizer.json"], "tokenizer"),
+])
+def test_a_typo_with_overwrite_leaves_the_old_run_byte_identical(trained, capsys, bad, msg):
+    before = _hash(trained)
+    argv = ["train", "--data", str(VERDICT), "--out", str(trained), "--max-steps", "2", *TINY, "--overwrite", *bad]
+    assert run(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and msg in err, err
+    assert _hash(trained) == before
+    assert not list(trained.parent.glob(f".{trained.name}.*"))  # no staging directory left behind
+
+
+def test_overwrite_replaces_the_run_by_rename(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run(["train", "--data", str(VERDICT), "--out", str(out), "--max-steps", "5", *TINY]) == 0
+    (out / "stale.txt").write_text("from the old run")
+    assert run(["train", "--data", str(VERDICT), "--out", str(out), "--max-steps", "5", *TINY, "--overwrite"]) == 0
+    assert not (out / "stale.txt").exists() and (out / "model" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_a_second_writer_is_refused_naming_the_first_pid(tmp_path, capsys):
+    out = tmp_path / "locked"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from gptlab.training.rundir import lock_run; "
+        f"lock_run(Path({str(out)!r})); print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, env={"PYTHONPATH": str(Path(__file__).parents[2] / "src")})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code = run(["train", "--data", str(VERDICT), "--out", str(out), "--max-steps", "2", *TINY])
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and len(err.splitlines()) == 1
+        assert f"being written by another gptlab process (pid {holder.pid})" in err, err
+        assert not (out / "model").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    fd = lock_run(out)  # the kernel released the killed process's lock
+    import os
+
+    os.close(fd)
+
+
+def test_the_lock_refuses_a_second_descriptor(tmp_path):
+    import os
+
+    fd = lock_run(tmp_path)
+    try:
+        with pytest.raises(GptlabError, match=f"pid {os.getpid()}"):
+            lock_run(tmp_path)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--lr", "0.01"], "--lr 0.01 differs from the 0.001"),
+    (["--batch-size", "2"], "--batch-size 2 differs from the 4"),
+    (["--preset", "gpt2-micro"], "--preset gpt2-micro differs from the 'gpt2-nano'"),
+    (["--data", "tinyshakespeare"], "--data tinyshakespeare differs from the"),
+    (["--max-steps", "5"], "is already at step 5 (epoch 0.05); give a larger --max-steps/--epochs to continue"),
+    (["--max-steps", "3"], "is already at step 5 (epoch 0.05); give a larger"),
+    ([], "is already at step 5 (epoch 0.05); give a larger"),
+])
+def test_train_resume_refuses_changed_settings_and_a_reached_limit(trained, capsys, flags, msg):
+    before = _hash(trained)
+    assert run(["train", "--resume", str(trained), "--progress", "false", *flags]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and msg in err, err
+    assert _hash(trained) == before
+
+
+def test_resume_without_the_latest_pointer_uses_the_newest_complete_checkpoint(trained, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    (copy / "checkpoints" / "latest").unlink()
+    assert RunDir(copy, "train_config.yaml").latest_checkpoint().name == "step-000005"
+    assert run(["train", "--resume", str(copy), "--max-steps", "10", "--progress", "false"]) == 0
+    assert "from step-000005" in capsys.readouterr().out
+
+
+def test_library_defaults_are_the_commands(tmp_path):
+    import torch
+
+    from gptlab.training.commands import PretrainSettings, Pretraining
+
+    s = PretrainSettings()
+    cfg = Pretraining().train_config(s, torch.device("cpu"))
+    assert (cfg.lr, cfg.max_steps) == (1e-3, 300)
