@@ -94,6 +94,10 @@ class LanguageModel(nn.Module):
     classifier: ClassifierInfo | None = None  # set when the head was replaced by a classifier's
     lora: LoraConfig | None = None  # set while the model carries unmerged LoRA adapters (finetune/lora.py)
 
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+
     # ---- the parts ----
     def get_embedding(self) -> nn.Embedding:
         """The token embedding (V, d)."""

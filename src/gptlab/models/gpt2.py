@@ -126,8 +126,7 @@ class GPT2(LanguageModel):
     EMBEDDING, BLOCKS, FINAL_NORM, HEAD = "tok_emb", "blocks", "final_norm", "out_head"
 
     def __init__(self, cfg: GPT2Config):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop = nn.Dropout(cfg.drop_rate)

@@ -206,14 +206,13 @@ class Llama(LanguageModel):
     EMBEDDING, BLOCKS, FINAL_NORM, HEAD = "embed_tokens", "layers", "norm", "lm_head"
 
     def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
+        # RoPE inverse frequencies (hd/2,): derived from the config, never saved.
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, cfg.norm_unit_offset)
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        # RoPE inverse frequencies (hd/2,): derived from the config, never saved.
-        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
         if not self.embed_tokens.weight.is_meta:  # on meta, a loader assigns weights, then calls finish_loading()
             self.reset_parameters()
         self.tie_weights()
