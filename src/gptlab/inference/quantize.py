@@ -183,14 +183,14 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 weights, group {self.group_size}"
 
 
-def quantize_int4(model: LanguageModel, group_size: int = 32) -> LanguageModel:
+def quantize_int4(model: nn.Module, group_size: int = 32) -> nn.Module:
     """Replace ``nn.Linear`` layers of ``model`` (in place) by :class:`Int4Linear`; returns the model.
 
-    The output head (``model.get_head()``) becomes :class:`Int8Linear` (an int4 head cost
-    +7 % perplexity); a layer whose input width is not a multiple of ``group_size`` becomes
-    int8 too. For inference only.
+    A gptlab model's output head (``model.get_head()``) becomes :class:`Int8Linear` (an int4
+    head cost +7 % perplexity); a layer whose input width is not a multiple of ``group_size``
+    becomes int8 too. Any other module is quantized layer by layer. For inference only.
     """
-    head = model.get_head()
+    head = model.get_head() if isinstance(model, LanguageModel) else None
 
     def make(name: str, mod: nn.Linear) -> nn.Module:
         if mod is head or mod.in_features % group_size:
