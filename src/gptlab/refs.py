@@ -68,6 +68,9 @@ def needs_resolving(ref: str) -> bool:
 
 def resolve(ref: str | Path) -> Path:
     """Turn a model reference into a local path (downloading a Hub repo id if needed)."""
+    if not isinstance(ref, (str, Path)) or not str(ref).strip():
+        raise GptlabError(f"model reference must be a non-empty path or name (a run directory, a .gguf file, "
+                          f"owner/name, pkg:PACKAGE/PATH), got {ref!r}")
     if isinstance(ref, Path):
         p = ref
     elif ref.startswith("pkg:"):

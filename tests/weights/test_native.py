@@ -87,3 +87,22 @@ def test_nothing_is_registered_at_import_time():
             "from gptlab.tokenizers import loading; n = len(loading.RESOLVERS); import gptlab.weights; "
             "assert len(loading.RESOLVERS) == n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_python_api_refuses_bad_arguments_in_one_line(tmp_path):
+    """load_model's arguments are checked before anything loads (was AssertionError / RuntimeError tracebacks)."""
+    import torch
+
+    from gptlab.models import build_model
+    from gptlab.models.gpt2 import GPT2Config
+
+    out = save_model_dir(build_model(GPT2Config(vocab_size=20, context_length=8, emb_dim=8, n_layers=1, n_heads=2)),
+                         tmp_path / "m")
+    if not torch.cuda.is_available():
+        with pytest.raises(GptlabError, match="no CUDA GPU is available here"):
+            load_model(out, device="cuda")
+    with pytest.raises(GptlabError, match="device='tpu' is not a device"):
+        load_model(out, device="tpu")
+    for bad in (None, "", 3):
+        with pytest.raises(GptlabError, match="model reference must be a non-empty path or name"):
+            load_model(bad)

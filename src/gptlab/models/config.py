@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -23,6 +25,41 @@ from gptlab.errors import GptlabError
 
 class ConfigError(GptlabError, ValueError):
     """A model configuration is invalid; the message names the field and the fix."""
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotated type ``hint`` (int, float, bool, str, dict, list[X], unions)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is float:  # an int is a fine float; a bool is neither
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is Any:
+        return True
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("NoneType", "None").replace("<class '", "").replace("'>", "")
+
+
+def check_field_types(cfg: Any) -> None:
+    """Refuse a config field whose value is not of its annotated type, naming the field (e.g. from a damaged
+    config.json: ``rope_theta=None``, ``n_layers="12"``)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _fits(value, hints[f.name]):
+            raise ConfigError(f"config field {f.name}={value!r} must be {_describe(hints[f.name])}")
 
 
 @dataclass
@@ -43,6 +80,7 @@ class ModelConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for f in ("vocab_size", "context_length", "emb_dim", "n_layers", "n_heads"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -71,9 +71,10 @@ def load_model(ref: str | Path, dtype: torch.dtype | str | None = None, device=N
         dtype: weights dtype (torch dtype or "fp32"/"bf16"/"fp16"); None keeps the stored one.
         device: where to put the model (default CPU).
     """
-    from gptlab.device import parse_dtype
+    from gptlab.device import parse_dtype, pick_device
 
     dtype = parse_dtype(dtype)
+    device = None if device is None else pick_device(device)  # "cuda" on a CPU-only build: one clear line
     path = resolve(ref)
     for loader in LOADERS:
         if loader.accepts(path):

@@ -25,6 +25,7 @@ Names (``GGUF_KEYS``, in the KeyRule dialect of ``weights/keymaps.py``; N is the
 from __future__ import annotations
 
 import dataclasses
+import math
 import mmap
 from pathlib import Path
 from typing import Any
@@ -150,32 +151,51 @@ class GGUFFile:
 
 
 class _Cursor:
+    """Reads GGUF header fields; every read is checked against the bytes left (a damaged count or
+    length raises ValueError naming the byte, never an OverflowError or a huge allocation)."""
+
     def __init__(self, buf: memoryview):
         self.buf, self.pos = buf, 0
 
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise ValueError(f"{what} at byte {self.pos} needs {n} bytes but the file has {len(self.buf) - self.pos} "
+                             "left")
+
     def scalar(self, code: str):
+        size = np.dtype(code).itemsize
+        self.need(size, "a value")
         v = np.frombuffer(self.buf, dtype=code, count=1, offset=self.pos)[0]
-        self.pos += np.dtype(code).itemsize
+        self.pos += size
         return v.item()
 
+    def count(self, code: str, min_bytes_each: int, what: str) -> int:
+        """A count of items that follow, each at least ``min_bytes_each`` bytes: checked against the file."""
+        n = self.scalar(code)
+        if n * min_bytes_each > len(self.buf) - self.pos:
+            raise ValueError(f"{what} count {n} at byte {self.pos} cannot fit in the {len(self.buf)}-byte file")
+        return n
+
     def string(self) -> str:
-        n = int.from_bytes(self.buf[self.pos:self.pos + 8], "little")
-        s = bytes(self.buf[self.pos + 8:self.pos + 8 + n]).decode("utf-8", errors="replace")
-        self.pos += 8 + n
+        n = self.count("<u8", 1, "string length")
+        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
         return s
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype == _STRING:
             return self.string()
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
-        if vtype == _ARRAY:
-            etype, count = self.scalar("<u4"), self.scalar("<u8")
+        if vtype == _ARRAY and depth < 4:
+            etype = self.scalar("<u4")
             if etype in _SCALARS:  # one NumPy read for the whole array
+                count = self.count("<u8", np.dtype(_SCALARS[etype]).itemsize, "array")
                 arr = np.frombuffer(self.buf, dtype=_SCALARS[etype], count=count, offset=self.pos)
                 self.pos += arr.nbytes
                 return arr.tolist()
-            return [self.value(etype) for _ in range(count)]
+            count = self.count("<u8", 8 if etype == _STRING else 12, "array")
+            return [self.value(etype, depth + 1) for _ in range(count)]
         raise ValueError(f"unknown GGUF value type {vtype} at byte {self.pos}")
 
 
@@ -194,16 +214,19 @@ def read_gguf(path: str | Path) -> GGUFFile:
         data = np.memmap(path, dtype=np.uint8, mode="r")
     except (OSError, ValueError) as e:
         raise GptlabError(f"cannot read {path} ({e})") from None
-    if data.size < 24 or bytes(data[:4]) != b"GGUF":
+    if bytes(data[:4]) != b"GGUF":
         raise GptlabError(f"{path} is not a readable GGUF file (it does not start with the GGUF magic bytes); "
                           "is it another format?")
+    if data.size < 24:
+        raise GptlabError(f"{path} is truncated: {data.size} bytes, less than a GGUF header (24); download it again")
     cur = _Cursor(memoryview(data))
     cur.pos = 4
     try:
         version = cur.scalar("<u4")
         if version not in (2, 3):
             raise ValueError(f"GGUF version {version} (only 2 and 3 are supported; big-endian files are not)")
-        n_tensors, n_kv = cur.scalar("<u8"), cur.scalar("<u8")
+        # each tensor entry takes at least 8 + 4 + 4 + 8 bytes, each key/value 8 + 4 + 1
+        n_tensors, n_kv = cur.count("<u8", 24, "tensor"), cur.count("<u8", 13, "metadata key")
         meta: dict[str, Any] = {}
         for _ in range(n_kv):
             key = cur.string()
@@ -211,11 +234,16 @@ def read_gguf(path: str | Path) -> GGUFFile:
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
-            dims = [cur.scalar("<u8") for _ in range(cur.scalar("<u4"))]
+            n_dims = cur.scalar("<u4")
+            if n_dims > 4:  # GGML_MAX_DIMS
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions (GGUF allows at most 4)")
+            dims = [cur.scalar("<u8") for _ in range(n_dims)]
             infos.append((name, dims, cur.scalar("<u4"), cur.scalar("<u8")))
     except (ValueError, IndexError, UnicodeDecodeError) as e:
         raise GptlabError(f"{path} is not a readable GGUF file ({e}); is it truncated?") from None
-    align = int(meta.get("general.alignment", 32))
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or isinstance(align, bool) or not 1 <= align <= 1 << 20:
+        raise GptlabError(f"{path}: general.alignment={align!r} is not a valid alignment; the file is damaged")
     data_start = -(-cur.pos // align) * align
     tensors: dict[str, TensorInfo] = {}
     for name, dims, type_id, offset in infos:
@@ -223,8 +251,13 @@ def read_gguf(path: str | Path) -> GGUFFile:
             qtype = GGMLQuantizationType(type_id)
         except ValueError:
             raise GptlabError(f"{path}: tensor {name} has unknown GGML type id {type_id}") from None
+        if qtype not in GGML_QUANT_SIZES:
+            raise GptlabError(f"{path}: tensor {name} has GGML type {qtype.name}, which has no block size")
         per_block, type_size = GGML_QUANT_SIZES[qtype]
-        n = int(np.prod(dims)) if dims else 1
+        n = math.prod(int(d) for d in dims)  # Python ints: a damaged dimension cannot overflow
+        if n % per_block:
+            raise GptlabError(f"{path}: tensor {name} has {n} elements, not whole {qtype.name} blocks of "
+                              f"{per_block}; the file is damaged")
         info = TensorInfo(qtype.name, tuple(int(d) for d in reversed(dims)), data_start + offset,
                           n // per_block * type_size)
         if info.start + info.nbytes > data.size:

@@ -66,6 +66,9 @@ def read_hf_config(path: str | Path) -> dict:
 def architecture(hf: dict) -> str:
     """The supported architecture name of a HF config, or a GptlabError naming what is supported."""
     archs = hf.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise GptlabError(f"config.json: architectures={archs!r} must be a list of names such as "
+                          "['LlamaForCausalLM']; the file is damaged")
     arch = archs[0] if archs else _from_model_type(str(hf.get("model_type", "")))
     if family_for_architecture(arch) is None:
         shown = arch or f"model_type={hf.get('model_type')!r}"
@@ -83,6 +86,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
         cfg = family.hf_config(hf, arch)
     except ConfigError as e:
         raise GptlabError(f"config.json ({arch}): {e}") from None
+    except (TypeError, ValueError, AttributeError, KeyError) as e:  # a field of the wrong type or shape
+        raise GptlabError(f"config.json ({arch}) has a field of the wrong type ({type(e).__name__}: {e}); "
+                          "the file is damaged or not a Hugging Face config") from None
     name = hf.get("_name_or_path")
     if name:
         cfg.name = str(name)

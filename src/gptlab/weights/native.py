@@ -45,13 +45,8 @@ FORMAT = "gptlab"
 
 def is_native_dir(path: str | Path) -> bool:
     """True for a directory whose config.json was written by gptlab."""
-    p = Path(path) / "config.json"
-    if not p.is_file():
-        return False
-    try:
-        return json.loads(p.read_text()).get("format") == FORMAT
-    except (OSError, json.JSONDecodeError):
-        return False
+    meta = _read_meta(Path(path))
+    return meta is not None and meta.get("format") == FORMAT
 
 
 KINDS = ("lm", "classifier")
@@ -109,13 +104,16 @@ def read_config(path: str | Path) -> ModelConfig:
     p = Path(path) / "config.json"
     try:
         meta = json.loads(p.read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+            raise TypeError("expected a JSON object with a 'model' object")
         return ModelConfig.from_dict(meta["model"])
     except FileNotFoundError:
         raise GptlabError(f"{p} not found; a gptlab model directory needs config.json and model.safetensors") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise GptlabError(f"{p} is not a valid gptlab config ({e}); re-export or retrain the model") from None
     except ConfigError as e:
         raise GptlabError(f"{p}: {e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:  # JSONDecodeError is a ValueError
+        raise GptlabError(f"{p} is not a valid gptlab config ({type(e).__name__}: {e}); re-export or retrain "
+                          "the model") from None
 
 
 def _read_meta(path: Path) -> dict | None:
