@@ -259,3 +259,8 @@ def test_zero_limit_is_refused_and_the_judged_file_kept(tmp_path, capsys):
     with pytest.raises(GptlabError, match="limit=0 must be at least 1"):
         judge_file(f, OllamaJudge("http://127.0.0.1:9"), limit=0)
     assert judged.read_text() == "earlier results"
+
+
+def test_a_directory_as_responses_is_named_as_such(tmp_path):
+    with pytest.raises(GptlabError, match="is a directory; give the JSON file in it"):
+        judge_file(tmp_path, judge=None)

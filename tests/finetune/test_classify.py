@@ -371,3 +371,15 @@ def test_a_limit_that_trains_nothing_is_refused(tmp_path, base_dir, capsys, flag
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"error: {flag[0]} {flag[1]} must be" in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_header_row_is_not_a_third_class(tmp_path):
+    """``label<TAB>message`` as the first line was read as a one-example class 'label' (issue 16)."""
+    body = "".join(f"ham\thello friend {i}\nspam\tWIN cash {i}\n" for i in range(5))
+    for header in ("label\tmessage\n", "class\tsms\n", "Category\tText\n"):
+        (tmp_path / "h.tsv").write_text(header + body)
+        d = load_labeled(tmp_path / "h.tsv")
+        assert d.names == ["ham", "spam"] and d.counts() == {"ham": 5, "spam": 5}, header
+    # a first row whose label is a real class stays an example
+    (tmp_path / "d.tsv").write_text("ham\tmessage\n" + body)
+    assert load_labeled(tmp_path / "d.tsv").counts() == {"ham": 6, "spam": 5}

@@ -209,3 +209,15 @@ def test_overwrite_with_a_bad_data_path_leaves_the_old_run_whole(tmp_path, base_
                     "--out", str(tmp_path / "run"), "--overwrite"]) == 1
     assert "instruction data" in capsys.readouterr().err
     assert digest() == before
+
+
+def test_directories_and_a_single_object_get_their_own_messages(tmp_path):
+    """A directory said 'not found'; one JSON object said 'only 0 training entries' (issue 16)."""
+    from gptlab.finetune.instruct import load_instruction_data
+
+    (tmp_path / "d").mkdir()
+    with pytest.raises(GptlabError, match="is a directory; give a .json/.jsonl file inside it"):
+        load_instruction_data(tmp_path / "d")
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}))
+    assert len(load_instruction_data(one)) == 1  # one object = one record

@@ -286,6 +286,9 @@ def judge_file(responses: str | Path, judge: Judge, out: str | Path | None = Non
     if limit is not None and limit < 1:
         raise GptlabError(f"limit={limit} must be at least 1 (omit it to score every entry)")
     p = Path(responses)
+    if p.is_dir():
+        raise GptlabError(f"--responses {p} is a directory; give the JSON file in it (`gptlab finetune instruct` "
+                          "writes OUT/instruction-data-with-response.json)")
     if not p.is_file():
         raise GptlabError(f"responses file {p} not found; `gptlab finetune instruct` writes "
                           "OUT/instruction-data-with-response.json")

@@ -64,6 +64,9 @@ def load_instruction_data(data: str | Path) -> list[dict]:
 
         data = fetch_dataset("instruction-data")
     p = Path(data)
+    if p.is_dir():
+        raise GptlabError(f"instruction data {p} is a directory; give a .json/.jsonl file inside it "
+                          "or 'instruction-data'")
     if not p.is_file():
         raise GptlabError(f"instruction data {p} not found; give a .json/.jsonl file or 'instruction-data'")
     entries = []
@@ -372,10 +375,12 @@ class InstructionTuning:
 
         if resuming is None:
             s = dataclasses.replace(s, **self.record(s))
-        train, test, val = course_split(load_instruction_data(s.data))
+        entries = load_instruction_data(s.data)
+        train, test, val = course_split(entries)
         if len(train) < cfg.batch_size:
-            raise GptlabError(f"only {len(train)} training entries for batch_size={cfg.batch_size}; "
-                              "give more data or a smaller batch size")
+            raise GptlabError(f"{s.data} holds {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}: the 85/10/5 "
+                              f"split leaves {len(train)} for training, fewer than --batch-size {cfg.batch_size}; "
+                              "give more data (a JSON array or one object per line) or a smaller --batch-size")
         torch.manual_seed(cfg.seed)
         net, tok = load_model_and_tokenizer(s.model, dev)
         pad = pad_id_of(tok)

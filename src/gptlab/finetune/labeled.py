@@ -32,16 +32,34 @@ def _pick_columns(header: list[str], source: str) -> tuple[int, int]:
     raise GptlabError(f"{source}: the header {header} needs a 'text' and a 'label' column")
 
 
+# Column names a header row of a label<TAB>text file uses: such a first row is a header, not an example.
+_LABEL_NAMES = {"label", "labels", "class", "category", "target", "y", "sentiment", "type"}
+_TEXT_NAMES = {"text", "message", "messages", "sms", "sentence", "content", "review", "body", "email", "x"}
+
+
+def _is_header_row(first: list[str], rest: list[str]) -> bool:
+    """A first line ``label<TAB>text`` whose "label" names a column and occurs in no other row."""
+    if len(first) < 2:
+        return False
+    label, text = first[0].strip(), first[1].strip().lower()
+    if label.lower() not in _LABEL_NAMES and text not in _TEXT_NAMES:
+        return False
+    return not any(line.split("\t", 1)[0].strip() == label for line in rest)
+
+
 def read_labeled(path: str | Path) -> tuple[list[str], list[str]]:
     """Read (text, label) rows from a TSV, CSV, JSONL or JSON file; returns (texts, raw labels).
 
     TSV: each line is split on its FIRST tab. A header line naming ``text`` and
     ``label`` sets the column order; without one, lines are ``label<TAB>text``
-    (the SMS Spam Collection layout). Quote characters are kept as text (54 SMS
+    (the SMS Spam Collection layout), and a first line such as ``label<TAB>message``
+    (a column name as its label, used by no other row) is skipped as a header. Quote characters are kept as text (54 SMS
     messages start with one). CSV: a header with ``text`` and ``label`` columns.
     JSONL / JSON: objects with ``text`` and ``label`` keys.
     """
     p = Path(path)
+    if p.is_dir():
+        raise GptlabError(f"data {p} is a directory; give a .tsv/.csv/.jsonl file inside it")
     if not p.is_file():
         raise GptlabError(f"data file {p} not found; give a .tsv/.csv/.jsonl file or a named dataset (sms-spam)")
     suffix = p.suffix.lower()
@@ -52,6 +70,8 @@ def read_labeled(path: str | Path) -> tuple[list[str], list[str]]:
         text_col, label_col, first_line = 1, 0, 1
         if {c.strip().lower() for c in first} >= {"text", "label"}:
             text_col, label_col = _pick_columns(first, str(p))
+            lines, first_line = lines[1:], 2
+        elif _is_header_row(first, lines[1:]):  # e.g. "label<TAB>message": not a third class
             lines, first_line = lines[1:], 2
         for n, line in enumerate(lines, first_line):  # n: the line number in the file
             if not line.strip():
