@@ -239,3 +239,16 @@ def test_a_failed_export_leaves_the_old_out_untouched(tmp_path, monkeypatch):
     assert run(["export", str(src), "--out", str(out), "--overwrite"]) == 1
     assert (out / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_exported_config_names_the_tokenizers_own_bos_eos(tmp_path):
+    """A 300-token trained BPE ends text with id 0: config.json said 50256, outside the vocabulary (issue 16)."""
+    from gptlab.tokenizers import train_bpe
+
+    tok = train_bpe(["the cat sat on the mat. " * 40 + "a quick brown fox jumps over the lazy dog. " * 40],
+                    vocab_size=300)
+    model = build_model(GPT2Config(vocab_size=tok.vocab_size, context_length=16, emb_dim=16, n_layers=1, n_heads=2))
+    hf = json.loads((export_hf(model, tmp_path / "a", tokenizer=tok) / "config.json").read_text())
+    assert hf["eos_token_id"] == hf["bos_token_id"] == tok.eos_id == 0
+    hf = json.loads((export_hf(model, tmp_path / "b") / "config.json").read_text())  # no tokenizer: no stray 50256
+    assert hf["eos_token_id"] is None and hf["bos_token_id"] is None

@@ -82,6 +82,31 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _tokenizer_object(tokenizer):
+    """The tokenizer itself, also when ``tokenizer`` is a directory whose files are copied (None if unreadable)."""
+    if not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    from gptlab.tokenizers import load_tokenizer
+
+    try:
+        return load_tokenizer(str(tokenizer))
+    except GptlabError:
+        return None
+
+
+def _token_ids(hf: dict, vocab_size: int, tokenizer) -> None:
+    """bos/eos ids of the exported config: the tokenizer's own (a trained BPE's end-of-text is not GPT-2's
+    50256), and never an id outside the vocabulary (transformers warns about those)."""
+    if tokenizer is not None:
+        eos, bos = tokenizer.eos_id, tokenizer.bos_id
+        hf["eos_token_id"], hf["bos_token_id"] = eos, bos if bos is not None else eos
+    for key in ("bos_token_id", "eos_token_id"):
+        ids = hf.get(key)
+        listed = ids if isinstance(ids, list) else [ids]
+        if any(i is not None and not 0 <= i < vocab_size for i in listed):
+            hf[key] = None
+
+
 def export_hf(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
     """Write ``model`` as a Hugging Face directory (config.json + model.safetensors [+ tokenizer]).
 
@@ -97,6 +122,7 @@ def export_hf(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
     state = hf_state_dict(model)
     dtype = next(iter(state.values())).dtype
     hf["torch_dtype"] = _DTYPE_NAMES.get(dtype, "float32")
+    _token_ids(hf, cfg.vocab_size, _tokenizer_object(tokenizer))
     out.mkdir(parents=True, exist_ok=True)
     atomic_save(out / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
     atomic_write_json(out / "config.json", hf)
