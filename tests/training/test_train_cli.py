@@ -183,3 +183,11 @@ def test_bad_limits_are_refused_before_any_work(tmp_path, capsys, flags, msg):
 def test_bad_limit_on_resume_is_refused_before_loading(tmp_path, capsys):
     assert run(["train", "--resume", str(tmp_path / "no-run"), "--epochs", "0"]) == 1
     assert capsys.readouterr().err.startswith("error: --epochs 0 must be > 0")
+
+
+def test_a_corpus_too_small_for_the_vocabulary_is_explained(capsys):
+    from gptlab.training.commands import _build_tokenizer
+
+    tok = _build_tokenizer(None, "the cat sat on the mat. " * 50, 4096, "")
+    out = capsys.readouterr().out
+    assert tok.vocab_size < 4096 and f"the corpus filled {tok.vocab_size:,} of the 4,096 requested tokens" in out

@@ -113,7 +113,13 @@ def _build_tokenizer(spec: str | None, train_text: str, vocab_size: int, full_te
 
     if spec is None or spec == "bpe":
         print(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on the training split ...", flush=True)
-        return T.train_bpe([train_text], vocab_size=vocab_size)
+        from gptlab.tokenizers.bpe import shortfall_note
+
+        tok = T.train_bpe([train_text], vocab_size=vocab_size)
+        note = shortfall_note(tok, vocab_size)
+        if note:
+            print(note, flush=True)
+        return tok
     if spec == "char":
         return T.CharTokenizer.from_text(full_text)
     return T.load_tokenizer(spec)

@@ -94,7 +94,8 @@ def diagnose(records: list[dict], vocab_size: int | None = None) -> Diagnosis:
     - overfitting: validation loss rose >3% above its minimum while training loss
       kept falling; the best step is named (its checkpoint is RUN/model);
     - underfitting: training loss still falling fast at the end (>3% over the last
-      quarter of evaluations) or barely below the uniform-guess loss ln(V);
+      quarter of evaluations), validation loss still falling (>1% over the last quarter),
+      or training loss barely below the uniform-guess loss ln(V);
     - healthy: both losses fell and flattened, with a modest gap.
     """
     evals = [r for r in records if r.get("train_loss") is not None]
@@ -129,6 +130,11 @@ def diagnose(records: list[dict], vocab_size: int | None = None) -> Diagnosis:
         gap = f", validation {val[-1][1]:.3f}" if val else ""
         return Diagnosis("underfitting", f"still improving: training loss fell {100 * recent_drop:.1f}% over the last "
                          f"quarter of the run (now {tr[-1]:.3f}{gap}); the model is not done learning - train longer")
+    vq = max(2, len(val) // 4)
+    if len(val) >= 3 and (val[-vq][1] - val[-1][1]) / max(val[-vq][1], 1e-9) > 0.01:
+        drops = " -> ".join(f"{v:.2f}" for _, v in val[-max(vq, 3):])
+        return Diagnosis("underfitting", f"still improving: validation loss is still falling ({drops} over the last "
+                         "evaluations); the model is not done learning - train longer")
     gap_msg = ""
     if val:
         gap = val[-1][1] - tr[-1]
