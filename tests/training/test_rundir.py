@@ -130,3 +130,21 @@ def test_library_defaults_are_the_commands(tmp_path):
     s = PretrainSettings()
     cfg = Pretraining().train_config(s, torch.device("cpu"))
     assert (cfg.lr, cfg.max_steps) == (1e-3, 300)
+
+
+def test_resume_cleans_stale_temp_files_and_truncates_samples(trained, tmp_path, capsys):
+    """A run killed mid-write leaves .NAME.XXXX.tmp files, and samples.txt holds sections past the checkpoint
+    it resumes from; resuming removed neither, so samples.txt repeated steps (issue 16)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    stale = [copy / ".metrics.jsonl.abc123.tmp", copy / "checkpoints" / "step-000005" / ".model.safetensors.x.tmp"]
+    for p in stale:
+        p.write_bytes(b"\0" * 1000)
+    with open(copy / "samples.txt", "a") as f:  # what a run killed after step 8's evaluation had written
+        f.write("--- step 8 ---\nwritten after the checkpoint\n")
+    assert run(["train", "--resume", str(copy), "--max-steps", "10", "--progress", "false"]) == 0
+    assert not any(p.exists() for p in stale)
+    steps = [l for l in (copy / "samples.txt").read_text().splitlines() if l.startswith("--- step")]
+    assert steps == ["--- step 5 ---", "--- step 10 ---"]

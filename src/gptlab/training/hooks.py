@@ -9,6 +9,7 @@ keeps its in-memory state (records, best loss, patience) but touches no file and
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,10 +103,16 @@ class Progress:
 class Samples:
     """``samples.txt``: the text ``sample_fn`` writes at each evaluation, one section per step."""
 
-    def __init__(self, run: Path, sample_fn: Callable[[nn.Module], str] | None, resumed: bool, is_main: bool = True):
+    def __init__(self, run: Path, sample_fn: Callable[[nn.Module], str] | None, resumed_at: int | None,
+                 is_main: bool = True):
         self.path, self.fn, self.is_main = run / "samples.txt", sample_fn, is_main
-        if is_main and not resumed and self.path.exists():
+        if not is_main or not self.path.exists():
+            return
+        if resumed_at is None:
             self.path.unlink()
+        else:  # sections written after the resumed checkpoint (by a run killed later) would repeat: drop them
+            atomic_write_text(self.path, "".join(s for s in _sections(self.path.read_text())
+                                                 if _section_step(s) <= resumed_at))
 
     def __call__(self, model: nn.Module, step: int, write: Callable[[str], None]) -> None:
         if self.fn is None or not self.is_main:
@@ -114,6 +121,22 @@ class Samples:
         write(f"  sample: {text!r}")
         prev = self.path.read_text() if self.path.exists() else ""
         atomic_write_text(self.path, prev + f"--- step {step} ---\n{text}\n")
+
+
+_SECTION = re.compile(r"^--- step (\d+) ---$", re.M)
+
+
+def _sections(text: str) -> list[str]:
+    """``samples.txt`` split into its ``--- step N ---`` sections (text before the first one kept as is)."""
+    starts = [m.start() for m in _SECTION.finditer(text)]
+    if not starts:
+        return [text] if text else []
+    return ([text[:starts[0]]] if starts[0] else []) + [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
+
+
+def _section_step(section: str) -> int:
+    m = _SECTION.match(section)
+    return int(m.group(1)) if m else 0
 
 
 def keep_best(c: Counters, val_loss: float | None) -> bool:

@@ -249,11 +249,12 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
     scaler = torch.amp.GradScaler(next(model.parameters()).device.type) if amp == torch.float16 else None
     fwd = torch.compile(model) if cfg.compile else model
     c = _resume(optimizer, cfg, resume_state)
+    resumed_at = c.step if resume_state is not None else None
     bar = Progress(progress, sched.max_steps, c, cfg.log_every, echo, is_main)
     evaluation = Evaluation(run, model, task, train, val, cfg, optimizer, tokenizer, autocast=autocast,
                             save_model=save_model or (lambda m, d: save_model_dir(m, d, tokenizer)),
-                            samples=Samples(run, sample_fn, resume_state is not None, is_main), progress=bar,
-                            resumed_at=c.step if resume_state is not None else None, is_main=is_main)
+                            samples=Samples(run, sample_fn, resumed_at, is_main), progress=bar,
+                            resumed_at=resumed_at, is_main=is_main)
     lr, speed, stopped = sched.lr(max(c.step - 1, 0)), Throughput(), None
     t_start = time.perf_counter() - c.elapsed
     step_rng, tokens_at_step_start = rng_state(), c.tokens

@@ -139,7 +139,16 @@ class RunDir:
                               "the run cannot be resumed, start a new one with --out") from None
         rd = cls(run, config_name)
         rd._fds.append(lock_run(run))
+        rd.clean_stale_temp_files()
         return rd, meta
+
+    def clean_stale_temp_files(self) -> list[Path]:
+        """Delete the temp files a killed writer left (``.NAME.XXXX.tmp`` beside each file it was replacing
+        atomically). Safe only under the lock: no other process writes the run."""
+        stale = [p for p in self.path.rglob(".*.tmp") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
 
     def latest_checkpoint(self) -> Path:
         """The newest complete checkpoint (see :func:`gptlab.training.checkpoint.latest_checkpoint`)."""
