@@ -29,6 +29,9 @@ def prepare(data: str = "builtin", out: str | None = None, tokenizer: str | None
 
     if not out:
         raise GptlabError("give --out DIR: where to write train.bin, val.bin and meta.json")
+    for name, value in (("chunk-chars", chunk_chars), ("vocab-size", vocab_size), ("sample-chars", sample_chars)):
+        if value < 1:
+            raise GptlabError(f"--{name} {value} must be at least 1")
     meta = prepare_corpus(data, out, tokenizer=tokenizer, val_ratio=val_ratio, chunk_chars=chunk_chars,
                           vocab_size=vocab_size, sample_chars=sample_chars, progress=progress)
     print(f"wrote {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "

@@ -24,8 +24,13 @@ def eval_command(model: str, data: str | None = None, max_length: int | None = N
         as_json: print JSON.
     """
     from gptlab.data import load_corpus
+    from gptlab.errors import GptlabError
     from gptlab.inference import open_model
 
+    for name, value in (("max-tokens", max_tokens), ("max-length", max_length), ("stride", stride),
+                        ("batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise GptlabError(f"--{name} {value} must be at least 1")
     opened = open_model(model, device=device, dtype=dtype)
     net, tok = opened.model, opened.tokenizer
     ids = tok.encode(load_corpus(data), allowed_special="all")

@@ -236,6 +236,8 @@ class ClassifySettings(RunSettings):
         seed: seed of the balancing, the split, the new head and the data order.
     """
 
+    POSITIVE = ('limit', 'lora_rank', 'lora_alpha', 'max_length')
+
     model: str | None = None
     data: str = "sms-spam"
     out: str = "runs/classifier"

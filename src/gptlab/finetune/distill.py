@@ -210,6 +210,8 @@ class DistillSettings(RunSettings):
             started with (only --max-steps, the new total, may change; the schedule follows it).
     """
 
+    POSITIVE = ('prompts', 'gen_tokens', 'context_length', 'temperature')
+
     teacher: str | None = None
     student: str | None = None
     data: str | None = None

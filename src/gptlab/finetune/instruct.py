@@ -287,6 +287,8 @@ class InstructSettings(RunSettings):
         progress: show progress bars.
     """
 
+    POSITIVE = ('allowed_max_length', 'lora_rank', 'lora_alpha', 'max_test', 'max_new_tokens')
+
     model: str | None = None
     data: str = "instruction-data"
     out: str = "runs/instruct"
@@ -350,6 +352,8 @@ class InstructionTuning:
     def check(self, s: InstructSettings) -> None:
         if not s.model:
             raise GptlabError("give the pretrained model to start from: --model REF (or --resume RUN_DIR)")
+        if not 0.0 <= s.lora_dropout < 1.0:
+            raise GptlabError(f"--lora-dropout {s.lora_dropout} must be in [0, 1)")
         from gptlab.refs import resolve
 
         resolve(s.model)  # a wrong model reference fails now, not after the data is prepared

@@ -72,7 +72,7 @@ def fit_command(model: str | None = None, context: int | None = None, quant: str
 
     Returns 0; with --verify, 3 when an estimate is outside its target band.
     """
-    _check_args(threads, batch, limit, tui, context)
+    _check_args(threads, batch, limit, tui, context, target_tps)
     hw = detect_hardware(calibrate_now=calibrate, ram=ram, vram=vram, cores=cores)
     if verify is not None:
         from gptlab.fit.verify import render_verify, verify_model
@@ -105,8 +105,11 @@ def fit_command(model: str | None = None, context: int | None = None, quant: str
     return 0
 
 
-def _check_args(threads: int | None, batch: int, limit: int | None, tui: bool, context: int | None) -> None:
+def _check_args(threads: int | None, batch: int, limit: int | None, tui: bool, context: int | None,
+                target_tps: float | None = None) -> None:
     """Refuse impossible flag values in one line each, before anything is measured."""
+    if target_tps is not None and not target_tps > 0:
+        raise GptlabError(f"--target-tps {target_tps} must be > 0 (decode tokens/s)")
     if threads is not None and threads < 1:
         raise GptlabError(f"--threads {threads} must be at least 1")
     if batch < 1:

@@ -94,6 +94,7 @@ def run_recipe(recipe: Recipe, s, *, is_main: bool = True) -> Any:
             job = recipe.build(s, cfg, device, run,
                                lambda n: run.refuse_reached_limit(cfg, n, flags) if late else None)
             return _train(recipe, s, cfg, job, run.path, is_main)
+    s.check_positive()
     recipe.check(s)
     run = RunDir.new(s.out, recipe.config_file, s.overwrite)
     cfg = recipe.train_config(s, device)

@@ -95,6 +95,10 @@ class TrainConfig:
                 raise GptlabError(f"{f}={getattr(self, f)} must be >= 1")
         if not self.lr > 0:
             raise GptlabError(f"lr={self.lr} must be > 0")
+        if not self.weight_decay >= 0:
+            raise GptlabError(f"weight_decay={self.weight_decay} must be >= 0 (0 turns it off)")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise GptlabError(f"grad_clip={self.grad_clip} must be > 0 (or 0/None to turn clipping off)")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise GptlabError(f"warmup_steps={self.warmup_steps} must be >= 0 (0 means no warmup)")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:

@@ -20,7 +20,7 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 from gptlab.errors import GptlabError
 
@@ -51,6 +51,16 @@ class RunSettings:
     seed: int = 123
     overwrite: bool = False
     progress: bool = True
+
+    # Settings that count or scale something: refused unless > 0 (None, "not set", is fine).
+    POSITIVE: ClassVar[tuple[str, ...]] = ()
+
+    def check_positive(self) -> None:
+        """One line naming the first setting in ``POSITIVE`` that is zero or negative."""
+        for name in self.POSITIVE:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise GptlabError(f"--{name.replace('_', '-')} {value} must be > 0")
 
 
 def field_docs(cls: type) -> dict[str, str]:
