@@ -21,6 +21,7 @@ def _umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone gives 0600
+DIR_MODE = 0o777 & ~_umask()  # what mkdir() would give; mkdtemp alone gives 0700
 
 
 @contextlib.contextmanager

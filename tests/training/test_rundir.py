@@ -148,3 +148,32 @@ def test_resume_cleans_stale_temp_files_and_truncates_samples(trained, tmp_path,
     assert not any(p.exists() for p in stale)
     steps = [l for l in (copy / "samples.txt").read_text().splitlines() if l.startswith("--- step")]
     assert steps == ["--- step 5 ---", "--- step 10 ---"]
+
+
+def test_ctrl_c_before_the_new_runs_first_checkpoint_gives_the_old_run_back(trained, tmp_path, capsys, monkeypatch):
+    """--overwrite moved the old run away, then Ctrl-C came before the new run's first checkpoint: the old run
+    was gone and nothing was left to resume (found trying the CLI as a new user)."""
+    import shutil
+
+    import gptlab.training.driver as driver
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    before = _hash(copy)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "train_loop", interrupted)
+    argv = ["train", "--data", str(VERDICT), "--out", str(copy), "--overwrite", "--max-steps", "2", *TINY]
+    assert run(argv) == 130
+    assert _hash(copy) == before and not list(tmp_path.glob(".copy.*"))
+
+    def checkpoint_then_fail(*args, on_checkpoint=None, **kwargs):
+        (Path(args[4]) / "checkpoints").mkdir()
+        on_checkpoint()  # the new run has its first checkpoint: the old one may go
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "train_loop", checkpoint_then_fail)
+    assert run(argv) == 130
+    assert _hash(copy) != before and not list(tmp_path.glob(".copy.*"))  # the new run stays, the old is gone

@@ -84,8 +84,8 @@ def test_export_command_bad_input(tmp_path, capsys):
     _, src = make_hf("llama-tied", tmp_path)
     assert run(["export", str(src), "--out", str(tmp_path / "o"), "--format", "gguf"]) == 1
     assert "--format 'gguf' is not supported; use --format hf" in capsys.readouterr().err
-    assert run(["export", str(src)]) == 1
-    assert "--out DIR" in capsys.readouterr().err
+    assert run(["export", str(src)]) == 2  # a missing required value is a usage error, as the README says
+    assert "--out" in capsys.readouterr().err
     assert run(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
     assert "not found" in capsys.readouterr().err
 
@@ -191,11 +191,14 @@ def test_export_refuses_an_existing_out_without_overwrite(tmp_path, capsys):
     capsys.readouterr()  # transformers' save progress
     out = tmp_path / "exported"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # an earlier export (--overwrite replaces only an export)
+    (out / "model.safetensors").write_bytes(b"old")
     (out / "keep.txt").write_text("earlier export")
+    capsys.readouterr()
     assert run(["export", str(src), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "already exists and is not empty" in err and "--overwrite" in err, err
-    assert (out / "keep.txt").read_text() == "earlier export" and not (out / "config.json").exists()
+    assert (out / "keep.txt").read_text() == "earlier export" and (out / "config.json").read_text() == "{}"
     assert run(["export", str(src), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     torch.testing.assert_close(_hf_logits(out)[0], _hf_logits(src)[0])
@@ -252,3 +255,36 @@ def test_exported_config_names_the_tokenizers_own_bos_eos(tmp_path):
     assert hf["eos_token_id"] == hf["bos_token_id"] == tok.eos_id == 0
     hf = json.loads((export_hf(model, tmp_path / "b") / "config.json").read_text())  # no tokenizer: no stray 50256
     assert hf["eos_token_id"] is None and hf["bos_token_id"] is None
+
+
+def test_overwrite_replaces_only_an_earlier_export(tmp_path, capsys):
+    """`export --out DIR --overwrite` deleted any directory (notes.txt and all): it replaces only an export."""
+    import os
+    import stat
+
+    _, src = make_hf("llama-tied", tmp_path)
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "notes.txt").write_text("important")
+    capsys.readouterr()
+    assert run(["export", str(src), "--out", str(victim), "--overwrite"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not an earlier export" in err, err
+    assert (victim / "notes.txt").read_text() == "important"
+    # the current directory (or one above it) is never an --out
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert run(["export", str(src), "--out", ".", "--overwrite"]) == 1
+        assert "current directory" in capsys.readouterr().err
+    finally:
+        os.chdir(cwd)
+    # a missing --out is a usage error (exit 2), and an export's folder gets the umask's mode, not 0700
+    assert run(["export", str(src)]) == 2
+    capsys.readouterr()
+    old = os.umask(0o022)
+    try:
+        assert run(["export", str(src), "--out", str(tmp_path / "e")]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "e").stat().st_mode) == 0o755

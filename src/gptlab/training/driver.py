@@ -93,7 +93,7 @@ def run_recipe(recipe: Recipe, s, *, is_main: bool = True) -> Any:
             late = "steps_per_epoch" not in meta  # recorded before it was: an epochs limit is checked when known
             job = recipe.build(s, cfg, device, run,
                                lambda n: run.refuse_reached_limit(cfg, n, flags) if late else None)
-            return _train(recipe, s, cfg, job, run.path, is_main)
+            return _train(recipe, s, cfg, job, run, is_main)
     s.check_positive()
     recipe.check(s)
     run = RunDir.new(s.out, recipe.config_file, s.overwrite)
@@ -103,11 +103,11 @@ def run_recipe(recipe: Recipe, s, *, is_main: bool = True) -> Any:
     with run:
         run.create({"settings": recipe.record(s), "train": dataclasses.asdict(cfg),
                     "steps_per_epoch": job.steps_per_epoch, **job.record}, job.files)
-        return _train(recipe, s, cfg, job, run.path, is_main)
+        return _train(recipe, s, cfg, job, run, is_main)
 
 
-def _train(recipe: Recipe, s, cfg: TrainConfig, job: Job, run: Path, is_main: bool) -> Any:
-    result = train_loop(job.model, job.train, job.val, cfg, run, task=job.task, tokenizer=job.tokenizer,
+def _train(recipe: Recipe, s, cfg: TrainConfig, job: Job, run: RunDir, is_main: bool) -> Any:
+    result = train_loop(job.model, job.train, job.val, cfg, run.path, task=job.task, tokenizer=job.tokenizer,
                         resume_state=job.resume_state, sample_fn=job.sample_fn, save_model=job.save_model,
-                        progress=s.progress, is_main=is_main)
-    return recipe.report(s, cfg, job, result, run)
+                        progress=s.progress, is_main=is_main, on_checkpoint=run.drop_replaced)
+    return recipe.report(s, cfg, job, result, run.path)

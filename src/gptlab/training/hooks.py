@@ -165,11 +165,12 @@ class Evaluation:
 
     def __init__(self, run: Path, model: nn.Module, task, train: IndexedBatches, val: IndexedBatches | None,
                  cfg, optimizer, tokenizer, *, save_model: Callable[[nn.Module, Path], None],
-                 samples: Samples, progress: Progress, autocast, resumed_at: int | None, is_main: bool = True):
+                 samples: Samples, progress: Progress, autocast, resumed_at: int | None, is_main: bool = True,
+                 on_checkpoint: Callable[[], None] | None = None):
         self.run, self.model, self.task, self.cfg, self.optimizer = run, model, task, cfg, optimizer
         self.tokenizer, self.save_model, self.samples, self.progress = tokenizer, save_model, samples, progress
         self.autocast, self.is_main, self.train, self.has_val = autocast, is_main, train, val is not None
-        self.device = next(model.parameters()).device
+        self.device, self.on_checkpoint = next(model.parameters()).device, on_checkpoint
         self.eval_train = train.fixed_batches(cfg.eval_iters)
         self.eval_val = val.fixed_batches(cfg.eval_iters) if val is not None else None
         self.log = MetricsLog(run / "metrics.jsonl", resume_step=resumed_at, write=is_main)
@@ -198,6 +199,8 @@ class Evaluation:
         if self.is_main:
             state = {**dataclasses.asdict(c), "config": dataclasses.asdict(self.cfg)}
             save_checkpoint(self.run, self.model, self.tokenizer, self.optimizer, state, rng=rng)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint()
 
     def __call__(self, c: Counters, lr: float, speed: Throughput) -> bool:
         tr, va = self.evaluate()

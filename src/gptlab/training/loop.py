@@ -222,7 +222,8 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
                run_dir: str | Path, *, task: Task | None = None, tokenizer=None,
                resume_state: dict[str, Any] | None = None, sample_fn: Callable[[nn.Module], str] | None = None,
                save_model: Callable[[nn.Module, Path], None] | None = None, progress: bool = True,
-               echo: Callable[[str], None] | None = None, is_main: bool = True) -> TrainResult:
+               echo: Callable[[str], None] | None = None, is_main: bool = True,
+               on_checkpoint: Callable[[], None] | None = None) -> TrainResult:
     """Train ``model`` on batches from ``train``, evaluating on ``val``; write the run directory.
 
     Args:
@@ -258,7 +259,7 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
     evaluation = Evaluation(run, model, task, train, val, cfg, optimizer, tokenizer, autocast=autocast,
                             save_model=save_model or (lambda m, d: save_model_dir(m, d, tokenizer)),
                             samples=Samples(run, sample_fn, resumed_at, is_main), progress=bar,
-                            resumed_at=resumed_at, is_main=is_main)
+                            resumed_at=resumed_at, is_main=is_main, on_checkpoint=on_checkpoint)
     lr, speed, stopped = sched.lr(max(c.step - 1, 0)), Throughput(), None
     t_start = time.perf_counter() - c.elapsed
     step_rng, tokens_at_step_start = rng_state(), c.tokens

@@ -71,6 +71,7 @@ class RunDir:
     def __init__(self, path: str | Path, config_name: str, *, replace: bool = False):
         self.path, self.config_name, self.replace = Path(path), config_name, replace
         self._fds: list[int] = []
+        self._replaced: Path | None = None  # the old run an --overwrite moved aside, until the new one checkpoints
 
     # ---- a new run ------------------------------------------------------------------------------
 
@@ -86,8 +87,10 @@ class RunDir:
     def create(self, record: dict, files: dict[str, Any] | None = None) -> Path:
         """Write the settings ``record`` (and ``files``: name -> ``write(path)``), locked; returns the path.
 
-        With --overwrite the new run is built in a hidden sibling and renamed into place, and the old run
-        is deleted last: up to here everything was validated, and a crash leaves one whole run.
+        With --overwrite the new run is built in a hidden sibling and renamed into place; the old run is
+        kept aside (``.NAME.old-PID``) until the new one has written its first checkpoint
+        (:meth:`drop_replaced`). A run that stops before that (Ctrl-C, an error) gets the old run back,
+        so at every moment one whole run is there.
         """
         files = files or {}
         if not self.replace:
@@ -104,8 +107,21 @@ class RunDir:
         old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
         os.rename(self.path, old)
         os.rename(stage, self.path)
-        shutil.rmtree(old, ignore_errors=True)
+        self._replaced = old
         return self.path
+
+    def drop_replaced(self) -> None:
+        """The new run has a checkpoint: delete the old run it replaced (a no-op otherwise)."""
+        if self._replaced is not None:
+            shutil.rmtree(self._replaced, ignore_errors=True)
+            self._replaced = None
+
+    def _restore_replaced(self) -> None:
+        """The new run stopped before its first checkpoint: put the old run back in its place."""
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.rename(self._replaced, self.path)
+        self._replaced = None
 
     def _write(self, where: Path, record: dict, files: dict[str, Any]) -> None:
         for name, write in files.items():
@@ -183,7 +199,12 @@ class RunDir:
     def __enter__(self) -> "RunDir":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._replaced is not None:
+            if exc_type is not None:
+                self._restore_replaced()
+            else:
+                self.drop_replaced()
         self.close()
 
 

@@ -20,6 +20,7 @@ no bias), so it is refused with one clear line.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from gptlab.errors import GptlabError
-from gptlab.fileio import atomic_save, atomic_write_bytes, atomic_write_json
+from gptlab.fileio import DIR_MODE, atomic_save, atomic_write_bytes, atomic_write_json
 from gptlab.models.config import FAMILIES, ModelConfig, get_family
 from gptlab.weights.keymaps import expand
 
@@ -182,9 +183,15 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
                           "with the run's files: give an --out outside it")
     if out.exists() and not out.is_dir():
         raise GptlabError(f"--out {out} exists and is not a directory; give a new directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise GptlabError(f"--out {out} already exists and is not empty; pass --overwrite to replace it, "
-                          "or give a new directory")
+    if out == Path.cwd().absolute() or out in Path.cwd().absolute().parents:
+        raise GptlabError(f"--out {out} is the current directory or one above it; give a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise GptlabError(f"--out {out} already exists and is not empty; pass --overwrite to replace it, "
+                              "or give a new directory")
+        if not ((out / "config.json").is_file() and any(out.glob("*.safetensors"))):
+            raise GptlabError(f"--out {out} holds files that are not an earlier export (no config.json + "
+                              "*.safetensors); --overwrite replaces only an export: give a new directory")
 
 
 def export_atomically(write, out: Path) -> Path:
@@ -200,6 +207,7 @@ def export_atomically(write, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
+        os.chmod(tmp, DIR_MODE)  # mkdtemp gives 0700; an export is as readable as any directory
         write(tmp)
         old = None
         if out.exists():
@@ -214,7 +222,7 @@ def export_atomically(write, out: Path) -> Path:
     return out
 
 
-def export_command(model: str, out: str = "", format: str = "hf", dtype: str | None = None,
+def export_command(model: str, out: str, format: str = "hf", dtype: str | None = None,
                    overwrite: bool = False) -> int:
     """Export a model as a Hugging Face directory that transformers can load.
 
