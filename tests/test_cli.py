@@ -305,3 +305,10 @@ def test_config_file_sets_flags_at_its_place(tmp_path):
     assert parse(_f, ["m", "t", "--max-steps", "2", "--config", str(cfg)], prog="test")["max_steps"] == 7
     got = parse(_f, ["--config", str(cfg), "--max-steps", "2", "m", "t"], prog="test")
     assert got == {"model": "m", "text": "t", "max_steps": 2, "compile": True, "name": None}
+
+
+def test_a_word_after_a_boolean_flag_is_named_as_its_bad_value(capsys):
+    """`train --compile maybe` said 'unexpected argument(s): maybe'; the word was meant for --compile."""
+    assert run(["train", "--compile", "maybe"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: train: --compile expects true or false, got 'maybe'; see gptlab train --help"

@@ -312,6 +312,7 @@ def parse(func, args: list[str], prog: str) -> dict[str, object]:
     values: dict[str, object] = {}
     flagged: set[str] = set()  # set by a flag (not by --config): bare words fill the others
     bare: list[str] = []
+    after_bool: dict[int, str] = {}  # bare word index -> the bare boolean flag it follows (--compile maybe)
     unknown: list[str] = []
     print_config = False
     i = 0
@@ -346,6 +347,8 @@ def parse(func, args: list[str], prog: str) -> dict[str, object]:
                 take = True
             raw = args[i] if take else ("true" if p is not None and p.kind == "bool" else "")
             i += take
+            if p is not None and p.kind == "bool" and not take:
+                after_bool[len(bare)] = name
         if p is None:  # --config FILE.yaml: its keys, at this place in argv
             values.update(read_config(raw, params))
         elif p.kind == "list" and name in flagged and not raw.startswith("["):
@@ -354,7 +357,7 @@ def parse(func, args: list[str], prog: str) -> dict[str, object]:
             values[name] = convert(p, raw)
         if p is not None:
             flagged.add(name)
-    _fill(params, values, flagged, bare, unknown)
+    _fill(params, values, flagged, bare, unknown, after_bool)
     kwargs = {n: values.get(n, p.default) for n, p in params.items()}
     if print_config:
         import yaml
@@ -364,7 +367,8 @@ def parse(func, args: list[str], prog: str) -> dict[str, object]:
     return kwargs
 
 
-def _fill(params: dict[str, Param], values: dict, flagged: set[str], bare: list[str], unknown: list[str]) -> None:
+def _fill(params: dict[str, Param], values: dict, flagged: set[str], bare: list[str], unknown: list[str],
+          after_bool: dict[int, str] | None = None) -> None:
     """Bare words fill the required parameters not given as flags; then what is still wrong."""
     if unknown:
         known = [dashed(n) for n in params] + ["--config"]
@@ -372,6 +376,10 @@ def _fill(params: dict[str, Param], values: dict, flagged: set[str], bare: list[
         raise UsageError("unknown_flag", flags=tuple(unknown), suggestion=close[0] if close else "")
     free = [n for n, p in params.items() if p.required and n not in flagged]
     if len(bare) > len(free):
+        for i in range(len(free), len(bare)):  # a word left over right after a boolean flag was meant as its value
+            if i in (after_bool or {}):
+                flag = params[after_bool[i]]
+                raise UsageError("bad_value", name=flag.name, value=bare[i], hint=flag.hint)
         raise UsageError("unexpected", words=tuple(bare[len(free):]), names=tuple(free))
     for name, word in zip(free, bare):
         values[name] = convert(params[name], word)

@@ -282,7 +282,7 @@ def test_a_checkpoint_is_a_classifier_and_says_so(tmp_path, base_dir, sms_path, 
     """RUN/checkpoints/step-N carries the labels like RUN/model: `gptlab classify` works on it and
     generate/inspect/export refuse it in one line (they used to fail with a shape mismatch)."""
     m = finetune_classifier(str(base_dir), str(sms_path), tmp_path / "run", max_steps=3, trainable=trainable,
-                            lora_rank=2, **RESUME_KW)
+                            lora_rank=2, **RESUME_KW, seed=4)  # a draw whose best step is kept
     assert m["best_step"] in (2, 3)  # RUN/model is that step's weights; checkpoints step-2 and step-3 are kept
     ck = tmp_path / "run" / "checkpoints" / "step-000003"
     info = json.loads((ck / "config.json").read_text())["classifier"]
@@ -383,3 +383,15 @@ def test_a_header_row_is_not_a_third_class(tmp_path):
     # a first row whose label is a real class stays an example
     (tmp_path / "d.tsv").write_text("ham\tmessage\n" + body)
     assert load_labeled(tmp_path / "d.tsv").counts() == {"ham": 6, "spam": 5}
+
+
+def test_a_limited_balanced_subset_stays_balanced():
+    """`--balanced --limit 60` printed 'balanced {ham: 26, spam: 34}': the limit was drawn after balancing."""
+    from types import SimpleNamespace
+
+    from gptlab.finetune.classify import _subset
+    from gptlab.finetune.labeled import LabeledTexts
+
+    d = LabeledTexts([f"t{i}" for i in range(300)], [0] * 250 + [1] * 50, ["ham", "spam"])
+    assert _subset(d, SimpleNamespace(balanced=True, limit=60), seed=1).counts() == {"ham": 30, "spam": 30}
+    assert sum(_subset(d, SimpleNamespace(balanced=False, limit=60), seed=1).counts().values()) == 60

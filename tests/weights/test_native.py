@@ -106,3 +106,12 @@ def test_python_api_refuses_bad_arguments_in_one_line(tmp_path):
     for bad in (None, "", 3):
         with pytest.raises(GptlabError, match="model reference must be a non-empty path or name"):
             load_model(bad)
+
+
+def test_a_run_without_a_model_yet_is_named_as_a_run(tmp_path):
+    """A run interrupted before its first save said 'has no config.json: not a gptlab model directory'."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "train_config.yaml").write_text("settings: {}\n")
+    with pytest.raises(GptlabError, match="is a training run with no model saved yet"):
+        load_model(run_dir)

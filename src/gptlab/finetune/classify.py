@@ -260,10 +260,19 @@ RECORDED = ("model", "data", "trainable", "balanced", "max_length", "limit", "lo
 
 
 def _subset(labeled: LabeledTexts, s: ClassifySettings, seed: int) -> LabeledTexts:
-    """Balanced (if asked), then a seeded random subset of ``s.limit`` examples, so both classes stay."""
+    """Balanced (if asked), then a seeded random subset of ``s.limit`` examples, so both classes stay.
+
+    A balanced subset stays balanced: it takes ``limit // n_classes`` of each class.
+    """
     if s.balanced:
         labeled = balance(labeled, seed=seed)
-    if s.limit is not None:
+    if s.limit is not None and s.balanced:
+        rng, per = random.Random(seed), max(1, s.limit // len(labeled.names))
+        keep = sorted(i for c in range(len(labeled.names))
+                      for i in rng.sample([j for j, y in enumerate(labeled.labels) if y == c],
+                                          min(per, labeled.labels.count(c))))
+        labeled = LabeledTexts([labeled.texts[i] for i in keep], [labeled.labels[i] for i in keep], labeled.names)
+    elif s.limit is not None:
         keep = sorted(random.Random(seed).sample(range(len(labeled.texts)), min(s.limit, len(labeled.texts))))
         labeled = LabeledTexts([labeled.texts[i] for i in keep], [labeled.labels[i] for i in keep], labeled.names)
     return labeled

@@ -87,9 +87,11 @@ class ModelConfig:
                 raise ConfigError(f"config field {f}={v!r} must be a positive integer")
         if self.head_dim is None:
             if self.emb_dim % self.n_heads:
+                near = sorted((h for h in range(1, self.emb_dim + 1) if self.emb_dim % h == 0),
+                              key=lambda h: (abs(h - self.n_heads), h))[:2]
                 raise ConfigError(
-                    f"emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}; "
-                    "choose sizes that divide or set head_dim explicitly"
+                    f"emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}; choose n_heads that "
+                    f"divides it (e.g. {' or '.join(map(str, sorted(near)))}), or another emb_dim"
                 )
             self.head_dim = self.emb_dim // self.n_heads
         if self.n_kv_heads is None:

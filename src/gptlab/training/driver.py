@@ -15,10 +15,14 @@ from typing import Any, Callable, Protocol
 
 import torch.nn as nn
 
+from gptlab.logs import get_logger
 from gptlab.training.batches import IndexedBatches
 from gptlab.training.loop import TrainConfig, TrainResult, train_loop
 from gptlab.training.rundir import RunDir
 from gptlab.training.settings import refuse_changed, resumed_train_config
+
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -89,6 +93,7 @@ def run_recipe(recipe: Recipe, s, *, is_main: bool = True) -> Any:
             refuse_changed(s, meta, run.path, recipe.limits, recipe.refs)
             cfg = resumed_train_config(meta["train"], s, recipe.limits)
             run.refuse_reached_limit(cfg, meta.get("steps_per_epoch"), flags)  # before anything is loaded
+            _note_ignored_out(s)
             s = resumed
             late = "steps_per_epoch" not in meta  # recorded before it was: an epochs limit is checked when known
             job = recipe.build(s, cfg, device, run,
@@ -104,6 +109,14 @@ def run_recipe(recipe: Recipe, s, *, is_main: bool = True) -> Any:
         run.create({"settings": recipe.record(s), "train": dataclasses.asdict(cfg),
                     "steps_per_epoch": job.steps_per_epoch, **job.record}, job.files)
         return _train(recipe, s, cfg, job, run, is_main)
+
+
+def _note_ignored_out(s) -> None:
+    """Say so when a resumed run is given an --out of its own: the run continues where it is."""
+    default_out = next(f.default for f in dataclasses.fields(s) if f.name == "out")
+    if s.out not in (None, default_out) and Path(s.out).absolute() != Path(s.resume).absolute():
+        log.warning("--resume %s continues that run in place; --out %s is ignored (copy the run directory "
+                    "first to continue it elsewhere)", s.resume, s.out)
 
 
 def _train(recipe: Recipe, s, cfg: TrainConfig, job: Job, run: RunDir, is_main: bool) -> Any:

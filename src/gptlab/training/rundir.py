@@ -137,6 +137,9 @@ class RunDir:
         run = Path(resume)
         if overwrite:
             raise GptlabError(f"--resume {run} continues that run and --overwrite would delete it; drop one of the two")
+        if run.is_file():
+            raise GptlabError(f"--resume {run} is a file, not a run directory; give the --out directory of an "
+                              f"earlier {what} run")
         if not run.is_dir():
             raise GptlabError(f"--resume {run}: no such directory; give the --out directory of an earlier {what} run")
         saved = run / config_name

@@ -243,7 +243,7 @@ def _classifier_head(path: Path, meta: dict) -> tuple[int, bool] | None:
     return classifier_head(path, (meta.get("model") or {}).get("vocab_size"))
 
 
-def refuse_classifier(path: Path, ref: str, why: str = "it does not generate text",
+def refuse_classifier(path: Path, ref: str, why: str = "this command needs one",
                       alternative: str = "") -> None:
     """A directory saved by ``gptlab finetune classify`` holds a classifier, not an LM: say so before loading.
 
