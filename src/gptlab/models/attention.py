@@ -243,7 +243,7 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     (T,) shared positions -> each (T, hd); (B, T) per-row positions -> each
     (B, 1, T, hd), which broadcasts over the heads of (B, H, T, hd).
     """
-    angles = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)  # (..., T, hd/2)
+    angles = positions.float().unsqueeze(-1) * inv_freq.to(positions.device).unsqueeze(0)  # (..., T, hd/2)
     angles = torch.cat([angles, angles], dim=-1)  # (..., T, hd)
     if positions.dim() == 2:
         angles = angles.unsqueeze(1)  # (B, 1, T, hd)
