@@ -5,6 +5,7 @@
     detokenize.py  Detokenizer: token ids -> text pieces (split UTF-8, SentencePiece spaces)
     sampling.py    Sampling settings and the per-step filters (temperature, top-k/p, min-p, repetition)
     generation.py  the one decoding loop; generate(...) -> ids tensor; generate_events(...) -> events
+    engine.py      Engine: continuous batching over a slot cache; submit(Request) -> Handle, step, run, cancel
     chat.py        ChatSession and `gptlab chat`
     quantize.py    int8 / int4 weight-only linear layers
 
@@ -15,12 +16,14 @@ model with :func:`open_model` (or holds one already) and decodes through
 """
 
 from gptlab.inference.detokenize import Detokenizer, continuation_text
+from gptlab.inference.engine import Engine, Handle, Request
 from gptlab.inference.generation import (CANCELLED, LENGTH, STOP, GenerationEvent, completion_text, decode_steps,
                                        generate, generate_events)
 from gptlab.inference.open import OpenedModel, default_dtype, open_model
 from gptlab.inference.sampling import Sampling, filter_logits, validate_sampling
 from gptlab.inference.stops import StopSet, end_of_turn_tokens
 
-__all__ = ["CANCELLED", "LENGTH", "STOP", "Detokenizer", "GenerationEvent", "OpenedModel", "Sampling", "StopSet",
+__all__ = ["CANCELLED", "LENGTH", "STOP", "Detokenizer", "Engine", "GenerationEvent", "Handle", "OpenedModel",
+           "Request", "Sampling", "StopSet",
            "completion_text", "continuation_text", "decode_steps", "default_dtype", "end_of_turn_tokens",
            "filter_logits", "generate", "generate_events", "open_model", "validate_sampling"]

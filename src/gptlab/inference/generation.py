@@ -177,15 +177,18 @@ class GenerationEvent:
         logprob: log-probability of ``token_id`` under the model (before sampling filters).
         finish_reason: None, or on the last event ``stop`` (a stop token or string), ``length``
             (``max_new_tokens`` reached) or ``cancelled``.
+        top_logprobs: the N most likely tokens at this step as ``(token_id, logprob)``, most likely
+            first, when the request asked for N alternatives (the engine's ``logprobs=N``); else ().
     """
 
     token_id: int | None
     text: str
     logprob: float | None
     finish_reason: str | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
-class _TextStops:
+class TextStops:
     """Detokenize a sequence and cut it at the first stop string, holding back what may become one."""
 
     def __init__(self, tokenizer, stops: StopSet, context_ids: list[int]):
@@ -208,6 +211,24 @@ class _TextStops:
 
     def flush(self) -> str:
         return self.add(self.detok.flush(), final=True) if self.detok is not None else ""
+
+
+def token_event(text: TextStops, stops: StopSet, token_id: int, logprob: float, n: int, max_new_tokens: int,
+                top_logprobs: tuple[tuple[int, float], ...] = ()) -> GenerationEvent:
+    """The event for the ``n``-th (0-based) generated token: its text, and its finish reason if it ends the sequence.
+
+    A stop token ends with ``stop`` and adds no text of its own; a stop string
+    completed by this token ends with ``stop`` (the text before it only); the
+    ``max_new_tokens``-th token ends with ``length``.
+    """
+    if stops.is_stop(token_id):
+        return GenerationEvent(token_id, text.flush(), logprob, STOP, top_logprobs)
+    piece = text.push(token_id)
+    if text.stopped:
+        return GenerationEvent(token_id, piece, logprob, STOP, top_logprobs)
+    if n + 1 == max_new_tokens:
+        return GenerationEvent(token_id, piece + text.flush(), logprob, LENGTH, top_logprobs)
+    return GenerationEvent(token_id, piece, logprob, None, top_logprobs)
 
 
 def generate_events(model: torch.nn.Module, ids, max_new_tokens: int, *, tokenizer=None,
@@ -238,7 +259,7 @@ def generate_events(model: torch.nn.Module, ids, max_new_tokens: int, *, tokeniz
     stops = stops or StopSet()
     if stops.strings and tokenizer is None:
         raise GptlabError("stop strings need the tokenizer: pass tokenizer=")
-    text = _TextStops(tokenizer, stops, ids[0].tolist() if text_after_prompt else [])
+    text = TextStops(tokenizer, stops, ids[0].tolist() if text_after_prompt else [])
     if max_new_tokens == 0:
         yield GenerationEvent(None, "", None, LENGTH)
         return
@@ -246,18 +267,10 @@ def generate_events(model: torch.nn.Module, ids, max_new_tokens: int, *, tokeniz
                          stop_ids=stops.ids, min_new_tokens=min_new_tokens, seed=seed, use_cache=use_cache)
     try:
         for n, (nxt, logprob) in enumerate(steps):
-            t, lp = int(nxt[0]), float(logprob[0])
-            if stops.is_stop(t):
-                yield GenerationEvent(t, text.flush(), lp, STOP)
+            event = token_event(text, stops, int(nxt[0]), float(logprob[0]), n, max_new_tokens)
+            yield event
+            if event.finish_reason is not None:
                 return
-            piece = text.push(t)
-            if text.stopped:
-                yield GenerationEvent(t, piece, lp, STOP)
-                return
-            if n + 1 == max_new_tokens:
-                yield GenerationEvent(t, piece + text.flush(), lp, LENGTH)
-                return
-            yield GenerationEvent(t, piece, lp)
             if cancel is not None and cancel():
                 yield GenerationEvent(None, text.flush(), None, CANCELLED)
                 return

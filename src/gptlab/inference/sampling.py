@@ -58,6 +58,20 @@ def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
     return logits
 
 
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: float = 0.0,
+                             frequency: float = 0.0) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties on (B, V) logits.
+
+    ``counts`` (B, V): how often each token was generated so far. Following
+    https://platform.openai.com/docs/advanced-usage (parameter details):
+    ``logits[j] - counts[j] * frequency - (counts[j] > 0) * presence``: presence
+    subtracts a constant once a token has appeared, frequency once per occurrence.
+    """
+    if not presence and not frequency:
+        return logits
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
 def _apply_repetition_penalty(logits: torch.Tensor, seqs: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL-style penalty (Keskar et al. 2019): divide positive / multiply negative logits of seen tokens."""
     seen = torch.gather(logits, 1, seqs)

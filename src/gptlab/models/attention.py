@@ -1,8 +1,18 @@
-"""What the model families share: the causal attention call, the KV cache, RoPE.
+"""What the model families share: the causal attention call, the KV caches, RoPE.
 
 Shapes (legend in ``models/config.py``):
     q            (B, H, T, hd)
-    k, v         (B, Hkv, S, hd)   S = tokens already cached + T
+    k, v         (B, Hkv, S, hd)   S = tokens already cached + T (the longest row's, in a slot batch)
+    mask         (B, 1, T, S)      bool, True where a query may attend (per-row, from a SlotBatch)
+    N            slots of a SlotCache (its max_batch); L its max_len
+
+A model call takes ``cache=None`` or a cache *view* that answers four questions
+for the forward pass: where the new tokens sit (``positions``), how far the
+keys reach (``end``), where this layer's k/v go (``update``) and which keys
+each query may see (``mask``). Two views exist, over one storage
+(:class:`SlotCache`): :class:`KVCache`, a rectangular batch whose rows share
+one position counter (``generate``), and :class:`SlotBatch`, rows of a slot
+cache each at its own positions (the batched engine, ``inference/engine.py``).
 """
 
 from __future__ import annotations
@@ -13,8 +23,28 @@ import torch
 import torch.nn.functional as F
 
 
-class KVCache:
-    """Preallocated per-layer key/value buffers for incremental decoding.
+class SlotCache:
+    """Preallocated per-layer key/value buffers, ``n_layers`` × (N, Hkv, L, hd), one row (slot) per sequence.
+
+    The cache only stores; a forward call addresses it through :meth:`rows`,
+    which says which slots the batch's rows are and at which positions their
+    new tokens go. Positions are the caller's: nothing here advances.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int,
+                 head_dim: int, *, dtype: torch.dtype, device: torch.device | str):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_batch, self.max_len = batch, max_len
+
+    def rows(self, slots: torch.Tensor, positions: torch.Tensor) -> "SlotBatch":
+        """A view for one forward call: row b is slot ``slots[b]``, its T new tokens at ``positions[b]`` (B, T)."""
+        return SlotBatch(self, slots, positions)
+
+
+class KVCache(SlotCache):
+    """A rectangular batch over a :class:`SlotCache`: row b is slot b, and every row is at position ``pos``.
 
     ``pos`` is the number of tokens already stored. A model call with a cache
     appends its T new tokens at ``pos`` and attends over ``[0, pos + T)``; the
@@ -23,11 +53,16 @@ class KVCache:
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int,
                  head_dim: int, *, dtype: torch.dtype, device: torch.device | str):
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.max_len = max_len
+        super().__init__(n_layers, batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.pos = 0
+
+    def positions(self, T: int, device) -> torch.Tensor:
+        """Absolute positions of the T new tokens, shared by every row: (T,)."""
+        return torch.arange(self.pos, self.pos + T, device=device)
+
+    def end(self, T: int) -> int:
+        """One past the last position this call writes."""
+        return self.pos + T
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new k/v (B, Hkv, T, hd) for `layer`; return all cached k/v so far."""
@@ -42,11 +77,73 @@ class KVCache:
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def mask(self, T: int, window: int | None) -> None:
+        """No explicit mask: every row ends at the same position, so :func:`attend` builds the causal one."""
+        return None
+
     def advance(self, n: int) -> None:
         self.pos += n
 
     def reset(self) -> None:
         self.pos = 0
+
+
+class SlotBatch:
+    """Rows of a :class:`SlotCache` for one forward call, each at its own positions.
+
+    Row b is slot ``slots[b]`` (B,); its T new tokens sit at ``positions[b]``
+    (B, T), consecutive from that row's own start. ``update`` writes them there
+    and returns the keys [0, S) of those slots, S = the furthest row's end; a
+    row's stale or not-yet-written keys past its own position are masked out.
+    """
+
+    def __init__(self, cache: SlotCache, slots: torch.Tensor, positions: torch.Tensor):
+        if positions.dim() != 2 or slots.shape != positions.shape[:1]:
+            raise ValueError(f"slots must be (B,) and positions (B, T); got {tuple(slots.shape)} "
+                             f"and {tuple(positions.shape)}")
+        S = int(positions.max()) + 1
+        if S > cache.max_len or int(positions.min()) < 0:
+            raise ValueError(f"position {S - 1} is outside the slot cache (max_len {cache.max_len}); "
+                             "create it with a larger max_len")
+        self.cache, self.slots, self.pos, self.S = cache, slots, positions, S
+        B, first = slots.shape[0], int(slots[0])
+        contiguous = bool((slots == torch.arange(first, first + B, device=slots.device)).all())
+        self._rows = slice(first, first + B) if contiguous else slots  # a slice reads without a copy
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def positions(self, T: int, device) -> torch.Tensor:
+        """The new tokens' absolute positions, one row each: (B, T)."""
+        if self.pos.shape[1] != T:
+            raise ValueError(f"the slot batch has positions for {self.pos.shape[1]} tokens, the call has {T}")
+        return self.pos.to(device)
+
+    def end(self, T: int) -> int:
+        """One past the furthest position this call writes."""
+        return self.S
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, Hkv, T, hd) at each row's positions; return the rows' keys/values (B, Hkv, S, hd)."""
+        at = (self.slots.unsqueeze(1), slice(None), self.pos)  # indexes (B, T, Hkv, hd)
+        self.cache.k[layer][at] = k.transpose(1, 2)
+        self.cache.v[layer][at] = v.transpose(1, 2)
+        return self.cache.k[layer][self._rows, :, :self.S], self.cache.v[layer][self._rows, :, :self.S]
+
+    def mask(self, T: int, window: int | None) -> torch.Tensor:
+        """(B, 1, T, S) bool: query t of row b sees keys 0..positions[b, t] (the last ``window`` of them)."""
+        if window not in self._masks:
+            q_pos = self.pos.unsqueeze(-1)  # (B, T, 1)
+            k_pos = torch.arange(self.S, device=self.pos.device)  # (S,)
+            allowed = k_pos <= q_pos  # (B, T, S)
+            if window is not None:
+                allowed &= k_pos > q_pos - window
+            self._masks[window] = allowed.unsqueeze(1)  # (B, 1, T, S)
+        return self._masks[window]
+
+    def advance(self, n: int) -> None:
+        """Nothing: the caller owns each row's positions."""
+
+
+CacheView = KVCache | SlotBatch  # what a model call takes as ``cache``
 
 
 def causal_mask(T: int, S: int, device, window: int | None = None) -> torch.Tensor:
@@ -65,12 +162,15 @@ def causal_mask(T: int, S: int, device, window: int | None = None) -> torch.Tens
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, impl: str = "sdpa",
            dropout_p: float = 0.0, window: int | None = None,
-           scale: float | None = None) -> torch.Tensor:
-    """Causal attention over keys that end at the query's last position.
+           scale: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention over keys that end at the query's last position (or as ``mask`` allows).
 
     q (B, H, T, hd); k, v (B, Hkv, S, hd) with S >= T. Grouped-query attention
     repeats each KV head H/Hkv times (one-token decoding folds the query
     heads instead, without copies). Returns (B, H, T, hd).
+
+    ``mask`` (B, 1, T, S) bool, from a :class:`SlotBatch` whose rows sit at
+    different positions, replaces the causal mask (it already holds the window).
 
     ``impl="math"`` is the explicit masked softmax the course teaches
     (softmax(QKᵀ/√hd + mask)·V); ``"sdpa"`` calls PyTorch's fused kernel. The two
@@ -84,23 +184,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, impl: str = "sd
         # the last `window` keys), so no mask is needed. Grouped-query heads are folded
         # into the query-length axis, (B, H, 1, hd) -> (B, Hkv, H/Hkv, hd): each KV
         # head serves its group of query heads without repeating K and V in memory.
-        if window is not None and S > window:
+        # A row mask (B, 1, 1, S) broadcasts over that folded axis.
+        if mask is None and window is not None and S > window:
             k, v = k[:, :, S - window:], v[:, :, S - window:]
         Hkv = k.shape[1]
-        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, hd), k, v, dropout_p=dropout_p, scale=scale)
+        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, hd), k, v, attn_mask=mask,
+                                           dropout_p=dropout_p, scale=scale)
         return y.reshape(B, H, 1, hd)
     if k.shape[1] != H:
         rep = H // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
         v = v.repeat_interleave(rep, dim=1)
     if impl == "sdpa":
-        if window is None and T == S:
+        if mask is None and window is None and T == S:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
-        mask = causal_mask(T, S, q.device, window)
+        mask = causal_mask(T, S, q.device, window) if mask is None else mask
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     # The course's path: scores, mask the future with -inf, softmax, weighted sum.
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
-    mask = causal_mask(T, S, q.device, window)
+    mask = causal_mask(T, S, q.device, window) if mask is None else mask
     scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     if dropout_p > 0.0:
@@ -136,9 +238,15 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0, scaling: dict | None
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for absolute ``positions`` (T,) -> each (T, hd), halves duplicated."""
-    angles = positions.float().unsqueeze(1) * inv_freq.to(positions.device).unsqueeze(0)  # (T, hd/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, hd)
+    """cos/sin tables for absolute ``positions``, halves duplicated.
+
+    (T,) shared positions -> each (T, hd); (B, T) per-row positions -> each
+    (B, 1, T, hd), which broadcasts over the heads of (B, H, T, hd).
+    """
+    angles = positions.float().unsqueeze(-1) * inv_freq.to(positions.device).unsqueeze(0)  # (..., T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., T, hd)
+    if positions.dim() == 2:
+        angles = angles.unsqueeze(1)  # (B, 1, T, hd)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 

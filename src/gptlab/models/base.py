@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from gptlab.errors import GptlabError
-from gptlab.models.attention import KVCache
+from gptlab.models.attention import CacheView, KVCache, SlotCache
 from gptlab.models.config import ModelConfig
 
 
@@ -144,11 +144,16 @@ class LanguageModel(nn.Module):
         self.tie_weights()
 
     # ---- running ----
-    def features(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-normed hidden states (B, T, d), before the output head."""
+    def features(self, ids: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, d), before the output head.
+
+        ``cache``: a :class:`KVCache` (rows share one position, advanced by the
+        call) or a :class:`SlotBatch` (``SlotCache.rows(slots, positions)``:
+        each row at the positions its caller gives).
+        """
         raise NotImplementedError
 
-    def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
         return self.get_head()(self.features(ids, cache))  # (B, T, V)
 
     def new_cache(self, batch: int, max_len: int | None = None, *, dtype=None, device=None) -> KVCache:
@@ -156,6 +161,23 @@ class LanguageModel(nn.Module):
         p = self.get_embedding().weight
         return KVCache(self.cfg.n_layers, batch, self.cfg.n_kv_heads, max_len or self.cfg.context_length,
                        self.cfg.head_dim, dtype=dtype or p.dtype, device=device or p.device)
+
+    def new_slot_cache(self, max_batch: int, max_len: int | None = None, *, dtype=None,
+                       device=None) -> SlotCache:
+        """An empty slot cache: ``max_batch`` independent sequences of up to ``max_len`` tokens (default: the context)."""
+        p = self.get_embedding().weight
+        max_len = min(max_len or self.cfg.context_length, self.cfg.context_length)
+        return SlotCache(self.cfg.n_layers, max_batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
+                         dtype=dtype or p.dtype, device=device or p.device)
+
+    def positions(self, T: int, cache: CacheView | None, device) -> torch.Tensor:
+        """Absolute positions of a call's T new tokens, checked against the context window.
+
+        (T,) without a cache or with a :class:`KVCache`; (B, T) from a :class:`SlotBatch`.
+        """
+        end = cache.end(T) if cache is not None else T
+        self.check_length(end - T, T)
+        return cache.positions(T, device) if cache is not None else torch.arange(T, device=device)
 
     def check_length(self, start: int, T: int) -> None:
         """Refuse a forward pass that would run past the context window."""

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
-from gptlab.models.attention import KVCache, attend
+from gptlab.models.attention import CacheView, attend
 from gptlab.models.base import LanguageModel
 from gptlab.models.config import ConfigError, Family, KeyRule, ModelConfig, register_family, register_preset
 
@@ -79,15 +79,16 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.drop_rate)
         self.impl = cfg.attn_impl
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: CacheView | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.n_heads * self.head_dim, dim=-1)
         # (B, T, H*hd) -> (B, H, T, hd)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, S, hd)
+        mask = cache.mask(T, None) if cache is not None else None  # per-row (B, 1, T, S) in a slot batch
         p = self.drop_rate if self.training else 0.0
-        y = attend(q, k, v, impl=self.impl, dropout_p=p)  # (B, H, T, hd)
+        y = attend(q, k, v, impl=self.impl, dropout_p=p, mask=mask)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
         return self.resid_drop(self.proj(y))
 
@@ -115,7 +116,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: CacheView | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cache, layer)
         return x + self.mlp(self.norm2(x))
 
@@ -149,13 +150,11 @@ class GPT2(LanguageModel):
             else:
                 nn.init.normal_(p, std=0.02)
 
-    def features(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def features(self, ids: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, d), before the output head."""
         B, T = ids.shape
-        start = cache.pos if cache is not None else 0
-        self.check_length(start, T)
-        pos = torch.arange(start, start + T, device=ids.device)
-        x = self.drop(self.tok_emb(ids) + self.pos_emb(pos))  # (B, T, d)
+        pos = self.positions(T, cache, ids.device)  # (T,), or (B, T) when each row has its own
+        x = self.drop(self.tok_emb(ids) + self.pos_emb(pos))  # (B, T, d); pos_emb (T, d) or (B, T, d)
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
         if cache is not None:

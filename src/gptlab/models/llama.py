@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
-from gptlab.models.attention import KVCache, apply_rope, attend, rope_cos_sin, rope_frequencies
+from gptlab.models.attention import CacheView, apply_rope, attend, rope_cos_sin, rope_frequencies
 from gptlab.models.base import LanguageModel
 from gptlab.models.config import ConfigError, Family, KeyRule, ModelConfig, register_family, register_preset
 
@@ -171,7 +171,7 @@ class Attention(nn.Module):
         self.window, self.impl = cfg.sliding_window, cfg.attn_impl
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: CacheView | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -179,7 +179,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # rotate before caching
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd)
-        y = attend(q, k, v, impl=self.impl, window=self.window)  # (B, H, T, hd)
+        mask = cache.mask(T, self.window) if cache is not None else None  # per-row (B, 1, T, S) in a slot batch
+        y = attend(q, k, v, impl=self.impl, window=self.window, mask=mask)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
         return self.o_proj(y)  # (B, T, d)
 
@@ -195,7 +196,7 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: CacheView | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -235,16 +236,14 @@ class Llama(LanguageModel):
                 nn.init.normal_(p, std=0.02)
         self.reset_buffers()
 
-    def features(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def features(self, ids: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, d), before the output head."""
         B, T = ids.shape
-        start = cache.pos if cache is not None else 0
-        self.check_length(start, T)
+        pos = self.positions(T, cache, ids.device)  # (T,), or (B, T) when each row has its own
         x = self.embed_tokens(ids)  # (B, T, d)
         if self.cfg.embed_scale:  # Gemma: √d, rounded to the activation dtype as in the reference
             x = x * torch.tensor(self.cfg.emb_dim ** 0.5, dtype=x.dtype)
-        pos = torch.arange(start, start + T, device=ids.device)
-        cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)  # each (T, hd)
+        cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)  # each (T, hd) or (B, 1, T, hd)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i)
         if cache is not None:
