@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job: train a small GPT on the built-in corpus (no downloads), a few minutes on 2 CPU cores.
+## The main job: train a small GPT on the built-in corpus (no downloads), ~4-5 min on a quiet 2-core machine.
 demo: $(STAMP)
 	$(BIN)/gptlab train --out runs/demo --overwrite true
 
-## The whole test suite, slow end-to-end tests included (what CI runs; ~6 min on 2 cores).
+## The whole test suite, slow end-to-end tests included (what CI runs; ~5-6 min on a quiet 2-core machine).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
