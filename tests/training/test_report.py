@@ -33,3 +33,9 @@ def test_unstable_and_too_short():
 def test_barely_below_uniform_is_underfitting():
     d = diagnose(_records([8.3, 8.2, 8.2, 8.2], [8.3, 8.25, 8.25, 8.25]), vocab_size=4096)  # ln 4096 = 8.32
     assert d.verdict == "underfitting" and "uniform-guess" in d.message
+
+
+def test_a_new_best_at_the_last_evaluation_is_still_improving():
+    # make demo: validation 5.253 -> 5.173 -> 5.123, the best at the last step, was called "healthy"
+    d = diagnose(_records([6.0, 5.0, 4.5, 4.3, 4.2, 4.107], [6.17, 5.6, 5.4, 5.253, 5.173, 5.123]), vocab_size=4096)
+    assert d.verdict == "underfitting" and "still falling" in d.message

@@ -94,7 +94,7 @@ def diagnose(records: list[dict], vocab_size: int | None = None) -> Diagnosis:
     - overfitting: validation loss rose >3% above its minimum while training loss
       kept falling; the best step is named (its checkpoint is RUN/model);
     - underfitting: training loss still falling fast at the end (>3% over the last
-      quarter of evaluations), validation loss still falling (>1% over the last quarter),
+      quarter of evaluations), validation loss still falling (>1% over the last quarter, or >0.5% to a new best at the last evaluation),
       or training loss barely below the uniform-guess loss ln(V);
     - healthy: both losses fell and flattened, with a modest gap.
     """
@@ -131,7 +131,9 @@ def diagnose(records: list[dict], vocab_size: int | None = None) -> Diagnosis:
         return Diagnosis("underfitting", f"still improving: training loss fell {100 * recent_drop:.1f}% over the last "
                          f"quarter of the run (now {tr[-1]:.3f}{gap}); the model is not done learning - train longer")
     vq = max(2, len(val) // 4)
-    if len(val) >= 3 and (val[-vq][1] - val[-1][1]) / max(val[-vq][1], 1e-9) > 0.01:
+    val_drop = (val[-vq][1] - val[-1][1]) / max(val[-vq][1], 1e-9) if len(val) >= 3 else 0.0
+    best_last = len(val) >= 3 and val[-1][1] <= min(v for _, v in val)  # the newest evaluation is the best yet
+    if val_drop > 0.01 or (best_last and val_drop > 0.005):
         drops = " -> ".join(f"{v:.2f}" for _, v in val[-max(vq, 3):])
         return Diagnosis("underfitting", f"still improving: validation loss is still falling ({drops} over the last "
                          "evaluations); the model is not done learning - train longer")
