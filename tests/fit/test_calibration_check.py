@@ -12,7 +12,7 @@ from gptlab.fit.estimate import decode_tokens_per_s
 from gptlab.fit.calibration import detect_hardware, load_calibration
 from gptlab.fit.hardware import DEFAULT_SPEEDS
 
-from conftest import make_hw
+from fit_machines import make_hw
 
 # Figures like this 2-core VM's on a quiet moment.
 SANE = {

@@ -10,7 +10,7 @@ from gptlab.fit.estimate import (EAGER_OPS, activation_elements_per_token, bytes
                                  training_memory, weights_bytes)
 from gptlab.models import build_model, get_preset
 
-from conftest import make_hw
+from fit_machines import make_hw
 
 GiB = 2**30
 

@@ -19,7 +19,7 @@ from gptlab.fit.plan import make_plan, table_row
 from gptlab.fit.quant import get_quant
 from gptlab.weights.gguf import read_gguf
 
-from conftest import make_hw
+from fit_machines import make_hw
 from test_hardware import FIGURES
 
 GiB = 2**30

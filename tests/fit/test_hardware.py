@@ -10,7 +10,7 @@ from gptlab.fit import benchmarks, calibration, hardware
 from gptlab.fit.calibration import detect_hardware
 from gptlab.fit.hardware import ollama_running, parse_mig_uuids, simulate
 
-from conftest import make_hw
+from fit_machines import make_hw
 
 GiB = 2**30
 FIGURES = {"cpu_bandwidth": 20e9, "cpu_bandwidth_1core": 8e9, "cpu_matmul_fp32": 2e11, "cpu_matmul_bf16": 8e11,

@@ -8,7 +8,7 @@ from gptlab.fit.estimate import inference_memory
 from gptlab.fit.plan import (LEVELS, THRESHOLDS, best_path, level_for, make_plan, max_context, parse_size, rank,
                              run_paths, table_row)
 
-from conftest import make_hw
+from fit_machines import make_hw
 
 GiB = 2**30
 

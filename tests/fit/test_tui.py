@@ -7,7 +7,7 @@ from textual.widgets import DataTable, Static
 from gptlab.fit.catalog import catalog
 from gptlab.fit.tui import FitApp
 
-from conftest import make_hw
+from fit_machines import make_hw
 
 
 def _names(app):

@@ -9,7 +9,7 @@ from gptlab.cli import run
 from gptlab.fit import benchmarks, calibration
 from gptlab.fit.verify import TARGETS, render_verify, verify_model
 
-from conftest import make_hw
+from fit_machines import make_hw
 
 
 @pytest.mark.slow
