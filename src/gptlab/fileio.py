@@ -32,7 +32,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, _FILE_MODE)
     try:
         yield tmp_path
         # A writer may recreate the file with its own mode (safetensors' save_file gives 0600): reapply the umask's.

@@ -54,6 +54,16 @@ def looks_like_repo_id(ref: str) -> bool:
             and not any(c in ref for c in "\\:") and not ref.endswith((".gguf", ".safetensors")))
 
 
+# The settings file each kind of training run records, and the command that resumes it.
+RUN_CONFIGS = {"classify_config.json": "gptlab finetune classify", "distill_config.json": "gptlab distill",
+               "instruct_config.json": "gptlab finetune instruct", "train_config.yaml": "gptlab train"}
+
+
+def records_a_run(path: Path) -> bool:
+    """True for a directory holding a training run's settings file (whether or not it saved a model yet)."""
+    return any((path / name).is_file() for name in RUN_CONFIGS)
+
+
 def is_run_dir(path: Path) -> bool:
     """True for a training run directory: no config.json of its own, its model in ``RUN/model``."""
     return path.is_dir() and not (path / "config.json").is_file() and (path / "model" / "config.json").is_file()
@@ -95,4 +105,5 @@ def resolve(ref: str | Path) -> Path:
     return p
 
 
-__all__ = ["is_run_dir", "looks_like_repo_id", "needs_resolving", "package_path", "resolve"]
+__all__ = ["RUN_CONFIGS", "is_run_dir", "looks_like_repo_id", "needs_resolving", "package_path", "records_a_run",
+           "resolve"]

@@ -176,13 +176,9 @@ class LanguageModel(nn.Module):
         (T,) without a cache or with a :class:`KVCache`; (B, T) from a :class:`SlotBatch`.
         """
         end = cache.end(T) if cache is not None else T
-        self.check_length(end - T, T)
-        return cache.positions(T, device) if cache is not None else torch.arange(T, device=device)
-
-    def check_length(self, start: int, T: int) -> None:
-        """Refuse a forward pass that would run past the context window."""
-        if start + T > self.cfg.context_length:
+        if end > self.cfg.context_length:  # a forward pass past the context window
             raise ValueError(
-                f"sequence of {start + T} tokens exceeds context_length {self.cfg.context_length}; "
+                f"sequence of {end} tokens exceeds context_length {self.cfg.context_length}; "
                 "crop the input (generate() does this) or use a model with a longer context"
             )
+        return cache.positions(T, device) if cache is not None else torch.arange(T, device=device)

@@ -19,7 +19,7 @@ from gptlab.logs import get_logger
 from gptlab.training.batches import IndexedBatches
 from gptlab.training.loop import TrainConfig, TrainResult, train_loop
 from gptlab.training.rundir import RunDir
-from gptlab.training.settings import refuse_changed, resumed_train_config
+from gptlab.training.settings import flag_name, refuse_changed, resumed_train_config
 
 
 log = get_logger(__name__)
@@ -75,7 +75,7 @@ class Recipe(Protocol):
 
 def limit_flags(limits) -> str:
     """``("max_steps", "epochs")`` -> ``--max-steps/--epochs``."""
-    return "/".join("--" + n.replace("_", "-") for n in limits)
+    return "/".join(flag_name(n) for n in limits)
 
 
 def run_recipe(recipe: Recipe, s, *, is_main: bool = True) -> Any:

@@ -27,11 +27,9 @@ import yaml
 
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_write_text
+from gptlab.refs import RUN_CONFIGS
 
 LOCK = ".lock"
-# The settings file each kind of run records, and the command that resumes it (to name it in errors).
-RUN_CONFIGS = {"classify_config.json": "gptlab finetune classify", "distill_config.json": "gptlab distill",
-               "instruct_config.json": "gptlab finetune instruct", "train_config.yaml": "gptlab train"}
 
 
 def holds_run(path: Path) -> bool:

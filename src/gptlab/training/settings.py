@@ -60,7 +60,7 @@ class RunSettings:
         for name in self.POSITIVE:
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise GptlabError(f"--{name.replace('_', '-')} {value} must be > 0")
+                raise GptlabError(f"{flag_name(name)} {value} must be > 0")
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -177,7 +177,7 @@ def recorded_ref(ref: str | Path | None, keep: Iterable[str] = ()) -> str | None
     return str(path.resolve()) if path.exists() else text
 
 
-def _dash(name: str) -> str:
+def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
@@ -196,9 +196,9 @@ def refuse_changed(s: Any, meta: dict, run: Path, limits: Iterable[str], refs: d
         if name in refs:
             value = recorded_ref(value, refs[name])
         if value != recorded[name]:
-            flag = _dash(name)
+            flag = flag_name(name)
             raise GptlabError(f"{flag} {value} differs from the {recorded[name]!r} that {run} was started with; a "
-                              f"resumed run keeps its settings (only {'/'.join(map(_dash, limits))} may change): "
+                              f"resumed run keeps its settings (only {'/'.join(map(flag_name, limits))} may change): "
                               f"drop {flag}, or start a new run with --out")
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from gptlab.errors import GptlabError
-from gptlab.refs import resolve
+from gptlab.refs import records_a_run, resolve
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,6 @@ LOADERS: list[Loader] = [
 ]
 
 
-# The settings file each kind of training run records (training/rundir.py names them too).
-RUN_SETTINGS = ("train_config.yaml", "classify_config.json", "instruct_config.json", "distill_config.json")
-
-
 def load_model(ref: str | Path, dtype: torch.dtype | str | None = None, device=None) -> nn.Module:
     """Load a model from any supported reference (see the module docstring), in eval mode.
 
@@ -83,7 +79,7 @@ def load_model(ref: str | Path, dtype: torch.dtype | str | None = None, device=N
     for loader in LOADERS:
         if loader.accepts(path):
             return loader.load(path, dtype, device)
-    if path.is_dir() and any((path / f).is_file() for f in RUN_SETTINGS):
+    if path.is_dir() and records_a_run(path):
         ck = sorted(path.glob("checkpoints/step-*/config.json"))
         hint = f"resume it, or load its checkpoint {ck[-1].parent}" if ck else "resume it to train further"
         raise GptlabError(f"{path} is a training run with no model saved yet (it stopped before its first "

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from gptlab.errors import GptlabError
 from gptlab.fileio import DIR_MODE, atomic_save, atomic_write_bytes, atomic_write_json
 from gptlab.models.config import FAMILIES, ModelConfig, get_family
+from gptlab.refs import RUN_CONFIGS
 from gptlab.weights.keymaps import expand
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -161,9 +162,8 @@ def copy_tokenizer_files(src: str | Path, out: str | Path) -> list[str]:
     return copied
 
 
-# What makes a directory a training run (training/checkpoint.py, finetune/*): an export must not land in one.
-RUN_MARKERS = ("train_config.yaml", "classify_config.json", "instruct_config.json", "distill_config.json",
-               "checkpoints", "model/config.json")
+# What makes a directory a training run (its settings file, checkpoints, model): an export must not land in one.
+RUN_MARKERS = (*RUN_CONFIGS, "checkpoints", "model/config.json")
 
 
 def _run_dir_at_or_above(path: Path) -> Path | None:
