@@ -12,7 +12,7 @@ Shapes: V = vocabulary size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -52,6 +52,8 @@ class Request:
             What :func:`~gptlab.inference.generation.generate` does past a model's context.
         recompute: recompute the whole sequence every step instead of reusing its cache
             (the reference that cached decoding is tested against).
+        logits_processor: ``(generated ids, logits (1, V)) -> logits (1, V)`` applied after the
+            penalties and before sampling (e.g. a grammar's allowed-token mask); logprobs stay the model's.
     """
 
     prompt: Sequence[int]
@@ -71,6 +73,7 @@ class Request:
     text_after_prompt: bool = True
     slide: bool = False
     recompute: bool = False
+    logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
 
     def sampling(self) -> Sampling:
         """The validated :class:`Sampling` part of these settings (GptlabError when out of range)."""
@@ -152,7 +155,7 @@ class SequenceState:
             self.gen.manual_seed(req.seed if req.seed is not None else torch.seed())
         # plain greedy: the engine can take the batch's argmax for this row
         self.plain_greedy = (sampling.temperature == 0 and self.counts is None and not self.banned
-                             and sampling.repetition_penalty in (None, 1.0))
+                             and sampling.repetition_penalty in (None, 1.0) and req.logits_processor is None)
 
     @property
     def pending(self) -> int:
@@ -172,6 +175,8 @@ class SequenceState:
         if self.counts is not None:
             logits = apply_presence_frequency(logits, self.counts.unsqueeze(0), req.presence_penalty,
                                               req.frequency_penalty)
+        if req.logits_processor is not None:
+            logits = req.logits_processor(self.handle.tokens, logits)
         seen = None
         if self.sampling.repetition_penalty not in (None, 1.0):
             seen = torch.tensor([self.ids], device=logits.device)  # (1, T)
