@@ -121,6 +121,7 @@ class LlamaConfig(ModelConfig):
             "active": total - L * (mlp - mlp_active),
             "experts": self.n_experts,
             "experts_active": self.experts_per_token,
+            "experts_shared": int(bool(self.shared_expert_dim)),
             "embedding": tok,
             "non_embedding": total - tok,
             "lm_head": V * d,
@@ -476,10 +477,6 @@ for _name, _cfg in {
     "mixtral-8x7b": LlamaConfig(vocab_size=32000, context_length=32768, emb_dim=4096, n_layers=32, n_heads=32,
                                 n_kv_heads=8, hidden_dim=14336, rope_theta=1000000.0, tie_embeddings=False,
                                 n_experts=8, experts_per_token=2, router_aux_loss_coef=0.02, bos_id=1, eos_id=2),
-    "qwen1.5-moe-a2.7b": LlamaConfig(vocab_size=151936, context_length=8192, emb_dim=2048, n_layers=24, n_heads=16,
-                                     hidden_dim=1408, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True,
-                                     tie_embeddings=False, n_experts=60, experts_per_token=4, norm_topk=False,
-                                     shared_expert_dim=5632, router_aux_loss_coef=0.001, eos_id=151643),
     # A mixture of experts that trains on a laptop CPU; a Qwen2-MoE shape (4 experts, 2 per token, a shared one),
     # so it exports to transformers and llama.cpp (whose qwen2moe graph does not renormalise the top k).
     "moe-micro": LlamaConfig(vocab_size=50257, context_length=128, emb_dim=192, n_layers=4, n_heads=4,
