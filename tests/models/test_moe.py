@@ -160,3 +160,19 @@ def test_fit_counts_a_mixtral_config_json_as_the_loaded_model_does():
     spec = spec_from_hf_config(hf, "qwen2-moe")  # fit counts from config.json keys
     ours = hf_config(hf, "Qwen2MoeForCausalLM").param_counts()  # what gptlab builds from it
     assert (spec.params_total, spec.params_active) == (ours["total"], ours["active"])
+
+
+def test_batched_engine_decodes_a_moe_as_generate_does_alone():
+    """Routing is per token, so a slot batch (each row at its own position) gives each prompt's solo tokens."""
+    from gptlab.inference.engine import Engine, Request
+    from gptlab.inference.generation import generate
+
+    torch.manual_seed(0)
+    model = build_model(tiny(shared_expert_dim=24, qkv_bias=True, norm_topk=False)).eval()
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4, 3], [40]]
+    engine = Engine(model, max_batch=3, prefill_chunk=4)
+    handles = [engine.submit(Request(p, max_tokens=6)) for p in prompts]
+    list(engine.run())
+    for p, h in zip(prompts, handles):
+        alone = generate(model, torch.tensor([p]), 6)[0, len(p):].tolist()
+        assert h.tokens == alone
