@@ -176,3 +176,39 @@ def test_batched_engine_decodes_a_moe_as_generate_does_alone():
     for p, h in zip(prompts, handles):
         alone = generate(model, torch.tensor([p]), 6)[0, len(p):].tolist()
         assert h.tokens == alone
+
+
+def test_configs_transformers_cannot_represent_are_refused_on_export():
+    from gptlab.errors import GptlabError
+    from gptlab.weights.export import config_to_hf
+
+    with pytest.raises(GptlabError, match="Mixtral always renormalises"):
+        config_to_hf(tiny(norm_topk=False))
+    with pytest.raises(GptlabError, match="exports as Qwen2-MoE, which needs qkv_bias=True"):
+        config_to_hf(tiny(shared_expert_dim=16))
+    assert config_to_hf(tiny())["architectures"] == ["MixtralForCausalLM"]
+    hf = config_to_hf(tiny(shared_expert_dim=16, qkv_bias=True))
+    assert (hf["model_type"], hf["num_experts"], hf["moe_intermediate_size"]) == ("qwen2_moe", 4, 48)
+
+
+def test_qwen2_moe_with_dense_layers_is_refused_in_one_line():
+    from gptlab.errors import GptlabError
+    from gptlab.weights.hf import config_from_hf
+
+    hf = dict(architectures=["Qwen2MoeForCausalLM"], vocab_size=64, max_position_embeddings=64, hidden_size=32,
+              num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, num_experts=4,
+              num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32,
+              decoder_sparse_step=2)
+    with pytest.raises(GptlabError, match=r"dense layers \(decoder_sparse_step=2"):
+        config_from_hf(hf)
+    cfg = config_from_hf({**hf, "decoder_sparse_step": 1})
+    assert (cfg.n_experts, cfg.hidden_dim, cfg.shared_expert_dim, cfg.norm_topk) == (4, 24, 32, False)
+
+
+def test_gguf_names_of_stacked_experts_map_to_our_experts():
+    from gptlab.weights.gguf import map_name
+
+    assert map_name("blk.3.ffn_gate_exps.weight") == "layers.3.mlp.experts.{e}.gate_proj.weight"
+    assert map_name("blk.0.ffn_gate_inp.weight") == "layers.0.mlp.gate.weight"
+    assert map_name("blk.1.ffn_gate_inp_shexp.weight") == "layers.1.mlp.shared_expert_gate.weight"
+    assert map_name("blk.1.ffn_down_shexp.weight") == "layers.1.mlp.shared_expert.down_proj.weight"

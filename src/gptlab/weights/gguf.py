@@ -90,7 +90,8 @@ _KEY_RES = [(theirs_pattern(r), r.ours) for r in GGUF_KEYS]
 
 
 def map_name(gguf_name: str) -> str | None:
-    """Our parameter name for a GGUF tensor name, or None if the key map has no row for it."""
+    """Our parameter name for a GGUF tensor name (``{e}`` left in for a tensor stacking every expert),
+    or None if the key map has no row for it."""
     for rx, ours in _KEY_RES:
         m = rx.match(gguf_name)
         if m:
