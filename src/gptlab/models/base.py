@@ -156,6 +156,14 @@ class LanguageModel(nn.Module):
     def forward(self, ids: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
         return self.get_head()(self.features(ids, cache))  # (B, T, V)
 
+    def aux_loss(self) -> torch.Tensor | None:
+        """An auxiliary training loss of the last forward call, already weighted, or None.
+
+        A mixture of experts returns its weighted load-balancing loss; the
+        training loop's language-modeling task adds it to the cross-entropy.
+        """
+        return None
+
     def new_cache(self, batch: int, max_len: int | None = None, *, dtype=None, device=None) -> KVCache:
         """An empty KV cache sized for this model (default: its full context)."""
         p = self.get_embedding().weight

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from gptlab.device import autocast_dtype
 from gptlab.errors import GptlabError
+from gptlab.models.base import LanguageModel
 from gptlab.training.batches import Batch, IndexedBatches
 from gptlab.training.checkpoint import rng_state, set_rng_state
 from gptlab.training.hooks import Counters, Evaluation, Progress, Samples, Throughput, to_device
@@ -118,19 +119,44 @@ class Task(Protocol):
         ...
 
 
-class LanguageModeling:
-    """Next-token cross-entropy over all positions (targets of -100 are ignored)."""
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """The model's weighted auxiliary loss of its last call (a mixture of experts' load balancing), or None.
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+    ``model`` may be ``torch.compile``'s wrapper (the loop's ``fwd``); a module that is
+    not a gptlab language model (a test's toy model) has none.
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile keeps the module it wraps here
+    return model.aux_loss() if isinstance(model, LanguageModel) else None
+
+
+class LanguageModeling:
+    """Next-token cross-entropy over all positions (targets of -100 are ignored), plus the model's
+    auxiliary loss when it has one (a mixture of experts' load balancing, ``router_aux_loss_coef`` x it)."""
+
+    def cross_entropy(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         x, y = batch[0], batch[1]
         logits = model(x)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
 
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        ce = self.cross_entropy(model, batch)
+        aux = aux_loss(model)
+        return ce if aux is None else ce + aux
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: list[Batch]) -> dict[str, float]:
-        losses = [float(self.loss(model, b)) for b in batches]
+        """``loss`` (cross-entropy only) and ``perplexity``; ``aux_loss`` too for a model that has one."""
+        losses, aux = [], []
+        for b in batches:
+            losses.append(float(self.cross_entropy(model, b)))
+            a = aux_loss(model)
+            if a is not None:
+                aux.append(float(a))
         loss = sum(losses) / max(1, len(losses))
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        if aux:
+            out["aux_loss"] = sum(aux) / len(aux)
+        return out
 
 
 @dataclass
