@@ -37,7 +37,7 @@ class RunSettings:
         resume: continue the run in this directory from its latest checkpoint, with the settings it was
             started with (only the stopping limit, the new total, may change).
         precision: auto (bf16 where fast), fp32, bf16 or fp16.
-        device: auto, cpu, cuda or mps.
+        device: auto, cpu, cuda, cuda:N, mps, or a MIG slice: mig:N or mig:UUID (sets CUDA_VISIBLE_DEVICES).
         seed: random seed.
         overwrite: replace an existing run in --out (everything is checked first; the old run is replaced
             only once the new one is set up).
