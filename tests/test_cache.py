@@ -156,3 +156,10 @@ def test_cli_lists_and_removes(caches, capsys):
     assert "error: say what to remove" in capsys.readouterr().err
     assert run(["cache", "rm", "--older-than", "soon"]) == 1
     assert "--older-than 'soon' is not an age" in capsys.readouterr().err
+
+
+def test_cache_prefix_picks_one_cache(caches):
+    hub, own = caches
+    removal = remove_cache("gptlab:*")
+    assert sorted(i.name for i in removal.items) == ["data/tinyshakespeare.txt", "fit-calibration.json"]
+    assert _du(own) == 0 and _du(hub) == 23 + 80_000 + 20_010

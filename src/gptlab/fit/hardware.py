@@ -188,7 +188,8 @@ def _nvml_slices(pynvml, h, i: int, name: str, uuid: str) -> mig.NvidiaGpu:
         except pynvml.NVMLError:
             continue
         mem = pynvml.nvmlDeviceGetMemoryInfo(mh)
-        profile = _text(pynvml.nvmlDeviceGetName(mh)).split("MIG")[-1].strip()  # "NVIDIA A100 ... MIG 3g.20gb"
+        mig_name = _text(pynvml.nvmlDeviceGetName(mh))  # "NVIDIA A100-SXM4-40GB MIG 3g.20gb" (older drivers: no profile)
+        profile = mig_name.split("MIG")[-1].strip() if "MIG" in mig_name else f"slice {j}"
         found.append(mig.MigSlice(i, name, j, profile, _text(pynvml.nvmlDeviceGetUUID(mh)),
                                   int(mem.total), int(mem.free)))
     return mig.NvidiaGpu(i, name, uuid, tuple(found))
