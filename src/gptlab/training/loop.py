@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -249,7 +249,7 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
                resume_state: dict[str, Any] | None = None, sample_fn: Callable[[nn.Module], str] | None = None,
                save_model: Callable[[nn.Module, Path], None] | None = None, progress: bool = True,
                echo: Callable[[str], None] | None = None, is_main: bool = True,
-               on_checkpoint: Callable[[], None] | None = None) -> TrainResult:
+               on_checkpoint: Callable[[], None] | None = None, loggers: Sequence[str] = ()) -> TrainResult:
     """Train ``model`` on batches from ``train``, evaluating on ``val``; write the run directory.
 
     Args:
@@ -266,6 +266,7 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
         progress: show a progress bar.
         echo: where status lines go.
         is_main: this process is the main rank: only it prints and writes files.
+        loggers: also log each evaluation to these: csv, tensorboard, wandb (:mod:`gptlab.training.loggers`).
     """
     cfg.validate()
     echo = (echo or (lambda msg: print(msg, flush=True))) if is_main else (lambda msg: None)
@@ -285,7 +286,7 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
     evaluation = Evaluation(run, model, task, train, val, cfg, optimizer, tokenizer, autocast=autocast,
                             save_model=save_model or (lambda m, d: save_model_dir(m, d, tokenizer)),
                             samples=Samples(run, sample_fn, resumed_at, is_main), progress=bar,
-                            resumed_at=resumed_at, is_main=is_main, on_checkpoint=on_checkpoint)
+                            resumed_at=resumed_at, is_main=is_main, on_checkpoint=on_checkpoint, loggers=loggers)
     lr, speed, stopped = sched.lr(max(c.step - 1, 0)), Throughput(), None
     t_start = time.perf_counter() - c.elapsed
     step_rng, tokens_at_step_start = rng_state(), c.tokens
@@ -317,5 +318,6 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
         evaluation(c, lr, speed)
     if is_main and not (run / "model" / "config.json").exists() and c.step > 0:
         evaluation.save_model(model, run / "model")
+    evaluation.close()
     diag = diagnose(evaluation.log.records, getattr(getattr(model, "cfg", None), "vocab_size", None))
     return TrainResult(c.step, c.tokens, c.best_val, c.best_step, stopped, diag, evaluation.log.records)
