@@ -41,6 +41,7 @@ from gptlab.fileio import atomic_save
 from gptlab.finetune.common import load_model_and_tokenizer, restore_checkpoint
 from gptlab.finetune.distill_losses import (DATA, FEATURE_LOSSES, DistillationTask, Projections, dense_terms,
                                             kl_term, parse_layer_map, parse_modes)
+from gptlab.finetune.distill_teacher import read_prompts
 from gptlab.finetune.distill_text import build_student, is_endpoint, text_job, text_report
 from gptlab.training.batches import Batch
 from gptlab.training.driver import Job, run_recipe
@@ -263,6 +264,7 @@ class Distillation:
                                   f"endpoint), not {s.teacher}; for a local teacher use --mode sequence or reasoning")
             if is_endpoint(s.teacher) and not s.teacher_model:
                 raise GptlabError("an endpoint teacher needs --teacher-model NAME (the model the endpoint serves)")
+            read_prompts(s.prompts)  # a missing or malformed prompts file fails before anything is asked
         else:
             if is_endpoint(s.teacher):
                 raise GptlabError(f"--mode {s.mode} needs the teacher's model (its logits or hidden states); an "

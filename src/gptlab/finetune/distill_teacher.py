@@ -36,6 +36,7 @@ REASONING_SYSTEM = ("Think step by step. Write your reasoning first, then end wi
                     "'Answer: <final answer>'.")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 RETRY_STATUS = (429, 500, 502, 503, 504)
+ANSWER_LINE = re.compile(r"(?im)^\W*(?:final\s+)?answer\s*[:：]\s*")  # "Answer: ...", "**Final answer:** ..."
 
 
 class Teacher(Protocol):
@@ -214,7 +215,7 @@ def split_reasoning(text: str) -> tuple[str, str]:
     if THINK_CLOSE in text:
         trace, _, answer = text.rpartition(THINK_CLOSE)
         return trace.replace(THINK_OPEN, "").strip(), answer.strip()
-    m = list(re.finditer(r"(?im)^\W*(?:final\s+)?answer\s*[:：]\s*", text))
+    m = list(ANSWER_LINE.finditer(text))
     if m:
         return text[:m[-1].start()].strip(), text[m[-1].end():].strip()
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
@@ -229,8 +230,7 @@ def reasoning_target(trace: str, answer: str) -> str:
 def extract_answer(text: str) -> str:
     """The final answer of a reply, normalized for comparison: lower case, spaces collapsed, outer
     punctuation dropped, numbers written plainly (``1,000.0`` -> ``1000``)."""
-    answer = split_reasoning(text)[1] if (THINK_CLOSE in text or re.search(r"(?im)^\W*answer\s*[:：]", text)) \
-        else text.strip()
+    answer = split_reasoning(text)[1] if (THINK_CLOSE in text or ANSWER_LINE.search(text)) else text.strip()
     a = re.sub(r"\s+", " ", answer.strip().lower()).strip(" .,:;!?\"'`*")
     number = a.replace(",", "")
     if re.fullmatch(r"[-+]?\d+(\.\d+)?", number):
@@ -255,7 +255,7 @@ def fetch_answers(teacher: Teacher, prompts: list[str], path: str | Path, kind: 
                               f"{i}: {r.get('kind')} by {r.get('teacher')}); give another --answers file")
     missing = [i for i in range(len(prompts)) if i not in have]
     if missing:
-        log.warning("asking %s for %d of %d answers (%d kept in %s)", teacher.name, len(missing), len(prompts),
+        log.info("asking %s for %d of %d answers (%d kept in %s)", teacher.name, len(missing), len(prompts),
                     len(have), path)
         path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:

@@ -83,6 +83,8 @@ def text_job(s, cfg, dev, resuming, kind: str, steps_known) -> Job:
     from gptlab.finetune.common import pad_id_of, restore_checkpoint
     from gptlab.finetune.instruct import InstructionTask, instruction_batches
 
+    torch.manual_seed(cfg.seed)
+    model, tok = build_student(s.student, None, dev, s.context_length, s.tokenizer)  # a bad student fails first
     if resuming is not None:  # the answers the run trained on: nothing is asked again
         records = read_answers(resuming.path / ANSWERS)
         if not records:
@@ -95,8 +97,6 @@ def text_job(s, cfg, dev, resuming, kind: str, steps_known) -> Job:
         stats = getattr(teacher, "stats", None)
         if stats is not None:
             print(f"teacher {teacher.name}: {stats.line()}", flush=True)
-    torch.manual_seed(cfg.seed)
-    model, tok = build_student(s.student, None, dev, s.context_length, s.tokenizer)
     style = "chat" if getattr(tok, "chat_template", None) else "alpaca"
     n_val = int(len(records) * s.val_ratio)
     train, val = records[:len(records) - n_val], records[len(records) - n_val:]
