@@ -202,3 +202,18 @@ def test_blackbox_bad_input(tmp_path, endpoint, prompts, base_dir, capsys):
         err = capsys.readouterr().err.strip()
         assert re.search(msg, err) and len(err.splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def test_reasoning_with_a_local_teacher(tmp_path, prompts, base_dir):
+    """A local teacher is asked in its chat template (alpaca here) with the step-by-step instruction; a preset
+    student takes its tokenizer."""
+    from gptlab.finetune.distill_text import ANSWERS
+
+    r = distill(str(base_dir), "gpt2-nano", None, tmp_path / "run", mode="reasoning", prompts=str(prompts),
+                context_length=256, max_steps=1, batch_size=4, eval_iters=1, val_ratio=0.25, gen_tokens=6,
+                precision="fp32", device="cpu", progress=False)
+    assert r.step == 1
+    recs = [json.loads(x) for x in (tmp_path / "run" / ANSWERS).read_text().splitlines()]
+    assert len(recs) == 12 and all(r["teacher"] == str(base_dir) and r["kind"] == "reasoning" for r in recs)
+    assert all(split_reasoning(r["text"]) == (r["trace"], r["answer"]) for r in recs)
+    assert json.loads((tmp_path / "run" / "agreement.json").read_text())["n"] == 3

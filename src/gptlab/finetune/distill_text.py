@@ -84,7 +84,8 @@ def text_job(s, cfg, dev, resuming, kind: str, steps_known) -> Job:
     from gptlab.finetune.instruct import InstructionTask, instruction_batches
 
     torch.manual_seed(cfg.seed)
-    model, tok = build_student(s.student, None, dev, s.context_length, s.tokenizer)  # a bad student fails first
+    tokenizer = s.tokenizer or (None if is_endpoint(s.teacher) else s.teacher)  # a local teacher lends its own
+    model, tok = build_student(s.student, None, dev, s.context_length, tokenizer)  # a bad student fails first
     if resuming is not None:  # the answers the run trained on: nothing is asked again
         records = read_answers(resuming.path / ANSWERS)
         if not records:
