@@ -24,7 +24,8 @@ def test_mode_syntax():
     for bad, msg in [("words", "'words' is not a mode"), ("logits+logits", "names logits twice"),
                      ("logits:x", "weight 'x' of logits is not a number"), ("logits:-1", "must be >= 0"),
                      ("sequence:0.5", "takes no weight"), ("sequence+blackbox", "from one of them"),
-                     ("blackbox+logits", "blackbox sees only the teacher's text")]:
+                     ("blackbox+logits", "blackbox trains on the teacher's answers alone"),
+                     ("reasoning+features", "reasoning trains on the teacher's answers alone")]:
         with pytest.raises(GptlabError, match=msg):
             parse_modes(bad)
 

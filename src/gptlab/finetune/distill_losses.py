@@ -19,7 +19,8 @@ With ``alpha`` the run's loss is ``(1 − alpha)·CE(student, labels) + alpha·�
 
 ``--mode`` syntax: terms joined by ``+`` (or ``,``), each ``NAME`` or ``NAME:WEIGHT`` (weight 1 when
 omitted): ``logits``, ``logits+features``, ``logits:0.5,features:0.5``, ``sequence+logits``. One data mode
-(``sequence``, ``blackbox``, ``reasoning``: where the training text comes from; no weight) may join.
+(``sequence``, ``blackbox``, ``reasoning``: where the training text comes from; no weight) may join;
+``blackbox`` and ``reasoning`` train on the teacher's answers alone, so they stand alone.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from gptlab.training.batches import Batch
 IGNORE = -100
 DENSE = ("logits", "features", "relations")  # the teacher reads the student's tokens: one tokenizer
 DATA = ("sequence", "blackbox", "reasoning")  # the teacher writes the training text
-ENDPOINT_ONLY = ("blackbox",)  # only text from an endpoint: no dense term can join
+TEXT_ONLY = ("blackbox", "reasoning")  # (prompt, answer) pairs, the prompt masked: no dense term can join
 FEATURE_LOSSES = ("mse", "cosine")
 
 
@@ -68,8 +69,8 @@ def parse_modes(spec: str) -> dict[str, float]:
     data = [m for m in terms if m in DATA]
     if len(data) > 1:
         raise GptlabError(f"mode={spec!r} names {' and '.join(data)}; a run takes its text from one of them")
-    if data and data[0] in ENDPOINT_ONLY and len(terms) > 1:
-        raise GptlabError(f"mode={spec!r}: blackbox sees only the teacher's text, so it cannot add "
+    if data and data[0] in TEXT_ONLY and len(terms) > 1:
+        raise GptlabError(f"mode={spec!r}: {data[0]} trains on the teacher's answers alone, so it cannot add "
                           f"{'+'.join(m for m in terms if m in DENSE)} (use sequence+logits with a local teacher)")
     return terms
 
@@ -219,7 +220,8 @@ class DistillationTask:
         hidden = bool(self.layer_map) and ("features" in self.terms or "relations" in self.terms)
         s_layers, t_layers = [i for i, _ in self.layer_map], [j for _, j in self.layer_map]
         with torch.no_grad(), (block_outputs(self.teacher, t_layers) if hidden else contextlib.nullcontext({})) as th:
-            t_logits = self.teacher(x)  # (B, T, V)
+            # (B, T, V); without a logits term the head is skipped (features: (B, T, d_t), unused)
+            t_logits = self.teacher(x) if "logits" in self.terms else self.teacher.features(x)
         with block_outputs(model, s_layers) if hidden else contextlib.nullcontext({}) as sh:
             s_logits = model(x)  # (B, T, V)
         n = keep.sum().clamp(min=1)
