@@ -161,10 +161,16 @@ def test_blackbox_run_trains_on_the_answers_with_the_prompt_masked(tmp_path, end
     first = tok.decode([t for t in y[0].tolist() if t != -100])
     assert first.startswith("the ") and first.endswith("says ok" + tok.decode([tok.eos_id]))
     assert "count the letters" in tok.decode(x[0].tolist())
+    job.model.eval()  # no dropout
+    with torch.no_grad():  # the loss: mean -log p(next token) over the answer's tokens, by hand
+        logp = torch.log_softmax(job.model(x).float(), -1)
+        picked = [-logp[b, t, y[b, t]] for b in range(x.shape[0]) for t in range(x.shape[1]) if y[b, t] != -100]
+        assert torch.allclose(job.task.loss(job.model, (x, y)), torch.stack(picked).mean(), atol=1e-5)
     assert len(endpoint.prompts) == 12  # the second build read the dataset: nothing was asked again
 
 
-def test_reasoning_run_and_exact_resume(tmp_path, endpoint, prompts, base_dir, monkeypatch):
+@pytest.mark.parametrize("kind", ["blackbox", "reasoning"])
+def test_interrupted_run_resumes_exactly(tmp_path, endpoint, prompts, base_dir, monkeypatch, kind):
     from test_distill_modes import assert_same_runs, interrupted_then_resumed
     from gptlab.finetune.distill_teacher import training_output
     from gptlab.finetune.distill_text import ANSWERS
@@ -172,18 +178,22 @@ def test_reasoning_run_and_exact_resume(tmp_path, endpoint, prompts, base_dir, m
     def first(out, **kw):
         return _run(endpoint, prompts, out, **kw)
 
-    full, part = interrupted_then_resumed(tmp_path, monkeypatch, first, tokenizer=str(base_dir), mode="reasoning",
+    full, part = interrupted_then_resumed(tmp_path, monkeypatch, first, tokenizer=str(base_dir), mode=kind,
                                           answers=str(tmp_path / "answers.jsonl"))
     rec = json.loads((part / ANSWERS).read_text().splitlines()[0])
-    assert rec["kind"] == "reasoning" and rec["answer"] == "3" and rec["trace"].startswith("The word cat has letters")
-    assert training_output(rec) == "<think>\nThe word cat has letters c a t.\nThat is 3 letters.\n</think>\n3"
+    if kind == "reasoning":
+        assert rec["answer"] == "3" and rec["trace"].startswith("The word cat has letters")
+        assert training_output(rec) == "<think>\nThe word cat has letters c a t.\nThat is 3 letters.\n</think>\n3"
+    else:
+        assert training_output(rec) == rec["text"] == "the cat says ok"
     endpoint.fail_after = 0  # resume trains on the run's own copy: the endpoint is not asked again
     n = len(endpoint.requests)
     r = distill("", "", None, None, resume=part, device="cpu", progress=False)
     assert r.step == 6 and len(endpoint.requests) == n
     assert_same_runs(full, part)
     agree = json.loads((part / "agreement.json").read_text())
-    assert [i["teacher"] for i in agree["items"]] == ["4", "4", "4"]  # goat, mule, crab
+    assert [i["teacher"] for i in agree["items"]] == (["4", "4", "4"] if kind == "reasoning" else  # goat, mule, crab
+                                                      [f"the {w} says ok" for w in ("goat", "mule", "crab")])
 
 
 def test_blackbox_bad_input(tmp_path, endpoint, prompts, base_dir, capsys):

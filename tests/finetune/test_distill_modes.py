@@ -154,6 +154,14 @@ def test_features_run_saves_projections_beside_the_student(tmp_path, base_dir, s
                                                                                   "cosine")
 
 
+def test_sequence_plus_logits(tmp_path, base_dir, sms_path):
+    """The teacher writes the text, and the student also matches its distributions on it."""
+    r = distill(str(base_dir), "gpt2-nano", _corpus(tmp_path, sms_path), tmp_path / "run", mode="sequence+logits:2",
+                context_length=32, max_steps=1, batch_size=2, eval_iters=1, sequences=3, gen_tokens=30,
+                precision="fp32", device="cpu", progress=False)
+    assert r.step == 1 and "val_kl" in r.records[-1] and (tmp_path / "run" / "teacher_tokens.npy").is_file()
+
+
 def test_dense_modes_need_one_vocabulary(tmp_path, base_dir, sms_path, capsys):
     from gptlab.tokenizers import CharTokenizer
     from gptlab.weights.native import save_model_dir
