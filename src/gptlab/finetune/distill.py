@@ -149,7 +149,8 @@ class DistillSettings(RunSettings):
         answers: blackbox/reasoning: where the teacher's answers are kept as a dataset (default OUT.answers.jsonl);
             a run started again fetches only the answers still missing.
         retries: blackbox/reasoning: retries of a rate-limited (429) or failed (5xx, network) request, with back-off.
-        tokenizer: the tokenizer of a preset --student when the teacher is an endpoint (e.g. a model directory).
+        tokenizer: the tokenizer of a preset --student (default: the teacher's; needed when the teacher is an
+            endpoint), e.g. a model directory.
         context_length: tokens per training window (the longest prompt + answer in blackbox/reasoning).
         stride: distance between window starts (default: the context length, no overlap).
         max_steps: optimizer steps (default 200).
@@ -253,6 +254,12 @@ class Distillation:
             raise GptlabError("give --teacher REF and --student REF|PRESET (e.g. --student llama-micro), "
                               "or --resume RUN_DIR")
         modes = parse_modes(s.mode)
+        if s.retries < 0:
+            raise GptlabError(f"--retries {s.retries} must be >= 0 (0: a failed request is not tried again)")
+        if s.tokenizer:
+            from gptlab.tokenizers import load_tokenizer
+
+            load_tokenizer(s.tokenizer)  # a bad tokenizer fails before anything is loaded or asked
         if s.feature_loss not in FEATURE_LOSSES:
             raise GptlabError(f"--feature-loss {s.feature_loss} must be one of {', '.join(FEATURE_LOSSES)}")
         data = next((m for m in modes if m in DATA), None)
@@ -302,7 +309,7 @@ class Distillation:
 
         torch.manual_seed(cfg.seed)
         t_model, t_tok = load_model_and_tokenizer(s.teacher, dev)
-        s_model, s_tok = build_student(s.student, t_tok, dev, s.context_length)
+        s_model, s_tok = build_student(s.student, t_tok, dev, s.context_length, s.tokenizer)
         terms = dense_terms(modes)
         if terms:
             check_same_tokenizer(t_tok, s_tok)
