@@ -42,6 +42,7 @@ class Job:
     record: dict = field(default_factory=dict)  # recorded beside the settings
     files: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # written into a new run
     extra: dict = field(default_factory=dict)  # what the recipe's report needs
+    aux: nn.Module | None = None  # the task's own trainable modules (saved in checkpoints, not in RUN/model)
 
 
 class Recipe(Protocol):
@@ -124,5 +125,6 @@ def _note_ignored_out(s) -> None:
 def _train(recipe: Recipe, s, cfg: TrainConfig, job: Job, run: RunDir, is_main: bool) -> Any:
     result = train_loop(job.model, job.train, job.val, cfg, run.path, task=job.task, tokenizer=job.tokenizer,
                         resume_state=job.resume_state, sample_fn=job.sample_fn, save_model=job.save_model,
-                        progress=s.progress, is_main=is_main, on_checkpoint=run.drop_replaced, loggers=s.logger)
+                        progress=s.progress, is_main=is_main, on_checkpoint=run.drop_replaced, loggers=s.logger,
+                        aux=job.aux)
     return recipe.report(s, cfg, job, result, run.path)

@@ -168,7 +168,9 @@ class Evaluation:
     def __init__(self, run: Path, model: nn.Module, task, train: IndexedBatches, val: IndexedBatches | None,
                  cfg, optimizer, tokenizer, *, save_model: Callable[[nn.Module, Path], None],
                  samples: Samples, progress: Progress, autocast, resumed_at: int | None, is_main: bool = True,
-                 on_checkpoint: Callable[[], None] | None = None, loggers: Sequence[str] = ()):
+                 on_checkpoint: Callable[[], None] | None = None, loggers: Sequence[str] = (),
+                 aux: nn.Module | None = None):
+        self.aux = aux  # the task's own trainable modules: saved in state.pt, not in the model directory
         self.run, self.model, self.task, self.cfg, self.optimizer = run, model, task, cfg, optimizer
         self.tokenizer, self.save_model, self.samples, self.progress = tokenizer, save_model, samples, progress
         self.autocast, self.is_main, self.train, self.has_val = autocast, is_main, train, val is not None
@@ -201,6 +203,8 @@ class Evaluation:
         """checkpoints/step-N with the counters (``rng``: the state to replay an interrupted step from)."""
         if self.is_main:
             state = {**dataclasses.asdict(c), "config": dataclasses.asdict(self.cfg)}
+            if self.aux is not None:
+                state["aux"] = self.aux.state_dict()
             save_checkpoint(self.run, self.model, self.tokenizer, self.optimizer, state, rng=rng)
             if self.on_checkpoint is not None:
                 self.on_checkpoint()
