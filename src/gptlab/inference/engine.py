@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -57,6 +57,8 @@ class Request:
         logprobs: how many top alternatives (token id, logprob) each event carries, 0..20.
         text_after_prompt: the text reads on from the prompt (keeps a SentencePiece leading space);
             False for a reply that is a message of its own.
+        logits_processor: ``(generated ids, logits (1, V)) -> logits (1, V)`` applied after the
+            penalties and before sampling (e.g. a grammar's allowed-token mask); logprobs stay the model's.
     """
 
     prompt: Sequence[int]
@@ -72,6 +74,7 @@ class Request:
     stops: StopSet | None = None
     logprobs: int = 0
     text_after_prompt: bool = True
+    logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
 
     def sampling(self) -> Sampling:
         """The validated :class:`Sampling` part of these settings (GptlabError when out of range)."""
@@ -143,6 +146,8 @@ class _Sequence:
         req = self.handle.request
         logits = apply_presence_frequency(logits.unsqueeze(0), self.counts.unsqueeze(0),
                                           req.presence_penalty, req.frequency_penalty)  # (1, V)
+        if req.logits_processor is not None:
+            logits = req.logits_processor(self.handle.tokens, logits)
         seen = torch.tensor([self.ids], device=logits.device)  # (1, T) for the repetition penalty
         return int(self.sampling.next_tokens(logits, seen, self.gen)[0])
 
