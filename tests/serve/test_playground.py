@@ -1,0 +1,279 @@
+"""The browser playground (serve/static/playground.html) in real headless Chromium, driven by Playwright.
+
+Two halves. The quick tests serve the page and a scripted OpenAI-shaped server through Playwright's
+request routing (no model, no HTTP server): they check the page's own logic (SSE parsing, errors,
+the API key, export, clear, keyboard). The slow test runs `gptlab serve` on the real SmolLM2 and does
+what a person does: type, send, watch the streamed text, move a slider, stop, inspect a token, and
+run the Code tab's curl command.
+
+Playwright's own browser download does not work offline; the tests use the system Chromium (Debian's
+`chromium` package; .ci/run installs it) and skip, saying so, when it is absent.
+"""
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGE = resources.files("gptlab").joinpath("serve", "static", "playground.html").read_text(encoding="utf-8")
+FAKE = "http://gptlab.test"  # routed by Playwright, never resolved
+
+
+def chromium_path() -> str | None:
+    """The system Chromium: $GPTLAB_CHROMIUM, else chromium / chromium-browser / google-chrome on PATH."""
+    env = os.environ.get("GPTLAB_CHROMIUM")
+    if env:
+        return env if Path(env).exists() else None
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    exe = chromium_path()
+    if exe is None:
+        pytest.skip("no Chromium found (install Debian's `chromium` package, as .ci/run does, "
+                    "or set GPTLAB_CHROMIUM to a Chromium binary)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 860}, accept_downloads=True)
+    pg = context.new_page()
+    pg.errors = []
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    pg.set_default_timeout(20_000)
+    yield pg
+    context.close()
+
+
+# ---------- the scripted server ----------
+
+def logprob_entry(token: str, p: float, alternatives: list[tuple[str, float]]) -> dict:
+    return {"token": token, "logprob": math.log(p), "bytes": list(token.encode()),
+            "top_logprobs": [{"token": t, "logprob": math.log(q), "bytes": list(t.encode())}
+                             for t, q in alternatives]}
+
+
+def chunk(content: str, logprobs: list[dict] | None = None, finish: str | None = None) -> dict:
+    choice = {"index": 0, "delta": {"content": content}, "finish_reason": finish}
+    if logprobs is not None:
+        choice["logprobs"] = {"content": logprobs}
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "tiny",
+            "choices": [choice]}
+
+
+HELLO = [
+    {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "tiny",
+     "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+    chunk("Hello", [logprob_entry("Hello", 0.8, [("Hello", 0.8), ("Hi", 0.1), ("Hey", 0.05),
+                                                 ("Yo", 0.03), ("Oh", 0.01)])]),
+    chunk(" world", [logprob_entry(" world", 0.5, [(" world", 0.5), (" there", 0.3), ("!", 0.1),
+                                                   (",", 0.05), (" you", 0.02)])]),
+    # two tokens in one chunk, then a chunk whose text does not match its tokens (a cut stop string)
+    chunk("!\n", [logprob_entry("!", 0.9, [("!", 0.9)]), logprob_entry("\n", 0.6, [("\n", 0.6)])]),
+    chunk("ok", [logprob_entry("okay", 0.4, [("okay", 0.4), ("ok", 0.3)])], finish="stop"),
+    {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "tiny", "choices": [],
+     "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}},
+]
+
+
+def sse(events: list, done: bool = True) -> str:
+    """Server-sent events as a server may write them: CRLF line ends, a keep-alive comment."""
+    body = ": keep-alive\r\n\r\n" + "".join(f"data: {json.dumps(e)}\r\n\r\n" for e in events)
+    return body + ("data: [DONE]\n\n" if done else "")
+
+
+class Scripted:
+    """Answers the page's requests from a script; records what it was sent."""
+
+    def __init__(self, chat_body: str, chat_status: int = 200, need_key: str | None = None):
+        self.chat_body, self.chat_status, self.need_key = chat_body, chat_status, need_key
+        self.requests = []
+
+    def __call__(self, route, request):
+        url = request.url
+        if url.endswith("/playground"):
+            return route.fulfill(status=200, content_type="text/html", body=PAGE)
+        self.requests.append((url, request.headers, request.post_data))
+        if self.need_key and request.headers.get("authorization") != f"Bearer {self.need_key}":
+            return route.fulfill(status=401, content_type="application/json", body=json.dumps(
+                {"error": {"message": "Missing or wrong API key", "type": "authentication_error",
+                           "param": None, "code": "invalid_api_key"}}))
+        if url.endswith("/v1/models"):
+            return route.fulfill(status=200, content_type="application/json", body=json.dumps(
+                {"object": "list", "data": [{"id": "tiny", "object": "model", "owned_by": "gptlab"}]}))
+        if url.endswith("/v1/chat/completions"):
+            kind = "text/event-stream" if self.chat_status == 200 else "application/json"
+            return route.fulfill(status=self.chat_status, content_type=kind, body=self.chat_body)
+        return route.fulfill(status=404, body="not found")
+
+
+def open_scripted(page, script: Scripted):
+    page.route(f"{FAKE}/**", script)
+    page.goto(f"{FAKE}/playground")
+    return page
+
+
+def send(page, text: str):
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def last_reply(page):
+    return page.locator(".msg.assistant").last
+
+
+# ---------- quick tests: the page's logic against a scripted server ----------
+
+def test_streamed_reply_tokens_status_and_popup(page):
+    script = Scripted(sse(HELLO))
+    open_scripted(page, script)
+    page.wait_for_function("document.querySelector('#model').options.length === 1")
+    page.fill("#system", "Be brief.")
+    page.fill("#top_k-num", "40")
+    page.dispatch_event("#top_k-num", "input")
+    send(page, "Say hello")
+    page.wait_for_selector("#st-out")
+    reply = last_reply(page)
+    assert reply.locator(".body").inner_text() == "Hello world!\nok"
+    # one span per token where the text matches the tokens, one span where it does not
+    assert [t.inner_text() for t in reply.locator(".tok").all()] == ["Hello", " world", "!", "\n", "ok"]
+    assert page.inner_text("#st-in") == "input 7 tokens"
+    assert page.inner_text("#st-out") == "output 5 tokens"
+    assert "tokens/s" in page.inner_text("#st-tps")
+
+    body = json.loads(script.requests[-1][2])
+    assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["logprobs"] is True and body["top_logprobs"] == 5
+    assert body["top_k"] == 40 and "min_p" not in body and "seed" not in body and "stop" not in body
+
+    reply.locator(".tok").nth(1).hover()
+    pop = page.locator("#tokpop")
+    assert pop.is_visible()
+    rows = pop.locator("tr")
+    assert rows.count() == 5
+    assert rows.nth(1).inner_text().split() == ["␣there", "30.0%"]
+    assert pop.locator("tr.chosen").inner_text().split() == ["␣world", "50.0%"]
+    assert "50.0%" in pop.locator(".head").inner_text()
+
+    # keyboard: the first token is focusable, arrows move the popup along the reply, Esc closes it
+    reply.locator(".tok").first.focus()
+    assert "80.0%" in pop.locator(".head").inner_text()
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    assert "90.0%" in pop.locator(".head").inner_text()
+    page.keyboard.press("End")
+    assert pop.locator(".head").first.inner_text().startswith("okay")  # the mismatched chunk's token
+    page.keyboard.press("Escape")
+    assert not pop.is_visible()
+    assert page.errors == []
+
+
+def test_error_event_mid_stream_keeps_the_text_and_says_why(page):
+    events = HELLO[:2] + [{"error": {"message": "the engine stopped", "type": "server_error",
+                                     "param": None, "code": None}}]
+    open_scripted(page, Scripted(sse(events, done=False)))
+    send(page, "hi")
+    page.wait_for_selector(".msg.assistant.error")
+    assert last_reply(page).locator(".body").inner_text() == "Hello"
+    assert "Error: the engine stopped" in last_reply(page).inner_text()
+    assert not page.is_disabled("#send") and page.is_disabled("#stopbtn")
+
+
+def test_http_error_body_is_shown_and_the_next_request_works(page):
+    script = Scripted(json.dumps({"error": {"message": "temperature must be >= 0", "type": "invalid_request_error",
+                                            "param": "temperature", "code": None}}), chat_status=400)
+    open_scripted(page, script)
+    send(page, "hi")
+    page.wait_for_selector(".msg.assistant.error")
+    assert "HTTP 400: temperature must be >= 0" in last_reply(page).inner_text()
+    script.chat_body, script.chat_status = sse(HELLO), 200
+    send(page, "again")
+    page.wait_for_selector(".msg.assistant:not(.error) >> text=Hello")
+    # the failed reply (no text) is not sent back as a turn
+    assert [m["role"] for m in json.loads(script.requests[-1][2])["messages"]] == ["user", "user"]
+
+
+def test_api_key_is_sent_as_bearer_and_kept_out_of_the_code_tab(page):
+    script = Scripted(sse(HELLO), need_key="s3cret")
+    open_scripted(page, script)
+    page.wait_for_selector("#status >> text=API key")
+    page.fill("#apikey", "s3cret")
+    page.press("#apikey", "Tab")  # change event: the models are listed again, with the key
+    page.wait_for_function("document.querySelector('#model').options.length === 1")
+    send(page, "hi")
+    page.wait_for_selector("#st-out")
+    url, hdrs, _ = script.requests[-1]
+    assert url.endswith("/v1/chat/completions") and hdrs["authorization"] == "Bearer s3cret"
+    page.click("#tab-code")
+    curl, python = page.inner_text("#code-curl"), page.inner_text("#code-python")
+    assert "s3cret" not in curl + python
+    assert '"Authorization: Bearer $GPTLAB_API_KEY"' in curl
+    assert 'os.environ["GPTLAB_API_KEY"]' in python
+
+
+def test_code_tab_python_is_valid_and_tabs_work_from_the_keyboard(page):
+    open_scripted(page, Scripted(sse(HELLO)))
+    page.fill("#seed", "7")
+    page.fill("#stop", "END\\n\nxyz")
+    page.fill("#min_p-num", "0.05")
+    page.dispatch_event("#min_p-num", "input")
+    send(page, 'Quote "this" and \'that\'\nplease')
+    page.wait_for_selector("#st-out")
+    page.focus("#tab-chat")
+    page.keyboard.press("ArrowRight")  # -> Code
+    assert page.is_visible("#panel-code") and not page.is_visible("#panel-chat")
+    assert "behind the last reply" in page.inner_text("#code-what")
+    python = page.inner_text("#code-python")
+    compile(python, "code-tab.py", "exec")  # valid Python
+    assert "extra_body={\"min_p\": 0.05}" in python and "seed=7," in python
+    assert '"END\\n",' in python and '"xyz",' in python
+    curl = page.inner_text("#code-curl")
+    body = json.loads(curl.split("-d '", 1)[1].rsplit("'", 1)[0].replace("'\\''", "'"))
+    assert body["messages"] == [{"role": "user", "content": 'Quote "this" and \'that\'\nplease'}]
+    assert body["stop"] == ["END\n", "xyz"] and body["seed"] == 7 and "stream" not in body
+    page.keyboard.press("ArrowRight")  # -> Raw
+    assert page.is_visible("#panel-raw")
+    assert '"top_logprobs": 5' in page.inner_text(".raw-request")
+    assert "data: [DONE]" in page.inner_text(".raw-response")
+
+
+def test_export_and_clear(page):
+    open_scripted(page, Scripted(sse(HELLO)))
+    page.fill("#system", "Be brief.")
+    send(page, "Say hello")
+    page.wait_for_selector("#st-out")
+    with page.expect_download() as dl:
+        page.click("#export")
+    data = json.loads(Path(dl.value.path()).read_text())
+    assert data["messages"] == [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "Say hello"},
+                                {"role": "assistant", "content": "Hello world!\nok"}]
+    assert data["request"]["model"] == "tiny" and "messages" not in data["request"]
+    assert data["replies"][0]["usage"]["completion_tokens"] == 5
+    assert [t["token"] for t in data["replies"][0]["logprobs"]] == ["Hello", " world", "!", "\n", "okay"]
+    page.click("#clear")
+    assert page.locator(".msg").count() == 0 and page.is_visible("#empty")
+    page.click("#tab-raw")
+    assert page.inner_text("#raw") == "Nothing exchanged yet."
