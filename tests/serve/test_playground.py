@@ -190,6 +190,29 @@ def test_streamed_reply_tokens_status_and_popup(page):
     assert page.errors == []
 
 
+def test_a_character_split_over_tokens_is_one_span_with_all_its_tokens(page):
+    """A token holding the first bytes of a character comes with no text; it joins the next piece."""
+    def part(raw: bytes, p: float) -> dict:
+        return {"token": "\ufffd", "logprob": math.log(p), "bytes": list(raw),
+                "top_logprobs": [{"token": "\ufffd", "logprob": math.log(p), "bytes": list(raw)}]}
+
+    events = [chunk("", [part(b"\xe3\x81", 0.7)]), chunk("こ", [part(b"\x93", 0.9)]),
+              chunk("は", [logprob_entry("は", 0.6, [("は", 0.6), ("が", 0.2)])]),
+              chunk("", [logprob_entry("", 0.5, [("", 0.5)])], finish="stop")]
+    open_scripted(page, Scripted(sse(events)))
+    send(page, "Japanese, please")
+    page.wait_for_selector("#st-out")
+    reply = last_reply(page)
+    assert reply.locator(".body").inner_text() == "こは"
+    assert [t.inner_text() for t in reply.locator(".tok").all()] == ["こ", "は", ""]
+    assert page.inner_text("#st-out") == "output 4 tokens"  # no usage chunk: counted from the entries
+    reply.locator(".tok").first.hover()
+    heads = page.locator("#tokpop .head")
+    assert heads.count() == 2 and "This text came from 2 tokens" in page.inner_text("#tokpop")
+    assert heads.nth(0).inner_text().split()[:2] == ["<0xE3><0x81>", "70.0%"]
+    assert heads.nth(1).inner_text().split()[:2] == ["<0x93>", "90.0%"]
+
+
 def test_error_event_mid_stream_keeps_the_text_and_says_why(page):
     events = HELLO[:2] + [{"error": {"message": "the engine stopped", "type": "server_error",
                                      "param": None, "code": None}}]
@@ -382,7 +405,8 @@ def test_playground_against_gptlab_serve(page, live, tmp_path):
 
     # a token's popup: greedy took each token's most likely candidate, listed first among 5
     tokens = last_reply(page).locator(".tok")
-    assert tokens.count() >= n_out - 1
+    entries = page.evaluate("state.history[1].tokens.reduce((n, t) => n + t.lps.length, 0)")
+    assert n_out - 1 <= entries <= n_out  # every generated token but the end-of-turn one is inspectable
     tokens.nth(2).click()
     pop = page.locator("#tokpop")
     rows = pop.locator("tr")
