@@ -360,6 +360,15 @@ def chat_requests(page) -> list[dict]:
     return bodies
 
 
+def metric(url: str, name: str) -> float:
+    """One unlabelled sample of the server's Prometheus metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
 def set_number(page, field: str, value) -> None:
     page.fill(f"#{field}-num", str(value))
     page.dispatch_event(f"#{field}-num", "input")
@@ -446,7 +455,13 @@ def test_playground_against_gptlab_serve(page, live, tmp_path):
     assert "stopped" in page.inner_text("#status")
     stopped_at = last_reply(page).locator(".tok").count()
     assert stopped_at < 200
+    deadline = time.monotonic() + 10  # the server cancels the sequence: its slot is free again
+    while metric(live, "gptlab_busy_slots") != 0:
+        assert time.monotonic() < deadline, "the stopped sequence still holds its slot after 10 s"
+        time.sleep(0.2)
+    generated = metric(live, "gptlab_generation_tokens_total")
     time.sleep(1)
+    assert metric(live, "gptlab_generation_tokens_total") == generated  # and generates nothing more
     assert last_reply(page).locator(".tok").count() == stopped_at  # nothing arrives after Stop
     # with --max-batch 1 this next request would queue behind ~1500 tokens if the first went on
     set_number(page, "max_tokens", 8)
