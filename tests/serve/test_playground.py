@@ -106,8 +106,9 @@ def sse(events: list, done: bool = True) -> str:
 class Scripted:
     """Answers the page's requests from a script; records what it was sent."""
 
-    def __init__(self, chat_body: str, chat_status: int = 200, need_key: str | None = None):
+    def __init__(self, chat_body: str, chat_status: int = 200, need_key: str | None = None, loading: int = 0):
         self.chat_body, self.chat_status, self.need_key = chat_body, chat_status, need_key
+        self.loading = loading  # how many times /v1/models answers 503 (the model is loading) first
         self.requests = []
 
     def __call__(self, route, request):
@@ -119,6 +120,11 @@ class Scripted:
             return route.fulfill(status=401, content_type="application/json", body=json.dumps(
                 {"error": {"message": "Missing or wrong API key", "type": "authentication_error",
                            "param": None, "code": "invalid_api_key"}}))
+        if url.endswith("/v1/models") and self.loading > 0:
+            self.loading -= 1
+            return route.fulfill(status=503, content_type="application/json", headers={"Retry-After": "1"},
+                                 body=json.dumps({"error": {"message": "the model is loading", "type": "server_error",
+                                                            "param": None, "code": None}}))
         if url.endswith("/v1/models"):
             return route.fulfill(status=200, content_type="application/json", body=json.dumps(
                 {"object": "list", "data": [{"id": "tiny", "object": "model", "owned_by": "gptlab"}]}))
@@ -236,6 +242,14 @@ def test_http_error_body_is_shown_and_the_next_request_works(page):
     page.wait_for_selector(".msg.assistant:not(.error) >> text=Hello")
     # the failed reply (no text) is not sent back as a turn
     assert [m["role"] for m in json.loads(script.requests[-1][2])["messages"]] == ["user", "user"]
+
+
+def test_models_are_listed_once_the_server_has_loaded(page):
+    script = Scripted(sse(HELLO), loading=2)
+    open_scripted(page, script)
+    page.wait_for_function("document.querySelector('#model').options.length === 1")
+    assert page.input_value("#model") == "tiny" and page.inner_text("#status") == "Ready."
+    assert sum(url.endswith("/v1/models") for url, _, _ in script.requests) == 3
 
 
 def test_api_key_is_sent_as_bearer_and_kept_out_of_the_code_tab(page):
