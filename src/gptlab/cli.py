@@ -50,6 +50,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("gptlab.finetune.distill:distill_command", "knowledge distillation from a teacher model"),
     "judge": ("gptlab.evaluation.judge:judge_command", "score model responses with an LLM judge"),
     "fit": ("gptlab.fit.commands:fit_command", "will a model fit here, and how fast will it run"),
+    "serve": ("gptlab.serve.commands:serve_command", "serve a model over the OpenAI and Ollama HTTP APIs"),
 }
 
 
