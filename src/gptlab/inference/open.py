@@ -22,6 +22,7 @@ import torch
 
 from gptlab.errors import GptlabError
 from gptlab.inference.stops import StopSet
+from gptlab.refs import resolve
 from gptlab.tokenizers import load_tokenizer
 
 
@@ -54,6 +55,13 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def _is_gguf(ref) -> bool:
+    try:
+        return resolve(ref).suffix == ".gguf"
+    except GptlabError:
+        return False  # load_model gives the error
+
+
 def open_model(ref: str | Path, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = None,
                quantize: str | None = None, tokenizer=None, model: torch.nn.Module | None = None) -> OpenedModel:
     """Open model ``ref`` for inference: load it, its tokenizer and its stops.
@@ -75,7 +83,11 @@ def open_model(ref: str | Path, device: str | torch.device | None = "auto", dtyp
 
         quantize = check_scheme(quantize)
     torch_dtype = parse_dtype(dtype) if dtype is not None else default_dtype(dev)
-    if model is None:
+    if model is None and quantize is not None and dev.type == "cpu" and _is_gguf(ref):
+        from gptlab.weights.gguf import load_gguf  # straight into int4/int8 layers: no float copy
+
+        model = load_gguf(resolve(ref), quantize=quantize)
+    elif model is None:
         from gptlab.weights import load_model
 
         model = load_model(ref, dtype=torch_dtype, device=dev)

@@ -55,6 +55,37 @@ def _kernel_works(device: torch.device) -> bool:
     return _KERNEL_OK[key]
 
 
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float rows (rows, in) -> int8 values and one bf16 scale per row, ``w ≈ q · s``."""
+    w = w.float()
+    amax = w.abs().amax(dim=1).clamp(min=1e-12)  # (rows,)
+    # The kernel takes bf16 scales: quantize with the rounded scale, rounded up so
+    # that the largest weight still fits in [-127, 127].
+    s = (amax / 127.0).to(torch.bfloat16)
+    s = torch.where(s.float() * 127.0 < amax, torch.nextafter(s, s.new_tensor(float("inf"))), s)
+    return torch.round(w / s.float()[:, None]).clamp(-127, 127).to(torch.int8), s
+
+
+class Int8Embedding(nn.Module):
+    """A token embedding read from int8 rows with one scale each (shared with a tied int8 head).
+
+    Looking up T ids dequantizes T rows only, so the table costs 1 byte per weight.
+    """
+
+    def __init__(self, head: "Int8Linear", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.register_buffer("weight_int8", head.weight_int8)  # the head's own tensors, not copies
+        self.register_buffer("scale", head.scale)
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = head.weight_int8.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.weight_int8[ids].to(self.dtype) * self.scale[ids].to(self.dtype).unsqueeze(-1))  # (B, T, d)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows (shared with the head)"
+
+
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights and one bf16 scale per output feature."""
 
@@ -64,18 +95,22 @@ class Int8Linear(nn.Module):
         q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
         scale = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
         for r in range(0, weight.shape[0], _ROWS):  # in row blocks: a 49K-row head needs no fp32 temporaries
-            w = weight[r:r + _ROWS].float()
-            amax = w.abs().amax(dim=1).clamp(min=1e-12)  # (rows,)
-            # The kernel takes bf16 scales: quantize with the rounded scale, rounded up so
-            # that the largest weight still fits in [-127, 127].
-            s = (amax / 127.0).to(torch.bfloat16)
-            s = torch.where(s.float() * 127.0 < amax, torch.nextafter(s, s.new_tensor(float("inf"))), s)
-            q[r:r + _ROWS] = torch.round(w / s.float()[:, None]).clamp(-127, 127).to(torch.int8)
-            scale[r:r + _ROWS] = s
+            q[r:r + _ROWS], scale[r:r + _ROWS] = int8_rows(weight[r:r + _ROWS])
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight_int8", q)
         self.register_buffer("scale", scale)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_int8(cls, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+        """A layer from int8 values (out, in) and bf16 row scales (out,) already made (a direct load)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        return self
 
     def dequantized(self) -> torch.Tensor:
         """The float weight this layer computes with, (out, in) fp32."""
@@ -147,6 +182,24 @@ class Int4Linear(nn.Module):
         self.register_buffer("minimum", minimum)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self._packed: tuple | None = None  # (key, packed codes, scales_and_zeros) for the CPU kernel
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> "Int4Linear":
+        """A layer from 4-bit codes (out, in) uint8 in 0..15 and bf16 ``scale``/``minimum`` (out, in/group).
+
+        ``W = minimum + scale · code`` per group: a GGUF Q4_1 block as it is (Q4_0: minimum = -8 · scale).
+        """
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = codes.shape
+        self.group_size = self.in_features // scale.shape[1]
+        self.register_buffer("codes", codes[:, 0::2] | (codes[:, 1::2] << 4))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("minimum", minimum.to(torch.bfloat16))
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._packed = None
+        return self
 
     def unpacked_codes(self) -> torch.Tensor:
         """The 4-bit codes as (out, in) uint8."""

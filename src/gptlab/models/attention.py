@@ -114,8 +114,8 @@ class SlotBatch:
         if positions.dim() != 2 or slots.shape != positions.shape[:1]:
             raise ValueError(f"slots must be (B,) and positions (B, T); got {tuple(slots.shape)} "
                              f"and {tuple(positions.shape)}")
-        S = int(positions.max()) + 1
-        if S > cache.max_len or int(positions.min()) < 0:
+        S, lo, first_lo = int(positions.max()) + 1, int(positions.min()), int(positions[:, 0].max())
+        if S > cache.max_len or lo < 0:
             raise ValueError(f"position {S - 1} is outside the slot cache (max_len {cache.max_len}); "
                              "create it with a larger max_len")
         self.cache, self.slots, self.pos, self.S = cache, slots, positions, S
@@ -123,6 +123,8 @@ class SlotBatch:
         contiguous = bool((slots == torch.arange(first, first + B, device=slots.device)).all())
         self._rows = slice(first, first + B) if contiguous else slots  # a slice reads without a copy
         self._masks: dict[int | None, torch.Tensor] = {}
+        # every row's tokens at the same positions, ending at S - 1: attend's own causal mask is right
+        self._uniform = first_lo == int(positions[:, 0].min()) and S == first_lo + positions.shape[1]
 
     def positions(self, T: int, device) -> torch.Tensor:
         """The new tokens' absolute positions, one row each: (B, T)."""
@@ -141,8 +143,14 @@ class SlotBatch:
         self.cache.v[layer][at] = v.transpose(1, 2)
         return self.cache.k[layer][self._rows, :, :self.S], self.cache.v[layer][self._rows, :, :self.S]
 
-    def mask(self, T: int, window: int | None) -> torch.Tensor:
-        """(B, 1, T, S) bool: query t of row b sees keys 0..positions[b, t] (the last ``window`` of them)."""
+    def mask(self, T: int, window: int | None) -> torch.Tensor | None:
+        """(B, 1, T, S) bool: query t of row b sees keys 0..positions[b, t] (the last ``window`` of them).
+
+        None when every row sits at the same positions (one sequence, or a batch in step): then
+        :func:`attend` uses its own causal mask, or none at all for one token (faster).
+        """
+        if self._uniform:
+            return None
         if window not in self._masks:
             q_pos = self.pos.unsqueeze(-1)  # (B, T, 1)
             k_pos = torch.arange(self.S, device=self.pos.device)  # (S,)

@@ -103,6 +103,10 @@ class LanguageModel(nn.Module):
         """The token embedding (V, d)."""
         return getattr(self, self.EMBEDDING)
 
+    def set_embedding(self, embedding: nn.Module) -> None:
+        """Replace the token embedding (e.g. by an int8 table shared with a quantized head)."""
+        setattr(self, self.EMBEDDING, embedding)
+
     def get_blocks(self) -> nn.ModuleList:
         """The transformer blocks, first to last."""
         return getattr(self, self.BLOCKS)
@@ -166,7 +170,7 @@ class LanguageModel(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None, *, dtype=None, device=None) -> KVCache:
         """An empty KV cache sized for this model (default: its full context)."""
-        p = self.get_embedding().weight
+        p = self.get_final_norm().weight  # the activations' dtype (the embedding may be an int8 table)
         return KVCache(self.cfg.n_layers, batch, self.cfg.n_kv_heads, max_len or self.cfg.context_length,
                        self.cfg.head_dim, dtype=dtype or p.dtype, device=device or p.device)
 
@@ -176,7 +180,7 @@ class LanguageModel(nn.Module):
 
         With a sliding window W < max_len the cache keeps a ring of each sequence's last W tokens.
         """
-        p = self.get_embedding().weight
+        p = self.get_final_norm().weight  # the activations' dtype (the embedding may be an int8 table)
         max_len = min(max_len or self.cfg.context_length, self.cfg.context_length)
         window = self.cfg.attended_tokens(max_len)  # < max_len for a sliding window: keep a ring of W
         return SlotCache(self.cfg.n_layers, max_batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,

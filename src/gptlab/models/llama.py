@@ -241,7 +241,7 @@ class Llama(LanguageModel):
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device)."""
-        device = self.embed_tokens.weight.device
+        device = self.norm.weight.device
         self.inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling).to(device)
 
     def reset_parameters(self) -> None:

@@ -459,18 +459,8 @@ class GGUFTensors:
         return w
 
 
-def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None) -> nn.Module:
-    """Load a GGUF checkpoint as a gptlab Llama model (dequantized to ``dtype``).
-
-    Args:
-        path: the .gguf file.
-        dtype: weights dtype (default float32). bf16 halves memory and is fast on
-            CPUs with native bf16.
-        device: where to put the model (default CPU).
-
-    Every tensor in the file must map to a parameter and every parameter must be
-    present, with the right shape; otherwise a GptlabError names the offenders.
-    """
+def open_gguf(path: str | Path) -> tuple[GGUFFile, Any]:
+    """Read a GGUF file's header and check it can be loaded: (the file, its model config)."""
     f = read_gguf(path)
     path, meta = f.path, f.meta
     info = {n: (t.type_name, t.shape) for n, t in f.tensors.items()}
@@ -484,4 +474,29 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None
     if unexpected:
         raise GptlabError(f"{path}: tensors with no place in the model: {unexpected[:5]}"
                           f"{' ...' if len(unexpected) > 5 else ''} (an unsupported architecture variant?)")
+    return f, cfg
+
+
+def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None,
+              quantize: str | None = None) -> nn.Module:
+    """Load a GGUF checkpoint as a gptlab Llama model (dequantized to ``dtype``).
+
+    Args:
+        path: the .gguf file.
+        dtype: weights dtype (default float32). bf16 halves memory and is fast on
+            CPUs with native bf16.
+        device: where to put the model (default CPU).
+
+    Every tensor in the file must map to a parameter and every parameter must be
+    present, with the right shape; otherwise a GptlabError names the offenders.
+
+    ``quantize`` ("int4" or "int8") loads the linear layers straight into int4/int8 layers
+    (Q4_0/Q4_1 blocks kept as they are under int4) without a float copy of the model:
+    see :mod:`gptlab.weights.gguf_quant`.
+    """
+    if quantize is not None:
+        from gptlab.weights.gguf_quant import load_gguf_quantized
+
+        return load_gguf_quantized(path, quantize, device=device)
+    f, cfg = open_gguf(path)
     return materialize(cfg, GGUFTensors(f, cfg), dtype or torch.float32, device)
