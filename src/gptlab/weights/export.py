@@ -51,7 +51,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return family.hf_export(cfg)[1]
 
 
-def _check_weights_match_config(model: nn.Module) -> None:
+def check_weights_match_config(model: nn.Module) -> None:
     """Refuse a model whose tensors are not the ones its config describes (they would export wrongly)."""
     from gptlab.models import empty_model
 
@@ -75,7 +75,7 @@ def _check_weights_match_config(model: nn.Module) -> None:
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under Hugging Face names (tied head stored once, as transformers does)."""
-    _check_weights_match_config(model)
+    check_weights_match_config(model)
     own = model.state_dict()
     state = {}
     for rule in expand(model.cfg.family, model.cfg):
