@@ -41,7 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer encode": ("gptlab.tokenizers.commands:encode", "print the token ids of a text"),
     "inspect": ("gptlab.inspect:inspect_command", "module tree, config, parameters, memory and FLOPs of a model"),
     "download": ("gptlab.weights.hub:download_command", "download a Hugging Face model repo into the cache"),
-    "export": ("gptlab.weights.export:export_command", "export a model as a Hugging Face directory"),
+    "export": ("gptlab.weights.export:export_command", "export a model (Hugging Face dir, GGUF file, Ollama)"),
     "finetune classify": ("gptlab.finetune.classify:classify_command", "fine-tune a classifier (e.g. SMS spam)"),
     "finetune instruct": ("gptlab.finetune.instruct:instruct_command", "instruction fine-tuning"),
     "classify": ("gptlab.finetune.classify:predict_command", "classify a text with a fine-tuned classifier"),

@@ -160,21 +160,15 @@ def tokenizer_metadata(tokenizer, cfg) -> dict[str, Any]:
 
 
 def _add(w, key: str, value: Any) -> None:
-    """One metadata value with the GGUF type llama.cpp reads it as."""
-    from gguf import GGUFValueType as V
-
+    """One metadata value with the GGUF type llama.cpp reads it as (arrays: int32, float32 or strings)."""
     if isinstance(value, bool):
         w.add_bool(key, value)
     elif isinstance(value, int):
         w.add_uint32(key, value)
     elif isinstance(value, str):
         w.add_string(key, value)
-    elif isinstance(value, list) and value and isinstance(value[0], float):
-        w.add_array(key, np.asarray(value, np.float32))
-    elif isinstance(value, list) and value and isinstance(value[0], int):
-        w.add_array(key, np.asarray(value, np.int32))
     elif isinstance(value, list):
-        w.add_key_value(key, value, V.ARRAY, sub_type=V.STRING)
+        w.add_array(key, value)  # the element type follows the first element
     else:
         raise TypeError(f"no GGUF type for {key}={value!r}")
 
