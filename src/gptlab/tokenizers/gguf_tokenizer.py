@@ -340,10 +340,10 @@ def gguf_tokenizer_metadata(tok: HFTokenizer, vocab_size: int) -> dict[str, Any]
 
 
 def _token_type(token: str, added, sentencepiece: bool, unk: str | None) -> int:
+    if sentencepiece and token == unk:  # an added special token too (build_tokenizer makes it one)
+        return UNKNOWN
     if added is not None:
         return CONTROL if added.special else USER_DEFINED
-    if sentencepiece and token == unk:
-        return UNKNOWN
     if sentencepiece and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
         return BYTE
     return NORMAL
