@@ -34,7 +34,7 @@ from gptlab.errors import GptlabError
 from gptlab.fileio import DIR_MODE, atomic_save, atomic_write_bytes, atomic_write_json
 from gptlab.models.config import FAMILIES, ModelConfig, get_family
 from gptlab.refs import RUN_CONFIGS
-from gptlab.weights.keymaps import expand
+from gptlab.weights.keymaps import check_weights_match_config, expand
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # Files a Hugging Face tokenizer may consist of (copied verbatim from a source directory).
@@ -52,28 +52,6 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         raise GptlabError(f"export of model family {cfg.family!r} is not supported "
                           f"(supported: {', '.join(n for n, f in FAMILIES.items() if f.hf_export)})")
     return family.hf_export(cfg)[1]
-
-
-def check_weights_match_config(model: nn.Module) -> None:
-    """Refuse a model whose tensors are not the ones its config describes (they would export wrongly)."""
-    from gptlab.models import empty_model
-
-    cfg = model.cfg
-    expected = {k: tuple(v.shape) for k, v in empty_model(cfg).state_dict().items()}  # meta: no memory
-    own = model.state_dict()
-    head = model.head_key()
-    if head in own and head in expected and own[head].shape[0] != cfg.vocab_size:
-        raise GptlabError(f"the model's output head has {own[head].shape[0]} outputs, not one per token of its "
-                          f"{cfg.vocab_size}-token vocabulary: a classifier (gptlab finetune classify) cannot "
-                          "be exported as a Hugging Face causal LM; export the model it was fine-tuned from")
-    extra = sorted(set(own) - set(expected))
-    wrong = [f"{k} {tuple(own[k].shape)} (config: {expected[k]})" for k in expected
-             if k in own and tuple(own[k].shape) != expected[k]]
-    if extra or wrong:
-        what = "; ".join(filter(None, [extra and f"weights the config has no place for: {', '.join(extra[:5])}",
-                                       wrong and f"wrong shapes: {', '.join(wrong[:5])}"]))
-        raise GptlabError(f"the model does not match its config ({what}); export a plain gptlab model "
-                          "(merge LoRA adapters first, do not quantize)")
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ import torch.nn as nn
 from gptlab.errors import GptlabError
 from gptlab.logs import get_logger
 from gptlab.weights.gguf import GGUF_ARCHS, GGUF_META, NON_PARAMETERS, PERMUTED_ARCHS
-from gptlab.weights.keymaps import expand_rules
+from gptlab.weights.keymaps import check_weights_match_config, expand_rules
 
 log = get_logger(__name__)
 
@@ -85,8 +85,6 @@ def permute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def gguf_tensors(model: nn.Module, arch: str) -> Iterator[tuple[str, np.ndarray]]:
     """The model's tensors under llama.cpp's names and layouts, as float32 arrays (PyTorch shape order)."""
-    from gptlab.weights.export import check_weights_match_config
-
     check_weights_match_config(model)
     cfg, own = model.cfg, model.state_dict()
     for rule in expand_rules(GGUF_ARCHS[arch][1], cfg):
