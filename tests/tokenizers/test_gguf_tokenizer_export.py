@@ -1,6 +1,8 @@
 """Writing a tokenizer into a GGUF file (gguf_tokenizer_metadata): read back by gptlab and by llama.cpp
 with the ids of the tokenizer it came from (SentencePiece: sentencepiece's own ids)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from gguf_helpers import open_llama_cpp
@@ -60,3 +62,24 @@ def test_a_pre_tokenizer_llama_cpp_does_not_know_is_refused():
         pre_tokenizer_name(backend)
     with pytest.raises(GptlabError, match="only 1 embedding rows"):
         gguf_tokenizer_metadata(HFTokenizer(backend), 1)
+
+
+def test_openai_gpt2_tokenizer_exports(gpt2_dir, tmp_path):
+    """The course's GPT-2 tokenizer (tiktoken over encoder.json + vocab.bpe): gptlab and llama.cpp read
+    the exported file back with tiktoken's ids."""
+    from paths import SHARED
+
+    from gptlab.models.gpt2 import GPT2Config
+    from gptlab.tokenizers.gpt2 import GPT2Tokenizer
+
+    tok = GPT2Tokenizer.from_dir(gpt2_dir)
+    model = build_model(GPT2Config(vocab_size=50257, context_length=32, emb_dim=32, n_layers=1, n_heads=2)).eval()
+    out = tmp_path / "gpt2.gguf"
+    export_gguf(model, out, tok, "f16")
+    meta = read_metadata(out)
+    assert (meta["tokenizer.ggml.pre"], meta["tokenizer.ggml.eos_token_id"]) == ("gpt-2", 50256)
+    text = (Path(SHARED) / "the-verdict.txt").read_text(encoding="utf-8") + " <|endoftext|> 3.14159 £ 😀"
+    back = load_tokenizer(str(out))
+    assert back.encode(text) == tok.encode(text)
+    llm = open_llama_cpp(out, n_ctx=32)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text)

@@ -299,10 +299,12 @@ def gguf_tokenizer_metadata(tok: HFTokenizer, vocab_size: int) -> dict[str, Any]
 
     Args:
         tok: a gptlab HFTokenizer (a trained byte-level BPE, a ``tokenizer.json``, or one
-            rebuilt from a GGUF file).
+            rebuilt from a GGUF file), or the GPT-2 tokenizer (OpenAI's encoder.json + vocab.bpe).
         vocab_size: rows of the model's embedding; ids the tokenizer does not use are
             written as unused ``[PAD{id}]`` tokens (llama.cpp needs one token per row).
     """
+    if tok.kind == "gpt2":  # OpenAI's GPT-2 files (tiktoken): the same byte-level BPE, pre-tokenizer "gpt-2"
+        return _gpt2_files_metadata(tok, vocab_size)
     backend = getattr(tok, "backend", None)
     if backend is None:
         raise GptlabError(f"a {tok.kind} tokenizer cannot be written to GGUF; gptlab writes Hugging Face "
@@ -337,6 +339,19 @@ def gguf_tokenizer_metadata(tok: HFTokenizer, vocab_size: int) -> dict[str, Any]
     if tok.chat_template:
         meta["tokenizer.chat_template"] = tok.chat_template
     return meta
+
+
+def _gpt2_files_metadata(tok, vocab_size: int) -> dict[str, Any]:
+    tokens, merges = tok.vocab_and_merges()
+    if len(tokens) > vocab_size:
+        raise GptlabError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_size} embedding rows")
+    specials = set(tok.special_tokens)
+    types = [CONTROL if t in specials else NORMAL for t in tokens] + [UNUSED] * (vocab_size - len(tokens))
+    tokens = tokens + [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.bos_token_id": tok.eos_id, "tokenizer.ggml.eos_token_id": tok.eos_id,
+            "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": False}
 
 
 def _token_type(token: str, added, sentencepiece: bool, unk: str | None) -> int:
