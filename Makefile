@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean llamacpp
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP)
 ## The quick part only (skips the end-to-end tests marked slow; ~3 min).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+## llama.cpp's Python binding, for the tests that run GGUF exports (they skip without it; ~5-10 min build).
+llamacpp: $(STAMP)
+	$(BIN)/python -m pip install "llama-cpp-python[server]"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py

@@ -214,3 +214,52 @@ def hf_moe_dir_to_gguf(src: Path, path: Path, qtype: str = "F32", squeeze_shared
         for name, w in t.items():
             tensors[f"blk.{i}.{name}"] = (w, "F32" if w.ndim == 1 or "gate_inp" in name else qtype)
     return write_gguf(path, arch, kv, tensors)
+
+
+def llama_cpp_or_skip():
+    """The ``llama_cpp`` module (llama-cpp-python), or skip the test saying how to install it."""
+    import pytest
+
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip("llama-cpp-python is not installed; `make llamacpp` installs it into the venv")
+    return llama_cpp
+
+
+def open_llama_cpp(path: Path, n_ctx: int = 256):
+    """llama.cpp's model for ``path`` on one CPU thread, with weight repacking off.
+
+    With repacking on (llama.cpp's CPU "extra buffer types": AMX / interleaved
+    Q4/Q8 kernels), llama-cpp-python 0.3.36 segfaults in its first decode on
+    this machine's AMX CPU for every quantized file (SmolLM2's own Q4_1
+    included); the plain kernels compute the same math.
+    """
+    llama_cpp = llama_cpp_or_skip()
+    import llama_cpp.llama_cpp as capi
+
+    default = capi.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    capi.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=1, logits_all=True, verbose=False)
+    finally:
+        capi.llama_model_default_params = default
+
+
+def llama_cpp_greedy(llm, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    """llama.cpp's ``n`` greedy tokens after ``ids`` and its logits at the prompt positions (T, V)."""
+    llm.reset()
+    llm.eval(ids)
+    logits = np.array(llm.scores[:len(ids)])
+    out = []
+    for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        out.append(int(tok))
+        if len(out) == n:
+            break
+    return out, logits

@@ -43,7 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("gptlab.weights.hub:download_command", "download a Hugging Face model repo into the cache"),
     "cache": ("gptlab.cache:cache_command", "list cached models and files (sizes, last use, free disk)"),
     "cache rm": ("gptlab.cache:cache_rm_command", "delete cached models and files and print what was freed"),
-    "export": ("gptlab.weights.export:export_command", "export a model as a Hugging Face directory"),
+    "export": ("gptlab.weights.export:export_command", "export a model (Hugging Face dir, GGUF file, Ollama)"),
     "finetune classify": ("gptlab.finetune.classify:classify_command", "fine-tune a classifier (e.g. SMS spam)"),
     "finetune instruct": ("gptlab.finetune.instruct:instruct_command", "instruction fine-tuning"),
     "classify": ("gptlab.finetune.classify:predict_command", "classify a text with a fine-tuned classifier"),

@@ -82,8 +82,8 @@ def test_export_command_copies_tokenizer(tmp_path, capsys):
 
 def test_export_command_bad_input(tmp_path, capsys):
     _, src = make_hf("llama-tied", tmp_path)
-    assert run(["export", str(src), "--out", str(tmp_path / "o"), "--format", "gguf"]) == 1
-    assert "--format 'gguf' is not supported; use --format hf" in capsys.readouterr().err
+    assert run(["export", str(src), "--out", str(tmp_path / "o"), "--format", "onnx"]) == 1
+    assert "--format 'onnx' is not supported; use one of hf, gguf, ollama" in capsys.readouterr().err
     assert run(["export", str(src)]) == 2  # a missing required value is a usage error, as the README says
     assert "--out" in capsys.readouterr().err
     assert run(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1

@@ -250,3 +250,135 @@ def _resolve_gguf(spec: str) -> HFTokenizer | None:
 
 
 register_resolver(_resolve_gguf, "a .gguf file (or pkg:PACKAGE/FILE.gguf): the tokenizer in its metadata")
+
+
+# ---- the way back: a tokenizer -> tokenizer.* metadata (weights/gguf_export.py writes it) ----
+# The pre-tokenizer names written, in preference order; each is one llama.cpp knows.
+WRITTEN_PRE = ("gpt-2", "smollm", "llama-bpe", "qwen2")
+
+
+def _pre_signature(pre) -> str:
+    """A pre-tokenizer as comparable JSON (offset trimming does not change the split: dropped)."""
+    import json
+    import re
+
+    probe = Tokenizer(models.BPE())
+    probe.pre_tokenizer = pre
+    text = json.dumps(json.loads(probe.to_str())["pre_tokenizer"], sort_keys=True)
+    return re.sub(r'"trim_offsets": (true|false), ', "", text)
+
+
+def pre_tokenizer_name(backend: Tokenizer) -> str:
+    """The ``tokenizer.ggml.pre`` name (one llama.cpp knows) of a byte-level BPE's pre-tokenizer.
+
+    Found by comparing it with what each name in :data:`PRE_TOKENIZERS` builds; a
+    pre-tokenizer none of them builds is refused (llama.cpp would split text differently).
+    """
+    if backend.pre_tokenizer is None:
+        raise GptlabError("the tokenizer has no pre-tokenizer; llama.cpp's byte-level BPE needs one it knows")
+    ours = _pre_signature(backend.pre_tokenizer)
+    for name in WRITTEN_PRE:
+        if _pre_signature(PRE_TOKENIZERS[name]()) == ours:
+            return name
+    raise GptlabError("the tokenizer's pre-tokenizer is none that llama.cpp knows (gptlab writes "
+                      f"{', '.join(WRITTEN_PRE)}); it cannot be exported to GGUF faithfully")
+
+
+def _model_state(backend: Tokenizer) -> dict:
+    import json
+
+    model = json.loads(backend.to_str())["model"]
+    if model.get("type") != "BPE":
+        raise GptlabError(f"a {model.get('type')} tokenizer cannot be written to GGUF (gptlab writes BPE "
+                          "tokenizers: byte-level like GPT-2, or SentencePiece BPE like Llama 2)")
+    return model
+
+
+def gguf_tokenizer_metadata(tok: HFTokenizer, vocab_size: int) -> dict[str, Any]:
+    """The ``tokenizer.*`` metadata of ``tok`` that llama.cpp loads and :func:`build_tokenizer` reads back.
+
+    Args:
+        tok: a gptlab HFTokenizer (a trained byte-level BPE, a ``tokenizer.json``, or one
+            rebuilt from a GGUF file), or the GPT-2 tokenizer (OpenAI's encoder.json + vocab.bpe).
+        vocab_size: rows of the model's embedding; ids the tokenizer does not use are
+            written as unused ``[PAD{id}]`` tokens (llama.cpp needs one token per row).
+    """
+    if tok.kind == "gpt2":  # OpenAI's GPT-2 files (tiktoken): the same byte-level BPE, pre-tokenizer "gpt-2"
+        return _gpt2_files_metadata(tok, vocab_size)
+    backend = getattr(tok, "backend", None)
+    if backend is None:
+        raise GptlabError(f"a {tok.kind} tokenizer cannot be written to GGUF; gptlab writes Hugging Face "
+                          "BPE tokenizers (a trained BPE, a tokenizer.json or a GGUF's own)")
+    model = _model_state(backend)
+    n = backend.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise GptlabError(f"the tokenizer has {n} tokens but the model only {vocab_size} embedding rows")
+    added = backend.get_added_tokens_decoder()
+    tokens, types = [], []
+    sentencepiece = bool(model.get("byte_fallback"))
+    for i in range(vocab_size):
+        t = backend.id_to_token(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        else:
+            tokens.append(t)
+            types.append(_token_type(t, added.get(i), sentencepiece, model.get("unk_token")))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    meta: dict[str, Any] = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types}
+    if sentencepiece:
+        meta.update(_sentencepiece_metadata(backend, tokens, merges))
+    else:
+        meta.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre_tokenizer_name(backend),
+                     "tokenizer.ggml.merges": merges})
+    for key, value in (("bos", tok.bos_id), ("eos", tok.eos_id), ("padding", tok.pad_id)):
+        if value is not None:
+            meta[f"tokenizer.ggml.{key}_token_id"] = int(value)
+    meta["tokenizer.ggml.add_bos_token"] = bool(tok.add_bos)
+    meta["tokenizer.ggml.add_eos_token"] = False
+    if tok.chat_template:
+        meta["tokenizer.chat_template"] = tok.chat_template
+    return meta
+
+
+def _gpt2_files_metadata(tok, vocab_size: int) -> dict[str, Any]:
+    tokens, merges = tok.vocab_and_merges()
+    if len(tokens) > vocab_size:
+        raise GptlabError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_size} embedding rows")
+    specials = set(tok.special_tokens)
+    types = [CONTROL if t in specials else NORMAL for t in tokens] + [UNUSED] * (vocab_size - len(tokens))
+    tokens = tokens + [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.bos_token_id": tok.eos_id, "tokenizer.ggml.eos_token_id": tok.eos_id,
+            "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": False}
+
+
+def _token_type(token: str, added, sentencepiece: bool, unk: str | None) -> int:
+    if sentencepiece and token == unk:  # an added special token too (build_tokenizer makes it one)
+        return UNKNOWN
+    if added is not None:
+        return CONTROL if added.special else USER_DEFINED
+    if sentencepiece and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        return BYTE
+    return NORMAL
+
+
+def _sentencepiece_metadata(backend: Tokenizer, tokens: list[str], merges: list[str]) -> dict[str, Any]:
+    """llama (SentencePiece BPE): scores from the merge ranks (the token made by merge r scores -r-1).
+
+    :func:`merges_from_scores` turns these scores back into the same merge order.
+    """
+    import json
+
+    rank = {}
+    for r, m in enumerate(merges):
+        rank.setdefault(m.replace(" ", ""), r)
+    scores = [-float(rank[t]) - 1.0 if t in rank else 0.0 for t in tokens]
+    normalizer = json.dumps(json.loads(backend.to_str()).get("normalizer"))
+    meta: dict[str, Any] = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": scores,
+                            "tokenizer.ggml.add_space_prefix": '"Prepend"' in normalizer}
+    unk = backend.token_to_id(json.loads(backend.to_str())["model"].get("unk_token") or "<unk>")
+    if unk is not None:
+        meta["tokenizer.ggml.unknown_token_id"] = unk
+    return meta

@@ -130,6 +130,13 @@ class GPT2Tokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self.encoding.n_vocab
 
+    def vocab_and_merges(self) -> tuple[list[str], list[str]]:
+        """The tokens by id (in GPT-2's printable byte alphabet, end-of-text last) and the ``"a b"`` merges."""
+        encoder = json.loads(self._files["encoder.json"])
+        tokens = [t for t, _ in sorted(encoder.items(), key=lambda kv: kv[1])]
+        lines = self._files["vocab.bpe"].decode("utf-8").split("\n")
+        return tokens, [ln for ln in lines[1:] if ln]  # line 0 is "#version: 0.2"
+
     def encode(self, text: str, allowed_special="all") -> list[int]:
         """Token ids of ``text`` (see :meth:`Tokenizer.encode`); tiktoken does the work."""
         if not isinstance(text, str):

@@ -1,4 +1,7 @@
-"""Export a gptlab model as a Hugging Face directory that ``transformers`` loads.
+"""Export a gptlab model as a Hugging Face directory that ``transformers`` loads (``gptlab export``).
+
+``--format gguf`` / ``--format ollama`` go through ``weights/gguf_export.py`` (and
+``inference/modelfile.py``); the output checks and the atomic writes are the ones here.
 
 ``export_hf(model, out)`` writes ``config.json`` + ``model.safetensors`` (+ the
 tokenizer's files). The architecture and config.json come from the family (``Family.hf_export``
@@ -31,7 +34,7 @@ from gptlab.errors import GptlabError
 from gptlab.fileio import DIR_MODE, atomic_save, atomic_write_bytes, atomic_write_json
 from gptlab.models.config import FAMILIES, ModelConfig, get_family
 from gptlab.refs import RUN_CONFIGS
-from gptlab.weights.keymaps import expand
+from gptlab.weights.keymaps import check_weights_match_config, expand
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # Files a Hugging Face tokenizer may consist of (copied verbatim from a source directory).
@@ -51,31 +54,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return family.hf_export(cfg)[1]
 
 
-def _check_weights_match_config(model: nn.Module) -> None:
-    """Refuse a model whose tensors are not the ones its config describes (they would export wrongly)."""
-    from gptlab.models import empty_model
-
-    cfg = model.cfg
-    expected = {k: tuple(v.shape) for k, v in empty_model(cfg).state_dict().items()}  # meta: no memory
-    own = model.state_dict()
-    head = model.head_key()
-    if head in own and head in expected and own[head].shape[0] != cfg.vocab_size:
-        raise GptlabError(f"the model's output head has {own[head].shape[0]} outputs, not one per token of its "
-                          f"{cfg.vocab_size}-token vocabulary: a classifier (gptlab finetune classify) cannot "
-                          "be exported as a Hugging Face causal LM; export the model it was fine-tuned from")
-    extra = sorted(set(own) - set(expected))
-    wrong = [f"{k} {tuple(own[k].shape)} (config: {expected[k]})" for k in expected
-             if k in own and tuple(own[k].shape) != expected[k]]
-    if extra or wrong:
-        what = "; ".join(filter(None, [extra and f"weights the config has no place for: {', '.join(extra[:5])}",
-                                       wrong and f"wrong shapes: {', '.join(wrong[:5])}"]))
-        raise GptlabError(f"the model does not match its config ({what}); export a plain gptlab model "
-                          "(merge LoRA adapters first, do not quantize)")
-
-
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under Hugging Face names (tied head stored once, as transformers does)."""
-    _check_weights_match_config(model)
+    check_weights_match_config(model)
     own = model.state_dict()
     state = {}
     for rule in expand(model.cfg.family, model.cfg):
@@ -174,8 +155,20 @@ def _run_dir_at_or_above(path: Path) -> Path | None:
     return None
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an ``--out`` inside a training run, and an existing non-empty one unless ``overwrite``."""
+def _is_hf_export(d: Path) -> bool:
+    return (d / "config.json").is_file() and any(d.glob("*.safetensors"))
+
+
+def _is_ollama_export(d: Path) -> bool:
+    return (d / "Modelfile").is_file() and any(d.glob("*.gguf"))
+
+
+def check_out_dir(out: Path, overwrite: bool, earlier=_is_hf_export, what: str = "config.json + *.safetensors") -> None:
+    """Refuse an ``--out`` inside a training run, and an existing non-empty one unless ``overwrite``.
+
+    ``earlier(dir)`` says whether a non-empty directory is an earlier export (``what``), the only
+    kind ``overwrite`` replaces.
+    """
     out = out.expanduser().absolute()
     run = _run_dir_at_or_above(out)
     if run is not None:
@@ -189,9 +182,9 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise GptlabError(f"--out {out} already exists and is not empty; pass --overwrite to replace it, "
                               "or give a new directory")
-        if not ((out / "config.json").is_file() and any(out.glob("*.safetensors"))):
-            raise GptlabError(f"--out {out} holds files that are not an earlier export (no config.json + "
-                              "*.safetensors); --overwrite replaces only an export: give a new directory")
+        if not earlier(out):
+            raise GptlabError(f"--out {out} holds files that are not an earlier export (no {what}); "
+                              "--overwrite replaces only an export: give a new directory")
 
 
 def export_atomically(write, out: Path) -> Path:
@@ -222,45 +215,113 @@ def export_atomically(write, out: Path) -> Path:
     return out
 
 
+def check_out_file(out: Path, overwrite: bool) -> None:
+    """Refuse a GGUF ``--out`` that is not a .gguf file name, lies inside a training run, or exists (without
+    ``overwrite``)."""
+    out = out.expanduser().absolute()
+    if out.suffix != ".gguf":
+        raise GptlabError(f"--out {out} must be a file name ending in .gguf for --format gguf")
+    run = _run_dir_at_or_above(out.parent)
+    if run is not None:
+        raise GptlabError(f"--out {out} is inside the training run {run}; give an --out outside it")
+    if out.is_dir():
+        raise GptlabError(f"--out {out} is a directory; give a file name ending in .gguf")
+    if out.exists() and not overwrite:
+        raise GptlabError(f"--out {out} already exists; pass --overwrite to replace it, or give a new file name")
+
+
+FORMATS = ("hf", "gguf", "ollama")
+
+
+def _export_tokenizer(src: Path):
+    """The tokenizer to export with the model from ``src``: its HF directory, a tokenizer, or None (noted)."""
+    if src.is_dir() and (src / "tokenizer.json").is_file():
+        return src  # a HF-style tokenizer next to the weights: copy its files verbatim
+    try:
+        from gptlab.tokenizers import load_tokenizer
+
+        return load_tokenizer(str(src))
+    except (ImportError, GptlabError) as e:
+        print(f"note: no tokenizer exported ({e})")
+        return None
+
+
 def export_command(model: str, out: str, format: str = "hf", dtype: str | None = None,
-                   overwrite: bool = False) -> int:
-    """Export a model as a Hugging Face directory that transformers can load.
+                   quant: str | None = None, overwrite: bool = False) -> int:
+    """Export a model: a Hugging Face directory, a llama.cpp GGUF file, or a GGUF + Ollama Modelfile.
 
     Args:
         model: a gptlab run or model directory, a Hugging Face directory or repo id,
             a .gguf file, or pkg:PACKAGE/PATH.
-        out: the directory to write (required; not inside a training run).
-        format: the output format; only "hf" (Hugging Face safetensors) is supported.
-        dtype: convert the weights first (fp32, bf16, fp16); default: keep them.
-        overwrite: replace an existing non-empty --out directory.
+        out: what to write (required; not inside a training run): a directory for hf and
+            ollama, a FILE.gguf for gguf.
+        format: hf (Hugging Face safetensors, for transformers), gguf (one file for
+            llama.cpp), ollama (a directory with the .gguf and a Modelfile for `ollama create`).
+        dtype: hf only: convert the weights first (fp32, bf16, fp16); default: keep them.
+        quant: gguf and ollama only: f16 (default), bf16, f32, q8_0, q4_0, q4_1.
+        overwrite: replace an existing --out (only an earlier export of the same format).
     """
     from gptlab.refs import resolve
     from gptlab.weights import load_model
     from gptlab.weights.native import refuse_classifier
 
-    if format != "hf":
-        raise GptlabError(f"--format {format!r} is not supported; use --format hf")
+    if format not in FORMATS:
+        raise GptlabError(f"--format {format!r} is not supported; use one of {', '.join(FORMATS)}")
     if not out:
-        raise GptlabError("give the output directory with --out DIR")
-    src = resolve(model)
-    refuse_classifier(src, model, "only language models export to Hugging Face format",
-                      "or export the model it was fine-tuned from")
-    check_out_dir(Path(out), overwrite)
-    net = load_model(src, dtype=dtype)
-    tokenizer = None
-    if src.is_dir() and (src / "tokenizer.json").is_file():
-        tokenizer = src  # a HF-style tokenizer next to the weights: copy its files verbatim
-    else:
-        try:
-            from gptlab.tokenizers import load_tokenizer
+        raise GptlabError(f"give the output with --out {'FILE.gguf' if format == 'gguf' else 'DIR'}")
+    if format == "hf" and quant is not None:
+        raise GptlabError("--quant is for --format gguf or ollama; for hf use --dtype")
+    if format != "hf" and dtype is not None:
+        raise GptlabError(f"--dtype is for --format hf; for {format} use --quant (f16, bf16, f32, q8_0, ...)")
+    if format != "hf":
+        from gptlab.weights.gguf_export import _types
 
-            tokenizer = load_tokenizer(str(src))
-        except (ImportError, GptlabError) as e:
-            print(f"note: no tokenizer exported ({e})")
-    path = export_atomically(lambda tmp: export_hf(net, tmp, tokenizer), Path(out))
+        _types(quant or "f16")  # an unknown --quant is refused before anything is loaded
+    src = resolve(model)
+    refuse_classifier(src, model, f"only language models export to {format} format",
+                      "or export the model it was fine-tuned from")
+    if format == "gguf":
+        check_out_file(Path(out), overwrite)
+    else:
+        earlier = (_is_ollama_export, "Modelfile + *.gguf") if format == "ollama" else ()
+        check_out_dir(Path(out), overwrite, *earlier)
+    net = load_model(src, dtype=dtype)
+    tokenizer = _export_tokenizer(src)
     n = sum(p.numel() for p in net.parameters())
-    print(f"wrote {path} ({config_to_hf(net.cfg)['architectures'][0]}, {n:,} parameters)")
+    if format == "hf":
+        path = export_atomically(lambda tmp: export_hf(net, tmp, tokenizer), Path(out))
+        print(f"wrote {path} ({config_to_hf(net.cfg)['architectures'][0]}, {n:,} parameters)")
+        return 0
+    return _export_gguf_command(net, _tokenizer_object(tokenizer), Path(out), format, quant or "f16", n)
+
+
+def _export_gguf_command(net, tokenizer, out: Path, format: str, quant: str, n: int) -> int:
+    from gptlab.weights.gguf_export import export_gguf, gguf_architecture
+
+    if tokenizer is None:
+        print("note: the GGUF file has no vocabulary: llama.cpp loads it but cannot tokenize text")
+    if format == "gguf":
+        counts = export_gguf(net, out, tokenizer, quant)
+        path = out
+    else:
+        from gptlab.fileio import atomic_write_text
+        from gptlab.inference.modelfile import modelfile
+
+        name = f"{out.expanduser().name}.gguf"
+        text = modelfile(name, tokenizer, net.cfg)  # an untranslatable template is refused before writing
+        counts = {}
+
+        def write(tmp: Path) -> None:
+            counts.update(export_gguf(net, tmp / name, tokenizer, quant))
+            atomic_write_text(tmp / "Modelfile", text)
+
+        path = export_atomically(write, out)
+    types = ", ".join(f"{c} {t}" for t, c in sorted(counts.items()))
+    print(f"wrote {path} (GGUF {gguf_architecture(net.cfg)}, {n:,} parameters; tensors: {types})")
+    if format == "ollama":
+        print(f"next: cd {path} && ollama create {path.name} -f Modelfile && ollama run {path.name}")
     return 0
 
 
-__all__ = ["config_to_hf", "copy_tokenizer_files", "export_command", "export_hf", "hf_state_dict"]
+__all__ = ["check_weights_match_config", "config_to_hf", "copy_tokenizer_files", "export_command", "export_hf",
+           "hf_state_dict"]

@@ -1,4 +1,4 @@
-"""Loading llama.cpp GGUF checkpoints into gptlab's Llama model.
+"""Loading llama.cpp GGUF checkpoints into gptlab's Llama and GPT-2 models.
 
 A GGUF file is one memory-mapped container: a metadata table (architecture
 hyperparameters under ``{arch}.*``, the tokenizer under ``tokenizer.*``) and
@@ -19,14 +19,13 @@ Names (``GGUF_KEYS``, in the KeyRule dialect of ``weights/keymaps.py``; N is the
     blk.N.ffn_norm          layers.N.post_attention_layernorm
     blk.N.ffn_{gate,up,down} layers.N.mlp.{gate,up,down}_proj
     output_norm             norm
-
-A mixture of experts (Mixtral is ``llama`` with ``llama.expert_count``; Qwen2-MoE is ``qwen2moe``):
-
-    blk.N.ffn_gate_inp      layers.N.mlp.gate                   the router (E, d)
-    blk.N.ffn_{gate,up,down}_exps  layers.N.mlp.experts.E.{gate,up,down}_proj  all experts stacked: (E, F, d) / (E, d, F)
-    blk.N.ffn_{gate,up,down}_shexp layers.N.mlp.shared_expert.{gate,up,down}_proj
-    blk.N.ffn_gate_inp_shexp       layers.N.mlp.shared_expert_gate  (1, d), or (d,) if a converter squeezed it
     output                  lm_head                             (absent: tied to the embedding)
+
+GPT-2 files (``general.architecture = "gpt2"``) use ``GPT2_GGUF_KEYS``: one fused
+``blk.N.attn_qkv``, LayerNorms with biases, ``position_embd`` for the learned positions.
+The tables (tensor names per architecture, ``GGUF_META``: our config field <->
+``{arch}.KEY``) live in ``weights/gguf_tables.py``; ``weights/gguf_export.py`` writes
+files through the same tables, read the other way.
 """
 
 from __future__ import annotations
@@ -42,57 +41,20 @@ import torch
 import torch.nn as nn
 
 from gptlab.errors import GptlabError
-from gptlab.models.config import KeyRule
 from gptlab.weights.dequant import FORMATS, dequantize_chunks
+from gptlab.weights.gguf_tables import (GGUF_ARCHS, GGUF_KEYS, GGUF_META, GPT2_GGUF_KEYS,  # noqa: F401
+                                       NON_PARAMETERS, NORM_TOPK_ARCHS, OPTIONAL, PERMUTED_ARCHS, REQUIRED,
+                                       SUPPORTED_ARCHS,
+                                       MetaKey, f32_value)
 from gptlab.weights.keymaps import expand_rules, theirs_pattern
 from gptlab.weights.materialize import materialize
 
-# GGUF tensor names <-> ours, in the one key-map dialect (weights/keymaps.py). GGUF files hold only
-# Llama-family models here (SUPPORTED_ARCHS), so the table lives with the format rather than in a Family.
-GGUF_KEYS: tuple[KeyRule, ...] = (
-    KeyRule("embed_tokens.weight", "token_embd.weight"),
-    KeyRule("layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
-    KeyRule("layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
-    KeyRule("layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
-    KeyRule("layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
-    KeyRule("layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias", when=lambda cfg: cfg.qkv_bias),
-    KeyRule("layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias", when=lambda cfg: cfg.qkv_bias),
-    KeyRule("layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias", when=lambda cfg: cfg.qkv_bias),
-    KeyRule("layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
-    KeyRule("layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
-    KeyRule("layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight", when=lambda cfg: not cfg.n_experts),
-    KeyRule("layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight", when=lambda cfg: not cfg.n_experts),
-    KeyRule("layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight", when=lambda cfg: not cfg.n_experts),
-    # a mixture of experts: {e} in our name only = one stored tensor stacking every expert (weights/keymaps.py)
-    KeyRule("layers.{i}.mlp.gate.weight", "blk.{i}.ffn_gate_inp.weight", when=lambda cfg: cfg.n_experts > 0),
-    *(KeyRule(f"layers.{{i}}.mlp.experts.{{e}}.{p}_proj.weight", f"blk.{{i}}.ffn_{p}_exps.weight",
-              when=lambda cfg: cfg.n_experts > 0) for p in ("gate", "up", "down")),
-    *(KeyRule(f"layers.{{i}}.mlp.shared_expert.{p}_proj.weight", f"blk.{{i}}.ffn_{p}_shexp.weight",
-              when=lambda cfg: bool(cfg.shared_expert_dim)) for p in ("gate", "up", "down")),
-    KeyRule("layers.{i}.mlp.shared_expert_gate.weight", "blk.{i}.ffn_gate_inp_shexp.weight",
-            when=lambda cfg: bool(cfg.shared_expert_dim)),
-    KeyRule("norm.weight", "output_norm.weight"),
-    KeyRule("lm_head.weight", "output.weight", when=lambda cfg: not cfg.tie_embeddings),
-)
-
-# Architectures whose q/k rows llama.cpp's converter permutes (it uses the
-# interleaved-pairs RoPE layout; Hugging Face checkpoints use "rotate half").
-PERMUTED_ARCHS = {"llama"}
-SUPPORTED_ARCHS = {"llama", "qwen2", "qwen2moe"}
-# llama.cpp's MoE graph renormalises the top-k router weights for these (Mixtral), not for qwen2moe,
-# unless the file says otherwise ({arch}.expert_weights_norm).
-NORM_TOPK_ARCHS = {"llama"}
-# Tensors that describe the model but are not parameters.
-NON_PARAMETERS = {"rope_freqs.weight"}
+_KEY_RES = {arch: [(theirs_pattern(r), r.ours) for r in table] for arch, (_, table) in GGUF_ARCHS.items()}
 
 
-_KEY_RES = [(theirs_pattern(r), r.ours) for r in GGUF_KEYS]
-
-
-def map_name(gguf_name: str) -> str | None:
-    """Our parameter name for a GGUF tensor name (``{e}`` left in for a tensor stacking every expert),
-    or None if the key map has no row for it."""
-    for rx, ours in _KEY_RES:
+def map_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """Our parameter name for a GGUF tensor name of ``arch``, or None if the key map has no row for it."""
+    for rx, ours in _KEY_RES[arch]:
         m = rx.match(gguf_name)
         if m:
             return ours.replace("{i}", m.group("i")) if "{i}" in ours else ours
@@ -105,10 +67,8 @@ def map_name(gguf_name: str) -> str | None:
 #   | n_tensors × (name: str, n_dims u32, dims u64[n_dims] (fastest-varying first), type u32, offset u64)
 #   | padding to `general.alignment` (32) | tensor data (each tensor at data start + offset)
 # str = u64 length + UTF-8 bytes; array = element type u32 + count u64 + elements.
-# We parse this ourselves: gguf.GGUFReader builds a NumPy view for every string of
-# the 49K-token vocabulary (5.4 s on the 135M model, measured on a busy 2-core machine);
-# this parser took 1.3 s there.
-# Its output is tested against GGUFReader's on real and synthetic files.
+# We parse this ourselves: gguf.GGUFReader builds a NumPy view for every string of the 49K-token
+# vocabulary (5.4 s on the 135M model on a busy 2-core machine; this parser 1.3 s), tested equal to it.
 
 _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
             10: "<u8", 11: "<i8", 12: "<f8"}
@@ -325,7 +285,7 @@ def _rope_scaling_from_freqs(freqs: np.ndarray, head_dim: int, theta: float, met
 
 def gguf_config(meta: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, ...]]] | None = None,
                 freqs: np.ndarray | None = None, source: str = "GGUF file"):
-    """Build a :class:`LlamaConfig` from GGUF metadata.
+    """Build the model config (:class:`LlamaConfig` or :class:`GPT2Config`) from GGUF metadata.
 
     Args:
         meta: ``read_metadata(path)``.
@@ -334,82 +294,83 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, .
         freqs: the ``rope_freqs.weight`` values, if the file has them (Llama 3 scaling).
         source: file name for error messages.
     """
-    from gptlab.models.llama import LlamaConfig
+    from gptlab.models import get_family
 
     tensors = tensors if tensors is not None else meta.get("__tensors__", {})
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise GptlabError(f"{source}: architecture {arch!r} is not supported "
                           f"(supported: {', '.join(sorted(SUPPORTED_ARCHS))})")
-
-    def get(key: str, default: Any = None, required: bool = True) -> Any:
-        full = f"{arch}.{key}"
+    kw: dict[str, Any] = {}
+    for f in GGUF_META[arch]:  # the declarative part: {arch}.KEY -> field
+        full = f"{arch}.{f.key}"
         if full in meta:
-            return meta[full]
-        if required and default is None:
+            kw[f.ours] = f.cast(meta[full])
+        elif f.default == REQUIRED:
             raise GptlabError(f"{source}: metadata key {full} is missing; the file is incomplete")
-        return default
-
-    n_heads = int(get("attention.head_count"))
-    emb_dim = int(get("embedding_length"))
+        elif f.default != OPTIONAL:
+            kw[f.ours] = f.default
     tokens = meta.get("tokenizer.ggml.tokens")
     if "token_embd.weight" in tensors:
         vocab = tensors["token_embd.weight"][1][0]
     elif tokens is not None:
         vocab = len(tokens)
+    elif f"{arch}.vocab_size" in meta:
+        vocab = int(meta[f"{arch}.vocab_size"])
     else:
-        vocab = int(get("vocab_size"))
-    head_dim = int(get("attention.key_length", emb_dim // n_heads, required=False))
-    theta = float(get("rope.freq_base", 10000.0, required=False))
-    scaling = None
-    stype = get("rope.scaling.type", None, required=False)
-    if freqs is not None:
-        scaling = _rope_scaling_from_freqs(freqs, head_dim, theta, meta, arch)
-    elif stype not in (None, "none") and float(get("rope.scaling.factor", 1.0, required=False)) != 1.0:
-        raise GptlabError(f"{source}: RoPE scaling type {stype!r} is not supported (only Llama 3 scaling is)")
-    kw: dict[str, Any] = dict(
-        vocab_size=int(vocab),
-        context_length=int(get("context_length")),
-        emb_dim=emb_dim,
-        n_layers=int(get("block_count")),
-        n_heads=n_heads,
-        n_kv_heads=int(get("attention.head_count_kv", n_heads, required=False)),
-        head_dim=head_dim,
-        hidden_dim=int(get("feed_forward_length")),
-        tie_embeddings="output.weight" not in tensors,
-        rope_theta=theta,
-        rope_scaling=scaling,
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        qkv_bias="blk.0.attn_q.bias" in tensors,
-        name=str(meta.get("general.name", "gguf")),
-    )
-    kw.update(_moe_fields(get, arch, tensors))  # n_experts, ... and the experts' width
-    fields = {f.name for f in dataclasses.fields(LlamaConfig)}
-    for ours, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id")):
-        if ours in fields and f"tokenizer.ggml.{key}" in meta:
-            kw[ours] = int(meta[f"tokenizer.ggml.{key}"])
-    kw = {k: v for k, v in kw.items() if k in fields}
+        raise GptlabError(f"{source}: the vocabulary size is unknown (no token_embd tensor, tokens or "
+                          f"{arch}.vocab_size); the file is incomplete")
+    kw.update(vocab_size=int(vocab), tie_embeddings="output.weight" not in tensors,
+              name=str(meta.get("general.name", "gguf")))
+    family, _ = GGUF_ARCHS[arch]
+    if family == "gpt2":
+        kw["qkv_bias"] = "blk.0.attn_qkv.bias" in tensors
+    else:
+        kw["qkv_bias"] = "blk.0.attn_q.bias" in tensors
+        kw["rope_scaling"] = _rope_scaling(meta, arch, kw, freqs, source)
+        for ours, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id")):
+            if f"tokenizer.ggml.{key}" in meta:
+                kw[ours] = int(meta[f"tokenizer.ggml.{key}"])
+        kw.update(_moe_fields(meta, arch, tensors))  # n_experts, ... and the experts' width
+    cls = get_family(family).config
+    fields = {f.name for f in dataclasses.fields(cls)}
     try:
-        return LlamaConfig(**kw)
+        return cls(**{k: v for k, v in kw.items() if k in fields})
     except ValueError as e:
         raise GptlabError(f"{source}: its hyperparameters do not form a valid config: {e}") from None
 
 
-def _moe_fields(get, arch: str, tensors: dict) -> dict[str, Any]:
+def _rope_scaling(meta: dict, arch: str, kw: dict, freqs: np.ndarray | None, source: str) -> dict | None:
+    """Llama 3 RoPE scaling from the ``rope_freqs`` tensor; None when there is none; other scalings refused."""
+    head_dim = kw.get("head_dim", kw["emb_dim"] // kw["n_heads"])
+    if freqs is not None:
+        return _rope_scaling_from_freqs(freqs, head_dim, kw["rope_theta"], meta, arch)
+    stype = meta.get(f"{arch}.rope.scaling.type")
+    if stype not in (None, "none") and float(meta.get(f"{arch}.rope.scaling.factor", 1.0)) != 1.0:
+        raise GptlabError(f"{source}: RoPE scaling type {stype!r} is not supported (only Llama 3 scaling is)")
+    return None
+
+
+def _moe_fields(meta: dict, arch: str, tensors: dict) -> dict[str, Any]:
     """The mixture-of-experts fields of the config ({} for a dense file), from ``{arch}.expert_*`` metadata."""
-    n_experts = int(get("expert_count", 0, required=False) or 0)
+    n_experts = int(meta.get(f"{arch}.expert_count", 0) or 0)
     if not n_experts:
         return {}
     out: dict[str, Any] = dict(
-        n_experts=n_experts, experts_per_token=int(get("expert_used_count")),
-        norm_topk=bool(get("expert_weights_norm", arch in NORM_TOPK_ARCHS, required=False)))
+        n_experts=n_experts, experts_per_token=int(meta[f"{arch}.expert_used_count"]),
+        norm_topk=bool(meta.get(f"{arch}.expert_weights_norm", arch in NORM_TOPK_ARCHS)))
     if "blk.0.ffn_gate_exps.weight" in tensors:  # the experts' width, from the stacked (E, F, d) tensor
         out["hidden_dim"] = int(tensors["blk.0.ffn_gate_exps.weight"][1][1])
-    elif get("expert_feed_forward_length", None, required=False):
-        out["hidden_dim"] = int(get("expert_feed_forward_length"))
+    elif meta.get(f"{arch}.expert_feed_forward_length"):
+        out["hidden_dim"] = int(meta[f"{arch}.expert_feed_forward_length"])
     if "blk.0.ffn_gate_shexp.weight" in tensors:
         out["shared_expert_dim"] = int(tensors["blk.0.ffn_gate_shexp.weight"][1][0])
     return out
+
+
+def _our_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shared-expert gate is (1, d) in our model; a converter may have stored it squeezed as (d,)."""
+    return (1, *shape) if name.endswith(".ffn_gate_inp_shexp.weight") and len(shape) == 1 else shape
 
 
 # ---- tensors ----
@@ -429,11 +390,6 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
             .reshape(rows, *rest))
 
 
-def _our_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shared-expert gate is (1, d) in our model; a converter may have stored it squeezed as (d,)."""
-    return (1, *shape) if name.endswith(".ffn_gate_inp_shexp.weight") and len(shape) == 1 else shape
-
-
 class GGUFTensors:
     """The parameters of a GGUF file for :func:`materialize`: dequantized one at a time, pages released."""
 
@@ -441,13 +397,14 @@ class GGUFTensors:
 
     def __init__(self, f: GGUFFile, cfg):
         self.f, self.cfg, self.source = f, cfg, str(f.path)
-        self.permuted = f.meta["general.architecture"] in PERMUTED_ARCHS
+        self.arch = f.meta["general.architecture"]
+        self.permuted = self.arch in PERMUTED_ARCHS
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: _our_shape(n, t.shape) for n, t in self.f.tensors.items()}
 
     def rules(self, model: nn.Module):
-        return expand_rules(GGUF_KEYS, self.cfg), lambda k: k in NON_PARAMETERS
+        return expand_rules(GGUF_ARCHS[self.arch][1], self.cfg), lambda k: k in NON_PARAMETERS
 
     def get(self, key: str, dtype: torch.dtype | None) -> torch.Tensor:
         """Dequantize ``key`` to ``dtype`` (default float32) in chunks, un-permute q/k rows, release its pages."""
@@ -470,7 +427,8 @@ def open_gguf(path: str | Path) -> tuple[GGUFFile, Any]:
                           f"(supported: {', '.join(FORMATS)}); use a file quantized as e.g. Q4_K_M, Q8_0 or F16")
     freqs = f.to_torch("rope_freqs.weight").numpy() if "rope_freqs.weight" in f.tensors else None
     cfg = gguf_config(meta, info, freqs, source=str(path))
-    unexpected = sorted(n for n in f.tensors if n not in NON_PARAMETERS and map_name(n) is None)
+    arch = meta["general.architecture"]
+    unexpected = sorted(n for n in f.tensors if n not in NON_PARAMETERS and map_name(n, arch) is None)
     if unexpected:
         raise GptlabError(f"{path}: tensors with no place in the model: {unexpected[:5]}"
                           f"{' ...' if len(unexpected) > 5 else ''} (an unsupported architecture variant?)")
@@ -479,20 +437,19 @@ def open_gguf(path: str | Path) -> tuple[GGUFFile, Any]:
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None,
               quantize: str | None = None) -> nn.Module:
-    """Load a GGUF checkpoint as a gptlab Llama model (dequantized to ``dtype``).
+    """Load a GGUF checkpoint as a gptlab model (dequantized to ``dtype``).
 
     Args:
         path: the .gguf file.
         dtype: weights dtype (default float32). bf16 halves memory and is fast on
             CPUs with native bf16.
         device: where to put the model (default CPU).
+        quantize: "int4" or "int8": load the linear layers straight into int4/int8 layers
+            (Q4_0/Q4_1 blocks kept as they are under int4) without a float copy of the model;
+            see :mod:`gptlab.weights.gguf_quant`.
 
     Every tensor in the file must map to a parameter and every parameter must be
     present, with the right shape; otherwise a GptlabError names the offenders.
-
-    ``quantize`` ("int4" or "int8") loads the linear layers straight into int4/int8 layers
-    (Q4_0/Q4_1 blocks kept as they are under int4) without a float copy of the model:
-    see :mod:`gptlab.weights.gguf_quant`.
     """
     if quantize is not None:
         from gptlab.weights.gguf_quant import load_gguf_quantized

@@ -176,3 +176,26 @@ def check_strict(rules: list[KeyRule], stored: dict[str, tuple[int, ...]], model
     if problems:
         raise GptlabError(head + "; ".join(problems) + tail)
     return rules
+
+
+def check_weights_match_config(model: nn.Module) -> None:
+    """Refuse a model whose tensors are not the ones its config describes (an export would be wrong):
+    a classifier head, LoRA adapters, quantized layers. Used by every exporter."""
+    from gptlab.models import empty_model
+
+    cfg = model.cfg
+    expected = {k: tuple(v.shape) for k, v in empty_model(cfg).state_dict().items()}  # meta: no memory
+    own = model.state_dict()
+    head = model.head_key()
+    if head in own and head in expected and own[head].shape[0] != cfg.vocab_size:
+        raise GptlabError(f"the model's output head has {own[head].shape[0]} outputs, not one per token of its "
+                          f"{cfg.vocab_size}-token vocabulary: a classifier (gptlab finetune classify) cannot "
+                          "be exported as a causal LM (Hugging Face or GGUF); export the model it was fine-tuned from")
+    extra = sorted(set(own) - set(expected))
+    wrong = [f"{k} {tuple(own[k].shape)} (config: {expected[k]})" for k in expected
+             if k in own and tuple(own[k].shape) != expected[k]]
+    if extra or wrong:
+        what = "; ".join(filter(None, [extra and f"weights the config has no place for: {', '.join(extra[:5])}",
+                                       wrong and f"wrong shapes: {', '.join(wrong[:5])}"]))
+        raise GptlabError(f"the model does not match its config ({what}); export a plain gptlab model "
+                          "(merge LoRA adapters first, do not quantize)")
