@@ -3,7 +3,9 @@ the loss plot, the best model, checkpoints and early stopping.
 
 Every piece takes ``is_main``: in a multi-process run only the main rank prints and writes files (the
 others still evaluate, so a later all-reduce has every rank's numbers). With ``is_main=False`` a piece
-keeps its in-memory state (records, best loss, patience) but touches no file and prints nothing.
+keeps its in-memory state (records, best loss, patience) but touches no file and prints nothing. What
+needs every rank (an FSDP forward pass for a sample, gathering the weights to save the model, writing a
+sharded checkpoint) is called on every rank, and only rank 0 writes the result.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch.nn as nn
 
 from gptlab.fileio import atomic_write_text
 from gptlab.training.batches import Batch, IndexedBatches
-from gptlab.training.checkpoint import save_checkpoint
+from gptlab.training.checkpoint import save_checkpoint, save_sharded_checkpoint
+from gptlab.training.distributed import broadcast_object
 from gptlab.training.report import MetricsLog, plot_losses
 
 
@@ -104,8 +107,9 @@ class Samples:
     """``samples.txt``: the text ``sample_fn`` writes at each evaluation, one section per step."""
 
     def __init__(self, run: Path, sample_fn: Callable[[nn.Module], str] | None, resumed_at: int | None,
-                 is_main: bool = True):
+                 is_main: bool = True, every_rank: bool = False):
         self.path, self.fn, self.is_main = run / "samples.txt", sample_fn, is_main
+        self.every_rank = every_rank  # a sharded model: every rank joins the sampling forward passes
         if not is_main or not self.path.exists():
             return
         if resumed_at is None:
@@ -115,9 +119,11 @@ class Samples:
                                                  if _section_step(s) <= resumed_at))
 
     def __call__(self, model: nn.Module, step: int, write: Callable[[str], None]) -> None:
-        if self.fn is None or not self.is_main:
+        if self.fn is None or not (self.is_main or self.every_rank):
             return
         text = self.fn(model)
+        if not self.is_main:
+            return
         write(f"  sample: {text!r}")
         prev = self.path.read_text() if self.path.exists() else ""
         atomic_write_text(self.path, prev + f"--- step {step} ---\n{text}\n")
@@ -166,11 +172,13 @@ class Evaluation:
     def __init__(self, run: Path, model: nn.Module, task, train: IndexedBatches, val: IndexedBatches | None,
                  cfg, optimizer, tokenizer, *, save_model: Callable[[nn.Module, Path], None],
                  samples: Samples, progress: Progress, autocast, resumed_at: int | None, is_main: bool = True,
-                 on_checkpoint: Callable[[], None] | None = None):
+                 on_checkpoint: Callable[[], None] | None = None, parallel=None):
         self.run, self.model, self.task, self.cfg, self.optimizer = run, model, task, cfg, optimizer
         self.tokenizer, self.save_model, self.samples, self.progress = tokenizer, save_model, samples, progress
         self.autocast, self.is_main, self.train, self.has_val = autocast, is_main, train, val is not None
         self.device, self.on_checkpoint = next(model.parameters()).device, on_checkpoint
+        self.parallel = parallel  # None: one process
+        samples.every_rank = parallel is not None and parallel.sharded
         self.eval_train = train.fixed_batches(cfg.eval_iters)
         self.eval_val = val.fixed_batches(cfg.eval_iters) if val is not None else None
         self.log = MetricsLog(run / "metrics.jsonl", resume_step=resumed_at, write=is_main)
@@ -195,12 +203,28 @@ class Evaluation:
         return rec
 
     def checkpoint(self, c: Counters, rng: dict | None = None) -> None:
-        """checkpoints/step-N with the counters (``rng``: the state to replay an interrupted step from)."""
-        if self.is_main:
-            state = {**dataclasses.asdict(c), "config": dataclasses.asdict(self.cfg)}
+        """checkpoints/step-N with the counters (``rng``: the state to replay an interrupted step from);
+        sharded, written by every rank, in a multi-process run."""
+        state = {**dataclasses.asdict(c), "config": dataclasses.asdict(self.cfg)}
+        if self.parallel is not None and self.parallel.dist.active:
+            save_sharded_checkpoint(self.run, self.parallel, self.tokenizer, self.optimizer, state)
+        elif self.is_main:
             save_checkpoint(self.run, self.model, self.tokenizer, self.optimizer, state, rng=rng)
-            if self.on_checkpoint is not None:
-                self.on_checkpoint()
+        if self.is_main and self.on_checkpoint is not None:
+            self.on_checkpoint()
+
+    def export_model(self) -> None:
+        """Write RUN/model, the ordinary single-file model directory (every rank calls it; rank 0 writes)."""
+        if self.parallel is None:
+            if self.is_main:
+                self.save_model(self.model, self.run / "model")
+            return
+        self.parallel.export(self.save_model, self.run / "model")
+
+    def model_saved(self) -> bool:
+        """Whether RUN/model exists (rank 0 looks; every rank gets the same answer)."""
+        saved = self.is_main and (self.run / "model" / "config.json").exists()
+        return bool(broadcast_object(saved, self.parallel.dist) if self.parallel is not None else saved)
 
     def __call__(self, c: Counters, lr: float, speed: Throughput) -> bool:
         tr, va = self.evaluate()
@@ -213,8 +237,8 @@ class Evaluation:
         if self.is_main:
             plot_losses(self.log.records, self.run / "loss.png", self.tokens_per_epoch)
         improved = keep_best(c, va.get("loss") if va else None)
-        if self.is_main and (improved or not self.has_val):
-            self.save_model(self.model, self.run / "model")
+        if improved or not self.has_val:
+            self.export_model()
         self.checkpoint(c)
         return self.cfg.patience is not None and c.bad_evals >= self.cfg.patience
 

@@ -8,6 +8,7 @@ source. The loop reads top to bottom:
     for each optimizer step:
         lr <- warmup/cosine schedule (:class:`Schedule`)
         for each micro-batch (gradient accumulation): loss = task.loss(model, batch); backward
+            (several processes: each reads its part of the batch; gradients are reduced on the last one)
         clip gradients; optimizer step (:func:`optimizer_step`)
         every eval_every steps: evaluate train/val, log, sample, plot, keep the best model,
         checkpoint, early stop (:class:`gptlab.training.hooks.Evaluation`; files on the main rank only)
@@ -16,6 +17,7 @@ source. The loop reads top to bottom:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,8 +31,10 @@ import torch.nn.functional as F
 from gptlab.device import autocast_dtype
 from gptlab.errors import GptlabError
 from gptlab.training.batches import Batch, IndexedBatches
-from gptlab.training.checkpoint import rng_state, set_rng_state
+from gptlab.training.checkpoint import load_rank_rng, load_sharded_optimizer, rng_state, set_rng_state
+from gptlab.training.distributed import all_sum
 from gptlab.training.hooks import Counters, Evaluation, Progress, Samples, Throughput, to_device
+from gptlab.training.parallel import Parallel, load_full_optimizer, single
 from gptlab.training.optim import build_optimizer, lr_at
 from gptlab.training.report import Diagnosis, diagnose
 from gptlab.weights.native import save_model_dir
@@ -60,6 +64,17 @@ class TrainConfig:
     patience: int | None = None  # early stopping: evaluations without val improvement
     seed: int = 123
     device: str = "auto"
+    world_size: int = 1  # processes the run started with: its global batch is batch_size x world_size
+
+    def for_world(self, world: int) -> "TrainConfig":
+        """These settings run by ``world`` processes: the same global batch, split evenly (a run resumed
+        with another number of processes keeps its batch; ``batch_size`` becomes the per-process part)."""
+        total = self.batch_size * self.world_size
+        if total % world:
+            raise GptlabError(f"the run's global batch of {total} sequences ({self.batch_size} x {self.world_size} "
+                              f"processes) does not split evenly into {world} processes; use a process count "
+                              f"that divides {total}")
+        return dataclasses.replace(self, batch_size=total // world, world_size=world)
 
     def steps_per_epoch(self, batches_per_epoch: int) -> int:
         """Optimizer steps in one pass over ``batches_per_epoch`` micro-batches (the one place it is computed)."""
@@ -175,9 +190,10 @@ class Schedule:
         return None
 
 
-def optimizer_step(model: nn.Module, fwd: nn.Module, train: IndexedBatches, task: Task, optimizer, scaler,
+def optimizer_step(par: Parallel, train: IndexedBatches, task: Task, optimizer, scaler,
                    cfg: TrainConfig, c: Counters, lr: float, autocast, run: Path) -> tuple[float, int]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, tokens seen)."""
+    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, tokens seen), over all ranks."""
+    model = par.model
     device = next(model.parameters()).device
     for g in optimizer.param_groups:
         g["lr"] = lr
@@ -185,16 +201,19 @@ def optimizer_step(model: nn.Module, fwd: nn.Module, train: IndexedBatches, task
     loss_sum, n_tokens = 0.0, 0
     for k in range(cfg.grad_accum):
         batch = to_device(train.batch(c.step * cfg.grad_accum + k), device)
-        with autocast():
-            loss = task.loss(fwd, batch) / cfg.grad_accum
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss became {float(loss.detach() * cfg.grad_accum)} at step {c.step + 1}; stopped. The last good "
-                f"checkpoint is kept in {run / 'checkpoints'}. Lower the learning rate (now {lr:.2e}) "
-                "or use --precision fp32, then --resume")
-        (scaler.scale(loss) if scaler else loss).backward()
+        with par.grad_sync(last=k == cfg.grad_accum - 1):  # gradients cross ranks once per step
+            with autocast():
+                loss = task.loss(par.fwd, batch) / cfg.grad_accum
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {float(loss.detach() * cfg.grad_accum)} at step {c.step + 1}; stopped. The last "
+                    f"good checkpoint is kept in {run / 'checkpoints'}. Lower the learning rate (now {lr:.2e}) "
+                    "or use --precision fp32, then --resume")
+            (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += float(loss.detach())
         n_tokens += int(batch[0].numel())
+    loss_sum, n_tokens = all_sum([loss_sum, n_tokens], par.dist)  # the global batch's mean loss and tokens
+    loss_sum, n_tokens = loss_sum / par.dist.world, int(n_tokens)
     if scaler:
         scaler.unscale_(optimizer)
     if cfg.grad_clip:
@@ -208,14 +227,28 @@ def optimizer_step(model: nn.Module, fwd: nn.Module, train: IndexedBatches, task
     return loss_sum, n_tokens
 
 
-def _resume(optimizer, cfg: TrainConfig, resume_state: dict[str, Any] | None) -> Counters:
-    """The counters to start from: a checkpoint's (optimizer and RNG restored too), or zero (seeded)."""
+RANK_SEED = 7919  # rank r draws its dropout masks from seed + r * RANK_SEED (rank 0: the run's seed)
+
+
+def _resume(par: Parallel, optimizer, cfg: TrainConfig, resume_state: dict[str, Any] | None) -> Counters:
+    """The counters to start from: a checkpoint's (optimizer and RNG restored too), or zero (seeded per rank)."""
+    rank = par.dist.rank
     if resume_state is None:
-        torch.manual_seed(cfg.seed)  # dropout masks follow the run's seed
+        torch.manual_seed(cfg.seed + rank * RANK_SEED)  # dropout masks follow the run's seed, differ per rank
         return Counters()
-    optimizer.load_state_dict(resume_state["optimizer"])
-    set_rng_state(resume_state["rng"])
-    return Counters.from_state(resume_state)
+    c = Counters.from_state(resume_state)
+    if resume_state.get("sharded"):  # written by several processes: DCP reshards to this many
+        ck = Path(resume_state["checkpoint"])
+        load_sharded_optimizer(par.model, optimizer, ck)
+        rng = load_rank_rng(ck, rank)
+    else:
+        load_full_optimizer(par, optimizer, resume_state["optimizer"])
+        rng = resume_state["rng"] if rank == 0 else None
+    if rng is not None:
+        set_rng_state(rng)
+    else:  # a rank the saving run did not have: a fresh, reproducible stream
+        torch.manual_seed(cfg.seed + rank * RANK_SEED + c.step)
+    return c
 
 
 def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | None, cfg: TrainConfig,
@@ -223,7 +256,7 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
                resume_state: dict[str, Any] | None = None, sample_fn: Callable[[nn.Module], str] | None = None,
                save_model: Callable[[nn.Module, Path], None] | None = None, progress: bool = True,
                echo: Callable[[str], None] | None = None, is_main: bool = True,
-               on_checkpoint: Callable[[], None] | None = None) -> TrainResult:
+               on_checkpoint: Callable[[], None] | None = None, parallel: Parallel | None = None) -> TrainResult:
     """Train ``model`` on batches from ``train``, evaluating on ``val``; write the run directory.
 
     Args:
@@ -240,7 +273,12 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
         progress: show a progress bar.
         echo: where status lines go.
         is_main: this process is the main rank: only it prints and writes files.
+        on_checkpoint: called after each checkpoint is written.
+        parallel: how ``model`` runs across processes (:func:`gptlab.training.parallel.parallelize`;
+            default one process). ``train`` must then be sharded (each rank reads its part of a batch).
     """
+    par = parallel or single(model)
+    is_main = is_main and par.dist.is_main
     cfg.validate()
     echo = (echo or (lambda msg: print(msg, flush=True))) if is_main else (lambda msg: None)
     task, run = task or LanguageModeling(), Path(run_dir)
@@ -252,14 +290,15 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
     sched = Schedule(cfg, train)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     scaler = torch.amp.GradScaler(next(model.parameters()).device.type) if amp == torch.float16 else None
-    fwd = torch.compile(model) if cfg.compile else model
-    c = _resume(optimizer, cfg, resume_state)
+    if cfg.compile:
+        par = dataclasses.replace(par, fwd=torch.compile(par.fwd))
+    c = _resume(par, optimizer, cfg, resume_state)
     resumed_at = c.step if resume_state is not None else None
     bar = Progress(progress, sched.max_steps, c, cfg.log_every, echo, is_main)
     evaluation = Evaluation(run, model, task, train, val, cfg, optimizer, tokenizer, autocast=autocast,
                             save_model=save_model or (lambda m, d: save_model_dir(m, d, tokenizer)),
                             samples=Samples(run, sample_fn, resumed_at, is_main), progress=bar,
-                            resumed_at=resumed_at, is_main=is_main, on_checkpoint=on_checkpoint)
+                            resumed_at=resumed_at, is_main=is_main, on_checkpoint=on_checkpoint, parallel=par)
     lr, speed, stopped = sched.lr(max(c.step - 1, 0)), Throughput(), None
     t_start = time.perf_counter() - c.elapsed
     step_rng, tokens_at_step_start = rng_state(), c.tokens
@@ -268,7 +307,7 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
             t0 = time.perf_counter()
             step_rng, tokens_at_step_start = rng_state(), c.tokens  # to replay this step exactly if it is interrupted
             lr = sched.lr(c.step)
-            loss, n_tokens = optimizer_step(model, fwd, train, task, optimizer, scaler, cfg, c, lr, autocast, run)
+            loss, n_tokens = optimizer_step(par, train, task, optimizer, scaler, cfg, c, lr, autocast, run)
             c.step, c.tokens = c.step + 1, c.tokens + n_tokens
             speed.add(n_tokens, time.perf_counter() - t0)
             c.elapsed = time.perf_counter() - t_start
@@ -281,6 +320,9 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
         stopped = "interrupted"
         optimizer.zero_grad(set_to_none=True)
         c.tokens = tokens_at_step_start
+        if par.dist.active:  # the ranks stopped at different points: no common step to save
+            echo(f"\ninterrupted at step {c.step}; continue from the last checkpoint with --resume {run}")
+            raise
         evaluation.checkpoint(c, rng=step_rng)
         echo(f"\ninterrupted at step {c.step}; checkpoint saved. Continue with --resume {run}")
     finally:
@@ -289,7 +331,7 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
     # the final state too, so metrics.jsonl, loss.png, samples.txt and the checkpoint describe it.
     if stopped in ("max_time", "max_steps") and evaluation.last_step() != c.step and c.step > 0:
         evaluation(c, lr, speed)
-    if is_main and not (run / "model" / "config.json").exists() and c.step > 0:
-        evaluation.save_model(model, run / "model")
+    if c.step > 0 and not evaluation.model_saved():
+        evaluation.export_model()
     diag = diagnose(evaluation.log.records, getattr(getattr(model, "cfg", None), "vocab_size", None))
     return TrainResult(c.step, c.tokens, c.best_val, c.best_step, stopped, diag, evaluation.log.records)

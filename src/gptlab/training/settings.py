@@ -25,7 +25,8 @@ from typing import Any, Callable, ClassVar, Iterable
 from gptlab.errors import GptlabError
 
 # Settings that may differ on --resume: how and where this process runs (the limits are per recipe).
-PER_PROCESS = {"device", "progress", "out", "resume", "overwrite"}
+PER_PROCESS = {"device", "progress", "out", "resume", "overwrite", "nproc", "nnodes", "rdzv_endpoint", "strategy",
+               "activation_checkpointing"}
 
 
 @dataclass
@@ -42,6 +43,13 @@ class RunSettings:
         overwrite: replace an existing run in --out (everything is checked first; the old run is replaced
             only once the new one is set up).
         progress: show a progress bar.
+        nproc: processes per node: more than 1 starts torch.distributed.run (torchrun) with this many
+            workers (one per GPU on CUDA); batch_size is then per process. See docs/distributed.md.
+        nnodes: nodes of a multi-node run (with --rdzv-endpoint), as torchrun takes it (e.g. 2, or 1:4).
+        rdzv_endpoint: HOST:PORT where the nodes of a multi-node run meet (torchrun's --rdzv-endpoint).
+        strategy: auto (ddp with several processes), ddp (every process holds the whole model) or fsdp
+            (FSDP2: parameters, gradients and optimizer state sharded across processes).
+        activation_checkpointing: recompute each block's activations in backward (less memory, ~30% slower).
     """
 
     out: str = "runs/default"
@@ -51,6 +59,11 @@ class RunSettings:
     seed: int = 123
     overwrite: bool = False
     progress: bool = True
+    nproc: int = 1
+    nnodes: str = "1"
+    rdzv_endpoint: str | None = None
+    strategy: str = "auto"
+    activation_checkpointing: bool = False
 
     # Settings that count or scale something: refused unless > 0 (None, "not set", is fine).
     POSITIVE: ClassVar[tuple[str, ...]] = ()
@@ -234,4 +247,5 @@ def from_record(cls: type, meta: dict, s: Any):
     except (TypeError, AttributeError, KeyError) as e:
         raise GptlabError(f"the recorded settings do not fit this gptlab version ({e}); "
                           "the run cannot be resumed, start a new one with --out") from None
-    return dataclasses.replace(recorded, device=s.device, progress=s.progress, resume=s.resume, out=str(s.resume))
+    own = {n: getattr(s, n) for n in PER_PROCESS if n in names and n != "out"}
+    return dataclasses.replace(recorded, **own, out=str(s.resume))
