@@ -20,15 +20,20 @@ import os
 import signal
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from gptlab.errors import GptlabError
 
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 TIMEOUT_S = 600  # a collective waiting this long for a silent rank fails (torch's default is 30 min)
+LAUNCHED = "GPTLAB_LAUNCHED"  # set by :func:`launch` for its workers: it reports a failed rank itself
+LOST_PEER_EXIT = 75  # a worker that lost contact with a failed rank exits with this, silently, under launch
+
+
+class LostPeer(GptlabError):
+    """A collective failed because another rank is gone: that rank's failure is the one to report."""
 
 
 @dataclass(frozen=True)
@@ -135,14 +140,13 @@ def broadcast_object(obj, d: Dist):
 
 
 def rank_error(e: BaseException, d: Dist) -> GptlabError:
-    """``e`` as one line naming the rank it happened on (unchanged for a single process)."""
-    if not d.active:
-        return e if isinstance(e, GptlabError) else GptlabError(f"{type(e).__name__}: {e}")
+    """``e`` as one line naming the rank it happened on (a :class:`LostPeer` when another rank is gone)."""
     text = " ".join(str(e).split()) or type(e).__name__
     if not isinstance(e, GptlabError):
         text = f"{type(e).__name__}: {text}"
     if d.world > 1 and isinstance(e, (RuntimeError, dist.DistError)) and _looks_like_lost_peer(text):
-        text = f"lost contact with another rank ({text[:200]}); it probably failed, see its line"
+        return LostPeer(f"rank {d.rank} of {d.world}: lost contact with another rank ({text[:200]}); "
+                        "that rank failed first, see its line")
     return GptlabError(f"rank {d.rank} of {d.world}: {text}")
 
 
@@ -173,6 +177,7 @@ def launch(command: Sequence[str], settings: dict, *, nproc: int, nnodes: str = 
                           "first node's address and a free port)")
     else:
         argv += ["--standalone"]
+    os.environ[LAUNCHED] = "1"  # the workers inherit it
     with tempfile.TemporaryDirectory(prefix="gptlab-launch-") as tmp:
         cfg_file = os.path.join(tmp, "settings.yaml")
         with open(cfg_file, "w", encoding="utf-8") as f:
@@ -192,10 +197,20 @@ def _run_agent(args) -> int:
     try:
         torchrun(args)
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items(), key=lambda kv: kv[1].timestamp)  # the first to fail
+        rank, failure = first_failure(e.failures)
+        if failure.exitcode == 1:  # a worker's own error: its one line is already on stderr
+            return 1
         raise GptlabError(f"rank {rank} {_describe_exit(failure.exitcode)}; the other ranks were stopped. "
                           "The last complete checkpoint is kept: continue with --resume RUN_DIR") from None
     return 0
+
+
+def first_failure(failures: dict) -> tuple[int, Any]:
+    """(rank, failure) of the rank whose failure stopped the run: not one that merely lost contact with
+    it (:data:`LOST_PEER_EXIT`) or was stopped by the launcher (SIGTERM), unless there is no other."""
+    order = sorted(failures.items(), key=lambda kv: kv[1].timestamp)
+    causes = [kv for kv in order if kv[1].exitcode not in (LOST_PEER_EXIT, -signal.SIGTERM)]
+    return (causes or order)[0]
 
 
 def _describe_exit(code: int) -> str:

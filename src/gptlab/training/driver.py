@@ -107,17 +107,24 @@ def run_recipe(recipe: Recipe, s, *, is_main: bool = True) -> Any:
                 logging.getLogger("gptlab").setLevel(logging.ERROR)
             return _run(recipe, s, d, is_main and d.is_main)
     except Exception as e:
-        if d.active:
-            raise D.rank_error(e, d) from None
-        raise
+        if not d.active:
+            raise
+        err = D.rank_error(e, d)
+        if isinstance(err, D.LostPeer) and os.environ.get(D.LAUNCHED):
+            raise SystemExit(D.LOST_PEER_EXIT) from None  # the launcher names the rank that failed
+        raise err from None
     finally:
         D.teardown(d)
 
 
 def _launches(s) -> bool:
     """This process starts torchrun (instead of training): several processes asked for, none running yet."""
+    from gptlab.training.parallel import STRATEGIES
+
     if s.nproc < 1:
         raise GptlabError(f"--nproc {s.nproc} must be >= 1 (processes per node)")
+    if s.strategy not in STRATEGIES:
+        raise GptlabError(f"--strategy {s.strategy!r} is not one of {', '.join(STRATEGIES)}")
     return not D.under_torchrun() and (s.nproc > 1 or str(s.nnodes) != "1" or s.strategy in ("ddp", "fsdp"))
 
 
