@@ -139,6 +139,12 @@ def broadcast_object(obj, d: Dist):
     return box[0]
 
 
+def agree(value, d: Dist, needed: bool = True):
+    """Rank 0's ``value`` on every rank, when ``needed`` (a decision each rank could make differently,
+    such as a time limit read from its own clock); otherwise ``value`` as it is."""
+    return broadcast_object(value, d) if needed else value
+
+
 def rank_error(e: BaseException, d: Dist) -> GptlabError:
     """``e`` as one line naming the rank it happened on (a :class:`LostPeer` when another rank is gone)."""
     text = " ".join(str(e).split()) or type(e).__name__

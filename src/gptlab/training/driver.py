@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from gptlab.errors import GptlabError
 from gptlab.logs import get_logger
-from gptlab.training import distributed as D
+import gptlab.training.distributed as D
 from gptlab.training.batches import IndexedBatches
 from gptlab.training.loop import TrainConfig, TrainResult, train_loop
 from gptlab.training.rundir import RunDir

@@ -242,6 +242,15 @@ class Evaluation:
         self.checkpoint(c)
         return self.cfg.patience is not None and c.bad_evals >= self.cfg.patience
 
+    def finish(self, c: Counters, lr: float, speed: Throughput, stopped: str) -> None:
+        """After the loop. A time limit (or a resumed run already past --max-steps) may stop between
+        evaluations: evaluate the final state too, so metrics.jsonl, loss.png, samples.txt and the
+        checkpoint describe it; and write RUN/model if no evaluation did."""
+        if stopped in ("max_time", "max_steps") and self.last_step() != c.step and c.step > 0:
+            self(c, lr, speed)
+        if c.step > 0 and not self.model_saved():
+            self.export_model()
+
     def last_step(self) -> int:
         """The step of the latest logged evaluation (-1 before the first)."""
         return self.log.records[-1]["step"] if self.log.records else -1

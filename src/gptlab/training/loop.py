@@ -32,7 +32,7 @@ from gptlab.device import autocast_dtype
 from gptlab.errors import GptlabError
 from gptlab.training.batches import Batch, IndexedBatches
 from gptlab.training.checkpoint import load_rank_rng, load_sharded_optimizer, rng_state, set_rng_state
-from gptlab.training.distributed import all_sum
+from gptlab.training.distributed import agree, all_sum
 from gptlab.training.hooks import Counters, Evaluation, Progress, Samples, Throughput, to_device
 from gptlab.training.parallel import Parallel, load_full_optimizer, single
 from gptlab.training.optim import build_optimizer, lr_at
@@ -274,8 +274,7 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
         echo: where status lines go.
         is_main: this process is the main rank: only it prints and writes files.
         on_checkpoint: called after each checkpoint is written.
-        parallel: how ``model`` runs across processes (:func:`gptlab.training.parallel.parallelize`;
-            default one process). ``train`` must then be sharded (each rank reads its part of a batch).
+        parallel: how ``model`` runs across processes (:func:`gptlab.training.parallel.parallelize`).
     """
     par = parallel or single(model)
     is_main = is_main and par.dist.is_main
@@ -290,8 +289,7 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
     sched = Schedule(cfg, train)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     scaler = torch.amp.GradScaler(next(model.parameters()).device.type) if amp == torch.float16 else None
-    if cfg.compile:
-        par = dataclasses.replace(par, fwd=torch.compile(par.fwd))
+    par = dataclasses.replace(par, fwd=torch.compile(par.fwd)) if cfg.compile else par
     c = _resume(par, optimizer, cfg, resume_state)
     resumed_at = c.step if resume_state is not None else None
     bar = Progress(progress, sched.max_steps, c, cfg.log_every, echo, is_main)
@@ -303,7 +301,7 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
     t_start = time.perf_counter() - c.elapsed
     step_rng, tokens_at_step_start = rng_state(), c.tokens
     try:
-        while (stopped := sched.stop_reason(c, t_start)) is None:
+        while (stopped := agree(sched.stop_reason(c, t_start), par.dist, cfg.max_time is not None)) is None:
             t0 = time.perf_counter()
             step_rng, tokens_at_step_start = rng_state(), c.tokens  # to replay this step exactly if it is interrupted
             lr = sched.lr(c.step)
@@ -327,11 +325,6 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
         echo(f"\ninterrupted at step {c.step}; checkpoint saved. Continue with --resume {run}")
     finally:
         bar.close()
-    # A time limit (or a resumed run already past --max-steps) may stop between evaluations: evaluate
-    # the final state too, so metrics.jsonl, loss.png, samples.txt and the checkpoint describe it.
-    if stopped in ("max_time", "max_steps") and evaluation.last_step() != c.step and c.step > 0:
-        evaluation(c, lr, speed)
-    if c.step > 0 and not evaluation.model_saved():
-        evaluation.export_model()
+    evaluation.finish(c, lr, speed, stopped)
     diag = diagnose(evaluation.log.records, getattr(getattr(model, "cfg", None), "vocab_size", None))
     return TrainResult(c.step, c.tokens, c.best_val, c.best_step, stopped, diag, evaluation.log.records)
