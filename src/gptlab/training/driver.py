@@ -138,14 +138,18 @@ def _open_resumed(recipe: Recipe, s, d: D.Dist) -> tuple[RunDir, dict]:
     return opened
 
 
-def _global(cfg: TrainConfig, d: D.Dist) -> TrainConfig:
-    """What a recipe builds its data with: the global batch (this rank reads its part, see ``_shard``)."""
-    return dataclasses.replace(cfg, batch_size=cfg.batch_size * d.world)
-
-
-def _shard(job: Job, d: D.Dist) -> Job:
-    if d.world > 1:
-        job.train.shard(d.rank, d.world)
+def _build(recipe: Recipe, s, cfg: TrainConfig, d: D.Dist, resuming: RunDir | None, steps_known) -> Job:
+    """``recipe.build`` with the global batch (``batch_size x world``); then this rank reads its part of
+    every training batch. What the recipe sets in the config besides the batch (e.g. ``eval_every``) is
+    kept in ``cfg``."""
+    if d.world == 1:
+        return recipe.build(s, cfg, d.device, resuming, steps_known)
+    built = dataclasses.replace(cfg, batch_size=cfg.batch_size * d.world)
+    job = recipe.build(s, built, d.device, resuming, steps_known)
+    for f in dataclasses.fields(cfg):
+        if f.name != "batch_size":
+            setattr(cfg, f.name, getattr(built, f.name))
+    job.train.shard(d.rank, d.world)
     return job
 
 
@@ -163,15 +167,14 @@ def _run(recipe: Recipe, s, d: D.Dist, is_main: bool) -> Any:
                 _note_ignored_out(s)
             s = resumed
             late = "steps_per_epoch" not in meta  # recorded before it was: an epochs limit is checked when known
-            job = recipe.build(s, _global(cfg, d), device, run,
-                               lambda n: run.refuse_reached_limit(cfg, n, flags) if late else None)
-            return _train(recipe, s, cfg, _shard(job, d), run, d, is_main)
+            job = _build(recipe, s, cfg, d, run, lambda n: run.refuse_reached_limit(cfg, n, flags) if late else None)
+            return _train(recipe, s, cfg, job, run, d, is_main)
     s.check_positive()
     recipe.check(s)
     run = RunDir.new(s.out, recipe.config_file, s.overwrite) if d.is_main else RunDir(s.out, recipe.config_file)
     cfg = dataclasses.replace(recipe.train_config(s, device), world_size=d.world)
     cfg.validate()
-    job = _shard(recipe.build(s, _global(cfg, d), device, None, lambda n: None), d)
+    job = _build(recipe, s, cfg, d, None, lambda n: None)
     with run:
         if d.is_main:
             run.create({"settings": recipe.record(s), "train": dataclasses.asdict(cfg),
