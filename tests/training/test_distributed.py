@@ -123,6 +123,19 @@ def test_fsdp_two_processes_equal_one_process(one, runs):
     assert _max_diff(_losses(one), _losses(out)) <= TOL_SPLIT
     assert _weights_diff(one, out) <= TOL_SPLIT  # RUN/model: gathered from the shards, one ordinary file
     assert (out / "model" / "model.safetensors").is_file() and not (out / "model" / "sharded").exists()
+    from gptlab.cli import run
+
+    assert run(["generate", "--model", str(out), "--prompt", "I", "--max-new-tokens", "4", "--device", "cpu",
+                "--stream", "false"]) == 0
+
+
+def test_a_sharded_checkpoint_exports_to_a_model_directory(ddp, tmp_path):
+    from gptlab.training.checkpoint import export_model_dir
+
+    exported = export_model_dir(latest_checkpoint(ddp), tmp_path / "exported")
+    a, b = load_model_dir(exported).state_dict(), load_model_dir(ddp / "model").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # step 20 is also the best model
+    assert (exported / "config.json").is_file() and any(exported.glob("*tokenizer*"))
 
 
 def _rank_pid(launcher_pid: int, rank: int, deadline: float) -> int:

@@ -49,7 +49,7 @@ class RunSettings:
         rdzv_endpoint: HOST:PORT where the nodes of a multi-node run meet (torchrun's --rdzv-endpoint).
         strategy: auto (ddp with several processes), ddp (every process holds the whole model) or fsdp
             (FSDP2: parameters, gradients and optimizer state sharded across processes).
-        activation_checkpointing: recompute each block's activations in backward (less memory, ~30% slower).
+        activation_checkpointing: recompute each block's activations in backward (less memory, about one more forward pass per step).
     """
 
     out: str = "runs/default"
