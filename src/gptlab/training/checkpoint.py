@@ -176,10 +176,14 @@ def _prune(ckdir: Path, keep: str) -> None:
 
 
 def _dcp_load(ck: Path, state: dict) -> None:
+    import warnings
+
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(state, checkpoint_id=Path(ck) / SHARDS)
+        with warnings.catch_warnings():  # one process loading a sharded checkpoint is what 2 -> 1 means
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=Path(ck) / SHARDS)
     except Exception as e:  # DCP raises CheckpointException / RuntimeError / KeyError for damaged shards
         raise GptlabError(f"{ck / SHARDS} is damaged or does not fit this model ({type(e).__name__}: "
                           f"{' '.join(str(e).split())[:300]}); point {ck.parent / 'latest'} at an older step") from None

@@ -150,6 +150,10 @@ def _build(recipe: Recipe, s, cfg: TrainConfig, d: D.Dist, resuming: RunDir | No
         if f.name != "batch_size":
             setattr(cfg, f.name, getattr(built, f.name))
     job.train.shard(d.rank, d.world)
+    mine = (len(job.train), job.train.n, job.steps_per_epoch)
+    if D.broadcast_object(mine, d) != mine:  # every rank must read the same data (e.g. the same tokenizer)
+        raise GptlabError(f"this rank built other training data than rank 0 ({mine[1]} items, "
+                          f"{mine[0]} batches per epoch): give every process the same --data and --tokenizer")
     return job
 
 

@@ -44,12 +44,13 @@ class RunSettings:
             only once the new one is set up).
         progress: show a progress bar.
         nproc: processes per node: more than 1 starts torch.distributed.run (torchrun) with this many
-            workers (one per GPU on CUDA); batch_size is then per process. See docs/distributed.md.
+            workers (one per GPU on CUDA); --batch-size is then per process. See docs/distributed.md.
         nnodes: nodes of a multi-node run (with --rdzv-endpoint), as torchrun takes it (e.g. 2, or 1:4).
         rdzv_endpoint: HOST:PORT where the nodes of a multi-node run meet (torchrun's --rdzv-endpoint).
         strategy: auto (ddp with several processes), ddp (every process holds the whole model) or fsdp
             (FSDP2: parameters, gradients and optimizer state sharded across processes).
-        activation_checkpointing: recompute each block's activations in backward (less memory, about one more forward pass per step).
+        activation_checkpointing: recompute each block's activations in backward (less memory, about one
+            more forward pass per step).
     """
 
     out: str = "runs/default"
