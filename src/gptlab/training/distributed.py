@@ -156,6 +156,20 @@ def rank_error(e: BaseException, d: Dist) -> GptlabError:
     return GptlabError(f"rank {d.rank} of {d.world}: {text}")
 
 
+def tell_launcher(err: GptlabError) -> bool:
+    """Under :func:`launch`, hand ``err``'s line to it through torchrun's error file (every rank of a run
+    usually fails alike: the launcher prints the first one, once); False when not launched by it."""
+    import json
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not os.environ.get(LAUNCHED) or not path:
+        return False
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"message": " ".join(str(err).split()), "timestamp": int(time.time())}, f)
+    return True
+
+
 def _looks_like_lost_peer(text: str) -> bool:
     return any(w in text.lower() for w in ("connection closed", "connection reset", "broken pipe", "timed out",
                                            "timeout", "gloo", "nccl"))
@@ -204,8 +218,8 @@ def _run_agent(args) -> int:
         torchrun(args)
     except ChildFailedError as e:
         rank, failure = first_failure(e.failures)
-        if failure.exitcode == 1:  # a worker's own error: its one line is already on stderr
-            return 1
+        if failure.exitcode == 1 and str(failure.message).startswith("rank "):  # from tell_launcher
+            raise GptlabError(failure.message) from None
         raise GptlabError(f"rank {rank} {_describe_exit(failure.exitcode)}; the other ranks were stopped. "
                           "The last complete checkpoint is kept: continue with --resume RUN_DIR") from None
     return 0
@@ -214,7 +228,7 @@ def _run_agent(args) -> int:
 def first_failure(failures: dict) -> tuple[int, Any]:
     """(rank, failure) of the rank whose failure stopped the run: not one that merely lost contact with
     it (:data:`LOST_PEER_EXIT`) or was stopped by the launcher (SIGTERM), unless there is no other."""
-    order = sorted(failures.items(), key=lambda kv: kv[1].timestamp)
+    order = sorted(failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
     causes = [kv for kv in order if kv[1].exitcode not in (LOST_PEER_EXIT, -signal.SIGTERM)]
     return (causes or order)[0]
 
@@ -225,7 +239,7 @@ def _describe_exit(code: int) -> str:
             return f"was killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"was killed by signal {-code}"
-    return f"failed (exit status {code}; its error line is above)"
+    return f"failed (exit status {code})"
 
 
 def settings_for_workers(values: dict, drop: Iterable[str] = LAUNCH_FIELDS) -> dict:

@@ -112,6 +112,8 @@ def run_recipe(recipe: Recipe, s, *, is_main: bool = True) -> Any:
         err = D.rank_error(e, d)
         if isinstance(err, D.LostPeer) and os.environ.get(D.LAUNCHED):
             raise SystemExit(D.LOST_PEER_EXIT) from None  # the launcher names the rank that failed
+        if D.tell_launcher(err):  # the launcher prints it once, however many ranks failed alike
+            raise SystemExit(1) from None
         raise err from None
     finally:
         D.teardown(d)
@@ -207,4 +209,7 @@ def _train(recipe: Recipe, s, cfg: TrainConfig, job: Job, run: RunDir, d: D.Dist
     result = train_loop(job.model, job.train, job.val, cfg, run.path, task=job.task, tokenizer=job.tokenizer,
                         resume_state=job.resume_state, sample_fn=job.sample_fn, save_model=job.save_model,
                         progress=s.progress, is_main=is_main, on_checkpoint=run.drop_replaced, parallel=par)
+    job.model = par.unsharded()  # FSDP: the whole trained model, on rank 0 (a collective)
+    if not d.is_main:
+        return None  # the report (its lines, its files, its test generations) is rank 0's
     return recipe.report(s, cfg, job, result, run.path)

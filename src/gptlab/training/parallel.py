@@ -92,6 +92,19 @@ class Parallel:
             save(self.template, out)
 
 
+    def unsharded(self) -> nn.Module | None:
+        """The whole model, for what follows training (a recipe's report, its test generations): the model
+        itself, or with FSDP its weights gathered into the unsharded copy on rank 0's device (a collective;
+        None on the other ranks)."""
+        if self.strategy != "fsdp":
+            return self.model
+        full = self.full_state_dict()
+        if not self.dist.is_main:
+            return None
+        self.template.load_state_dict(full)
+        return self.template.to(self.dist.device)
+
+
 def load_full_optimizer(p: Parallel, optimizer, state: dict[str, Any]) -> None:
     """Restore ``optimizer`` from a single-process checkpoint's ``optimizer.state_dict()`` (1 -> N processes).
 
