@@ -223,6 +223,16 @@ def test_a_killed_rank_stops_the_run_in_one_line_and_the_checkpoint_resumes(kill
     assert _max_diff(_losses(fsdp, {20}), _losses(one, {20})) <= TOL_SPLIT
 
 
+def test_an_error_on_every_rank_is_one_line(tmp_path):
+    bad = tmp_path / "corpus.txt"
+    bad.write_text("ab" * 5)  # fewer tokens than one window: every rank refuses it in the same words
+    proc = _gptlab(*[str(bad) if a == str(VERDICT) else a for a in TINY], "--nproc", "2", "--out", str(tmp_path / "r"))
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("error: rank 0 of 2: ") and "tokens but one window needs 17" in errors[0], errors
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("flags, msg", [(["--nproc", "0"], "--nproc 0 must be >= 1"),
                                         (["--nproc", "2", "--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint"),
                                         (["--strategy", "zero3"], "--strategy 'zero3' is not one of")])
