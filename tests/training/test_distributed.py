@@ -98,6 +98,7 @@ def ddp(runs):
 def test_ddp_two_processes_equal_one_process_with_twice_the_batch(one, ddp):
     a, b = _losses(one), _losses(ddp)
     assert sorted(a) == list(range(1, STEPS + 1))
+    print(f"measured, 2 x 2 (ddp) vs 1 x 4: losses {_max_diff(a, b):.2e}, weights {_weights_diff(one, ddp):.2e}")
     assert _max_diff(a, b) <= TOL_SPLIT  # losses after each of the 20 steps
     assert _weights_diff(one, ddp) <= TOL_SPLIT
     assert a[STEPS][1] < a[1][1] - 0.3  # it learned something: the comparison is not between two flat lines
@@ -120,6 +121,8 @@ def test_fsdp_two_processes_equal_one_process(one, runs):
            "--eval-every", "1", "--strategy", "fsdp", "--out", str(out)]
     proc = _ok(subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300))
     assert "parallel: fsdp over 2 processes (gloo)" in proc.stdout
+    print(f"measured, 2 x 2 (fsdp) vs 1 x 4: losses {_max_diff(_losses(one), _losses(out)):.2e}, "
+          f"weights {_weights_diff(one, out):.2e}")
     assert _max_diff(_losses(one), _losses(out)) <= TOL_SPLIT
     assert _weights_diff(one, out) <= TOL_SPLIT  # RUN/model: gathered from the shards, one ordinary file
     assert (out / "model" / "model.safetensors").is_file() and not (out / "model" / "sharded").exists()
@@ -211,6 +214,8 @@ def test_a_killed_rank_stops_the_run_in_one_line_and_the_checkpoint_resumes(kill
     single = runs / "resumed-1"
     shutil.copytree(out, single)
     _ok(_gptlab("--resume", str(single)))  # 2 -> 1: one process x batch 4
+    print(f"measured: killed at checkpoint step {step}; resumed 2 -> 1: losses "
+          f"{_max_diff(_losses(single, after), _losses(ddp, after)):.2e}, weights {_weights_diff(single, ddp):.2e}")
     assert _max_diff(_losses(single, after), _losses(ddp, after)) <= TOL_RESUME_OTHER_WORLD
     assert _weights_diff(single, ddp) <= TOL_SPLIT  # (measured 2.9e-6: AdamW divides by sqrt(v) of tiny v)
     assert not is_sharded(latest_checkpoint(single))  # one process writes the ordinary checkpoint
@@ -220,6 +225,7 @@ def test_a_killed_rank_stops_the_run_in_one_line_and_the_checkpoint_resumes(kill
     shutil.copytree(single, fsdp)
     (fsdp / "checkpoints" / "latest").write_text("step-000015\n")
     _ok(_gptlab("--resume", str(fsdp), "--nproc", "2", "--strategy", "fsdp"))
+    print(f"measured, 1 -> 2 (fsdp) from step 15: loss at 20 {_max_diff(_losses(fsdp, {20}), _losses(one, {20})):.2e}")
     assert _max_diff(_losses(fsdp, {20}), _losses(one, {20})) <= TOL_SPLIT
 
 
