@@ -112,8 +112,8 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(one, ddp):
 
 @pytest.mark.slow
 def test_fsdp_two_processes_equal_one_process(one, runs):
-    """torchrun itself on 127.0.0.1:free port. Pins PyTorch issue #162338 as found with torch
-    {torch.__version__}: FSDP2's reduce-scatter over gloo *averages* fp32 gradients (a sum would double every
+    """torchrun itself on 127.0.0.1:free port. Pins PyTorch issue #162338 as found with torch 2.13 (CPU):
+    FSDP2's reduce-scatter over gloo *averages* fp32 gradients, as DDP does (a sum would double every
     gradient and part from the single process at step 2)."""
     out = runs / "fsdp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -203,7 +203,7 @@ def test_a_killed_rank_stops_the_run_in_one_line_and_the_checkpoint_resumes(kill
     ck = latest_checkpoint(out)  # intact: complete, sharded, loadable
     step = load_resume_state(ck, "cpu")["step"]
     assert is_sharded(ck) and 5 <= step < STEPS and step % 5 == 0
-    assert not list((out / "checkpoints").glob(f"step-*[!0-9]*"))
+    assert not list((out / "checkpoints").glob("step-*[!0-9]*"))
     after = set(range(step + 5, STEPS + 1, 5))
 
     two = runs / "resumed-2"

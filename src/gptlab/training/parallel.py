@@ -194,20 +194,9 @@ def broadcast_from_main(model: nn.Module, d: Dist) -> None:
         dist.broadcast(t.data, src=0)
 
 
-def mixed_precision_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The dtype FSDP gathers weights in for ``precision`` (None: keep fp32)."""
-    from gptlab.device import autocast_dtype
-
-    return autocast_dtype(device, precision)
-
-
 def describe(p: Parallel) -> str:
     """``ddp over 2 processes (gloo)``, for the run's first line."""
     if p.strategy == "none":
         return "1 process"
     return f"{p.strategy} over {p.dist.world} process{'es' if p.dist.world > 1 else ''} ({p.dist.backend})"
 
-
-def state_for(p: Parallel) -> dict[str, Any]:
-    """What the run records about its parallel layout."""
-    return {"strategy": p.strategy, "world_size": p.dist.world, "backend": p.dist.backend}
