@@ -132,6 +132,21 @@ def test_fsdp_two_processes_equal_one_process(one, runs):
                 "--stream", "false"]) == 0
 
 
+@pytest.mark.slow
+def test_fsdp_mixed_precision_keeps_fp32_master_weights(one, tmp_path):
+    """--precision bf16: FSDP's MixedPrecisionPolicy gathers bf16 weights (and sampling runs under autocast
+    to match); the model directory still holds the fp32 master weights, and the run learns like fp32."""
+    from safetensors.torch import load_file
+
+    args = [a if a != "fp32" else "bf16" for a in TINY]
+    _ok(_gptlab(*args, "--batch-size", "2", "--eval-every", "10", "--nproc", "2", "--strategy", "fsdp",
+                "--out", str(tmp_path / "bf16")))
+    assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "model" / "model.safetensors")).values()} == {torch.float32}
+    assert (tmp_path / "bf16" / "samples.txt").read_text().count("--- step ") == 2
+    bf16, fp32 = _losses(tmp_path / "bf16")[STEPS][2], _losses(one)[STEPS][2]
+    assert abs(bf16 - fp32) < 0.05, (bf16, fp32)  # bf16 rounding, not another run
+
+
 def test_a_sharded_checkpoint_exports_to_a_model_directory(ddp, tmp_path):
     from gptlab.training.checkpoint import export_model_dir
 

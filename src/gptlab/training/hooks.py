@@ -10,6 +10,7 @@ sharded checkpoint) is called on every rank, and only rank 0 writes the result.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import sys
@@ -233,7 +234,10 @@ class Evaluation:
         self.log.log(rec)
         if self.is_main:
             self.progress.write(eval_line(c.step, tr, va, rec["tokens_per_s"]))
-        self.samples(self.model, c.step, self.progress.write)
+        with self.autocast() if self.samples.every_rank else contextlib.nullcontext():
+            # (FSDP's mixed-precision policy computes in bf16/fp16: the KV cache, made in the fp32 of the
+            # sharded weights, is matched to it under autocast)
+            self.samples(self.model, c.step, self.progress.write)
         if self.is_main:
             plot_losses(self.log.records, self.run / "loss.png", self.tokens_per_epoch)
         improved = keep_best(c, va.get("loss") if va else None)
