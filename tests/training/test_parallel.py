@@ -10,7 +10,7 @@ import torch
 
 from gptlab.errors import GptlabError
 from gptlab.models import build_model, get_preset
-from gptlab.training import TrainConfig, train_loop, window_batches
+from gptlab.training import RandomWindows, TrainConfig, train_loop, window_batches
 from gptlab.training.distributed import (LOST_PEER_EXIT, Dist, LostPeer, backend_for, first_failure, rank_error,
                                          read_env, setup, under_torchrun)
 from gptlab.training.parallel import parallelize, resolve_strategy
@@ -47,6 +47,11 @@ def test_ranks_read_disjoint_parts_that_make_the_global_batch():
         assert torch.equal(torch.cat(xs), x)
     with pytest.raises(GptlabError, match="does not split into 4"):
         window_batches(tokens, 8, 8, batch_size=6).shard(0, 4)
+    # random windows of a prepared corpus: the same split of the same draws
+    memmap_like = tokens.astype(np.uint16)
+    whole = RandomWindows(memmap_like, 8, 4, seed=2)
+    parts = [RandomWindows(memmap_like, 8, 4, seed=2).shard(r, 2) for r in range(2)]
+    assert torch.equal(torch.cat([p.batch(7)[1] for p in parts]), whole.batch(7)[1])
 
 
 def test_a_resumed_run_keeps_its_global_batch():
