@@ -93,3 +93,32 @@ def test_the_rank_that_stopped_the_run_is_the_one_reported():
     assert isinstance(rank_error(RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:1234"), d), LostPeer)
     err = rank_error(GptlabError("the training data has 3 tokens"), Dist(rank=1, world=2, backend="gloo"))
     assert str(err) == "rank 1 of 2: the training data has 3 tokens" and not isinstance(err, LostPeer)
+
+
+def test_launch_passes_nodes_and_rendezvous_to_torchrun(monkeypatch):
+    """--nproc/--nnodes/--rdzv-endpoint become torchrun's arguments; the workers get every other setting."""
+    import yaml
+
+    import gptlab.training.distributed as D
+
+    seen = {}
+
+    def fake_agent(args):
+        seen["args"] = args
+        seen["settings"] = yaml.safe_load(open(args.training_script_args[-1]))
+        return 0
+
+    monkeypatch.setattr(D, "_run_agent", fake_agent)
+    monkeypatch.setenv(D.LAUNCHED, "")  # launch() sets it for its workers; undone after the test
+    assert D.launch(["finetune", "classify"], D.settings_for_workers({"nproc": 8, "nnodes": "2", "lr": 0.1,
+                                                                       "rdzv_endpoint": "node0:29500"}),
+                    nproc=8, nnodes="2", rdzv_endpoint="node0:29500") == 0
+    a = seen["args"]
+    assert (a.nproc_per_node, a.nnodes, a.rdzv_backend, a.rdzv_endpoint, a.max_restarts) == \
+        ("8", "2", "c10d", "node0:29500", 0)
+    assert a.module and a.training_script == "gptlab" and a.training_script_args[:3] == ["finetune", "classify", "--config"]
+    assert seen["settings"] == {"lr": 0.1}
+    one_node = {}
+    monkeypatch.setattr(D, "_run_agent", lambda args: one_node.setdefault("a", args) and 0)
+    D.launch(["train"], {}, nproc=2)
+    assert one_node["a"].standalone and one_node["a"].nproc_per_node == "2"
