@@ -215,7 +215,7 @@ def test_a_killed_rank_stops_the_run_in_one_line_and_the_checkpoint_resumes(kill
     assert code == 1, stderr[-3000:]
     assert took < 60  # the other rank did not wait for a collective's timeout
     errors = [l for l in stderr.splitlines() if l.startswith("error:")]
-    assert len(errors) == 1 and "rank 1 was killed by SIGKILL" in errors[0] and "--resume" in errors[0], stderr[-3000:]
+    assert len(errors) == 1 and "rank 1 was killed by SIGKILL" in errors[0] and f"--resume {out}" in errors[0], stderr[-3000:]
     ck = latest_checkpoint(out)  # intact: complete, sharded, loadable
     step = load_resume_state(ck, "cpu")["step"]
     assert is_sharded(ck) and 5 <= step < STEPS and step % 5 == 0

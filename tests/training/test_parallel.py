@@ -103,7 +103,7 @@ def test_launch_passes_nodes_and_rendezvous_to_torchrun(monkeypatch):
 
     seen = {}
 
-    def fake_agent(args):
+    def fake_agent(args, run_dir):
         seen["args"] = args
         seen["settings"] = yaml.safe_load(open(args.training_script_args[-1]))
         return 0
@@ -119,6 +119,6 @@ def test_launch_passes_nodes_and_rendezvous_to_torchrun(monkeypatch):
     assert a.module and a.training_script == "gptlab" and a.training_script_args[:3] == ["finetune", "classify", "--config"]
     assert seen["settings"] == {"lr": 0.1}
     one_node = {}
-    monkeypatch.setattr(D, "_run_agent", lambda args: one_node.setdefault("a", args) and 0)
+    monkeypatch.setattr(D, "_run_agent", lambda args, run_dir: one_node.setdefault("a", args) and 0)
     D.launch(["train"], {}, nproc=2)
     assert one_node["a"].standalone and one_node["a"].nproc_per_node == "2"

@@ -203,10 +203,10 @@ def launch(command: Sequence[str], settings: dict, *, nproc: int, nnodes: str = 
         with open(cfg_file, "w", encoding="utf-8") as f:
             yaml.safe_dump(settings, f, sort_keys=False)
         argv += ["-m", "gptlab", *command, "--config", cfg_file]
-        return _run_agent(parse_args(argv))
+        return _run_agent(parse_args(argv), settings.get("resume") or settings.get("out") or "RUN_DIR")
 
 
-def _run_agent(args) -> int:
+def _run_agent(args, run_dir: str = "RUN_DIR") -> int:
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -221,7 +221,7 @@ def _run_agent(args) -> int:
         if failure.exitcode == 1 and str(failure.message).startswith("rank "):  # from tell_launcher
             raise GptlabError(failure.message) from None
         raise GptlabError(f"rank {rank} {_describe_exit(failure.exitcode)}; the other ranks were stopped. "
-                          "The last complete checkpoint is kept: continue with --resume RUN_DIR") from None
+                          f"The last complete checkpoint is kept: continue with --resume {run_dir}") from None
     return 0
 
 
@@ -234,6 +234,8 @@ def first_failure(failures: dict) -> tuple[int, Any]:
 
 
 def _describe_exit(code: int) -> str:
+    if code == LOST_PEER_EXIT:
+        return "lost contact with the other ranks (a collective failed)"
     if code < 0:
         try:
             return f"was killed by {signal.Signals(-code).name}"
