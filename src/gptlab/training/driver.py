@@ -27,6 +27,7 @@ from gptlab.errors import GptlabError
 from gptlab.logs import get_logger
 import gptlab.training.distributed as D
 from gptlab.training.batches import IndexedBatches
+from gptlab.training.loggers import check_logger_names
 from gptlab.training.loop import TrainConfig, TrainResult, train_loop
 from gptlab.training.rundir import RunDir
 from gptlab.training.settings import flag_name, refuse_changed, resumed_train_config
@@ -51,6 +52,7 @@ class Job:
     record: dict = field(default_factory=dict)  # recorded beside the settings
     files: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # written into a new run
     extra: dict = field(default_factory=dict)  # what the recipe's report needs
+    aux: nn.Module | None = None  # the task's own trainable modules (saved in checkpoints, not in RUN/model)
 
 
 class Recipe(Protocol):
@@ -94,6 +96,7 @@ def run_recipe(recipe: Recipe, s, *, is_main: bool = True) -> Any:
     of a multi-process run: None, the report being rank 0's)."""
     TrainConfig(**{n: getattr(s, n, None) for n in ("max_steps", "epochs", "max_time", "patience")}
                 ).validate_limits()  # a bad limit is refused before anything is read
+    check_logger_names(s.logger)  # and a logger that is unknown or not installed
     if _launches(s):
         from gptlab.refs import RUN_CONFIGS
 
@@ -209,7 +212,8 @@ def _train(recipe: Recipe, s, cfg: TrainConfig, job: Job, run: RunDir, d: D.Dist
               f"{cfg.batch_size * d.world}", flush=True)
     result = train_loop(job.model, job.train, job.val, cfg, run.path, task=job.task, tokenizer=job.tokenizer,
                         resume_state=job.resume_state, sample_fn=job.sample_fn, save_model=job.save_model,
-                        progress=s.progress, is_main=is_main, on_checkpoint=run.drop_replaced, parallel=par)
+                        progress=s.progress, is_main=is_main, on_checkpoint=run.drop_replaced, parallel=par,
+                        loggers=s.logger, aux=job.aux)
     job.model = par.unsharded()  # FSDP: the whole trained model, on rank 0 (a collective)
     if not d.is_main:
         return None  # the report (its lines, its files, its test generations) is rank 0's

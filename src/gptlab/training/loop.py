@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from gptlab.device import autocast_dtype
 from gptlab.errors import GptlabError
+from gptlab.models.base import LanguageModel
 from gptlab.training.batches import Batch, IndexedBatches
 from gptlab.training.checkpoint import load_rank_rng, load_sharded_optimizer, rng_state, set_rng_state
 from gptlab.training.distributed import agree, all_sum
@@ -133,19 +134,45 @@ class Task(Protocol):
         ...
 
 
-class LanguageModeling:
-    """Next-token cross-entropy over all positions (targets of -100 are ignored)."""
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """The model's weighted auxiliary loss of its last call (a mixture of experts' load balancing), or None.
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+    ``model`` may be ``torch.compile``'s wrapper (the loop's ``fwd``); a module that is
+    not a gptlab language model (a test's toy model) has none.
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile keeps the module it wraps here
+    model = getattr(model, "module", model)  # and DistributedDataParallel here
+    return model.aux_loss() if isinstance(model, LanguageModel) else None
+
+
+class LanguageModeling:
+    """Next-token cross-entropy over all positions (targets of -100 are ignored), plus the model's
+    auxiliary loss when it has one (a mixture of experts' load balancing, ``router_aux_loss_coef`` x it)."""
+
+    def cross_entropy(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         x, y = batch[0], batch[1]
         logits = model(x)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
 
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        ce = self.cross_entropy(model, batch)
+        aux = aux_loss(model)
+        return ce if aux is None else ce + aux
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: list[Batch]) -> dict[str, float]:
-        losses = [float(self.loss(model, b)) for b in batches]
+        """``loss`` (cross-entropy only) and ``perplexity``; ``aux_loss`` too for a model that has one."""
+        losses, aux = [], []
+        for b in batches:
+            losses.append(float(self.cross_entropy(model, b)))
+            a = aux_loss(model)
+            if a is not None:
+                aux.append(float(a))
         loss = sum(losses) / max(1, len(losses))
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        if aux:
+            out["aux_loss"] = sum(aux) / len(aux)
+        return out
 
 
 @dataclass
@@ -190,14 +217,14 @@ class Schedule:
         return None
 
 
-def optimizer_step(par: Parallel, train: IndexedBatches, task: Task, optimizer, scaler,
+def optimizer_step(par: Parallel, trained: nn.Module, train: IndexedBatches, task: Task, optimizer, scaler,
                    cfg: TrainConfig, c: Counters, lr: float, autocast, run: Path) -> tuple[float, int]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, tokens seen), over all ranks."""
-    model = par.model
-    device = next(model.parameters()).device
+    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, tokens seen), over all ranks.
+    ``trained``: what the optimizer holds (the model, with the task's own modules if it has any)."""
+    device = next(par.model.parameters()).device
     for g in optimizer.param_groups:
         g["lr"] = lr
-    model.train()
+    trained.train()
     loss_sum, n_tokens = 0.0, 0
     for k in range(cfg.grad_accum):
         batch = to_device(train.batch(c.step * cfg.grad_accum + k), device)
@@ -217,7 +244,7 @@ def optimizer_step(par: Parallel, train: IndexedBatches, task: Task, optimizer, 
     if scaler:
         scaler.unscale_(optimizer)
     if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
     if scaler:
         scaler.step(optimizer)
         scaler.update()
@@ -230,12 +257,19 @@ def optimizer_step(par: Parallel, train: IndexedBatches, task: Task, optimizer, 
 RANK_SEED = 7919  # rank r draws its dropout masks from seed + r * RANK_SEED (rank 0: the run's seed)
 
 
-def _resume(par: Parallel, optimizer, cfg: TrainConfig, resume_state: dict[str, Any] | None) -> Counters:
-    """The counters to start from: a checkpoint's (optimizer and RNG restored too), or zero (seeded per rank)."""
+def _resume(par: Parallel, optimizer, cfg: TrainConfig, resume_state: dict[str, Any] | None,
+            aux: nn.Module | None) -> Counters:
+    """The counters to start from: a checkpoint's (optimizer, RNG and ``aux`` restored too), or zero
+    (seeded per rank)."""
     rank = par.dist.rank
     if resume_state is None:
         torch.manual_seed(cfg.seed + rank * RANK_SEED)  # dropout masks follow the run's seed, differ per rank
         return Counters()
+    if aux is not None:
+        if "aux" not in resume_state:
+            raise GptlabError("the checkpoint has no saved auxiliary modules (e.g. distillation's feature "
+                              "projections) to resume them from; start a new run with --out")
+        aux.load_state_dict(resume_state["aux"])
     c = Counters.from_state(resume_state)
     if resume_state.get("sharded"):  # written by several processes: DCP reshards to this many
         ck = Path(resume_state["checkpoint"])
@@ -251,12 +285,32 @@ def _resume(par: Parallel, optimizer, cfg: TrainConfig, resume_state: dict[str, 
     return c
 
 
+def _autocast(model: nn.Module, cfg: TrainConfig):
+    """The autocast dtype for ``cfg.precision`` on the model's device (None: fp32) and a context factory."""
+    device = next(model.parameters()).device
+    amp = autocast_dtype(device, cfg.precision)
+    if amp is None:
+        return None, contextlib.nullcontext
+    return amp, lambda: torch.autocast(device.type, dtype=amp)
+
+
+def _trained(model: nn.Module, aux: nn.Module | None, par: Parallel) -> nn.Module:
+    """What the optimizer and clipping see: the model, with the task's own modules if it has any."""
+    if aux is None:
+        return model
+    if par.dist.active:
+        raise GptlabError("this task trains modules of its own besides the model (distillation's feature "
+                          "projections), which are not parallelized yet: run it in one process (drop --nproc)")
+    return nn.ModuleList([model, aux])
+
+
 def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | None, cfg: TrainConfig,
                run_dir: str | Path, *, task: Task | None = None, tokenizer=None,
                resume_state: dict[str, Any] | None = None, sample_fn: Callable[[nn.Module], str] | None = None,
                save_model: Callable[[nn.Module, Path], None] | None = None, progress: bool = True,
                echo: Callable[[str], None] | None = None, is_main: bool = True,
-               on_checkpoint: Callable[[], None] | None = None, parallel: Parallel | None = None) -> TrainResult:
+               on_checkpoint: Callable[[], None] | None = None, loggers: Sequence[str] = (),
+               aux: nn.Module | None = None, parallel: Parallel | None = None) -> TrainResult:
     """Train ``model`` on batches from ``train``, evaluating on ``val``; write the run directory.
 
     Args:
@@ -273,7 +327,9 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
         progress: show a progress bar.
         echo: where status lines go.
         is_main: this process is the main rank: only it prints and writes files.
-        on_checkpoint: called after each checkpoint is written.
+        loggers: also log each evaluation to these: csv, tensorboard, wandb (:mod:`gptlab.training.loggers`).
+        aux: trainable modules the task owns besides the model (distillation's feature projections): optimized
+            with it, saved in each checkpoint's ``state.pt`` and restored on resume, not in the model directory.
         parallel: how ``model`` runs across processes (:func:`gptlab.training.parallel.parallelize`).
     """
     par = parallel or single(model)
@@ -283,20 +339,19 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
     task, run = task or LanguageModeling(), Path(run_dir)
     if is_main:
         run.mkdir(parents=True, exist_ok=True)
-    amp = autocast_dtype(next(model.parameters()).device, cfg.precision)
-    autocast = ((lambda: torch.autocast(next(model.parameters()).device.type, dtype=amp)) if amp is not None
-                else contextlib.nullcontext)
+    amp, autocast = _autocast(model, cfg)
     sched = Schedule(cfg, train)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    optimizer = build_optimizer(trained := _trained(model, aux, par), cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     scaler = torch.amp.GradScaler(next(model.parameters()).device.type) if amp == torch.float16 else None
     par = dataclasses.replace(par, fwd=torch.compile(par.fwd)) if cfg.compile else par
-    c = _resume(par, optimizer, cfg, resume_state)
+    c = _resume(par, optimizer, cfg, resume_state, aux)
     resumed_at = c.step if resume_state is not None else None
     bar = Progress(progress, sched.max_steps, c, cfg.log_every, echo, is_main)
     evaluation = Evaluation(run, model, task, train, val, cfg, optimizer, tokenizer, autocast=autocast,
                             save_model=save_model or (lambda m, d: save_model_dir(m, d, tokenizer)),
                             samples=Samples(run, sample_fn, resumed_at, is_main), progress=bar,
-                            resumed_at=resumed_at, is_main=is_main, on_checkpoint=on_checkpoint, parallel=par)
+                            resumed_at=resumed_at, is_main=is_main, on_checkpoint=on_checkpoint, loggers=loggers,
+                            aux=aux, parallel=par)
     lr, speed, stopped = sched.lr(max(c.step - 1, 0)), Throughput(), None
     t_start = time.perf_counter() - c.elapsed
     step_rng, tokens_at_step_start = rng_state(), c.tokens
@@ -305,7 +360,7 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
             t0 = time.perf_counter()
             step_rng, tokens_at_step_start = rng_state(), c.tokens  # to replay this step exactly if it is interrupted
             lr = sched.lr(c.step)
-            loss, n_tokens = optimizer_step(par, train, task, optimizer, scaler, cfg, c, lr, autocast, run)
+            loss, n_tokens = optimizer_step(par, trained, train, task, optimizer, scaler, cfg, c, lr, autocast, run)
             c.step, c.tokens = c.step + 1, c.tokens + n_tokens
             speed.add(n_tokens, time.perf_counter() - t0)
             c.elapsed = time.perf_counter() - t_start
@@ -326,5 +381,6 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
     finally:
         bar.close()
     evaluation.finish(c, lr, speed, stopped)
+    evaluation.close()
     diag = diagnose(evaluation.log.records, getattr(getattr(model, "cfg", None), "vocab_size", None))
     return TrainResult(c.step, c.tokens, c.best_val, c.best_step, stopped, diag, evaluation.log.records)

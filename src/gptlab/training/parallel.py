@@ -144,7 +144,9 @@ def parallelize(model: nn.Module, d: Dist, strategy: str = "auto", *, param_dtyp
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [d.device.index] if d.device.type == "cuda" else None
-        return Parallel(model, DDP(model, device_ids=ids), "ddp", d)
+        # a mixture of experts may route no token of a rank's batch to an expert: that expert gets no gradient
+        sparse = getattr(getattr(model, "cfg", None), "n_experts", 0) > 0
+        return Parallel(model, DDP(model, device_ids=ids, find_unused_parameters=sparse), "ddp", d)
     apply_fsdp(model, param_dtype)
     return Parallel(model, model, "fsdp", d, template)
 

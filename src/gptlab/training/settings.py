@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
 from gptlab.errors import GptlabError
+from gptlab.training.loggers import LoggerName
 
 # Settings that may differ on --resume: how and where this process runs (the limits are per recipe).
-PER_PROCESS = {"device", "progress", "out", "resume", "overwrite", "nproc", "nnodes", "rdzv_endpoint", "strategy",
-               "activation_checkpointing"}
+PER_PROCESS = {"device", "progress", "out", "resume", "overwrite", "logger", "nproc", "nnodes", "rdzv_endpoint",
+               "strategy", "activation_checkpointing"}
 
 
 @dataclass
@@ -38,11 +39,13 @@ class RunSettings:
         resume: continue the run in this directory from its latest checkpoint, with the settings it was
             started with (only the stopping limit, the new total, may change).
         precision: auto (bf16 where fast), fp32, bf16 or fp16.
-        device: auto, cpu, cuda or mps.
+        device: auto, cpu, cuda, cuda:N, mps, or a MIG slice: mig:N or mig:UUID (sets CUDA_VISIBLE_DEVICES).
         seed: random seed.
         overwrite: replace an existing run in --out (everything is checked first; the old run is replaced
             only once the new one is set up).
         progress: show a progress bar.
+        logger: also log each evaluation to csv (RUN/metrics.csv), tensorboard (RUN/tensorboard/) and/or
+            wandb (offline without an API key); repeat the flag or separate with commas. On --resume give it again.
         nproc: processes per node: more than 1 starts torch.distributed.run (torchrun) with this many
             workers (one per GPU on CUDA); --batch-size is then per process. See docs/distributed.md.
         nnodes: nodes of a multi-node run (with --rdzv-endpoint), as torchrun takes it (e.g. 2, or 1:4).
@@ -60,6 +63,7 @@ class RunSettings:
     seed: int = 123
     overwrite: bool = False
     progress: bool = True
+    logger: list[LoggerName] = dataclasses.field(default_factory=list)
     nproc: int = 1
     nnodes: str = "1"
     rdzv_endpoint: str | None = None
