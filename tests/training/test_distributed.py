@@ -135,8 +135,8 @@ def test_fsdp_two_processes_equal_one_process(one, runs):
 
 @pytest.mark.slow
 def test_fsdp_mixed_precision_keeps_fp32_master_weights(one, tmp_path):
-    """--precision bf16: FSDP's MixedPrecisionPolicy gathers bf16 weights (and sampling runs under autocast
-    to match); the model directory still holds the fp32 master weights, and the run learns like fp32."""
+    """--precision bf16: FSDP's MixedPrecisionPolicy gathers bf16 weights; the samples (drawn on rank 0 from
+    the gathered weights) and the model directory keep the fp32 master weights; the run learns like fp32."""
     from safetensors.torch import load_file
 
     args = [a if a != "fp32" else "bf16" for a in TINY]

@@ -11,7 +11,6 @@ sharded checkpoint) is called on every rank, and only rank 0 writes the result.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 import sys
@@ -110,9 +109,8 @@ class Samples:
     """``samples.txt``: the text ``sample_fn`` writes at each evaluation, one section per step."""
 
     def __init__(self, run: Path, sample_fn: Callable[[nn.Module], str] | None, resumed_at: int | None,
-                 is_main: bool = True, every_rank: bool = False):
+                 is_main: bool = True):
         self.path, self.fn, self.is_main = run / "samples.txt", sample_fn, is_main
-        self.every_rank = every_rank  # a sharded model: every rank joins the sampling forward passes
         if not is_main or not self.path.exists():
             return
         if resumed_at is None:
@@ -122,11 +120,9 @@ class Samples:
                                                  if _section_step(s) <= resumed_at))
 
     def __call__(self, model: nn.Module, step: int, write: Callable[[str], None]) -> None:
-        if self.fn is None or not (self.is_main or self.every_rank):
+        if self.fn is None or not self.is_main:
             return
         text = self.fn(model)
-        if not self.is_main:
-            return
         write(f"  sample: {text!r}")
         prev = self.path.read_text() if self.path.exists() else ""
         atomic_write_text(self.path, prev + f"--- step {step} ---\n{text}\n")
@@ -183,7 +179,6 @@ class Evaluation:
         self.autocast, self.is_main, self.train, self.has_val = autocast, is_main, train, val is not None
         self.device, self.on_checkpoint = next(model.parameters()).device, on_checkpoint
         self.parallel = parallel  # None: one process
-        samples.every_rank = parallel is not None and parallel.sharded
         self.eval_train = train.fixed_batches(cfg.eval_iters)
         self.eval_val = val.fixed_batches(cfg.eval_iters) if val is not None else None
         self.log = MetricsLog(run / "metrics.jsonl", resume_step=resumed_at, write=is_main)
@@ -243,10 +238,9 @@ class Evaluation:
             logger.log(rec)
         if self.is_main:
             self.progress.write(eval_line(c.step, tr, va, rec["tokens_per_s"]))
-        with self.autocast() if self.samples.every_rank else contextlib.nullcontext():
-            # (FSDP's mixed-precision policy computes in bf16/fp16: the KV cache, made in the fp32 of the
-            # sharded weights, is matched to it under autocast)
-            self.samples(self.model, c.step, self.progress.write)
+        sharded = self.parallel is not None and self.parallel.sharded and self.samples.fn is not None
+        # FSDP: rank 0 samples from the whole model, gathered into its unsharded CPU copy (a collective)
+        self.samples(self.parallel.gathered() if sharded else self.model, c.step, self.progress.write)
         if self.is_main:
             plot_losses(self.log.records, self.run / "loss.png", self.tokens_per_epoch)
         improved = keep_best(c, va.get("loss") if va else None)

@@ -78,31 +78,33 @@ class Parallel:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.model, options=opts)
 
-
     def export(self, save: Callable[[nn.Module, Path], None], out: Path) -> None:
         """Write the whole model with ``save(model, out)`` on rank 0 (every rank calls this: FSDP gathers
         the weights first). ``save`` is the recipe's model-directory writer."""
-        if self.strategy != "fsdp":
-            if self.dist.is_main:
-                save(self.model, out)
-            return
-        full = self.full_state_dict()
-        if self.dist.is_main:
-            self.template.load_state_dict(full)
-            save(self.template, out)
+        whole = self.gathered()
+        if whole is not None:
+            save(whole, out)
 
-
-    def unsharded(self) -> nn.Module | None:
-        """The whole model, for what follows training (a recipe's report, its test generations): the model
-        itself, or with FSDP its weights gathered into the unsharded copy on rank 0's device (a collective;
-        None on the other ranks)."""
+    def gathered(self) -> nn.Module | None:
+        """The whole model on rank 0: the model itself, or with FSDP its weights gathered into the unsharded
+        CPU copy (a collective every rank calls; None on the others). Samples are drawn from it: generation
+        calls parts of the model (its blocks, the head on the last position) that FSDP only gathers for a
+        whole forward pass."""
         if self.strategy != "fsdp":
-            return self.model
+            return self.model if self.dist.is_main else None
         full = self.full_state_dict()
         if not self.dist.is_main:
             return None
         self.template.load_state_dict(full)
-        return self.template.to(self.dist.device)
+        return self.template
+
+    def unsharded(self) -> nn.Module | None:
+        """The whole model for what follows training (a recipe's report, its test generations), on rank 0's
+        device (a collective; None on the other ranks)."""
+        if self.strategy != "fsdp":
+            return self.model
+        m = self.gathered()
+        return m.to(self.dist.device) if m is not None else None
 
 
 def load_full_optimizer(p: Parallel, optimizer, state: dict[str, Any]) -> None:
