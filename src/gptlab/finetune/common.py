@@ -88,11 +88,12 @@ def split_fractions(items: Sequence[T], fractions: Sequence[float], *, seed: int
 
 def restore_checkpoint(model: nn.Module, run: Path) -> dict[str, Any]:
     """Load the latest checkpoint's weights of ``run`` into ``model`` (strict); return its resume state."""
-    from gptlab.training.checkpoint import latest_checkpoint, load_resume_state
-    from gptlab.weights.native import load_weights_into
+    from gptlab.training.checkpoint import is_sharded, latest_checkpoint, load_resume_state, load_weights
 
     ck = latest_checkpoint(run)
-    load_weights_into(model, ck)
+    load_weights(model, ck)  # sharded (a multi-process run) or not
     resume_state = load_resume_state(ck, next(model.parameters()).device)
+    if is_sharded(ck):
+        resume_state["checkpoint"] = str(ck)
     print(f"resuming {run} at step {resume_state['step']}", flush=True)
     return resume_state

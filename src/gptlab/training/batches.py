@@ -40,6 +40,26 @@ class IndexedBatches:
         self.tokens_per_item = tokens_per_item
         self.batches_per_epoch = n_items // batch_size if drop_last else -(-n_items // batch_size)
         self._perm_epoch, self._perm = -1, None
+        self.part = (0, 1)  # (rank, world): a multi-process run's rank reads its part of every batch
+
+    def shard(self, rank: int, world: int) -> "IndexedBatches":
+        """Make :meth:`batch` read only part ``rank`` of ``world`` of every (global) batch; returns self.
+
+        The ranks' parts are disjoint and together are the batch one process would read, so N processes
+        x batch b see exactly the data of 1 process x batch N*b.
+        """
+        if self.bs % world:
+            raise GptlabError(f"the global batch of {self.bs} does not split into {world} equal parts; "
+                              f"give a batch size that {world} processes divide")
+        if not self.drop_last and self.n % self.bs:
+            raise GptlabError("a ragged last batch cannot be split across processes; drop it (drop_last)")
+        self.part = (rank, world)
+        return self
+
+    def _mine(self, rows):
+        rank, world = self.part
+        n = len(rows) // world
+        return rows[rank * n:(rank + 1) * n]
 
     def _order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
@@ -54,8 +74,8 @@ class IndexedBatches:
         return self._order(epoch)[j * self.bs:(j + 1) * self.bs]
 
     def batch(self, step: int) -> Batch:
-        """The batch for global step ``step`` (0-based)."""
-        return self.fetch(self.indices(step))
+        """The batch for global step ``step`` (0-based): this rank's part of it."""
+        return self.fetch(self._mine(self.indices(step)))
 
     def epoch_of(self, step: int) -> float:
         """Fractional epochs completed after ``step`` batches."""
@@ -126,12 +146,15 @@ class RandomWindows(IndexedBatches):
         rows = torch.from_numpy(np.asarray(self.tokens[starts[:, None] + self._offsets], dtype=np.int64))
         return rows[:, :-1], rows[:, 1:]  # (B, L), (B, L)
 
-    def _draw(self, key: list[int]) -> Batch:
+    def _starts(self, key: list[int]) -> np.ndarray:
         span = len(self.tokens) - self.max_length - 1
-        return self._rows(np.random.default_rng(key).integers(0, span + 1, size=self.bs))
+        return np.random.default_rng(key).integers(0, span + 1, size=self.bs)
+
+    def _draw(self, key: list[int]) -> Batch:
+        return self._rows(self._starts(key))
 
     def batch(self, step: int) -> Batch:
-        return self._draw([self.seed, 0, step])
+        return self._rows(self._mine(self._starts([self.seed, 0, step])))
 
     def fixed_batches(self, n: int) -> list[Batch]:
         return [self._draw([self.seed, 1, k]) for k in range(n)]

@@ -272,12 +272,17 @@ def _print_report(result: TrainResult, run: Path, start_context: str) -> None:
         print(f"try: gptlab generate --model {run} --prompt {json.dumps(start_context)}")
 
 
-def _run(s: PretrainSettings, train_cfg: TrainConfig | None = None) -> TrainResult:
+def _run(s: PretrainSettings, train_cfg: TrainConfig | None = None) -> TrainResult | int | None:
+    if train_cfg is not None and s.nproc > 1:
+        raise GptlabError("train_cfg= cannot be passed to the processes --nproc starts; give its fields "
+                          "(lr=, batch_size=, ...) as keywords instead")
     return run_recipe(Pretraining(train_cfg), s)
 
 
 def _command(s: PretrainSettings) -> int:
     result = _run(s)
+    if result is None or isinstance(result, int):  # a rank other than 0; or the launcher: the exit status
+        return result or 0
     return INTERRUPTED if result.stopped_because == "interrupted" else 0
 
 

@@ -4,18 +4,28 @@ Settings class plus a :class:`Recipe`, and runs through :func:`run_recipe`:
     check the limits -> open the run (resume: read + lock its settings, refuse changes and a reached
     limit; new: refuse an existing run) -> validate -> build data, model, task (nothing written yet)
     -> record the settings (replacing an old run by rename) -> train_loop -> the recipe's report
+
+Several processes (``torchrun ... -m gptlab COMMAND`` or ``--nproc N``, which starts torchrun): every rank
+runs the same steps; rank 0 alone opens, locks and writes the run and prints. Each rank builds the data for
+the global batch (``batch_size x world``) and reads its part of it; the model is parallelized
+(:func:`gptlab.training.parallel.parallelize`) just before the loop. An error on any rank is one line naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch.nn as nn
 
+from gptlab.errors import GptlabError
 from gptlab.logs import get_logger
+import gptlab.training.distributed as D
 from gptlab.training.batches import IndexedBatches
 from gptlab.training.loggers import check_logger_names
 from gptlab.training.loop import TrainConfig, TrainResult, train_loop
@@ -81,37 +91,106 @@ def limit_flags(limits) -> str:
 
 
 def run_recipe(recipe: Recipe, s, *, is_main: bool = True) -> Any:
-    """Run one recipe end to end (see the module docstring); returns what ``recipe.report`` returns."""
-    from gptlab.device import pick_device
-
+    """Run one recipe end to end (see the module docstring); returns what ``recipe.report`` returns
+    (a run this call launches in several processes: the launcher's exit status, 0; a rank other than 0
+    of a multi-process run: None, the report being rank 0's)."""
     TrainConfig(**{n: getattr(s, n, None) for n in ("max_steps", "epochs", "max_time", "patience")}
                 ).validate_limits()  # a bad limit is refused before anything is read
     check_logger_names(s.logger)  # and a logger that is unknown or not installed
-    device = pick_device(s.device)
+    if _launches(s):
+        from gptlab.refs import RUN_CONFIGS
+
+        words = RUN_CONFIGS[recipe.config_file].split()[1:]  # "gptlab finetune classify" -> finetune classify
+        return D.launch(words, D.settings_for_workers(dataclasses.asdict(s)), nproc=s.nproc, nnodes=s.nnodes,
+                        rdzv_endpoint=s.rdzv_endpoint)
+    d = D.setup(s.device)
+    try:
+        with contextlib.ExitStack() as quiet:
+            if not d.is_main:  # the other ranks print nothing; their errors still reach stderr
+                quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
+                logging.getLogger("gptlab").setLevel(logging.ERROR)
+            return _run(recipe, s, d, is_main and d.is_main)
+    except Exception as e:
+        if not d.active:
+            raise
+        err = D.rank_error(e, d)
+        if isinstance(err, D.LostPeer) and os.environ.get(D.LAUNCHED):
+            raise SystemExit(D.LOST_PEER_EXIT) from None  # the launcher names the rank that failed
+        if D.tell_launcher(err):  # the launcher prints it once, however many ranks failed alike
+            raise SystemExit(1) from None
+        raise err from None
+    finally:
+        D.teardown(d)
+
+
+def _launches(s) -> bool:
+    """This process starts torchrun (instead of training): several processes asked for, none running yet."""
+    from gptlab.training.parallel import STRATEGIES
+
+    if s.nproc < 1:
+        raise GptlabError(f"--nproc {s.nproc} must be >= 1 (processes per node)")
+    if s.strategy not in STRATEGIES:
+        raise GptlabError(f"--strategy {s.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    return not D.under_torchrun() and (s.nproc > 1 or str(s.nnodes) != "1" or s.strategy in ("ddp", "fsdp"))
+
+
+def _open_resumed(recipe: Recipe, s, d: D.Dist) -> tuple[RunDir, dict]:
+    """Rank 0 opens (locks) the run first; the others then read its record."""
+    if d.is_main:
+        opened = RunDir.resume(s.resume, recipe.config_file, recipe.what, overwrite=s.overwrite)
+    D.barrier(d)
+    if not d.is_main:
+        opened = RunDir.resume(s.resume, recipe.config_file, recipe.what, overwrite=s.overwrite, lock=False)
+    return opened
+
+
+def _build(recipe: Recipe, s, cfg: TrainConfig, d: D.Dist, resuming: RunDir | None, steps_known) -> Job:
+    """``recipe.build`` with the global batch (``batch_size x world``); then this rank reads its part of
+    every training batch. What the recipe sets in the config besides the batch (e.g. ``eval_every``) is
+    kept in ``cfg``."""
+    if d.world == 1:
+        return recipe.build(s, cfg, d.device, resuming, steps_known)
+    built = dataclasses.replace(cfg, batch_size=cfg.batch_size * d.world)
+    job = recipe.build(s, built, d.device, resuming, steps_known)
+    for f in dataclasses.fields(cfg):
+        if f.name != "batch_size":
+            setattr(cfg, f.name, getattr(built, f.name))
+    job.train.shard(d.rank, d.world)
+    mine = (len(job.train), job.train.n, job.steps_per_epoch)
+    if D.broadcast_object(mine, d) != mine:  # every rank must read the same data (e.g. the same tokenizer)
+        raise GptlabError(f"this rank built other training data than rank 0 ({mine[1]} items, "
+                          f"{mine[0]} batches per epoch): give every process the same --data and --tokenizer")
+    return job
+
+
+def _run(recipe: Recipe, s, d: D.Dist, is_main: bool) -> Any:
+    device = d.device
     flags = limit_flags(recipe.limits[:2])
     if s.resume:
-        run, meta = RunDir.resume(s.resume, recipe.config_file, recipe.what, overwrite=s.overwrite)
+        run, meta = _open_resumed(recipe, s, d)
         with run:
             resumed = recipe.from_record(meta, s)  # (an old run's record is brought up to date in meta)
             refuse_changed(s, meta, run.path, recipe.limits, recipe.refs)
-            cfg = resumed_train_config(meta["train"], s, recipe.limits)
+            cfg = resumed_train_config(meta["train"], s, recipe.limits).for_world(d.world)
             run.refuse_reached_limit(cfg, meta.get("steps_per_epoch"), flags)  # before anything is loaded
-            _note_ignored_out(s)
+            if is_main:
+                _note_ignored_out(s)
             s = resumed
             late = "steps_per_epoch" not in meta  # recorded before it was: an epochs limit is checked when known
-            job = recipe.build(s, cfg, device, run,
-                               lambda n: run.refuse_reached_limit(cfg, n, flags) if late else None)
-            return _train(recipe, s, cfg, job, run, is_main)
+            job = _build(recipe, s, cfg, d, run, lambda n: run.refuse_reached_limit(cfg, n, flags) if late else None)
+            return _train(recipe, s, cfg, job, run, d, is_main)
     s.check_positive()
     recipe.check(s)
-    run = RunDir.new(s.out, recipe.config_file, s.overwrite)
-    cfg = recipe.train_config(s, device)
+    run = RunDir.new(s.out, recipe.config_file, s.overwrite) if d.is_main else RunDir(s.out, recipe.config_file)
+    cfg = dataclasses.replace(recipe.train_config(s, device), world_size=d.world)
     cfg.validate()
-    job = recipe.build(s, cfg, device, None, lambda n: None)
+    job = _build(recipe, s, cfg, d, None, lambda n: None)
     with run:
-        run.create({"settings": recipe.record(s), "train": dataclasses.asdict(cfg),
-                    "steps_per_epoch": job.steps_per_epoch, **job.record}, job.files)
-        return _train(recipe, s, cfg, job, run, is_main)
+        if d.is_main:
+            run.create({"settings": recipe.record(s), "train": dataclasses.asdict(cfg),
+                        "steps_per_epoch": job.steps_per_epoch, **job.record}, job.files)
+        D.barrier(d)  # the run directory exists before any rank writes into it
+        return _train(recipe, s, cfg, job, run, d, is_main)
 
 
 def _note_ignored_out(s) -> None:
@@ -122,9 +201,20 @@ def _note_ignored_out(s) -> None:
                     "first to continue it elsewhere)", s.resume, s.out)
 
 
-def _train(recipe: Recipe, s, cfg: TrainConfig, job: Job, run: RunDir, is_main: bool) -> Any:
+def _train(recipe: Recipe, s, cfg: TrainConfig, job: Job, run: RunDir, d: D.Dist, is_main: bool) -> Any:
+    from gptlab.device import autocast_dtype
+    from gptlab.training.parallel import describe, parallelize
+
+    par = parallelize(job.model, d, s.strategy, param_dtype=autocast_dtype(d.device, cfg.precision),
+                      activation_checkpointing=s.activation_checkpointing)
+    if d.active and is_main:
+        print(f"parallel: {describe(par)}, {cfg.batch_size} sequences per process x {d.world} = global batch "
+              f"{cfg.batch_size * d.world}", flush=True)
     result = train_loop(job.model, job.train, job.val, cfg, run.path, task=job.task, tokenizer=job.tokenizer,
                         resume_state=job.resume_state, sample_fn=job.sample_fn, save_model=job.save_model,
-                        progress=s.progress, is_main=is_main, on_checkpoint=run.drop_replaced, loggers=s.logger,
-                        aux=job.aux)
+                        progress=s.progress, is_main=is_main, on_checkpoint=run.drop_replaced, parallel=par,
+                        loggers=s.logger, aux=job.aux)
+    job.model = par.unsharded()  # FSDP: the whole trained model, on rank 0 (a collective)
+    if not d.is_main:
+        return None  # the report (its lines, its files, its test generations) is rank 0's
     return recipe.report(s, cfg, job, result, run.path)

@@ -4,7 +4,9 @@ and early stopping.
 
 Every piece takes ``is_main``: in a multi-process run only the main rank prints and writes files (the
 others still evaluate, so a later all-reduce has every rank's numbers). With ``is_main=False`` a piece
-keeps its in-memory state (records, best loss, patience) but touches no file and prints nothing.
+keeps its in-memory state (records, best loss, patience) but touches no file and prints nothing. What
+needs every rank (an FSDP forward pass for a sample, gathering the weights to save the model, writing a
+sharded checkpoint) is called on every rank, and only rank 0 writes the result.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch.nn as nn
 
 from gptlab.fileio import atomic_write_text
 from gptlab.training.batches import Batch, IndexedBatches
-from gptlab.training.checkpoint import save_checkpoint
+from gptlab.training.checkpoint import save_checkpoint, save_sharded_checkpoint
+from gptlab.training.distributed import broadcast_object
 from gptlab.training.loggers import close_loggers, open_loggers
 from gptlab.training.report import MetricsLog, plot_losses
 
@@ -169,12 +172,13 @@ class Evaluation:
                  cfg, optimizer, tokenizer, *, save_model: Callable[[nn.Module, Path], None],
                  samples: Samples, progress: Progress, autocast, resumed_at: int | None, is_main: bool = True,
                  on_checkpoint: Callable[[], None] | None = None, loggers: Sequence[str] = (),
-                 aux: nn.Module | None = None):
+                 aux: nn.Module | None = None, parallel=None):
         self.aux = aux  # the task's own trainable modules: saved in state.pt, not in the model directory
         self.run, self.model, self.task, self.cfg, self.optimizer = run, model, task, cfg, optimizer
         self.tokenizer, self.save_model, self.samples, self.progress = tokenizer, save_model, samples, progress
         self.autocast, self.is_main, self.train, self.has_val = autocast, is_main, train, val is not None
         self.device, self.on_checkpoint = next(model.parameters()).device, on_checkpoint
+        self.parallel = parallel  # None: one process
         self.eval_train = train.fixed_batches(cfg.eval_iters)
         self.eval_val = val.fixed_batches(cfg.eval_iters) if val is not None else None
         self.log = MetricsLog(run / "metrics.jsonl", resume_step=resumed_at, write=is_main)
@@ -200,14 +204,30 @@ class Evaluation:
         return rec
 
     def checkpoint(self, c: Counters, rng: dict | None = None) -> None:
-        """checkpoints/step-N with the counters (``rng``: the state to replay an interrupted step from)."""
-        if self.is_main:
-            state = {**dataclasses.asdict(c), "config": dataclasses.asdict(self.cfg)}
-            if self.aux is not None:
-                state["aux"] = self.aux.state_dict()
+        """checkpoints/step-N with the counters (``rng``: the state to replay an interrupted step from);
+        sharded, written by every rank, in a multi-process run."""
+        state = {**dataclasses.asdict(c), "config": dataclasses.asdict(self.cfg)}
+        if self.aux is not None:
+            state["aux"] = self.aux.state_dict()
+        if self.parallel is not None and self.parallel.dist.active:
+            save_sharded_checkpoint(self.run, self.parallel, self.tokenizer, self.optimizer, state)
+        elif self.is_main:
             save_checkpoint(self.run, self.model, self.tokenizer, self.optimizer, state, rng=rng)
-            if self.on_checkpoint is not None:
-                self.on_checkpoint()
+        if self.is_main and self.on_checkpoint is not None:
+            self.on_checkpoint()
+
+    def export_model(self) -> None:
+        """Write RUN/model, the ordinary single-file model directory (every rank calls it; rank 0 writes)."""
+        if self.parallel is None:
+            if self.is_main:
+                self.save_model(self.model, self.run / "model")
+            return
+        self.parallel.export(self.save_model, self.run / "model")
+
+    def model_saved(self) -> bool:
+        """Whether RUN/model exists (rank 0 looks; every rank gets the same answer)."""
+        saved = self.is_main and (self.run / "model" / "config.json").exists()
+        return bool(broadcast_object(saved, self.parallel.dist) if self.parallel is not None else saved)
 
     def __call__(self, c: Counters, lr: float, speed: Throughput) -> bool:
         tr, va = self.evaluate()
@@ -218,14 +238,25 @@ class Evaluation:
             logger.log(rec)
         if self.is_main:
             self.progress.write(eval_line(c.step, tr, va, rec["tokens_per_s"]))
-        self.samples(self.model, c.step, self.progress.write)
+        sharded = self.parallel is not None and self.parallel.sharded and self.samples.fn is not None
+        # FSDP: rank 0 samples from the whole model, gathered into its unsharded CPU copy (a collective)
+        self.samples(self.parallel.gathered() if sharded else self.model, c.step, self.progress.write)
         if self.is_main:
             plot_losses(self.log.records, self.run / "loss.png", self.tokens_per_epoch)
         improved = keep_best(c, va.get("loss") if va else None)
-        if self.is_main and (improved or not self.has_val):
-            self.save_model(self.model, self.run / "model")
+        if improved or not self.has_val:
+            self.export_model()
         self.checkpoint(c)
         return self.cfg.patience is not None and c.bad_evals >= self.cfg.patience
+
+    def finish(self, c: Counters, lr: float, speed: Throughput, stopped: str) -> None:
+        """After the loop. A time limit (or a resumed run already past --max-steps) may stop between
+        evaluations: evaluate the final state too, so metrics.jsonl, loss.png, samples.txt and the
+        checkpoint describe it; and write RUN/model if no evaluation did."""
+        if stopped in ("max_time", "max_steps") and self.last_step() != c.step and c.step > 0:
+            self(c, lr, speed)
+        if c.step > 0 and not self.model_saved():
+            self.export_model()
 
     def close(self) -> None:
         """Flush and close the experiment loggers."""

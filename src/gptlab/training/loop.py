@@ -8,6 +8,7 @@ source. The loop reads top to bottom:
     for each optimizer step:
         lr <- warmup/cosine schedule (:class:`Schedule`)
         for each micro-batch (gradient accumulation): loss = task.loss(model, batch); backward
+            (several processes: each reads its part of the batch; gradients are reduced on the last one)
         clip gradients; optimizer step (:func:`optimizer_step`)
         every eval_every steps: evaluate train/val, log, sample, plot, keep the best model,
         checkpoint, early stop (:class:`gptlab.training.hooks.Evaluation`; files on the main rank only)
@@ -16,6 +17,7 @@ source. The loop reads top to bottom:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -30,8 +32,10 @@ from gptlab.device import autocast_dtype
 from gptlab.errors import GptlabError
 from gptlab.models.base import LanguageModel
 from gptlab.training.batches import Batch, IndexedBatches
-from gptlab.training.checkpoint import rng_state, set_rng_state
+from gptlab.training.checkpoint import load_rank_rng, load_sharded_optimizer, rng_state, set_rng_state
+from gptlab.training.distributed import agree, all_sum
 from gptlab.training.hooks import Counters, Evaluation, Progress, Samples, Throughput, to_device
+from gptlab.training.parallel import Parallel, load_full_optimizer, single
 from gptlab.training.optim import build_optimizer, lr_at
 from gptlab.training.report import Diagnosis, diagnose
 from gptlab.weights.native import save_model_dir
@@ -61,6 +65,17 @@ class TrainConfig:
     patience: int | None = None  # early stopping: evaluations without val improvement
     seed: int = 123
     device: str = "auto"
+    world_size: int = 1  # processes the run started with: its global batch is batch_size x world_size
+
+    def for_world(self, world: int) -> "TrainConfig":
+        """These settings run by ``world`` processes: the same global batch, split evenly (a run resumed
+        with another number of processes keeps its batch; ``batch_size`` becomes the per-process part)."""
+        total = self.batch_size * self.world_size
+        if total % world:
+            raise GptlabError(f"the run's global batch of {total} sequences ({self.batch_size} x {self.world_size} "
+                              f"processes) does not split evenly into {world} processes; use a process count "
+                              f"that divides {total}")
+        return dataclasses.replace(self, batch_size=total // world, world_size=world)
 
     def steps_per_epoch(self, batches_per_epoch: int) -> int:
         """Optimizer steps in one pass over ``batches_per_epoch`` micro-batches (the one place it is computed)."""
@@ -126,6 +141,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
     not a gptlab language model (a test's toy model) has none.
     """
     model = getattr(model, "_orig_mod", model)  # torch.compile keeps the module it wraps here
+    model = getattr(model, "module", model)  # and DistributedDataParallel here
     return model.aux_loss() if isinstance(model, LanguageModel) else None
 
 
@@ -201,30 +217,34 @@ class Schedule:
         return None
 
 
-def optimizer_step(model: nn.Module, fwd: nn.Module, train: IndexedBatches, task: Task, optimizer, scaler,
+def optimizer_step(par: Parallel, trained: nn.Module, train: IndexedBatches, task: Task, optimizer, scaler,
                    cfg: TrainConfig, c: Counters, lr: float, autocast, run: Path) -> tuple[float, int]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, tokens seen)."""
-    device = next(model.parameters()).device
+    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, tokens seen), over all ranks.
+    ``trained``: what the optimizer holds (the model, with the task's own modules if it has any)."""
+    device = next(par.model.parameters()).device
     for g in optimizer.param_groups:
         g["lr"] = lr
-    model.train()
+    trained.train()
     loss_sum, n_tokens = 0.0, 0
     for k in range(cfg.grad_accum):
         batch = to_device(train.batch(c.step * cfg.grad_accum + k), device)
-        with autocast():
-            loss = task.loss(fwd, batch) / cfg.grad_accum
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss became {float(loss.detach() * cfg.grad_accum)} at step {c.step + 1}; stopped. The last good "
-                f"checkpoint is kept in {run / 'checkpoints'}. Lower the learning rate (now {lr:.2e}) "
-                "or use --precision fp32, then --resume")
-        (scaler.scale(loss) if scaler else loss).backward()
+        with par.grad_sync(last=k == cfg.grad_accum - 1):  # gradients cross ranks once per step
+            with autocast():
+                loss = task.loss(par.fwd, batch) / cfg.grad_accum
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {float(loss.detach() * cfg.grad_accum)} at step {c.step + 1}; stopped. The last "
+                    f"good checkpoint is kept in {run / 'checkpoints'}. Lower the learning rate (now {lr:.2e}) "
+                    "or use --precision fp32, then --resume")
+            (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += float(loss.detach())
         n_tokens += int(batch[0].numel())
+    loss_sum, n_tokens = all_sum([loss_sum, n_tokens], par.dist)  # the global batch's mean loss and tokens
+    loss_sum, n_tokens = loss_sum / par.dist.world, int(n_tokens)
     if scaler:
         scaler.unscale_(optimizer)
     if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
     if scaler:
         scaler.step(optimizer)
         scaler.update()
@@ -234,19 +254,35 @@ def optimizer_step(model: nn.Module, fwd: nn.Module, train: IndexedBatches, task
     return loss_sum, n_tokens
 
 
-def _resume(optimizer, cfg: TrainConfig, resume_state: dict[str, Any] | None, aux: nn.Module | None) -> Counters:
-    """The counters to start from: a checkpoint's (optimizer, RNG and ``aux`` restored too), or zero (seeded)."""
+RANK_SEED = 7919  # rank r draws its dropout masks from seed + r * RANK_SEED (rank 0: the run's seed)
+
+
+def _resume(par: Parallel, optimizer, cfg: TrainConfig, resume_state: dict[str, Any] | None,
+            aux: nn.Module | None) -> Counters:
+    """The counters to start from: a checkpoint's (optimizer, RNG and ``aux`` restored too), or zero
+    (seeded per rank)."""
+    rank = par.dist.rank
     if resume_state is None:
-        torch.manual_seed(cfg.seed)  # dropout masks follow the run's seed
+        torch.manual_seed(cfg.seed + rank * RANK_SEED)  # dropout masks follow the run's seed, differ per rank
         return Counters()
     if aux is not None:
         if "aux" not in resume_state:
             raise GptlabError("the checkpoint has no saved auxiliary modules (e.g. distillation's feature "
                               "projections) to resume them from; start a new run with --out")
         aux.load_state_dict(resume_state["aux"])
-    optimizer.load_state_dict(resume_state["optimizer"])
-    set_rng_state(resume_state["rng"])
-    return Counters.from_state(resume_state)
+    c = Counters.from_state(resume_state)
+    if resume_state.get("sharded"):  # written by several processes: DCP reshards to this many
+        ck = Path(resume_state["checkpoint"])
+        load_sharded_optimizer(par.model, optimizer, ck)
+        rng = load_rank_rng(ck, rank)
+    else:
+        load_full_optimizer(par, optimizer, resume_state["optimizer"])
+        rng = resume_state["rng"] if rank == 0 else None
+    if rng is not None:
+        set_rng_state(rng)
+    else:  # a rank the saving run did not have: a fresh, reproducible stream
+        torch.manual_seed(cfg.seed + rank * RANK_SEED + c.step)
+    return c
 
 
 def _autocast(model: nn.Module, cfg: TrainConfig):
@@ -258,13 +294,23 @@ def _autocast(model: nn.Module, cfg: TrainConfig):
     return amp, lambda: torch.autocast(device.type, dtype=amp)
 
 
+def _trained(model: nn.Module, aux: nn.Module | None, par: Parallel) -> nn.Module:
+    """What the optimizer and clipping see: the model, with the task's own modules if it has any."""
+    if aux is None:
+        return model
+    if par.dist.active:
+        raise GptlabError("this task trains modules of its own besides the model (distillation's feature "
+                          "projections), which are not parallelized yet: run it in one process (drop --nproc)")
+    return nn.ModuleList([model, aux])
+
+
 def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | None, cfg: TrainConfig,
                run_dir: str | Path, *, task: Task | None = None, tokenizer=None,
                resume_state: dict[str, Any] | None = None, sample_fn: Callable[[nn.Module], str] | None = None,
                save_model: Callable[[nn.Module, Path], None] | None = None, progress: bool = True,
                echo: Callable[[str], None] | None = None, is_main: bool = True,
                on_checkpoint: Callable[[], None] | None = None, loggers: Sequence[str] = (),
-               aux: nn.Module | None = None) -> TrainResult:
+               aux: nn.Module | None = None, parallel: Parallel | None = None) -> TrainResult:
     """Train ``model`` on batches from ``train``, evaluating on ``val``; write the run directory.
 
     Args:
@@ -282,10 +328,12 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
         echo: where status lines go.
         is_main: this process is the main rank: only it prints and writes files.
         loggers: also log each evaluation to these: csv, tensorboard, wandb (:mod:`gptlab.training.loggers`).
-        aux: trainable modules the task owns besides the model (distillation's feature projections):
-            optimized with it, saved in each checkpoint's ``state.pt`` and restored on resume, never
-            part of the saved model directory.
+        aux: trainable modules the task owns besides the model (distillation's feature projections): optimized
+            with it, saved in each checkpoint's ``state.pt`` and restored on resume, not in the model directory.
+        parallel: how ``model`` runs across processes (:func:`gptlab.training.parallel.parallelize`).
     """
+    par = parallel or single(model)
+    is_main = is_main and par.dist.is_main
     cfg.validate()
     echo = (echo or (lambda msg: print(msg, flush=True))) if is_main else (lambda msg: None)
     task, run = task or LanguageModeling(), Path(run_dir)
@@ -293,27 +341,26 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
         run.mkdir(parents=True, exist_ok=True)
     amp, autocast = _autocast(model, cfg)
     sched = Schedule(cfg, train)
-    trained = model if aux is None else nn.ModuleList([model, aux])  # what the optimizer and clipping see
-    optimizer = build_optimizer(trained, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    optimizer = build_optimizer(trained := _trained(model, aux, par), cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     scaler = torch.amp.GradScaler(next(model.parameters()).device.type) if amp == torch.float16 else None
-    fwd = torch.compile(model) if cfg.compile else model
-    c = _resume(optimizer, cfg, resume_state, aux)
+    par = dataclasses.replace(par, fwd=torch.compile(par.fwd)) if cfg.compile else par
+    c = _resume(par, optimizer, cfg, resume_state, aux)
     resumed_at = c.step if resume_state is not None else None
     bar = Progress(progress, sched.max_steps, c, cfg.log_every, echo, is_main)
     evaluation = Evaluation(run, model, task, train, val, cfg, optimizer, tokenizer, autocast=autocast,
                             save_model=save_model or (lambda m, d: save_model_dir(m, d, tokenizer)),
                             samples=Samples(run, sample_fn, resumed_at, is_main), progress=bar,
                             resumed_at=resumed_at, is_main=is_main, on_checkpoint=on_checkpoint, loggers=loggers,
-                            aux=aux)
+                            aux=aux, parallel=par)
     lr, speed, stopped = sched.lr(max(c.step - 1, 0)), Throughput(), None
     t_start = time.perf_counter() - c.elapsed
     step_rng, tokens_at_step_start = rng_state(), c.tokens
     try:
-        while (stopped := sched.stop_reason(c, t_start)) is None:
+        while (stopped := agree(sched.stop_reason(c, t_start), par.dist, cfg.max_time is not None)) is None:
             t0 = time.perf_counter()
             step_rng, tokens_at_step_start = rng_state(), c.tokens  # to replay this step exactly if it is interrupted
             lr = sched.lr(c.step)
-            loss, n_tokens = optimizer_step(trained, fwd, train, task, optimizer, scaler, cfg, c, lr, autocast, run)
+            loss, n_tokens = optimizer_step(par, trained, train, task, optimizer, scaler, cfg, c, lr, autocast, run)
             c.step, c.tokens = c.step + 1, c.tokens + n_tokens
             speed.add(n_tokens, time.perf_counter() - t0)
             c.elapsed = time.perf_counter() - t_start
@@ -326,16 +373,14 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
         stopped = "interrupted"
         optimizer.zero_grad(set_to_none=True)
         c.tokens = tokens_at_step_start
+        if par.dist.active:  # the ranks stopped at different points: no common step to save
+            echo(f"\ninterrupted at step {c.step}; continue from the last checkpoint with --resume {run}")
+            raise
         evaluation.checkpoint(c, rng=step_rng)
         echo(f"\ninterrupted at step {c.step}; checkpoint saved. Continue with --resume {run}")
     finally:
         bar.close()
-    # A time limit (or a resumed run already past --max-steps) may stop between evaluations: evaluate
-    # the final state too, so metrics.jsonl, loss.png, samples.txt and the checkpoint describe it.
-    if stopped in ("max_time", "max_steps") and evaluation.last_step() != c.step and c.step > 0:
-        evaluation(c, lr, speed)
-    if is_main and not (run / "model" / "config.json").exists() and c.step > 0:
-        evaluation.save_model(model, run / "model")
+    evaluation.finish(c, lr, speed, stopped)
     evaluation.close()
     diag = diagnose(evaluation.log.records, getattr(getattr(model, "cfg", None), "vocab_size", None))
     return TrainResult(c.step, c.tokens, c.best_val, c.best_step, stopped, diag, evaluation.log.records)

@@ -129,9 +129,11 @@ class RunDir:
     # ---- a run to continue ----------------------------------------------------------------------
 
     @classmethod
-    def resume(cls, resume: str | Path, config_name: str, what: str, *, overwrite: bool = False) -> tuple["RunDir", dict]:
+    def resume(cls, resume: str | Path, config_name: str, what: str, *, overwrite: bool = False,
+               lock: bool = True) -> tuple["RunDir", dict]:
         """(the run to continue, locked; its recorded settings record). Every way the path can be wrong
-        is one GptlabError saying what to do."""
+        is one GptlabError saying what to do. ``lock=False``: read only (the other ranks of a multi-process
+        run, while rank 0 holds the lock)."""
         run = Path(resume)
         if overwrite:
             raise GptlabError(f"--resume {run} continues that run and --overwrite would delete it; drop one of the two")
@@ -155,8 +157,9 @@ class RunDir:
             raise GptlabError(f"{saved} is damaged or from another gptlab version ({type(e).__name__}: {e}); "
                               "the run cannot be resumed, start a new one with --out") from None
         rd = cls(run, config_name)
-        rd._fds.append(lock_run(run))
-        rd.clean_stale_temp_files()
+        if lock:
+            rd._fds.append(lock_run(run))
+            rd.clean_stale_temp_files()
         return rd, meta
 
     def clean_stale_temp_files(self) -> list[Path]:

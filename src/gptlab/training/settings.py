@@ -26,7 +26,8 @@ from gptlab.errors import GptlabError
 from gptlab.training.loggers import LoggerName
 
 # Settings that may differ on --resume: how and where this process runs (the limits are per recipe).
-PER_PROCESS = {"device", "progress", "out", "resume", "overwrite", "logger"}
+PER_PROCESS = {"device", "progress", "out", "resume", "overwrite", "logger", "nproc", "nnodes", "rdzv_endpoint",
+               "strategy", "activation_checkpointing"}
 
 
 @dataclass
@@ -45,6 +46,14 @@ class RunSettings:
         progress: show a progress bar.
         logger: also log each evaluation to csv (RUN/metrics.csv), tensorboard (RUN/tensorboard/) and/or
             wandb (offline without an API key); repeat the flag or separate with commas. On --resume give it again.
+        nproc: processes per node: more than 1 starts torch.distributed.run (torchrun) with this many
+            workers (one per GPU on CUDA); --batch-size is then per process. See docs/distributed.md.
+        nnodes: nodes of a multi-node run (with --rdzv-endpoint), as torchrun takes it (e.g. 2, or 1:4).
+        rdzv_endpoint: HOST:PORT where the nodes of a multi-node run meet (torchrun's --rdzv-endpoint).
+        strategy: auto (ddp with several processes), ddp (every process holds the whole model) or fsdp
+            (FSDP2: parameters, gradients and optimizer state sharded across processes).
+        activation_checkpointing: recompute each block's activations in backward (less memory, about one
+            more forward pass per step).
     """
 
     out: str = "runs/default"
@@ -55,6 +64,11 @@ class RunSettings:
     overwrite: bool = False
     progress: bool = True
     logger: list[LoggerName] = dataclasses.field(default_factory=list)
+    nproc: int = 1
+    nnodes: str = "1"
+    rdzv_endpoint: str | None = None
+    strategy: str = "auto"
+    activation_checkpointing: bool = False
 
     # Settings that count or scale something: refused unless > 0 (None, "not set", is fine).
     POSITIVE: ClassVar[tuple[str, ...]] = ()
@@ -238,5 +252,5 @@ def from_record(cls: type, meta: dict, s: Any):
     except (TypeError, AttributeError, KeyError) as e:
         raise GptlabError(f"the recorded settings do not fit this gptlab version ({e}); "
                           "the run cannot be resumed, start a new one with --out") from None
-    return dataclasses.replace(recorded, device=s.device, progress=s.progress, logger=list(s.logger),
-                               resume=s.resume, out=str(s.resume))
+    own = {n: getattr(s, n) for n in PER_PROCESS if n in names and n != "out"}
+    return dataclasses.replace(recorded, **own, out=str(s.resume))

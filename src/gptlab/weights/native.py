@@ -92,6 +92,14 @@ def save_model_dir(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
         seen[key] = name
         state[name] = t.detach().contiguous().cpu()
     atomic_save(out / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    return write_model_config(model, out, tokenizer)
+
+
+def write_model_config(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
+    """Write a model directory's ``config.json`` (and tokenizer files) without its weights: what a sharded
+    training checkpoint keeps beside the shards, so it describes its model as a model directory does."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, **CheckpointInfo.of_model(model).to_meta(), "model": model.cfg.to_dict()}
     atomic_write_json(out / "config.json", meta)
     if tokenizer is not None:
