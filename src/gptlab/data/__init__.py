@@ -9,16 +9,22 @@
     prepare_corpus("big.txt", "data/big", tokenizer="gpt2")   # bounded memory
     data = load_prepared("data/big")          # data.train / data.val: np.memmap
 
+    from gptlab.data import prepare_sharded, Curation    # many files, worker processes, resumable
+    prepare_sharded("corpus/", "data/big", workers=8, curation=Curation(dedup="near", quality=True))
+
 See docs/data.md.
 """
 
 from gptlab.data.corpus import builtin_corpus, iter_corpus, load_corpus
 from gptlab.data.download import DATASETS, cache_dir, fetch_dataset
-from gptlab.data.prepare import PreparedData, TokenFile, boundary_chunks, load_prepared, prepare_corpus, token_dtype
+from gptlab.data.curate import Curation
+from gptlab.data.prepare import (PreparedData, TokenFile, boundary_chunks, is_prepared, load_prepared, prepare_corpus,
+                                 token_dtype)
+from gptlab.data.shards import ShardedTokens, load_sharded, prepare_sharded
 from gptlab.data.windows import WindowDataset, create_dataloader, split_text
 
 __all__ = [
-    "DATASETS", "PreparedData", "TokenFile", "WindowDataset", "boundary_chunks", "builtin_corpus", "cache_dir",
+    "Curation", "DATASETS", "PreparedData", "ShardedTokens", "is_prepared", "load_sharded", "prepare_sharded", "TokenFile", "WindowDataset", "boundary_chunks", "builtin_corpus", "cache_dir",
     "create_dataloader", "fetch_dataset", "iter_corpus", "load_corpus", "load_prepared", "prepare_corpus",
     "split_text", "token_dtype",
 ]

@@ -129,8 +129,8 @@ def _data(data: str | None, tokenizer_spec: str | None, vocab_size: int, val_rat
     """(tokenizer, train token array, val token array, random_windows?) for a data spec."""
     from gptlab import data as D
 
-    if data is not None and Path(data).is_dir() and (Path(data) / "meta.json").is_file():
-        prepared = D.load_prepared(data)  # memmapped train/val token files from `gptlab prepare`
+    if data is not None and D.is_prepared(data):
+        prepared = D.load_prepared(data)  # memmapped (sharded) train/val token files from `gptlab prepare`
         tok = prepared.tokenizer() if tokenizer_spec is None else _build_tokenizer(tokenizer_spec, "", vocab_size, "")
         return tok, prepared.train, prepared.val, True
     text = D.load_corpus(data)
