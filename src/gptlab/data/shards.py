@@ -89,7 +89,7 @@ def _scan_shard(task: tuple) -> int:
         np.savez(f, names=np.array(names, dtype=str), verdicts=np.array(verdicts, dtype=str),
                  sizes=np.array(sizes, dtype=np.int64),
                  digests=np.array(digests, dtype=np.uint8).reshape(-1, 16),
-                 sigs=np.array(sigs, dtype=np.uint64).reshape(len(sigs), -1))
+                 sigs=np.array(sigs, dtype=np.uint64).reshape(len(sigs), cur.num_perm if sigs else 0))
     return k
 
 
