@@ -167,8 +167,10 @@ def test_the_jaccard_threshold_decides():
     a, b = shingles(base, 3), shingles(edited, 3)
     true = len(a & b) / len(a | b)
     assert 0.9 < true < 0.95
-    loose, strict = Deduplicator(Curation(dedup="near", jaccard=0.8)), Deduplicator(Curation(dedup="near", jaccard=0.99))
+    loose, strict = Deduplicator(Curation(dedup="near", jaccard=0.8)), Deduplicator(Curation(dedup="near", jaccard=0.97))
     for dd in (loose, strict):
         assert dd.check("a", base) is None
     assert loose.check("b", edited)[0] == "near_duplicate"
     assert strict.check("b", edited) is None
+    with pytest.raises(GptlabError, match="raise --num-perm"):
+        Deduplicator(Curation(dedup="near", jaccard=0.999, num_perm=16))

@@ -243,7 +243,11 @@ class Deduplicator:
         if cur.dedup == "near":
             from datasketch import MinHashLSH
 
-            self.lsh = MinHashLSH(threshold=cur.jaccard, num_perm=cur.num_perm)
+            try:
+                self.lsh = MinHashLSH(threshold=cur.jaccard, num_perm=cur.num_perm)
+            except ValueError as e:  # e.g. a threshold so high that fewer than 2 bands fit
+                raise GptlabError(f"--jaccard {cur.jaccard} with --num-perm {cur.num_perm}: {e}; raise --num-perm "
+                                  "or lower --jaccard") from None
 
     def check_signature(self, doc: str, digest: bytes, hashvalues: np.ndarray | None) -> tuple[str, str] | None:
         """Record document ``doc`` unless it duplicates an earlier one; then (reason, the earlier doc's name)."""
