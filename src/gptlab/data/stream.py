@@ -182,7 +182,7 @@ class StreamBatches:
         """The stream position before micro-batch ``step`` (one of the last ``keep``)."""
         if step not in self._states:
             raise GptlabError(f"no stream position kept for micro-batch {step} (at {self.next_step})")
-        return self._states[step]
+        return {**self._states[step], "micro_step": step}
 
     def load_state_dict(self, state: dict, step: int) -> None:
         """Continue at micro-batch ``step`` from the saved position."""

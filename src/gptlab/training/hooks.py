@@ -198,6 +198,8 @@ class Evaluation:
         """checkpoints/step-N with the counters (``rng``: the state to replay an interrupted step from)."""
         if self.is_main:
             state = {**dataclasses.asdict(c), "config": dataclasses.asdict(self.cfg)}
+            if hasattr(self.train, "state_dict"):  # a mixture's or a stream's data position (see gptlab.data.mixture)
+                state["data"] = self.train.state_dict(c.step * self.cfg.grad_accum)
             save_checkpoint(self.run, self.model, self.tokenizer, self.optimizer, state, rng=rng)
             if self.on_checkpoint is not None:
                 self.on_checkpoint()
