@@ -18,9 +18,8 @@ See docs/data.md.
 from gptlab.data.corpus import builtin_corpus, iter_corpus, load_corpus
 from gptlab.data.download import DATASETS, cache_dir, fetch_dataset
 from gptlab.data.curate import Curation
-from gptlab.data.prepare import (PreparedData, TokenFile, boundary_chunks, is_prepared, load_prepared, prepare_corpus,
-                                 token_dtype)
-from gptlab.data.shards import ShardedTokens, load_sharded, prepare_sharded
+from gptlab.data.prepare import PreparedData, TokenFile, boundary_chunks, prepare_corpus, token_dtype
+from gptlab.data.shards import ShardedTokens, is_prepared, load_prepared, load_sharded, prepare_sharded
 from gptlab.data.windows import WindowDataset, create_dataloader, split_text
 
 __all__ = [

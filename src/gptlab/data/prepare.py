@@ -267,21 +267,11 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def is_prepared(directory: str | Path) -> bool:
-    """Whether ``directory`` holds a prepared corpus (``meta.json``, or a shard ``index.json``)."""
+def load_token_pair(directory: str | Path) -> PreparedData:
+    """Open a directory written by :func:`prepare_corpus`; checks the token counts against meta.json.
+
+    (:func:`gptlab.data.load_prepared` opens this format and the sharded one.)"""
     directory = Path(directory)
-    return directory.is_dir() and ((directory / META).is_file() or (directory / "index.json").is_file())
-
-
-def load_prepared(directory: str | Path) -> PreparedData:
-    """Open a directory written by :func:`prepare_corpus` (token counts checked against meta.json) or by
-    :func:`gptlab.data.shards.prepare_sharded` (``train``/``val`` are then :class:`ShardedTokens`)."""
-    from gptlab.data.shards import is_sharded, load_sharded
-
-    directory = Path(directory)
-    if is_sharded(directory) and not (directory / META).is_file():
-        train_s, val_s, index = load_sharded(directory)
-        return PreparedData(directory, train_s, val_s, index)
     meta = _read_meta(directory)
     train, val = TokenFile(directory / "train.bin", meta["dtype"]), TokenFile(directory / "val.bin", meta["dtype"])
     for name, tf in (("train", train), ("val", val)):

@@ -41,6 +41,7 @@ import numpy as np
 
 from gptlab.data.curate import Curation, Deduplicator, Report, content_hash, minhash_values, quality_problem
 from gptlab.data.sources import Piece, iter_documents, list_sources, plan_shards, source_fingerprint
+from gptlab.data.prepare import META, PreparedData, boundary_chunks, load_token_pair, token_dtype
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_path, atomic_write_json
 from gptlab.tokenizers import CharTokenizer, load_tokenizer, train_bpe
@@ -55,8 +56,6 @@ def shard_name(k: int) -> str:
 
 
 def _dtype(vocab_size: int) -> np.dtype:
-    from gptlab.data.prepare import token_dtype
-
     return token_dtype(vocab_size)
 
 
@@ -94,8 +93,6 @@ def _scan_shard(task: tuple) -> int:
 
 
 def _encode_document(tok, text: str, chunk_chars: int) -> Iterator[np.ndarray]:
-    from gptlab.data.prepare import boundary_chunks
-
     for chunk in boundary_chunks([text], chunk_chars, specials=tok.special_tokens):
         yield tok.encode_array(chunk)
 
@@ -390,6 +387,22 @@ def load_sharded(directory: str | Path) -> tuple[ShardedTokens, ShardedTokens, d
 def is_sharded(directory: str | Path) -> bool:
     """Whether ``directory`` was written by :func:`prepare_sharded`."""
     return (Path(directory) / INDEX).is_file()
+
+
+def is_prepared(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a prepared corpus (``meta.json``, or a shard ``index.json``)."""
+    directory = Path(directory)
+    return directory.is_dir() and ((directory / META).is_file() or is_sharded(directory))
+
+
+def load_prepared(directory: str | Path) -> PreparedData:
+    """Open what ``gptlab prepare`` wrote: ``train.bin``/``val.bin`` (memmaps, counts checked against
+    meta.json) or shards (``train``/``val`` are then :class:`ShardedTokens`)."""
+    directory = Path(directory)
+    if is_sharded(directory) and not (directory / META).is_file():
+        train, val, index = load_sharded(directory)
+        return PreparedData(directory, train, val, index)
+    return load_token_pair(directory)
 
 
 def cpu_workers() -> int:
