@@ -172,5 +172,8 @@ def test_memory_is_bounded_whatever_the_corpus_size(tmp_path):
         prepare_sharded(d, tmp_path / f"o{n_docs}", tokenizer=str(tok_dir), shard_bytes=200_000, progress=False)
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
-    assert (d / "docs.jsonl").stat().st_size > 3_000_000
-    assert peaks[1] < 1.5 * peaks[0], peaks  # 4x the corpus, about the same peak
+    size = (d / "docs.jsonl").stat().st_size
+    assert size > 3_000_000
+    # the peak is a shard's document offsets and the index (~100 KB here), not the corpus: 4x the corpus
+    # adds shards to the index but keeps the peak a small fraction of the text
+    assert max(peaks) < 0.1 * size and peaks[1] < 2 * peaks[0], peaks
