@@ -20,10 +20,22 @@ from gptlab.data.download import DATASETS, cache_dir, fetch_dataset
 from gptlab.data.curate import Curation
 from gptlab.data.prepare import PreparedData, TokenFile, boundary_chunks, prepare_corpus, token_dtype
 from gptlab.data.shards import ShardedTokens, is_prepared, load_prepared, load_sharded, prepare_sharded
-from gptlab.data.windows import WindowDataset, create_dataloader, split_text
+
+_LAZY = {"WindowDataset", "create_dataloader", "split_text"}  # gptlab.data.windows imports torch: only when used,
+# so `gptlab prepare`'s worker processes start without it
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from gptlab.data import windows
+
+        return getattr(windows, name)
+    raise AttributeError(f"module 'gptlab.data' has no attribute {name!r}")
+
 
 __all__ = [
-    "Curation", "DATASETS", "PreparedData", "ShardedTokens", "is_prepared", "load_sharded", "prepare_sharded", "TokenFile", "WindowDataset", "boundary_chunks", "builtin_corpus", "cache_dir",
+    "Curation", "DATASETS", "PreparedData", "ShardedTokens", "TokenFile", "WindowDataset", "boundary_chunks",
+    "builtin_corpus", "cache_dir", "is_prepared", "load_sharded", "prepare_sharded",
     "create_dataloader", "fetch_dataset", "iter_corpus", "load_corpus", "load_prepared", "prepare_corpus",
     "split_text", "token_dtype",
 ]

@@ -95,7 +95,10 @@ class Curation:
 # ---------------------------------------------------------------- quality
 def char_ratios(text: str) -> dict[str, float]:
     """Fractions of the non-whitespace characters that are symbols, digits, and not letters/marks."""
-    counts = Counter(unicodedata.category(ch)[0] for ch in text if not ch.isspace())
+    counts: Counter = Counter()
+    for ch, k in Counter(text).items():  # count characters in C, then class the few distinct ones
+        if not ch.isspace():
+            counts[unicodedata.category(ch)[0]] += k
     n = sum(counts.values())
     if n == 0:
         return {"symbol": 0.0, "digit": 0.0, "non_letter": 1.0, "chars": 0}
@@ -168,9 +171,13 @@ SCHEME = "affine32"  # datasketch's MinHash hashing scheme (fixed, so stored sig
 
 
 def _minhash(cur: Curation, hashvalues: np.ndarray | None = None):
+    import zlib
+
     from datasketch import MinHash
 
-    return MinHash(num_perm=cur.num_perm, seed=1, scheme=SCHEME, hashvalues=hashvalues)
+    # CRC-32 of each shingle: a 32-bit hash like datasketch's default (SHA-1's first 4 bytes), the same in every
+    # process, and ~3x faster, which makes MinHash as fast as the quality rules
+    return MinHash(num_perm=cur.num_perm, seed=1, scheme=SCHEME, hashvalues=hashvalues, hashfunc=zlib.crc32)
 
 
 def minhash_values(text: str, cur: Curation) -> np.ndarray:

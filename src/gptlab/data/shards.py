@@ -34,6 +34,7 @@ import json
 import multiprocessing
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -126,14 +127,28 @@ def _tokenize_shard(task: tuple) -> tuple[int, dict]:
                "train_tokens": n_tokens - n_val, "val_tokens": n_val, "pieces": pieces}
 
 
-def _run(fn, tasks: list, workers: int) -> Iterator:
-    """``fn`` over ``tasks``: in this process for one worker, else in a pool of spawned processes, as they finish."""
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(fn, tasks)
-        return
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads (torch, tokenizers)
-    with ctx.Pool(min(workers, len(tasks))) as pool:
-        yield from pool.imap_unordered(fn, tasks)
+class Workers:
+    """Worker processes, started on first use and shared by the scan and tokenize phases (one process: inline)."""
+
+    def __init__(self, n: int):
+        self.n, self.pool = n, None
+
+    def map(self, fn, tasks: list) -> Iterator:
+        """``fn`` over ``tasks``, results as they finish."""
+        if self.n <= 1 or len(tasks) <= 1:
+            yield from map(fn, tasks)
+            return
+        if self.pool is None:  # spawn: no fork of a process that may hold threads (torch, tokenizers)
+            self.pool = multiprocessing.get_context("spawn").Pool(self.n)
+        yield from self.pool.imap_unordered(fn, tasks)
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate() if exc[0] is not None else self.pool.close()
+            self.pool.join()
 
 
 # ---------------------------------------------------------------- the main process
@@ -196,7 +211,7 @@ def _refuse_other(idx: dict, fp: dict, out: Path) -> None:
                           f"rerun with the same ones to resume it, or give another --out")
 
 
-def _curate(plan, root, out: Path, cur: Curation, workers: int, fp: dict, progress: bool) -> dict:
+def _curate(plan, root, out: Path, cur: Curation, workers: Workers, fp: dict, progress: bool) -> dict:
     """Scan every shard (in workers, resumable), then decide the duplicates in corpus order; write curation.json."""
     path = out / "curation.json"
     if path.is_file():
@@ -208,18 +223,18 @@ def _curate(plan, root, out: Path, cur: Curation, workers: int, fp: dict, progre
     files = [scan / f"{shard_name(k)}.npz" for k in range(len(plan))]
     tasks = [(k, [p.to_dict() for p in plan[k]], root, cur.to_dict(), str(files[k]))
              for k in range(len(plan)) if not files[k].is_file()]
-    for _ in _bar(_run(_scan_shard, tasks, workers), len(tasks), "scanning", progress):
+    for _ in _bar(workers.map(_scan_shard, tasks), len(tasks), "scanning", progress):
         pass
     report, dedup, removed = Report(), Deduplicator(cur), {}
     for k, f in enumerate(files):
-        z = np.load(f)
+        with np.load(f) as z:  # (each z[key] reads the array again: read each once)
+            names, verdicts, digests, sigs, sizes = (z[key] for key in ("names", "verdicts", "digests", "sigs", "sizes"))
         gone = []
-        for i, (name, verdict) in enumerate(zip(z["names"], z["verdicts"])):
+        for i, (name, verdict) in enumerate(zip(names, verdicts)):
             v = tuple(str(verdict).split("\t", 1)) if verdict else None
             if v is None:
-                v = dedup.check_signature(str(name), z["digests"][i].tobytes(),
-                                          z["sigs"][i] if cur.dedup == "near" else None)
-            report.add(str(name), int(z["sizes"][i]), v)
+                v = dedup.check_signature(str(name), digests[i].tobytes(), sigs[i] if cur.dedup == "near" else None)
+            report.add(str(name), int(sizes[i]), v)
             if v is not None:
                 gone.append(i)
         removed[str(k)] = gone
@@ -291,16 +306,21 @@ def prepare_sharded(data: str | Path | None, out: str | Path, tokenizer: str | P
                "dtype": _dtype(tok.vocab_size).name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
                "tokenizer_kind": tok.kind, "source": str(data) if data is not None else "builtin"}
         atomic_write_json(out / INDEX, idx)
-    removed: dict[str, list[int]] = {}
-    if cur.active:
-        cured = _curate(plan, root, out, cur, workers, fp, progress)
-        removed, idx["curation"] = cured["removed"], cured["report"]
-    pending = [k for k in range(len(plan)) if not _shard_done(out, idx["shards"][k], idx["dtype"])]
-    tasks = [(k, [p.to_dict() for p in plan[k]], root, str(out), removed.get(str(k), []), chunk_chars, val_ratio)
-             for k in pending[:max_shards]]
-    for k, entry in _bar(_run(_tokenize_shard, tasks, workers), len(tasks), "tokenizing", progress):
-        idx["shards"][k] = entry
-        atomic_write_json(out / INDEX, idx)
+    t0 = time.perf_counter()
+    with Workers(workers) as pool:
+        removed: dict[str, list[int]] = {}
+        if cur.active:
+            cured = _curate(plan, root, out, cur, pool, fp, progress)
+            removed, idx["curation"] = cured["removed"], cured["report"]
+        t1 = time.perf_counter()
+        pending = [k for k in range(len(plan)) if not _shard_done(out, idx["shards"][k], idx["dtype"])]
+        tasks = [(k, [p.to_dict() for p in plan[k]], root, str(out), removed.get(str(k), []), chunk_chars,
+                  val_ratio) for k in pending[:max_shards]]
+        for k, entry in _bar(pool.map(_tokenize_shard, tasks), len(tasks), "tokenizing", progress):
+            idx["shards"][k] = entry
+            atomic_write_json(out / INDEX, idx)
+    idx["seconds"] = {"curation": round(t1 - t0, 3), "tokenize": round(time.perf_counter() - t1, 3),
+                      "workers": workers}  # of this call (a resumed call times only what it did)
     return _finish(out, idx)
 
 
