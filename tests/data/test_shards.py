@@ -177,3 +177,40 @@ def test_memory_is_bounded_whatever_the_corpus_size(tmp_path):
     # the peak is a shard's document offsets and the index (~100 KB here), not the corpus: 4x the corpus
     # adds shards to the index but keeps the peak a small fraction of the text
     assert max(peaks) < 0.1 * size and peaks[1] < 2 * peaks[0], peaks
+
+
+def test_a_killed_prepare_resumes_to_the_same_shards(tmp_path, corpus, shared_data):
+    """SIGKILL the whole process group (main process and workers) mid-run; rerunning finishes it, identically."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = [sys.executable, "-c", "import sys; from gptlab.cli import main; sys.exit(main())", "prepare",
+            "--data", str(corpus), "--tokenizer", str(shared_data / "gpt2"), "--workers", "2",
+            "--shard-mb", "0.02", "--progress", "false"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_NUM_THREADS="1")
+    ref = tmp_path / "ref"
+    subprocess.run([*argv, "--out", str(ref)], env=env, check=True, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*argv, "--out", str(out)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = sum(e is not None for e in json.loads((out / "index.json").read_text())["shards"])
+        except (OSError, ValueError):
+            done = 0
+        if done >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    index = json.loads((out / "index.json").read_text())  # written atomically: always whole
+    assert not index["complete"], "the run finished before it could be killed; nothing was tested"
+    subprocess.run([*argv, "--out", str(out)], env=env, check=True, capture_output=True)
+    final, want = json.loads((out / "index.json").read_text()), json.loads((ref / "index.json").read_text())
+    assert final["complete"] and [e["tokens"] for e in final["shards"]] == [e["tokens"] for e in want["shards"]]
+    for e in want["shards"]:
+        assert (out / e["file"]).read_bytes() == (ref / e["file"]).read_bytes()
