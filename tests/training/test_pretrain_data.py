@@ -77,3 +77,9 @@ def test_streamed_training_resumes_exactly(tmp_path, sources):
     assert state["data"]["kind"] == "stream" and state["data"]["micro_step"] == 3 and state["data"]["doc"] > 0
     assert run(["train", "--resume", str(tmp_path / "half"), "--max-steps", "6", "--progress", "false"]) == 0
     assert _losses(tmp_path / "half") == _losses(tmp_path / "full")
+
+
+def test_stream_and_mixture_together_are_refused(tmp_path, sources, capsys):
+    code = run(["train", "--data", f"{sources / 'plays.txt'}:0.5", "--data", str(sources / "code"), "--stream",
+                "--out", str(tmp_path / "r"), *TINY])
+    assert code == 1 and "--stream reads one --data source" in capsys.readouterr().err

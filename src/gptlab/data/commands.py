@@ -56,6 +56,12 @@ def prepare(data: str = "builtin", out: str | None = None, tokenizer: str | None
     for name, value in (("chunk-chars", chunk_chars), ("vocab-size", vocab_size), ("sample-chars", sample_chars)):
         if value < 1:
             raise GptlabError(f"--{name} {value} must be at least 1")
+    if workers is not None and workers < 0:
+        raise GptlabError(f"--workers {workers} must be at least 1 (or 0 for one per core)")
+    if not shard_mb > 0:
+        raise GptlabError(f"--shard-mb {shard_mb} must be > 0")
+    if max_shards is not None and max_shards < 1:
+        raise GptlabError(f"--max-shards {max_shards} must be at least 1")
     cur = Curation(dedup=dedup, jaccard=jaccard, num_perm=num_perm, shingle=shingle, quality=quality,
                    min_chars=min_chars, max_symbol_ratio=max_symbol_ratio, max_digit_ratio=max_digit_ratio,
                    max_non_letter_ratio=max_non_letter_ratio, max_repeated_lines=max_repeated_lines,
@@ -81,12 +87,6 @@ def _prepare_shards(data, out, tokenizer, val_ratio, chunk_chars, vocab_size, sa
     from gptlab.data.curate import Report
     from gptlab.data.shards import cpu_workers, prepare_sharded
 
-    if workers is not None and workers < 0:
-        raise GptlabError(f"--workers {workers} must be at least 1 (or 0 for one per core)")
-    if not shard_mb > 0:
-        raise GptlabError(f"--shard-mb {shard_mb} must be > 0")
-    if max_shards is not None and max_shards < 1:
-        raise GptlabError(f"--max-shards {max_shards} must be at least 1")
     n_workers = cpu_workers() if workers in (None, 0) else workers
     idx = prepare_sharded(data, out, tokenizer=tokenizer, val_ratio=val_ratio, chunk_chars=chunk_chars,
                           vocab_size=vocab_size, sample_chars=sample_chars, workers=n_workers,

@@ -77,6 +77,8 @@ class Curation:
         for name in ("num_perm", "shingle", "ngram"):
             if getattr(self, name) < 1:
                 raise GptlabError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        if self.min_chars is not None and self.min_chars < 0:
+            raise GptlabError(f"--min-chars {self.min_chars} must be >= 0")
         for name in ("max_symbol_ratio", "max_digit_ratio", "max_non_letter_ratio", "max_repeated_lines",
                      "max_repeated_ngrams"):
             v = getattr(self, name)

@@ -235,8 +235,13 @@ class Pretraining:
         self.train_cfg = train_cfg  # the Python API's full TrainConfig, instead of the settings' fields
 
     def check(self, s: PretrainSettings) -> None:
+        from gptlab.data.mixture import is_mixture
+
         if not 0.0 < s.val_ratio < 1.0:
             raise GptlabError(f"--val-ratio {s.val_ratio} must be strictly between 0 and 1 (e.g. 0.1)")
+        if s.stream and is_mixture(s.data):
+            raise GptlabError("--stream reads one --data source; a mixture (several --data, or PATH:WEIGHT) is "
+                              "drawn from token arrays: drop --stream, or `gptlab prepare` each source first")
 
     def train_config(self, s: PretrainSettings, device) -> TrainConfig:
         from gptlab.device import autocast_dtype
