@@ -23,7 +23,6 @@ threshold. The first copy (in corpus order) is kept.
 from __future__ import annotations
 
 import hashlib
-import re
 import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -116,17 +115,34 @@ def repeated_line_fraction(text: str) -> float:
     return 1.0 - len(set(lines)) / len(lines)
 
 
+def _word_hashes(words: list[str]) -> np.ndarray:
+    """CRC-32 of each word, ``(n_words,)`` uint64 (one C call per word; n-grams are combined in numpy)."""
+    import zlib
+
+    return np.fromiter((zlib.crc32(w.encode("utf-8")) for w in words), dtype=np.uint64, count=len(words))
+
+
+def _gram_hashes(w: np.ndarray, n: int, bits: int = 64) -> np.ndarray:
+    """A hash of each run of ``n`` consecutive word hashes, ``(len(w) - n + 1,)`` uint64 (polynomial, wrapping)."""
+    h = w[:len(w) - n + 1].copy()
+    with np.errstate(over="ignore"):
+        for j in range(1, n):
+            h = h * np.uint64(0x100000001B3) + w[j:len(w) - n + 1 + j]
+    return h if bits == 64 else h & np.uint64((1 << bits) - 1)
+
+
 def repeated_ngram_fraction(text: str, n: int) -> float:
     """Fraction of the word characters covered by word n-grams that occur more than once (Gopher)."""
     words = text.split()
     if len(words) < n:
         return 0.0
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    counts = Counter(grams)
-    covered = np.zeros(len(words), dtype=bool)
-    for i, g in enumerate(grams):
-        if counts[g] > 1:
-            covered[i:i + n] = True
+    grams = _gram_hashes(_word_hashes(words), n)  # (n_grams,)
+    _, inverse, counts = np.unique(grams, return_inverse=True, return_counts=True)
+    starts = np.flatnonzero(counts[inverse] > 1)
+    cover = np.zeros(len(words) + 1, dtype=np.int64)  # +1 at each repeated n-gram's start, -1 after its end
+    np.add.at(cover, starts, 1)
+    np.add.at(cover, starts + n, -1)
+    covered = np.cumsum(cover[:-1]) > 0
     lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
     return float(lengths[covered].sum() / lengths.sum())
 
@@ -158,15 +174,20 @@ def content_hash(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-_WORD = re.compile(r"\S+")
-
-
 def shingles(text: str, k: int) -> set[bytes]:
     """The document's set of k-word shingles (lower-cased; the whole text when it has fewer than k words)."""
-    words = [w.lower() for w in _WORD.findall(text)]
+    words = text.lower().split()
     if len(words) <= k:
         return {" ".join(words).encode("utf-8")}
     return {" ".join(words[i:i + k]).encode("utf-8") for i in range(len(words) - k + 1)}
+
+
+def shingle_hashes(text: str, k: int) -> np.ndarray:
+    """32-bit hashes of the distinct k-word shingles of :func:`shingles`, computed in numpy (uint64 array)."""
+    w = _word_hashes(text.lower().split())
+    if len(w) <= k:
+        return _gram_hashes(w, len(w), bits=32) if len(w) else np.zeros(1, dtype=np.uint64)
+    return np.unique(_gram_hashes(w, k, bits=32))
 
 
 SCHEME = "affine32"  # datasketch's MinHash hashing scheme (fixed, so stored signatures stay comparable)
@@ -176,23 +197,21 @@ _PERMUTATIONS: dict[int, Any] = {}
 
 
 def _minhash(cur: Curation, hashvalues: np.ndarray | None = None):
-    import zlib
-
     from datasketch import MinHash
 
-    # CRC-32 of each shingle: a 32-bit hash like datasketch's default (SHA-1's first 4 bytes), the same in every
-    # process, and ~3x faster, which makes MinHash as fast as the quality rules. The permutations (seeded, so the
-    # same everywhere) are made once per num_perm instead of once per document.
+    # The shingles arrive hashed (32 bits, like datasketch's default SHA-1 prefix, the same in every process) by
+    # :func:`shingle_hashes`, in numpy. The permutations (seeded, so the same everywhere) are made once per
+    # num_perm instead of once per document.
     if cur.num_perm not in _PERMUTATIONS:
         _PERMUTATIONS[cur.num_perm] = MinHash(num_perm=cur.num_perm, seed=1, scheme=SCHEME).permutations
-    return MinHash(num_perm=cur.num_perm, seed=1, scheme=SCHEME, hashvalues=hashvalues, hashfunc=zlib.crc32,
+    return MinHash(num_perm=cur.num_perm, seed=1, scheme=SCHEME, hashvalues=hashvalues, hashfunc=int,
                    permutations=_PERMUTATIONS[cur.num_perm])
 
 
 def minhash_values(text: str, cur: Curation) -> np.ndarray:
     """The MinHash signature of ``text``'s shingles, ``(num_perm,)`` uint64 (seed fixed, so comparable)."""
     m = _minhash(cur)
-    m.update_batch(list(shingles(text, cur.shingle)))
+    m.update_batch(shingle_hashes(text, cur.shingle).tolist())  # already hashed: hashfunc is int
     return m.hashvalues.astype(np.uint64)
 
 
