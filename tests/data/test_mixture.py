@@ -51,7 +51,11 @@ def test_weights_are_kept_exactly_per_block():
 def test_ranks_read_disjoint_slices_of_the_one_process_stream():
     a, b = _sources()
     one = MixtureBatches([a, b], [0.7, 0.3], 16, 8, seed=3)
-    ranks = [MixtureBatches([a, b], [0.7, 0.3], 16, 4, seed=3, rank=r, world=2) for r in range(2)]
+    ranks = [MixtureBatches([a, b], [0.7, 0.3], 16, 8, seed=3, rank=r, world=2) for r in range(2)]
+    assert ranks[0].batch(0)[0].shape == (4, 16)
+    assert torch.equal(MixtureBatches([a, b], [0.7, 0.3], 16, 8, seed=3).shard(1, 2).batch(3)[0], ranks[1].batch(3)[0])
+    with pytest.raises(GptlabError, match="does not split into 3"):
+        one.shard(0, 3)
     for step in (0, 1, 17, 300):
         x = torch.cat([r.batch(step)[0] for r in ranks])
         assert torch.equal(x, one.batch(step)[0])
@@ -152,8 +156,25 @@ def _save(tmp_path, state):
 def test_a_rank_count_change_is_refused(tmp_path):
     d, _, tok = _corpus(tmp_path)
     state = TokenStream(d, tok, 8, rank=0, world=2).state_dict()
-    with pytest.raises(GptlabError, match="same number of processes"):
+    with pytest.raises(GptlabError, match="rank 0 of 2 processes, this is rank 0 of 1"):
         TokenStream(d, tok, 8).load_state_dict(state)
+
+
+def test_stream_shards_split_every_global_batch_by_documents(tmp_path):
+    d, docs, tok = _corpus(tmp_path)
+    one = StreamBatches(TokenStream(d, tok, 8), 8)
+    ranks = [StreamBatches(TokenStream(d, tok, 8), 8).shard(r, 2) for r in range(2)]
+    x = [ranks[r].batch(0)[0] for r in range(2)]
+    assert one.batch(0)[0].shape == (8, 8) and x[0].shape == x[1].shape == (4, 8)
+    assert not torch.equal(x[0], x[1])  # rank 1 starts at document 2 (document 0 is validation)
+    want = TokenStream(d, tok, 8, rank=1, world=2)
+    assert torch.equal(x[1][0], torch.from_numpy(want.next_row()[:-1]))
+    resumed = StreamBatches(TokenStream(d, tok, 8), 8)
+    resumed.load_state_dict(one.state_dict(1), 1)
+    with pytest.raises(GptlabError, match="resume a streamed run with 1 process"):
+        resumed.shard(1, 2)
+    with pytest.raises(GptlabError, match="does not split into 3"):
+        one.shard(0, 3)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="pyarrow not installed")

@@ -11,10 +11,11 @@ exactly the batches it would have had; the checkpoint also records
 :meth:`MixtureBatches.state_dict` (what was drawn from each source), and
 resuming refuses a mixture that differs from the recorded one.
 
-How a sample is placed. Sample ``g`` of the *global* stream is, at micro-step
-``i``, ``g = (i * world + rank) * batch_size + j``: rank ``r`` takes the
-``r``-th slice of every global batch, so ranks read disjoint samples and
-together read what one process with ``world * batch_size`` would. Samples are
+How a sample is placed. ``batch_size`` is the *global* batch ``B``; rank ``r``
+of ``world`` reads its part ``B / world`` of it: sample ``g = i * B + r * B /
+world + j`` at micro-step ``i``, so ranks read disjoint samples and together
+read what one process reads (:meth:`MixtureBatches.shard` sets the part, as
+for the loop's other batch sources). Samples are
 grouped in blocks of ``block`` (1024); in each block source ``k`` gets exactly
 its weight's share (largest-remainder rounding), in a seeded order. The ``n``-th
 sample a source gives is window ``perm_e(n mod W)`` of its ``W``
@@ -125,7 +126,7 @@ def feistel_permute(i: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndar
 
 
 class MixtureBatches:
-    """Micro-batches of ``(inputs, targets)``, ``(batch_size, max_length)`` int64, drawn from weighted sources.
+    """Micro-batches of ``(inputs, targets)``, ``(batch_size / world, max_length)`` int64, from weighted sources.
 
     ``sources`` are 1-D token sequences (lists, arrays, memmaps,
     :class:`gptlab.data.ShardedTokens`); only the windows drawn are read. Its
@@ -140,8 +141,6 @@ class MixtureBatches:
         if batch_size < 1 or max_length < 1 or block < len(sources):
             raise GptlabError(f"batch_size={batch_size} and max_length={max_length} must be >= 1 and "
                               f"block={block} at least the number of sources")
-        if not 0 <= rank < world:
-            raise GptlabError(f"rank {rank} must be in [0, world={world})")
         self.names = list(names) or [f"source {k}" for k in range(len(sources))]
         self.sources = [s if hasattr(s, "__getitem__") and not isinstance(s, list) else np.asarray(s) for s in sources]
         self.windows = []
@@ -152,12 +151,24 @@ class MixtureBatches:
             self.windows.append((len(s) - 1) // max_length)
         w = np.asarray(weights, dtype=np.float64)
         self.weights = (w / w.sum()).tolist()
-        self.L, self.bs, self.seed, self.rank, self.world, self.block = max_length, batch_size, seed, rank, world, block
+        self.L, self.bs, self.seed, self.block = max_length, batch_size, seed, block
+        self.n = sum(self.windows)  # windows in all sources (what an "epoch" is counted in)
         self.counts = block_counts(self.weights, block)  # (n_sources,) samples per block
         self.tokens_per_item = max_length
-        # an "epoch": as many samples as there are windows in all sources, split over the ranks
-        self.batches_per_epoch = max(1, sum(self.windows) // (batch_size * world))
+        self.batches_per_epoch = max(1, self.n // batch_size)  # an "epoch": as many samples as windows
         self._block_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.rank, self.world = 0, 1
+        self.shard(rank, world)
+
+    def shard(self, rank: int, world: int) -> "MixtureBatches":
+        """Read only part ``rank`` of ``world`` of every global batch; returns self."""
+        if not 0 <= rank < world:
+            raise GptlabError(f"rank {rank} must be in [0, world={world})")
+        if self.bs % world:
+            raise GptlabError(f"the global batch of {self.bs} does not split into {world} equal parts; "
+                              f"give a batch size that {world} processes divide")
+        self.rank, self.world = rank, world
+        return self
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -209,9 +220,10 @@ class MixtureBatches:
         return t[:, :-1], t[:, 1:]  # (B, L), (B, L)
 
     def samples(self, step: int) -> np.ndarray:
-        """Global sample numbers of this rank's micro-batch ``step``."""
-        first = (step * self.world + self.rank) * self.bs
-        return np.arange(first, first + self.bs, dtype=np.int64)
+        """Global sample numbers of this rank's part of micro-batch ``step``."""
+        part = self.bs // self.world
+        first = step * self.bs + self.rank * part
+        return np.arange(first, first + part, dtype=np.int64)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's micro-batch for micro-step ``step`` (0-based)."""
@@ -221,14 +233,15 @@ class MixtureBatches:
         return step / self.batches_per_epoch
 
     def fixed_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``n`` evaluation batches from the same mixture, drawn from a stream of their own (seed + 1)."""
-        ev = MixtureBatches(self.sources, self.weights, self.L, self.bs, seed=self.seed + 1, rank=self.rank,
-                            world=self.world, block=self.block, names=self.names)
+        """``n`` whole evaluation batches (every rank the same) from the same mixture, drawn from a stream of
+        their own (seed + 1)."""
+        ev = MixtureBatches(self.sources, self.weights, self.L, self.bs, seed=self.seed + 1, block=self.block,
+                            names=self.names)
         return [ev.batch(i) for i in range(n)]
 
     def drawn(self, step: int) -> list[int]:
         """Samples each source has given the *global* stream before micro-step ``step`` (all ranks)."""
-        g = step * self.world * self.bs
+        g = step * self.bs
         full, part = divmod(g, self.block)
         out = full * self.counts
         if part:
@@ -240,18 +253,18 @@ class MixtureBatches:
         """What a checkpoint records about the data position at micro-step ``step``."""
         drawn = self.drawn(step)
         return {"kind": "mixture", "names": self.names, "weights": self.weights, "seed": self.seed,
-                "block": self.block, "global_batch": self.bs * self.world, "micro_step": step,
+                "block": self.block, "global_batch": self.bs, "micro_step": step,
                 "drawn": drawn, "epochs": [d / w for d, w in zip(drawn, self.windows)]}
 
     def check_state(self, state: dict | None) -> None:
         """Refuse to resume a run whose recorded mixture differs from this one (names, weights, global batch)."""
         if not state or state.get("kind") != "mixture":
             return
-        for key, mine in (("names", self.names), ("weights", self.weights), ("global_batch", self.bs * self.world),
+        for key, mine in (("names", self.names), ("weights", self.weights), ("global_batch", self.bs),
                           ("block", self.block)):
             theirs = state.get(key)
             if key == "weights" and theirs is not None and np.allclose(theirs, mine):
                 continue
             if theirs != mine:
                 raise GptlabError(f"the checkpoint's data mixture has {key} {theirs}, this run {mine}; resume with "
-                                  "the same --data sources and weights (and batch size x processes)")
+                                  "the same --data sources, weights and global batch (batch size x processes)")

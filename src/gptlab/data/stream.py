@@ -114,10 +114,13 @@ class TokenStream:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a :meth:`state_dict` (same corpus, rank and world)."""
-        for key in ("rank", "world", "split"):
-            if state.get(key) != getattr(self, key):
-                raise GptlabError(f"the saved stream position is for {key} {state.get(key)}, this stream has "
-                                  f"{getattr(self, key)}; resume with the same number of processes")
+        if state.get("split") != self.split:
+            raise GptlabError(f"the saved stream position is of the {state.get('split')} split, not {self.split}")
+        if (state.get("rank"), state.get("world")) != (self.rank, self.world):
+            raise GptlabError(f"the saved stream position is rank {state.get('rank')} of {state.get('world')} "
+                              f"processes, this is rank {self.rank} of {self.world}: a streamed run resumes with "
+                              f"the process count it was saved with, and a checkpoint holds rank 0's position "
+                              "only, so resume a streamed run with 1 process")
         if state["piece"] > len(self.pieces):
             raise GptlabError(f"the saved stream position (piece {state['piece']}) is past the end of {self.spec}; "
                               "the corpus changed since the checkpoint")
@@ -141,8 +144,27 @@ class StreamBatches:
             raise GptlabError(f"batch_size={batch_size} must be >= 1")
         self.stream, self.bs, self.eval_stream = stream, batch_size, eval_stream
         self.tokens_per_item, self.batches_per_epoch, self.keep = stream.L, batches_per_epoch, keep
+        self.n = batches_per_epoch * batch_size  # rows per nominal epoch (a stream's size is not known ahead)
         self.next_step = 0
         self._states: dict[int, dict] = {0: stream.state_dict()}
+
+    def shard(self, rank: int, world: int) -> "StreamBatches":
+        """Make this rank read its part (``batch_size / world`` rows) of every global batch, from its own
+        documents (see :class:`TokenStream`); returns self.
+
+        Each rank's position is its own; a checkpoint written by the main rank holds rank 0's, so a streamed
+        run resumes with one process only (another rank refuses the saved position, naming it).
+        """
+        if self.bs % world:
+            raise GptlabError(f"the global batch of {self.bs} does not split into {world} equal parts; "
+                              f"give a batch size that {world} processes divide")
+        if (rank, world) != (self.stream.rank, self.stream.world):
+            saved = self.stream.state_dict() if self.next_step else None
+            self.stream.rank, self.stream.world = rank, world
+            if saved is not None:
+                self.stream.load_state_dict(saved)  # refuses: the saved position is another rank's
+            self._states = {self.next_step: self.stream.state_dict()}
+        return self
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -155,7 +177,8 @@ class StreamBatches:
                                   f"is at {self.next_step}")
             self.stream.load_state_dict(self._states[step])
             self.next_step = step
-        rows = torch.from_numpy(np.stack([self.stream.next_row() for _ in range(self.bs)]))  # (B, L+1)
+        part = self.bs // self.stream.world
+        rows = torch.from_numpy(np.stack([self.stream.next_row() for _ in range(part)]))  # (B / world, L+1)
         self.next_step += 1
         self._states[self.next_step] = self.stream.state_dict()
         for old in [s for s in self._states if s < self.next_step - self.keep]:
