@@ -171,7 +171,7 @@ def test_stream_shards_split_every_global_batch_by_documents(tmp_path):
     assert torch.equal(x[1][0], torch.from_numpy(want.next_row()[:-1]))
     resumed = StreamBatches(TokenStream(d, tok, 8), 8)
     resumed.load_state_dict(one.state_dict(1), 1)
-    with pytest.raises(GptlabError, match="resume a streamed run with 1 process"):
+    with pytest.raises(GptlabError, match="only a one-process streamed run resumes"):
         resumed.shard(1, 2)
     with pytest.raises(GptlabError, match="does not split into 3"):
         one.shard(0, 3)

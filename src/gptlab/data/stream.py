@@ -118,9 +118,8 @@ class TokenStream:
             raise GptlabError(f"the saved stream position is of the {state.get('split')} split, not {self.split}")
         if (state.get("rank"), state.get("world")) != (self.rank, self.world):
             raise GptlabError(f"the saved stream position is rank {state.get('rank')} of {state.get('world')} "
-                              f"processes, this is rank {self.rank} of {self.world}: a streamed run resumes with "
-                              f"the process count it was saved with, and a checkpoint holds rank 0's position "
-                              "only, so resume a streamed run with 1 process")
+                              f"processes, this is rank {self.rank} of {self.world}: a checkpoint holds rank 0's "
+                              "position only, so only a one-process streamed run resumes, with 1 process")
         if state["piece"] > len(self.pieces):
             raise GptlabError(f"the saved stream position (piece {state['piece']}) is past the end of {self.spec}; "
                               "the corpus changed since the checkpoint")
@@ -152,8 +151,8 @@ class StreamBatches:
         """Make this rank read its part (``batch_size / world`` rows) of every global batch, from its own
         documents (see :class:`TokenStream`); returns self.
 
-        Each rank's position is its own; a checkpoint written by the main rank holds rank 0's, so a streamed
-        run resumes with one process only (another rank refuses the saved position, naming it).
+        Each rank's position is its own; a checkpoint written by the main rank holds rank 0's, so only a
+        one-process streamed run resumes (on another process count the saved position is refused, naming why).
         """
         if self.bs % world:
             raise GptlabError(f"the global batch of {self.bs} does not split into {world} equal parts; "
