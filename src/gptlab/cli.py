@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("gptlab.inference.generation:generate_command", "generate text from a model"),
     "chat": ("gptlab.inference.chat:chat_command", "chat with a model interactively"),
     "eval": ("gptlab.evaluation.commands:eval_command", "loss and perplexity of a model on a corpus"),
-    "prepare": ("gptlab.data.commands:prepare", "tokenize a corpus into memmapped train/val token files"),
+    "prepare": ("gptlab.data.commands:prepare", "tokenize a corpus into memmapped token files (sharded, curated, parallel)"),
     "tokenizer train": ("gptlab.tokenizers.commands:train_tokenizer", "train a byte-level BPE tokenizer"),
     "tokenizer encode": ("gptlab.tokenizers.commands:encode", "print the token ids of a text"),
     "inspect": ("gptlab.inspect:inspect_command", "module tree, config, parameters, memory and FLOPs of a model"),

@@ -254,6 +254,8 @@ def from_config(p: Param, value):
     """A value read from the --config YAML file -> the parameter's value (YAML already typed it)."""
     if isinstance(value, str) and p.kind != "list":
         return convert(p, value)
+    if p.kind == "list" and value is not None and not isinstance(value, list):  # `data: a.txt`: a list of one
+        return [from_config(Param(p.name, p.item), value)]
     if value is None:  # `key: null` in the file, as jsonargparse took it: None even for `seed: int`
         return None
     if p.kind == "list" and isinstance(value, list):

@@ -267,8 +267,10 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def load_prepared(directory: str | Path) -> PreparedData:
-    """Open a directory written by :func:`prepare_corpus`; checks the token counts against meta.json."""
+def load_token_pair(directory: str | Path) -> PreparedData:
+    """Open a directory written by :func:`prepare_corpus`; checks the token counts against meta.json.
+
+    (:func:`gptlab.data.load_prepared` opens this format and the sharded one.)"""
     directory = Path(directory)
     meta = _read_meta(directory)
     train, val = TokenFile(directory / "train.bin", meta["dtype"]), TokenFile(directory / "val.bin", meta["dtype"])

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 from gptlab.errors import GptlabError
 from gptlab.fit.catalog import ModelSpec
+from gptlab.fit.chinchilla import compute_optimal
 from gptlab.fit.estimate import (GiB, decode_tokens_per_s, get_engine, inference_memory,
                                  prefill_seconds, train_tokens_per_s, training_memory, check_quant)
 from gptlab.fit.hardware import Hardware
@@ -172,6 +173,7 @@ class Plan:
     max_context: dict[str, int]
     training: list[dict] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
+    compute_optimal: dict | None = None  # with --train: Chinchilla tokens, FLOPs, time (gptlab.fit.chinchilla)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -230,6 +232,7 @@ def make_plan(spec: ModelSpec, hw: Hardware, context: int | None = None, quant: 
         prefill_seconds=pre if best.possible else None, fit=best.fit, mode=best.name if best.possible else "-",
         paths=paths, minimum=minimum, recommended=recommended, upgrades=upgrades, max_context=maxctx,
         training=training, assumptions=list(hw.assumptions),
+        compute_optimal=compute_optimal(spec, hw, min(ctx, 4096)) if train else None,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gptlab.fit.chinchilla import render_compute_optimal
 from gptlab.fit.plan import Plan, Row
 
 
@@ -76,6 +77,8 @@ def render_plan(p: Plan) -> str:
                          f"{t['weights_gib']:7.2f}  {t['gradients_gib']:5.2f}  {t['optimizer_gib']:5.2f}  "
                          f"{t['activations_gib']:5.2f}  {t['total_gib']:9.2f}  {t['fit']:<9}  "
                          f"{fmt_tps(t['train_tokens_per_s'])}")
+    if p.compute_optimal:
+        lines += [""] + render_compute_optimal(p.compute_optimal)
     if p.assumptions:
         lines += ["", "Assumptions:"] + [f"  - {a}" for a in p.assumptions]
     return "\n".join(lines)

@@ -39,10 +39,14 @@ class PretrainSettings(RunSettings):
     Attributes:
         data: text file, directory of .txt files, .jsonl with a "text" field, a
             directory made by `gptlab prepare`, or a named corpus (the-verdict,
-            tinyshakespeare). Default: the built-in corpus.
+            tinyshakespeare). Default: the built-in corpus. Repeat it with weights for a
+            mixture: --data book.txt:0.7 --data code/:0.3 (sources drawn by weight).
+        stream: read --data (a .jsonl/.parquet/.txt file or directory) document by document,
+            tokenizing on the fly, instead of loading it (every 10th document is validation).
         preset: model shape (gptlab presets, e.g. gpt2-mini, gpt2-micro, gpt2-124m, llama-micro).
         tokenizer: gpt2, char, or a tokenizer path; default: train a byte-level BPE on the training split.
-        vocab_size: vocabulary size of the trained BPE tokenizer.
+        vocab_size: vocabulary size of the trained BPE tokenizer (default: grows with the corpus,
+            the power of two nearest characters / 100, from 512 to 32768).
         max_steps: optimizer steps (default 300 when no other limit is given).
         epochs: train for this many passes over the training windows instead.
         max_time: stop after this many seconds.
@@ -69,10 +73,11 @@ class PretrainSettings(RunSettings):
             --max-steps, --epochs, --max-time and --patience may change.
     """
 
-    data: str | None = None
+    data: list[str] | None = None
+    stream: bool = False
     preset: str = "gpt2-mini"
     tokenizer: str | None = None
-    vocab_size: int = 4096
+    vocab_size: int | None = None
     max_steps: int | None = None
     epochs: float | None = None
     max_time: float | None = None
@@ -96,9 +101,15 @@ class PretrainSettings(RunSettings):
     compile: bool = False
     start_context: str = DEFAULT_START
 
+    def __post_init__(self):
+        from gptlab.data.mixture import is_mixture
+
+        if isinstance(self.data, (list, tuple)) and not is_mixture(list(self.data)):
+            self.data = self.data[0] if self.data else None  # one source: the plain corpus spec, as recorded
+
 
 # Recorded under "settings" (the rest of the run is in "train", "data" and "model").
-RECORDED = ("data", "preset", "tokenizer", "vocab_size", "context_length", "n_layers", "emb_dim", "n_heads",
+RECORDED = ("data", "stream", "preset", "tokenizer", "vocab_size", "context_length", "n_layers", "emb_dim", "n_heads",
             "dropout", "stride", "val_ratio", "start_context")
 
 
@@ -125,18 +136,55 @@ def _build_tokenizer(spec: str | None, train_text: str, vocab_size: int, full_te
     return T.load_tokenizer(spec)
 
 
-def _data(data: str | None, tokenizer_spec: str | None, vocab_size: int, val_ratio: float):
-    """(tokenizer, train token array, val token array, random_windows?) for a data spec."""
-    from gptlab import data as D
+@dataclass
+class Corpus:
+    """What a run trains on: the tokenizer and the token arrays (one source, a mixture, or a stream)."""
 
-    if data is not None and Path(data).is_dir() and (Path(data) / "meta.json").is_file():
-        prepared = D.load_prepared(data)  # memmapped train/val token files from `gptlab prepare`
+    tok: Any
+    train: Any  # token array (one source), list of arrays (mixture), or a corpus spec (stream)
+    val: Any
+    random_windows: bool = False
+    names: list | None = None  # mixture: source names, weights
+    weights: list | None = None
+    chars: int | None = None  # training characters, when known (for the corpus-size advice)
+    val_ratio: float = 0.1  # a stream: the share of documents held out
+
+    def n_tokens(self) -> tuple[int, int]:
+        if self.names is not None:
+            return sum(len(t) for t in self.train), sum(len(v) for v in self.val)
+        if isinstance(self.train, str):
+            return 0, 0  # a stream: not known before it is read
+        return int(len(self.train)), int(len(self.val))
+
+
+def _data(s: PretrainSettings, tokenizer_spec: str | None) -> Corpus:
+    """The run's :class:`Corpus` for its --data (``tokenizer_spec``: the checkpoint's when resuming)."""
+    from gptlab import data as D
+    from gptlab.data.mixture import is_mixture
+    from gptlab.training import pretrain_data as P
+
+    data, vocab_size, val_ratio = s.data, s.vocab_size, s.val_ratio
+    if is_mixture(data):
+        tok, names, weights, train, val, chars = P.mixture_sources(data, tokenizer_spec, vocab_size, val_ratio,
+                                                                   _build_tokenizer)
+        return Corpus(tok, train, val, names=names, weights=weights, chars=chars)
+    if s.stream:
+        if data is None:
+            raise GptlabError("--stream reads --data document by document: give --data FILE_OR_DIR")
+        if tokenizer_spec is None or tokenizer_spec == "bpe":
+            sample = P.stream_sample(data, 5_000_000)
+            tok = _build_tokenizer(tokenizer_spec, sample, vocab_size or P.default_vocab(len(sample)), sample)
+        else:
+            tok = _build_tokenizer(tokenizer_spec, "", vocab_size or 0, "")
+        return Corpus(tok, str(data), str(data), val_ratio=val_ratio)
+    if data is not None and D.is_prepared(data):
+        prepared = D.load_prepared(data)  # memmapped (sharded) train/val token files from `gptlab prepare`
         tok = prepared.tokenizer() if tokenizer_spec is None else _build_tokenizer(tokenizer_spec, "", vocab_size, "")
-        return tok, prepared.train, prepared.val, True
+        return Corpus(tok, prepared.train, prepared.val, random_windows=True)
     text = D.load_corpus(data)
     train_text, val_text = D.split_text(text, 1.0 - val_ratio)
-    tok = _build_tokenizer(tokenizer_spec, train_text, vocab_size, text)
-    return tok, _tokenize(tok, train_text), _tokenize(tok, val_text), False
+    tok = _build_tokenizer(tokenizer_spec, train_text, vocab_size or P.default_vocab(len(train_text)), text)
+    return Corpus(tok, _tokenize(tok, train_text), _tokenize(tok, val_text), chars=len(train_text))
 
 
 def _model_config(s: PretrainSettings):
@@ -154,10 +202,17 @@ def _model_config(s: PretrainSettings):
     return cfg.replace(**changes)  # validates the overrides (e.g. emb_dim divisible by n_heads)
 
 
-def _batches(train_ids, val_ids, L: int, stride: int, cfg: TrainConfig, random_windows: bool):
-    """(train, val or None) batch sources over token arrays: random windows of a prepared corpus, else
-    windows ``stride`` apart."""
-    if random_windows:
+def _batches(corpus: Corpus, L: int, stride: int, cfg: TrainConfig):
+    """(train, val or None) batch sources: a mixture or a stream as such; random windows of a prepared
+    corpus; else windows ``stride`` apart."""
+    from gptlab.training import pretrain_data as P
+
+    if corpus.names is not None:
+        return P.mixture_batches(corpus.names, corpus.weights, corpus.train, corpus.val, L, cfg.batch_size, cfg.seed)
+    if isinstance(corpus.train, str):
+        return P.stream_batches(corpus.train, corpus.tok, L, cfg.batch_size, corpus.val_ratio)
+    train_ids, val_ids = corpus.train, corpus.val
+    if corpus.random_windows:
         val = RandomWindows(val_ids, L, cfg.batch_size, seed=cfg.seed + 1, what="validation") if len(val_ids) > L else None
         return RandomWindows(train_ids, L, cfg.batch_size, seed=cfg.seed), val
     train = window_batches(train_ids, L, stride, cfg.batch_size, seed=cfg.seed)
@@ -180,8 +235,13 @@ class Pretraining:
         self.train_cfg = train_cfg  # the Python API's full TrainConfig, instead of the settings' fields
 
     def check(self, s: PretrainSettings) -> None:
+        from gptlab.data.mixture import is_mixture
+
         if not 0.0 < s.val_ratio < 1.0:
             raise GptlabError(f"--val-ratio {s.val_ratio} must be strictly between 0 and 1 (e.g. 0.1)")
+        if s.stream and is_mixture(s.data):
+            raise GptlabError("--stream reads one --data source; a mixture (several --data, or PATH:WEIGHT) is "
+                              "drawn from token arrays: drop --stream, or `gptlab prepare` each source first")
 
     def train_config(self, s: PretrainSettings, device) -> TrainConfig:
         from gptlab.device import autocast_dtype
@@ -214,33 +274,60 @@ class Pretraining:
 
             ck = resuming.latest_checkpoint()
             model, resume_state = load_checkpoint(ck, device)
-            tok, train_ids, val_ids, random_windows = _data(s.data, str(ck), s.vocab_size, s.val_ratio)
+            corpus = _data(s, str(ck))
             print(f"resuming {resuming.path} from {ck.name} (step {resume_state['step']})", flush=True)
         else:
             torch.manual_seed(cfg.seed)
             mcfg = _model_config(s)
-            tok, train_ids, val_ids, random_windows = _data(s.data, s.tokenizer, s.vocab_size, s.val_ratio)
-            model = build_model(mcfg.replace(vocab_size=tok.vocab_size)).to(device)
+            corpus = _data(s, s.tokenizer)
+            model = build_model(mcfg.replace(vocab_size=corpus.tok.vocab_size)).to(device)
             s.stride = s.stride or mcfg.context_length
         L = model.cfg.context_length
-        train_b, val_b = _batches(train_ids, val_ids, L, s.stride or L, cfg, random_windows)
+        train_b, val_b = _batches(corpus, L, s.stride or L, cfg)
+        _restore_data_position(train_b, resume_state)
         steps_known(cfg.steps_per_epoch(len(train_b)))
+        n_train, n_val = corpus.n_tokens()
         record = {"data": {"spec": recorded_ref(s.data, self.refs["data"]), "val_ratio": s.val_ratio, "stride": s.stride,
-                           "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids))},
+                           "train_tokens": n_train, "val_tokens": n_val},
                   "model": model.cfg.to_dict(), "tokenizer": s.tokenizer or "bpe (trained on the training split)",
                   "start_context": s.start_context, "sample_tokens": SAMPLE_TOKENS,
                   "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         if resuming is None:
-            n = model.cfg.param_counts()
-            print(f"model: {model.cfg.family} {n['total'] / 1e6:.2f}M parameters (L{model.cfg.n_layers} "
-                  f"d{model.cfg.emb_dim} h{model.cfg.n_heads}, context {L}, vocab {model.cfg.vocab_size}); "
-                  f"data: {len(train_ids):,} train / {len(val_ids):,} val tokens; device {device}", flush=True)
-        return Job(model, train_b, val_b, None, tok, steps_per_epoch=cfg.steps_per_epoch(len(train_b)),
-                   sample_fn=_sampler(tok, s.start_context), resume_state=resume_state, record=record)
+            _announce(model, s.preset, corpus, device)
+        return Job(model, train_b, val_b, None, corpus.tok, steps_per_epoch=cfg.steps_per_epoch(len(train_b)),
+                   sample_fn=_sampler(corpus.tok, s.start_context), resume_state=resume_state, record=record)
 
     def report(self, s: PretrainSettings, cfg: TrainConfig, job: Job, result: TrainResult, run: Path) -> TrainResult:
         _print_report(result, run, s.start_context)
         return result
+
+
+def _restore_data_position(train_b, resume_state: dict | None) -> None:
+    """A mixture checks the checkpoint's record of it; a stream continues at the saved position."""
+    saved = (resume_state or {}).get("data")
+    if not saved:
+        return
+    if saved.get("kind") == "stream" and hasattr(train_b, "load_state_dict"):
+        train_b.load_state_dict(saved, saved["micro_step"])
+    elif hasattr(train_b, "check_state"):
+        train_b.check_state(saved)
+
+
+def _announce(model, preset: str, corpus: Corpus, device) -> None:
+    """The model and data line, and the one-line warning when the corpus is far too small for the model."""
+    from gptlab.training.pretrain_data import corpus_advice
+
+    c = model.cfg
+    n = c.param_counts()["total"]
+    n_train, n_val = corpus.n_tokens()
+    data = (f"{n_train:,} train / {n_val:,} val tokens" if n_train else f"streamed from {corpus.train}")
+    if corpus.names is not None:
+        data += " from " + ", ".join(f"{name} ({w:.0%})" for name, w in zip(corpus.names, corpus.weights))
+    print(f"model: {c.family} {n / 1e6:.2f}M parameters (L{c.n_layers} d{c.emb_dim} h{c.n_heads}, context "
+          f"{c.context_length}, vocab {c.vocab_size}); data: {data}; device {device}", flush=True)
+    advice = corpus_advice(n_train, n, preset, c.vocab_size, corpus.chars) if n_train else None
+    if advice:
+        print(advice, flush=True)
 
 
 def _sampler(tok, start_context: str):

@@ -207,6 +207,8 @@ class Evaluation:
         """checkpoints/step-N with the counters (``rng``: the state to replay an interrupted step from);
         sharded, written by every rank, in a multi-process run."""
         state = {**dataclasses.asdict(c), "config": dataclasses.asdict(self.cfg)}
+        if hasattr(self.train, "state_dict"):  # a mixture's or a stream's data position (see gptlab.data.mixture)
+            state["data"] = self.train.state_dict(c.step * self.cfg.grad_accum)
         if self.aux is not None:
             state["aux"] = self.aux.state_dict()
         if self.parallel is not None and self.parallel.dist.active:

@@ -188,10 +188,15 @@ def recorded_ref(ref: str | Path | None, keep: Iterable[str] = ()) -> str | None
     one of the names in ``keep``) as typed."""
     if ref is None:
         return None
+    if isinstance(ref, (list, tuple)):  # a data mixture: each source
+        return [recorded_ref(r, keep) for r in ref]  # type: ignore[misc]
     text = str(ref)
     if not text or text.startswith("pkg:") or text in set(keep):
         return text
     path = Path(text).expanduser()
+    head, colon, weight = text.rpartition(":")
+    if not path.exists() and colon and Path(head).expanduser().exists():  # a weighted source, PATH:WEIGHT
+        return f"{Path(head).expanduser().resolve()}:{weight}"
     return str(path.resolve()) if path.exists() else text
 
 
