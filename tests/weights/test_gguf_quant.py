@@ -14,6 +14,7 @@ from gguf_helpers import hf_llama_to_gguf, smollm2_gguf  # noqa: E402
 from gptlab.inference.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_int8
 from gptlab.weights.dequant import dequantize
 from gptlab.weights.gguf import load_gguf, read_gguf, unpermute_rows
+from gptlab.weights.gguf_quant import load_gguf_quantized
 
 
 def _tiny_hf(tie: bool, vocab: int = 96):
@@ -30,7 +31,7 @@ def _tiny_hf(tie: bool, vocab: int = 96):
 def test_direct_int4_layers_hold_the_files_weights(tmp_path, qtype, tie):
     """Each Int4Linear is the file's own weight (Q4 blocks up to bf16 scales); logits match the float path."""
     path = hf_llama_to_gguf(_tiny_hf(tie), tmp_path / "m.gguf", qtype)
-    direct = load_gguf(path, quantize="int4")
+    direct = load_gguf_quantized(path, "int4")
     f = read_gguf(path)
     for i, block in enumerate(direct.get_blocks()):
         q = block.self_attn.q_proj
@@ -56,7 +57,7 @@ def test_direct_int8_matches_quantize_int8(tmp_path):
     path = hf_llama_to_gguf(_tiny_hf(False), tmp_path / "m.gguf", "F16")
     ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
     with torch.no_grad():
-        got = load_gguf(path, quantize="int8")(ids)
+        got = load_gguf_quantized(path, "int8")(ids)
         ref = quantize_int8(load_gguf(path))(ids)
     torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)  # same int8 values, same kernel
 
@@ -78,7 +79,7 @@ from gptlab.inference.quantize import quantize_int4
 gc.collect()
 before = psutil.Process().memory_info().rss
 peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-m = g.load_gguf(sys.argv[1], quantize="int4") if sys.argv[2] == "direct" else quantize_int4(g.load_gguf(sys.argv[1]))
+m = gptlab.weights.gguf_quant.load_gguf_quantized(sys.argv[1], "int4") if sys.argv[2] == "direct" else quantize_int4(g.load_gguf(sys.argv[1]))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"growth": peak - max(before, peak_before)}))
 """

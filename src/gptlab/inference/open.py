@@ -84,9 +84,9 @@ def open_model(ref: str | Path, device: str | torch.device | None = "auto", dtyp
         quantize = check_scheme(quantize)
     torch_dtype = parse_dtype(dtype) if dtype is not None else default_dtype(dev)
     if model is None and quantize is not None and dev.type == "cpu" and _is_gguf(ref):
-        from gptlab.weights.gguf import load_gguf  # straight into int4/int8 layers: no float copy
+        from gptlab.weights.gguf_quant import load_gguf_quantized  # no float copy of the model
 
-        model = load_gguf(resolve(ref), quantize=quantize)
+        model = load_gguf_quantized(resolve(ref), quantize)
     elif model is None:
         from gptlab.weights import load_model
 

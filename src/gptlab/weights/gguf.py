@@ -435,8 +435,7 @@ def open_gguf(path: str | Path) -> tuple[GGUFFile, Any]:
     return f, cfg
 
 
-def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None,
-              quantize: str | None = None) -> nn.Module:
+def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None) -> nn.Module:
     """Load a GGUF checkpoint as a gptlab model (dequantized to ``dtype``).
 
     Args:
@@ -444,16 +443,10 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None
         dtype: weights dtype (default float32). bf16 halves memory and is fast on
             CPUs with native bf16.
         device: where to put the model (default CPU).
-        quantize: "int4" or "int8": load the linear layers straight into int4/int8 layers
-            (Q4_0/Q4_1 blocks kept as they are under int4) without a float copy of the model;
-            see :mod:`gptlab.weights.gguf_quant`.
 
     Every tensor in the file must map to a parameter and every parameter must be
     present, with the right shape; otherwise a GptlabError names the offenders.
+    Straight into int4/int8 layers, without a float copy: :func:`gptlab.weights.gguf_quant.load_gguf_quantized`.
     """
-    if quantize is not None:
-        from gptlab.weights.gguf_quant import load_gguf_quantized
-
-        return load_gguf_quantized(path, quantize, device=device)
     f, cfg = open_gguf(path)
     return materialize(cfg, GGUFTensors(f, cfg), dtype or torch.float32, device)
