@@ -31,8 +31,14 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 ## llama.cpp's Python binding, for the tests that run GGUF exports (they skip without it; ~5-10 min build).
+## The peer for benchmarks and the llama.cpp tests (~5-10 min to build on 2 cores; cached by pip after).
+## Built without AMX: llama.cpp's -march=native build switches on AMX kernels on CPUs that report
+## AVX-512 but have no AMX (Zen 5), and its first multi-token decode then segfaults.
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON \
+	-DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
 llamacpp: $(STAMP)
-	$(BIN)/python -m pip install "llama-cpp-python[server]"
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(BIN)/python -m pip install "llama-cpp-python[server]"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
