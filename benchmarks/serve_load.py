@@ -25,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,11 +52,13 @@ def free_port() -> int:
 def start(cmd: list[str], url: str, threads: int, timeout: float = 180.0) -> subprocess.Popen:
     """Start a server process and wait until it answers."""
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tempfile.TemporaryFile()  # not a pipe: a chatty server would block once a pipe's buffer is full
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"{cmd[:4]} exited {proc.returncode}: {proc.stderr.read().decode()[-800:]}")
+            log.seek(0)
+            sys.exit(f"{cmd[:4]} exited {proc.returncode}: {log.read().decode(errors='replace')[-800:]}")
         try:
             if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
                 return proc
