@@ -108,6 +108,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quantize", default=None, help="gptlab serve --quantize (int4 keeps the file's 4-bit blocks)")
+    ap.add_argument("--llama-n-batch", type=int, default=1,
+                    help="llama.cpp's prompt batch; the llama-cpp-python 0.3.36 build here segfaults on any batch "
+                         "> 1 (measured: n_batch 8 crashes on a 10-token prompt), so prompts go token by token")
     args = ap.parse_args()
     gguf, levels = find_model(), [int(c) for c in args.clients.split(",")]
     servers = []
@@ -120,10 +123,11 @@ def main() -> None:
         print("llama.cpp row skipped: llama-cpp-python[server] is not installed (pip install 'llama-cpp-python[server]')")
     else:
         port = free_port()
-        servers.append(("llama.cpp server", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
+        servers.append((f"llama.cpp server (n_batch {args.llama_n_batch})", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
                                              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
                                              "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-                                             "--interrupt_requests", "false", "--model_alias", "m"],
+                                             "--interrupt_requests", "false", "--model_alias", "m",
+                                             "--n_batch", str(args.llama_n_batch), "--n_ubatch", str(args.llama_n_batch)],
                         f"http://127.0.0.1:{port}"))
     print(f"model {gguf.name}, {args.max_tokens} new tokens per request, greedy, {args.threads} threads each")
     print(f"{'server':32s} {'clients':>7s} {'tok/s':>8s} {'TTFT p50':>9s} {'TTFT p95':>9s} {'lat p50':>8s} "

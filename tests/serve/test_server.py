@@ -304,6 +304,70 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     assert 'gptlab_requests_total{route="/v1/chat/completions",status="200"}' in metrics
 
 
+def _generated(server) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith("gptlab_generation_tokens_total "):
+            return float(line.split()[1])
+    raise AssertionError("no gptlab_generation_tokens_total in /metrics")
+
+
+def test_logit_bias_bans_tokens(client, opened):
+    specials = opened.tokenizer.special_tokens
+    ban = {str(specials[t]): -100 for t in ("<|im_end|>", "<|endoftext|>")}
+    r = client.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=12,
+                                       logprobs=True, top_logprobs=3, logit_bias=ban)
+    free = client.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=12)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    n = free.usage.completion_tokens - (free.choices[0].finish_reason == "stop")
+    assert r.choices[0].message.content.startswith(free.choices[0].message.content[:n and None])
+    x = opened.tokenizer.encode(" Paris")[0]
+    forced = client.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=1,
+                                            logprobs=True, logit_bias={str(x): 100})
+    assert forced.choices[0].logprobs.content[0].token == opened.tokenizer.decode([x])
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.chat.completions.create(model="tiny", messages=QUESTION, logit_bias={"x": 1})
+
+
+def test_a_non_streaming_client_that_leaves_cancels_its_request(server, opened):
+    specials = opened.tokenizer.special_tokens
+    no_stop = {str(specials[t]): -100 for t in ("<|im_end|>", "<|endoftext|>")}  # it would run all 480 tokens
+    body = {"model": "tiny", "messages": QUESTION, "temperature": 0.9, "seed": 5, "max_tokens": 480,
+            "logit_bias": no_stop}
+    before = _generated(server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.1))
+    assert wait_idle(server.served)
+    assert _generated(server) - before < 480, "the request ran on after its client left"
+
+
+def test_an_error_after_the_stream_began_is_an_event(server, monkeypatch):
+    engine = server.served.worker.engine
+    real_step, calls = engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated device failure")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    body = {"model": "tiny", "messages": QUESTION, "temperature": 0.9, "seed": 5, "max_tokens": 100, "stream": True,
+            "logit_bias": {"2": -100, "0": -100, "1": -100}}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+    err = json.loads(lines[-2][len("data: "):])["error"]
+    assert "simulated device failure" in err["message"] and err["type"] == "server_error"
+    with pytest.raises(openai.APIError, match="simulated"):
+        calls.clear()
+        list(openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            **{**body, "stream": True}))
+    monkeypatch.setattr(engine, "step", real_step)
+    assert wait_idle(server.served)
+    ok = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3})
+    assert ok.status_code == 200  # the worker goes on
+
+
 def test_queue_full_is_429_with_retry_after(model_dir):
     with LiveServer(served_app(model_dir, max_batch=1, max_queue=1)) as s:
         s.served.worker.reserve(2)  # two sequences in flight: the slot and the one queue place are taken

@@ -65,6 +65,8 @@ def serve_command(model: str, alias: str | None = None, host: str = "127.0.0.1",
                             ("max_body_bytes", max_body_bytes, 1024)):
         if value < lo:
             raise GptlabError(f"{name}={value} must be >= {lo}")
+    if shutdown_timeout < 0:
+        raise GptlabError(f"shutdown_timeout={shutdown_timeout} must be >= 0 (seconds)")
     if not 0 <= port <= 65535:
         raise GptlabError(f"port={port} must be in 0..65535")
     key = _key(api_key, api_key_file)
