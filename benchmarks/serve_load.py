@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--llama-n-batch", type=int, default=1,
                     help="llama.cpp's prompt batch; the llama-cpp-python 0.3.36 build here segfaults on any batch "
                          "> 1 (measured: n_batch 8 crashes on a 10-token prompt), so prompts go token by token")
+    ap.add_argument("--skip-llama", action="store_true", help="measure gptlab serve only")
     args = ap.parse_args()
     gguf, levels = find_model(), [int(c) for c in args.clients.split(",")]
     servers = []
@@ -119,7 +120,9 @@ def main() -> None:
            "--max-batch", str(max(levels)), "--max-queue", "64", "--device", "cpu"]
     servers.append(("gptlab serve" + (f" --quantize {args.quantize}" if args.quantize else ""),
                     cmd + (["--quantize", args.quantize] if args.quantize else []), f"http://127.0.0.1:{port}"))
-    if importlib.util.find_spec("llama_cpp") is None:
+    if args.skip_llama:
+        pass
+    elif importlib.util.find_spec("llama_cpp") is None:
         print("llama.cpp row skipped: llama-cpp-python[server] is not installed (pip install 'llama-cpp-python[server]')")
     else:
         port = free_port()
