@@ -117,7 +117,7 @@ def main() -> None:
     servers = []
     port = free_port()
     cmd = [sys.executable, "-m", "gptlab.cli", "serve", str(gguf), "--port", str(port), "--alias", "m",
-           "--max-batch", str(max(levels)), "--max-queue", "64", "--device", "cpu"]
+           "--max-batch", str(max(levels)), "--max-queue", "64", "--device", "cpu", "--context", "2048"]
     servers.append(("gptlab serve" + (f" --quantize {args.quantize}" if args.quantize else ""),
                     cmd + (["--quantize", args.quantize] if args.quantize else []), f"http://127.0.0.1:{port}"))
     if args.skip_llama:

@@ -85,10 +85,11 @@ class LiveServer:
         return self.app.state.served
 
 
-def served_app(model_dir, name: str = "tiny", max_batch: int = 8, max_queue: int = 64, **app_kw):
+def served_app(model_dir, name: str = "tiny", max_batch: int = 8, max_queue: int = 64, context: int | None = None,
+               **app_kw):
     """The app serving ``model_dir`` (opened on CPU, fp32)."""
     def load():
         return ServedModel.build(open_model(str(model_dir), device="cpu"), name, max_batch=max_batch,
-                                 max_queue=max_queue)
+                                 max_queue=max_queue, context=context)
 
     return build_app(load, **app_kw)

@@ -369,7 +369,10 @@ def test_an_error_after_the_stream_began_is_an_event(server, monkeypatch):
 
 
 def test_queue_full_is_429_with_retry_after(model_dir):
-    with LiveServer(served_app(model_dir, max_batch=1, max_queue=1)) as s:
+    with LiveServer(served_app(model_dir, max_batch=1, max_queue=1, context=100)) as s:
+        long = httpx.post(s.url + "/v1/completions", json={"prompt": [5] * 100})  # --context 100, not the model's 512
+        assert long.status_code == 400 and "100 tokens long but the model's context holds 100" in long.text
+        assert httpx.get(s.url + "/v1/models").json()["data"][0]["max_model_len"] == 100
         s.served.worker.reserve(2)  # two sequences in flight: the slot and the one queue place are taken
         body = {"model": "tiny", "messages": QUESTION, "max_tokens": 2}
         busy = httpx.post(s.url + "/v1/chat/completions", json=body)
