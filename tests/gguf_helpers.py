@@ -159,3 +159,58 @@ def densify_transformers_gguf(model):
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, name.rsplit(".", 1)[-1], new)
     return model.eval()
+
+
+def hf_moe_dir_to_gguf(src: Path, path: Path, qtype: str = "F32", squeeze_shared_gate: bool = False) -> Path:
+    """Write a saved Mixtral / Qwen2-MoE directory as GGUF the way llama.cpp's converter does.
+
+    Mixtral becomes architecture ``llama`` (q/k rows permuted), Qwen2-MoE ``qwen2moe``; each
+    layer's experts are stacked into ``ffn_{gate,up,down}_exps`` (E, F, d) / (E, d, F), the router
+    is ``ffn_gate_inp``, a shared expert ``ffn_*_shexp`` with its gate ``ffn_gate_inp_shexp``.
+    """
+    import json
+
+    from safetensors.numpy import load_file
+
+    c = json.loads((Path(src) / "config.json").read_text())
+    sd = load_file(str(Path(src) / "model.safetensors"))
+    mixtral = c["architectures"] == ["MixtralForCausalLM"]
+    arch = "llama" if mixtral else "qwen2moe"
+    E = c["num_local_experts"] if mixtral else c["num_experts"]
+    rope = c.get("rope_parameters", {}).get("rope_theta") or c.get("rope_theta")
+    kv = {f"{arch}.block_count": c["num_hidden_layers"], f"{arch}.context_length": c["max_position_embeddings"],
+          f"{arch}.embedding_length": c["hidden_size"], f"{arch}.feed_forward_length": c["intermediate_size"],
+          f"{arch}.attention.head_count": c["num_attention_heads"],
+          f"{arch}.attention.head_count_kv": c["num_key_value_heads"], f"{arch}.rope.freq_base": float(rope),
+          f"{arch}.attention.layer_norm_rms_epsilon": float(c["rms_norm_eps"]),
+          f"{arch}.expert_count": E, f"{arch}.expert_used_count": c["num_experts_per_tok"]}
+    if not mixtral:
+        kv[f"{arch}.expert_feed_forward_length"] = c["moe_intermediate_size"]
+        kv[f"{arch}.expert_shared_feed_forward_length"] = c["shared_expert_intermediate_size"]
+        if c.get("norm_topk_prob"):  # beyond llama.cpp's converter, whose qwen2moe graph never renormalises
+            kv[f"{arch}.expert_weights_norm"] = True
+    tensors = {"token_embd.weight": (sd["model.embed_tokens.weight"], qtype),
+               "output_norm.weight": (sd["model.norm.weight"], "F32")}
+    if "lm_head.weight" in sd and not c.get("tie_word_embeddings"):
+        tensors["output.weight"] = (sd["lm_head.weight"], qtype)
+    moe, (g, u, dn) = ("block_sparse_moe", ("w1", "w3", "w2")) if mixtral else ("mlp", ("gate_proj", "up_proj",
+                                                                                         "down_proj"))
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t = {"attn_norm.weight": sd[p + "input_layernorm.weight"], "ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
+             "attn_output.weight": sd[p + "self_attn.o_proj.weight"], "ffn_gate_inp.weight": sd[p + f"{moe}.gate.weight"]}
+        for x, heads in (("q", c["num_attention_heads"]), ("k", c["num_key_value_heads"]), ("v", None)):
+            for kind in ("weight", "bias"):
+                if p + f"self_attn.{x}_proj.{kind}" in sd:
+                    w = sd[p + f"self_attn.{x}_proj.{kind}"]
+                    t[f"attn_{x}.{kind}"] = llama_cpp_permute(w, heads) if mixtral and heads else w
+        for ours, theirs in (("gate", g), ("up", u), ("down", dn)):
+            t[f"ffn_{ours}_exps.weight"] = np.stack([sd[p + f"{moe}.experts.{e}.{theirs}.weight"] for e in range(E)])
+            if not mixtral:
+                t[f"ffn_{ours}_shexp.weight"] = sd[p + f"mlp.shared_expert.{ours}_proj.weight"]
+        if not mixtral:
+            gate = sd[p + "mlp.shared_expert_gate.weight"]  # (1, d)
+            t["ffn_gate_inp_shexp.weight"] = gate.reshape(-1) if squeeze_shared_gate else gate
+        for name, w in t.items():
+            tensors[f"blk.{i}.{name}"] = (w, "F32" if w.ndim == 1 or "gate_inp" in name else qtype)
+    return write_gguf(path, arch, kv, tensors)

@@ -51,6 +51,8 @@ BASE = {
     "inspect": "--model {RUN}",
     "download": "--repo-id owner/name --cache-dir {TMP}/cache",
     "export": "--model {RUN} --out {TMP}/exp",
+    "cache": "",
+    "cache rm": "--older-than 100000d --dry-run",  # matches nothing, deletes nothing
     "finetune classify": "--model {RUN} --data {SMS} --limit 40 --max-steps 1 --batch-size 4 --eval-iters 1 "
                          "--max-length 16 --progress false --out {TMP}/cls",
     "finetune instruct": "--model {RUN} --data {INSTRUCTIONS} --max-steps 1 --batch-size 2 --eval-iters 1 "

@@ -18,7 +18,7 @@ def test_valid_devices():
 
 @pytest.mark.parametrize("bad", ["tpu", "cpu:zz", "cuda:-1", "gpu", ""])
 def test_invalid_device_lists_the_valid_values(bad):
-    with pytest.raises(GptlabError, match=r"is not a device; choose auto, cpu, cuda, cuda:N or mps"):
+    with pytest.raises(GptlabError, match=r"is not a device; choose auto, cpu, cuda, cuda:N, mig:N, mig:UUID or mps"):
         pick_device(bad)
 
 
@@ -37,5 +37,5 @@ def test_missing_cuda_is_named():
 def test_bad_device_is_one_line_on_every_command(argv, capsys):
     assert run([*argv, "--device", "tpu"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: --device 'tpu' is not a device; choose auto, cpu, cuda, cuda:N or mps")
+    assert err.startswith("error: --device 'tpu' is not a device; choose auto, cpu, cuda, cuda:N, mig:N, mig:UUID or mps")
     assert err.count("\n") == 1 and "Traceback" not in err

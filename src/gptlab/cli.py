@@ -41,6 +41,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer encode": ("gptlab.tokenizers.commands:encode", "print the token ids of a text"),
     "inspect": ("gptlab.inspect:inspect_command", "module tree, config, parameters, memory and FLOPs of a model"),
     "download": ("gptlab.weights.hub:download_command", "download a Hugging Face model repo into the cache"),
+    "cache": ("gptlab.cache:cache_command", "list cached models and files (sizes, last use, free disk)"),
+    "cache rm": ("gptlab.cache:cache_rm_command", "delete cached models and files and print what was freed"),
     "export": ("gptlab.weights.export:export_command", "export a model as a Hugging Face directory"),
     "finetune classify": ("gptlab.finetune.classify:classify_command", "fine-tune a classifier (e.g. SMS spam)"),
     "finetune instruct": ("gptlab.finetune.instruct:instruct_command", "instruction fine-tuning"),

@@ -110,6 +110,7 @@ class Param:
     kind: str = field(init=False)  # "bool", "list" or "value"
     item: object = field(init=False)  # the type a value is converted to (a list's item type)
     nullable: bool = field(init=False)
+    positional: bool = False  # an optional parameter a bare word may fill (named in the function's ``positional``)
 
     def __post_init__(self):
         args = typing.get_args(self.hint)
@@ -157,6 +158,7 @@ def params_of(func) -> dict[str, Param]:
     except Exception:  # an annotation that does not resolve: use the signature's own
         hints = {}
     helps = _doc_args(func.__doc__ or "")
+    positional = set(getattr(func, "positional", ()))  # e.g. cache_rm_command.positional = ("pattern",)
     out = {}
     for name, p in sig.parameters.items():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -164,7 +166,7 @@ def params_of(func) -> dict[str, Param]:
         hint = hints.get(name, p.annotation)
         if hint is inspect.Parameter.empty or isinstance(hint, str):  # untyped: like its default
             hint = type(p.default) if p.default not in (None, inspect.Parameter.empty) else str
-        out[name] = Param(name, hint, p.default, helps.get(name, ""))
+        out[name] = Param(name, hint, p.default, helps.get(name, ""), positional=name in positional)
     return out
 
 
@@ -374,7 +376,7 @@ def _fill(params: dict[str, Param], values: dict, flagged: set[str], bare: list[
         known = [dashed(n) for n in params] + ["--config"]
         close = difflib.get_close_matches(unknown[0], known, n=1)
         raise UsageError("unknown_flag", flags=tuple(unknown), suggestion=close[0] if close else "")
-    free = [n for n, p in params.items() if p.required and n not in flagged]
+    free = [n for n, p in params.items() if (p.required or p.positional) and n not in flagged]
     if len(bare) > len(free):
         for i in range(len(free), len(bare)):  # a word left over right after a boolean flag was meant as its value
             if i in (after_bool or {}):
@@ -392,7 +394,9 @@ def format_help(func, prog: str, params: dict[str, Param] | None = None) -> str:
     params = params_of(func) if params is None else params
     width = max(40, min(shutil.get_terminal_size((100, 24)).columns, 100) - 2)
     required = [p for p in params.values() if p.required]
-    lines = [f"usage: {prog} {' '.join(p.name.upper() for p in required)} [flags]".replace("  ", " ")]
+    words = [p.name.upper() if p.required else f"[{p.name.upper()}]" for p in params.values()
+             if p.required or p.positional]
+    lines = [f"usage: {prog} {' '.join(words)} [flags]".replace("  ", " ")]
     if text := description(func):
         lines += ["", "\n\n".join(textwrap.fill(par, width) for par in text.split("\n\n"))]
     rows = []
@@ -400,7 +404,8 @@ def format_help(func, prog: str, params: dict[str, Param] | None = None) -> str:
         metavar = {"bool": "[true|false]", "list": f"{p.name.upper()}[,...]"}.get(p.kind, p.name.upper())
         if typing.get_origin(p.item) is typing.Literal:
             metavar = "{" + ",".join(map(str, typing.get_args(p.item))) + "}"
-        left = f"{p.name.upper()}, {dashed(p.name)} {metavar}" if p.required else f"{dashed(p.name)} {metavar}"
+        left = (f"{p.name.upper()}, {dashed(p.name)} {metavar}" if p.required or p.positional
+                else f"{dashed(p.name)} {metavar}")
         kind = str(p.hint).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("None", "null")
         shown = "null" if p.default is None else str(p.default).lower() if p.kind == "bool" else p.default
         what = "required" if p.required else f"default: {shown}"

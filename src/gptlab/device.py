@@ -9,7 +9,7 @@ import torch
 from gptlab.errors import GptlabError
 
 
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mig:N, mig:UUID or mps"
 
 
 def _mps_available() -> bool:
@@ -26,9 +26,15 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     """``"auto"``/None -> cuda if available, else mps, else cpu. Validates explicit choices.
 
     Accepted: auto, cpu, cuda, cuda:N, mps (any case; a torch.device passes through
-    the same checks). Anything else, or an accelerator this machine lacks, is a
-    GptlabError naming ``device=...`` and the valid values.
+    the same checks), and on GPUs shared as MIG slices mig:N or mig:UUID, which set
+    ``CUDA_VISIBLE_DEVICES`` to that slice before CUDA starts (and cuda:N then counts
+    slices; see :mod:`gptlab.mig`). Anything else, or an accelerator this machine
+    lacks, is a GptlabError naming ``device=...`` and the valid values.
     """
+    if isinstance(device, str):
+        from gptlab.mig import visible_device
+
+        device = visible_device(device)
     if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")

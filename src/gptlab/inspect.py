@@ -129,6 +129,9 @@ def inspect_command(model: str, params: bool = True, tree: bool = True, as_json:
             print(f"  {n.ljust(width)}  {str(list(sh)):>16}  {k:>13,}  {d}")
     c = s["parameters"]
     print(f"\ntotal parameters:     {c['total']:,} ({_human(c['total'])})")
+    if c.get("experts"):  # a mixture of experts: what one token runs
+        print(f"active per token:     {c['active']:,} ({_human(c['active'])}; {c['experts_active']} of "
+              f"{c['experts']} experts{' + a shared one' if c.get('experts_shared') else ''})")
     print(f"non-embedding:        {c['non_embedding']:,}")
     print(f"embedding:            {c['embedding']:,}")
     print(f"tied (counted once):  {c['tied']:,}")

@@ -67,7 +67,7 @@ def test_student_from_other_tokenizer_is_refused(tmp_path, base_dir, capsys):
 def test_short_runs_both_modes(tmp_path, base_dir, sms_path, mode):
     (tmp_path / "c.txt").write_text(sms_path.read_text(encoding="utf-8")[:6000])
     r = distill(str(base_dir), "gpt2-nano", str(tmp_path / "c.txt"), tmp_path / "run", mode=mode, context_length=32,
-                max_steps=3, batch_size=4, eval_every=3, eval_iters=1, prompts=4, gen_tokens=40,
+                max_steps=3, batch_size=4, eval_every=3, eval_iters=1, sequences=4, gen_tokens=40,
                 precision="fp32", device="cpu", progress=False)
     assert r.step == 3 and r.best_val_loss is not None
     assert (tmp_path / "run" / "model" / "config.json").is_file()
@@ -132,7 +132,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, base_dir, sms_path, monkeypat
     from gptlab.training import loop
 
     (tmp_path / "c.txt").write_text(sms_path.read_text(encoding="utf-8")[:6000])
-    kw = dict(mode=mode, context_length=32, max_steps=6, batch_size=4, eval_every=2, eval_iters=1, prompts=4,
+    kw = dict(mode=mode, context_length=32, max_steps=6, batch_size=4, eval_every=2, eval_iters=1, sequences=4,
               gen_tokens=40, precision="fp32", device="cpu", progress=False)
     distill(str(base_dir), "gpt2-nano", str(tmp_path / "c.txt"), tmp_path / "full", **kw)
     real_lr_at = loop.lr_at

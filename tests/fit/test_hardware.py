@@ -93,3 +93,94 @@ def test_microbenchmarks_measure_something():
     assert benchmarks.measure_bandwidth(mib=32) > 1e8
     assert benchmarks.measure_matmul("fp32", n=256) > 1e8
     assert 0 < benchmarks.measure_op_latency() < 1e-2
+
+
+# ---- MIG slices: recorded nvidia-smi -L outputs (tests/assets/nvidia-smi) and NVML answers ------------
+
+def _recorded(name: str) -> str:
+    from pathlib import Path
+
+    return (Path(__file__).parent.parent / "assets" / "nvidia-smi" / name).read_text()
+
+
+def test_mig_slices_from_nvidia_smi_are_gpus_of_their_own(monkeypatch):
+    from gptlab import mig
+
+    monkeypatch.setattr(hardware, "_nvml_gpus", lambda notes: [])
+    monkeypatch.setattr(hardware, "_amd_gpus", lambda: [])
+    monkeypatch.setattr(mig, "nvidia_smi_listing", lambda timeout=5.0: _recorded("a100-40gb-mig.txt"))
+    notes: list[str] = []
+    gpus, unified = hardware.detect_devices(notes)
+    assert [(g.name, g.vram_total // GiB, g.device) for g in gpus] == [
+        ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", 20, "mig:0"), ("NVIDIA A100-SXM4-40GB MIG 2g.10gb", 10, "mig:1"),
+        ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", 5, "mig:2"), ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", 5, "mig:3")]
+    assert gpus[1].cuda_visible_devices == "MIG-cba663e8-9bed-5b25-b243-5985ef7c9beb" and not unified
+    assert any("profile names" in n for n in notes)
+
+
+class _FakeNVML:
+    """NVML as it answers on an H100 80GB with MIG on (4g.40gb + 1g.10gb) next to a whole H100."""
+
+    class NVMLError(Exception):
+        pass
+
+    MIB = 2**20
+    GPUS = [("NVIDIA H100 80GB HBM3", "GPU-b3a1c9d2-6e4f-8a7b-1c2d-3e4f5a6b7c8d", 81559 * MIB, True),
+            ("NVIDIA H100 80GB HBM3", "GPU-e2d1c0b9-a8f7-e6d5-c4b3-a2f1e0d9c8b7", 81559 * MIB, False)]
+    SLICES = [("NVIDIA H100 80GB HBM3 MIG 4g.40gb", "MIG-0e7c5b3a-1f2d-5c4b-8a9e-7d6c5b4a3f2e", 40448 * MIB, 40000 * MIB),
+              ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "MIG-7f6e5d4c-3b2a-5190-8f7e-6d5c4b3a2f1e", 9984 * MIB, 9900 * MIB)]
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.mem = lambda total, free: SimpleNamespace(total=total, free=free, used=total - free)
+
+    def nvmlInit(self): pass
+    def nvmlShutdown(self): pass
+    def nvmlDeviceGetCount(self): return len(self.GPUS)
+    def nvmlDeviceGetHandleByIndex(self, i): return ("gpu", i)
+    def nvmlDeviceGetName(self, h): return (self.GPUS[h[1]] if h[0] == "gpu" else self.SLICES[h[1]])[0].encode()
+    def nvmlDeviceGetUUID(self, h): return (self.GPUS[h[1]] if h[0] == "gpu" else self.SLICES[h[1]])[1]
+    def nvmlDeviceGetMaxMigDeviceCount(self, h): return 7
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        if h[0] == "gpu":
+            return self.mem(self.GPUS[h[1]][2], self.GPUS[h[1]][2] - 600 * self.MIB)
+        return self.mem(*self.SLICES[h[1]][2:])
+
+    def nvmlDeviceGetMigMode(self, h): return (1, 1) if self.GPUS[h[1]][3] else (0, 0)
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, h, j):
+        if j >= len(self.SLICES):
+            raise self.NVMLError("Not Found")
+        return ("mig", j)
+
+
+def test_mig_slices_from_nvml_with_their_memory(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNVML())
+    gpus = hardware._nvml_gpus([])
+    assert [(g.name, g.vram_total // 2**20, g.vram_free // 2**20, g.device) for g in gpus] == [
+        ("NVIDIA H100 80GB HBM3 MIG 4g.40gb", 40448, 40000, "mig:0"),
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", 9984, 9900, "mig:1"),
+        ("NVIDIA H100 80GB HBM3", 81559, 80959, None)]
+    assert gpus[0].mig_uuids == ["MIG-0e7c5b3a-1f2d-5c4b-8a9e-7d6c5b4a3f2e"]
+
+
+def test_fit_shows_each_slice_with_its_memory(tmp_path, monkeypatch, capsys):
+    from gptlab import mig
+    from gptlab.cli import run
+
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware, "_nvml_gpus", lambda notes: [])
+    monkeypatch.setattr(hardware, "_amd_gpus", lambda: [])
+    monkeypatch.setattr(mig, "nvidia_smi_listing", lambda timeout=5.0: _recorded("h100-80gb-mixed.txt"))
+    slices = hardware.slice_gpus(mig.parse_nvidia_smi_l(_recorded("h100-80gb-mixed.txt")))
+    (tmp_path / "fit-calibration.json").write_text(json.dumps({calibration._fingerprint(slices): FIGURES}))
+    assert run(["fit", "--family", "smollm2", "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU: NVIDIA H100 80GB HBM3 MIG 4g.40gb (40.0 GiB free / 40.0 GiB)" in out
+    assert ("MIG slices: mig:0 NVIDIA H100 80GB HBM3 MIG 4g.40gb 40.0 GiB (MIG-0e7c5b3a-1f2d-5c4b-8a9e-7d6c5b4a3f2e), "
+            "mig:1 NVIDIA H100 80GB HBM3 MIG 2g.20gb 20.0 GiB") in out
+    assert "the plan is for mig:0, the largest; --device mig:0 sets CUDA_VISIBLE_DEVICES=MIG-0e7c5b3a" in out

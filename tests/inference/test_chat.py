@@ -195,3 +195,21 @@ def test_gptlab_chat_cli_keeps_chatting_after_a_refused_message(tmp_path, tok, m
     assert captured.out == "".join(f"{r}\n" for r in expected)
     without_history = ChatSession(model, tok, style="chatml", max_new_tokens=4).send("How are you?")
     assert expected[1] != without_history  # (so the equality above does check the history)
+
+
+def test_each_turn_reuses_the_cache_of_the_turns_before(tok):
+    """The session keeps one engine: turn 2's prompt starts with turn 1's, whose keys are not recomputed."""
+    from gptlab.models import build_model
+    from gptlab.models.llama import LlamaConfig
+
+    torch.manual_seed(0)
+    m = build_model(LlamaConfig(vocab_size=tok.vocab_size, context_length=256, emb_dim=32, n_layers=1, n_heads=2,
+                                hidden_dim=64)).eval()
+    chat = ChatSession(m, tok, system="Be brief.", max_new_tokens=4)
+    chat.send("Hello there")
+    first_len = len(chat.prompt_ids())  # the history now holds turn 1 and its reply
+    chat.send("What is the capital of France?")
+    assert chat.last_handle.cached_tokens > len(tok.encode("Be brief.")) and chat.last_handle.cached_tokens < first_len
+    fresh = ChatSession(m, tok, system="Be brief.", max_new_tokens=4)
+    fresh.messages = list(chat.messages[:-1])
+    assert fresh.send("What is the capital of France?") == chat.messages[-1]["content"]

@@ -232,3 +232,85 @@ def test_max_len_caps_the_length(model):
     h = engine.submit(Request(_prompt(7, 1), max_tokens=50))
     list(engine.run())
     assert len(h.tokens) == 3 and h.finish_reason == LENGTH
+
+
+# ---- prefix reuse, the rolling window, the prompt's logprobs, min_tokens ----
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "no-reuse"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral"])
+def test_shared_prefixes_give_the_tokens_of_a_fresh_run(family, reuse):
+    """Requests sharing a system prompt (and a chat's earlier turn) skip it with reuse, same tokens either way."""
+    m = _tiny("llama", sliding_window=6) if family == "mistral" else _tiny(family)
+    system = _prompt(9, 40)
+    first = Request(system + _prompt(4, 41), max_tokens=6, temperature=0.8, seed=3)
+    engine = Engine(m, max_batch=2, prefix_reuse=reuse)
+    h1 = engine.submit(first)
+    list(engine.run())
+    turn2 = Request(system + _prompt(4, 41) + h1.tokens + _prompt(3, 42), max_tokens=7)  # the next turn
+    other = Request(system + _prompt(5, 43), max_tokens=5, temperature=1.1, seed=4)  # same system prompt
+    h2, h3 = engine.submit(turn2), engine.submit(other)
+    list(engine.run())
+    assert h1.cached_tokens == 0
+    if reuse and family != "mistral":
+        assert h2.cached_tokens == len(first.prompt) + len(h1.tokens) - 1  # all but the last generated id
+    if reuse and family == "mistral":  # the ring of 6 wrapped: nothing reusable from position 0
+        assert h2.cached_tokens == 0
+    if not reuse:
+        assert h2.cached_tokens == h3.cached_tokens == 0
+    for req, h in ((turn2, h2), (other, h3)):
+        assert h.tokens == _alone(m, req)
+
+
+def test_prefix_reuse_picks_the_slot_with_the_longest_common_prefix(model):
+    engine = Engine(model, max_batch=3)
+    a, b = _prompt(12, 50), _prompt(12, 51)
+    for p in (a, b):
+        engine.submit(Request(p, max_tokens=2))
+    list(engine.run())
+    h = engine.submit(Request(b[:10] + [1, 2], max_tokens=3))
+    engine.step()
+    assert h.cached_tokens == 10 and h.slot == 1  # b ran in slot 1
+
+
+def test_rolling_window_cache_equals_full_attention_with_the_window_mask():
+    """Mistral's window W=5 over 40 tokens: the cache holds only W per slot, logits equal full recomputation."""
+    m = _tiny("llama", sliding_window=5)
+    engine = Engine(m, max_batch=2, max_len=48, prefill_chunk=4)  # chunks of 4 < W, prompt of 9 > W
+    assert engine.cache.ring == 5 and engine.cache.k[0].shape[2] == 5
+    prompt = _prompt(9, 60)
+    h = engine.submit(Request(prompt, max_tokens=30, logprobs=3))
+    other = engine.submit(Request(_prompt(3, 61), max_tokens=12, temperature=1.0, seed=1))
+    list(engine.run())
+    assert other.finish_reason == LENGTH and len(h.tokens) == 30
+    ids = prompt + h.tokens
+    with torch.no_grad():
+        full = torch.log_softmax(m(torch.tensor([ids]))[0].float(), -1)  # (T, V) with the window mask
+    for i, event in enumerate(h.events):
+        at = len(prompt) - 1 + i
+        assert event.token_id == int(full[at].argmax())
+        assert abs(event.logprob - float(full[at, event.token_id])) < 1e-4
+
+
+def test_prompt_logprobs_equal_log_softmax_of_the_full_pass(model):
+    """OpenAI's echo: each prompt token's logprob given the ones before it, chunked or not, with no new tokens."""
+    prompt = _prompt(11, 70)
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([prompt]))[0].float(), -1)  # (T, V)
+    for chunk, max_tokens in ((256, 3), (4, 0)):
+        engine = Engine(model, max_batch=2, prefill_chunk=chunk)
+        h = engine.submit(Request(prompt, max_tokens=max_tokens, prompt_logprobs=2))
+        list(engine.run())
+        assert len(h.prompt_logprobs) == len(prompt) and h.prompt_logprobs[0] == (None, ())
+        for i, (lp, top) in enumerate(h.prompt_logprobs[1:], start=1):
+            assert abs(lp - float(full[i - 1, prompt[i]])) < 1e-5
+            assert top[0][0] == int(full[i - 1].argmax()) and len(top) == 2
+        assert len(h.tokens) == max_tokens and h.finish_reason == LENGTH
+
+
+def test_min_tokens_holds_back_the_stop_token(model):
+    first = _alone(model, Request(_prompt(5, 80), max_tokens=1))[0]
+    engine = Engine(model, max_batch=1)
+    h = engine.submit(Request(_prompt(5, 80), max_tokens=6, min_tokens=3, stops=StopSet(frozenset({first}))))
+    list(engine.run())
+    assert h.tokens[0] != first and len(h.tokens) >= 3
+

@@ -40,7 +40,7 @@ def test_sliding_past_the_context_warns_once(model, caplog):
     with caplog.at_level(logging.WARNING, logger="gptlab.inference.generation"):
         out = generate(model, torch.tensor([1, 2, 3]), 40)
     assert out.shape == (1, 43)
-    warnings = [r for r in caplog.records if "passed the model's context of 16 tokens" in r.getMessage()]
+    warnings = [r for r in caplog.records if "passes the model's context of 16 tokens" in r.getMessage()]
     assert len(warnings) == 1
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="gptlab.inference.generation"):

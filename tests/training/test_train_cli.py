@@ -191,3 +191,24 @@ def test_a_corpus_too_small_for_the_vocabulary_is_explained(capsys):
     tok = _build_tokenizer(None, "the cat sat on the mat. " * 50, 4096, "")
     out = capsys.readouterr().out
     assert tok.vocab_size < 4096 and f"the corpus filled {tok.vocab_size:,} of the 4,096 requested tokens" in out
+
+
+def test_moe_micro_trains_and_logs_its_balancing_loss(tmp_path, capsys):
+    """The mixture-of-experts preset trains through the one loop: the loss falls, the aux loss is logged."""
+    import math
+
+    from gptlab.weights import load_model
+
+    out = tmp_path / "moe"
+    flags = ["--preset", "moe-micro", "--context-length", "32", "--vocab-size", "300", "--batch-size", "8",
+             "--eval-every", "10", "--eval-iters", "2", "--lr", "3e-3", "--precision", "fp32", "--progress", "false"]
+    assert run(["train", "--data", str(VERDICT), "--out", str(out), "--max-steps", "30", *flags]) == 0
+    assert "val aux_loss" in capsys.readouterr().out
+    recs = _metrics(out)
+    assert [r["step"] for r in recs] == [10, 20, 30]
+    assert recs[0]["train_loss"] < math.log(300)  # below the uniform guess already
+    assert recs[-1]["train_loss"] < recs[0]["train_loss"] and recs[-1]["val_loss"] < recs[0]["val_loss"]
+    for r in recs:  # router_aux_loss_coef 0.01 x E·sum f·P, which lies in (0, E = 4]
+        assert 0.0 < r["train_aux_loss"] <= 0.04 and 0.0 < r["val_aux_loss"] <= 0.04
+    model = load_model(out)
+    assert (model.cfg.n_experts, model.cfg.experts_per_token, model.cfg.shared_expert_dim) == (4, 2, 256)

@@ -192,3 +192,47 @@ def test_a_mistyped_local_path_is_not_blamed_on_the_hub_alone(tmp_path, monkeypa
     assert msg.startswith(f"model 'runs/typo': there is no local file or directory of that name (relative to "
                           f"{tmp_path})") and "\n" not in msg
     assert "as a Hugging Face Hub repo id: cannot download 'runs/typo'" in msg
+
+
+def _listing(files: dict[str, int]):
+    """What HfApi.model_info(files_metadata=True) returns, reduced to what the disk check reads."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(sha="f" * 40, siblings=[SimpleNamespace(rfilename=n, size=b, lfs=None)
+                                                   for n, b in files.items()])
+
+
+def test_download_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch, capsys):
+    """The Hub is unreachable here: its listing and the free disk are stood in for; nothing is fetched."""
+    import shutil as _shutil
+    from collections import namedtuple
+
+    from gptlab.cli import run
+    from gptlab.weights import hub
+
+    fetched = []
+
+    def fake_snapshot_download(repo_id, local_files_only=False, **kw):
+        if local_files_only:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        fetched.append(repo_id)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(hub, "_repo_info", lambda repo_id, revision: _listing(
+        {"config.json": 700, "model.safetensors": 3 * 2**30, "pytorch_model.bin": 3 * 2**30, "README.md": 9}))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(_shutil, "disk_usage", lambda p: usage(10 * 2**30, 9 * 2**30, 2**30))
+    assert run(["download", "big/model", "--cache-dir", str(tmp_path / "hub"), "--verify", "false"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and fetched == []
+    # only what gptlab fetches counts (*.json + *.safetensors; not the .bin, not README.md)
+    assert err.startswith("error: big/model needs 3.0 GiB but only 1.0 GiB is free on the disk of ")
+    assert "gptlab cache rm" in err and "--cache-dir" in err
+    # files already in the snapshot are not counted again: the rest fits and the download goes ahead
+    snap = tmp_path / "hub" / "models--big--model" / "snapshots" / ("f" * 40)
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").write_bytes(b"")
+    assert run(["download", "big/model", "--cache-dir", str(tmp_path / "hub"), "--verify", "false"]) == 0
+    assert fetched == ["big/model"]
+    assert hub.bytes_to_fetch(_listing({"a.json": 5, "b.gguf": 7}), hub.GGUF_PATTERNS, None) == 12

@@ -37,6 +37,16 @@ CASES = {
     "qwen2-bias": ("Qwen2ForCausalLM", "Qwen2Config", _common(tie_word_embeddings=True, rope_theta=1e6)),
     "gemma": ("GemmaForCausalLM", "GemmaConfig",
               _common(head_dim=32, num_key_value_heads=1, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)),
+    # mixtures of experts: top-2 of 4 renormalised (Mixtral); top-3 of 6 not renormalised + a gated shared expert
+    "mixtral-moe": ("MixtralForCausalLM", "MixtralConfig",
+                    _common(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+                            router_aux_loss_coef=0.02)),
+    "qwen2-moe-shared": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig",
+                         _common(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=40,
+                                 shared_expert_intermediate_size=72, norm_topk_prob=False, tie_word_embeddings=True)),
+    "qwen2-moe-norm": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig",
+                       _common(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                               shared_expert_intermediate_size=48, norm_topk_prob=True, tie_word_embeddings=False)),
 }
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import re
 import shutil
 import socket
 import subprocess
@@ -24,6 +23,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import psutil
+
+from gptlab import mig
 
 GiB = 2**30
 
@@ -52,6 +53,7 @@ class GPU:
     bandwidth: float | None = None  # bytes/s, measured
     matmul_bf16: float | None = None  # FLOP/s, measured
     mig_uuids: list[str] = field(default_factory=list)
+    device: str | None = None  # a MIG slice: the --device value that selects it (mig:N)
 
     @property
     def cuda_visible_devices(self) -> str | None:
@@ -96,9 +98,11 @@ class Hardware:
             gpu = f"{g.name} ({g.vram_total / GiB:.1f} GiB shared, Metal)"
         else:
             gpu = f"{g.name} ({g.vram_free / GiB:.1f} GiB free / {g.vram_total / GiB:.1f} GiB)"
-            if g.mig_uuids:
+            if g.mig_uuids and g.device is None:
                 gpu += f" MIG x{len(g.mig_uuids)}: CUDA_VISIBLE_DEVICES={g.cuda_visible_devices}"
         sim = " [simulated]" if self.simulated else ""
+        if mig := mig_line(self.gpus, g):
+            sim += "\n" + mig
         return (f"CPU: {self.cpu_name} ({self.cores} cores) | RAM: {self.ram_available / GiB:.1f} GiB avail / "
                 f"{self.ram_total / GiB:.1f} GiB total | GPU: {gpu} | Ollama: {'yes' if self.ollama else 'no'}"
                 f"{sim}\n{'Measured' if self.calibrated else 'Assumed (not measured)'}: "
@@ -108,6 +112,17 @@ class Hardware:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def mig_line(gpus: list[GPU], chosen: GPU | None) -> str:
+    """``MIG slices: mig:0 ... 20.0 GiB (MIG-...), ...`` and which one the plan is for ('' without MIG)."""
+    parts = [f"{g.device} {g.name} {g.vram_total / GiB:.1f} GiB ({g.mig_uuids[0]})"
+             for g in gpus if g.device and g.mig_uuids]
+    if not parts or chosen is None:
+        return ""
+    pick = (f"the plan is for {chosen.device}, the largest; --device {chosen.device} sets "
+            f"CUDA_VISIBLE_DEVICES={chosen.mig_uuids[0]}") if chosen.device else "the plan is for a whole GPU"
+    return f"MIG slices: {', '.join(parts)}; {pick}"
 
 
 # ---------------------------------------------------------------- detection
@@ -146,12 +161,42 @@ def ollama_running(host: str = "127.0.0.1", port: int = 11434, timeout: float = 
         return False
 
 
-_MIG_RE = re.compile(r"MIG-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
 def parse_mig_uuids(nvidia_smi_l: str) -> list[str]:
     """MIG instance UUIDs from ``nvidia-smi -L`` output."""
-    return _MIG_RE.findall(nvidia_smi_l)
+    return [s.uuid for s in mig.slices(mig.parse_nvidia_smi_l(nvidia_smi_l))]
+
+
+def slice_gpus(gpus: list[mig.NvidiaGpu]) -> list[GPU]:
+    """One GPU entry per MIG slice (a process uses one slice; its memory is what a model can use)."""
+    return [GPU(f"{s.gpu_name} MIG {s.profile}", s.memory,
+                s.memory_free if s.memory_free is not None else s.memory, "cuda",
+                mig_uuids=[s.uuid], device=f"mig:{k}") for k, s in enumerate(mig.slices(gpus))]
+
+
+def _nvml_slices(pynvml, h, i: int, name: str, uuid: str) -> mig.NvidiaGpu:
+    """The MIG slices of NVML device ``h`` (none when MIG mode is off), with NVML's memory figures."""
+    found = []
+    try:
+        current, _pending = pynvml.nvmlDeviceGetMigMode(h)
+    except pynvml.NVMLError:  # a GPU without MIG support
+        return mig.NvidiaGpu(i, name, uuid)
+    if not current:
+        return mig.NvidiaGpu(i, name, uuid)
+    for j in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(h)):
+        try:
+            mh = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(h, j)
+        except pynvml.NVMLError:
+            continue
+        mem = pynvml.nvmlDeviceGetMemoryInfo(mh)
+        mig_name = _text(pynvml.nvmlDeviceGetName(mh))  # "NVIDIA A100-SXM4-40GB MIG 3g.20gb" (older drivers: no profile)
+        profile = mig_name.split("MIG")[-1].strip() if "MIG" in mig_name else f"slice {j}"
+        found.append(mig.MigSlice(i, name, j, profile, _text(pynvml.nvmlDeviceGetUUID(mh)),
+                                  int(mem.total), int(mem.free)))
+    return mig.NvidiaGpu(i, name, uuid, tuple(found))
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _nvml_gpus(notes: list[str]) -> list[GPU]:
@@ -165,30 +210,18 @@ def _nvml_gpus(notes: list[str]) -> list[GPU]:
         pynvml.nvmlInit()
     except Exception:  # no driver: not an error, just no NVIDIA GPU
         return []
-    gpus = []
+    gpus, physical = [], []
     try:
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            name = name.decode() if isinstance(name, bytes) else name
+            name = _text(pynvml.nvmlDeviceGetName(h))
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            migs = []
-            try:
-                current, _pending = pynvml.nvmlDeviceGetMigMode(h)
-                if current:
-                    for j in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(h)):
-                        try:
-                            mh = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(h, j)
-                        except pynvml.NVMLError:
-                            continue
-                        u = pynvml.nvmlDeviceGetUUID(mh)
-                        migs.append(u.decode() if isinstance(u, bytes) else u)
-            except pynvml.NVMLError:
-                pass
-            gpus.append(GPU(name, int(mem.total), int(mem.free), "cuda", mig_uuids=migs))
+            physical.append(_nvml_slices(pynvml, h, i, name, _text(pynvml.nvmlDeviceGetUUID(h))))
+            if not physical[-1].slices:
+                gpus.append(GPU(name, int(mem.total), int(mem.free), "cuda"))
     finally:
         pynvml.nvmlShutdown()
-    return gpus
+    return slice_gpus(physical) + gpus
 
 
 def _amd_gpus() -> list[GPU]:
@@ -230,15 +263,14 @@ def detect_devices(notes: list[str]) -> tuple[list[GPU], bool]:
                     gpus.append(GPU(torch.cuda.get_device_name(i), total, free, "cuda"))
         except Exception as e:  # a broken driver must not stop a CPU plan
             notes.append(f"CUDA query failed ({e}); planning for CPU only")
-    if gpus and any(g.backend == "cuda" for g in gpus) and not any(g.mig_uuids for g in gpus) \
-            and shutil.which("nvidia-smi"):
-        try:
-            migs = parse_mig_uuids(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
-                                                  timeout=5).stdout)
-            if migs:
-                gpus[0].mig_uuids = migs
-        except (OSError, subprocess.SubprocessError):
-            pass
+    if not any(g.device for g in gpus) and apple is None:  # no NVML: MIG slices from nvidia-smi -L
+        listed = mig.parse_nvidia_smi_l(mig.nvidia_smi_listing())
+        if mig.slices(listed):
+            whole = [g for g in listed if not g.slices]  # torch lists these (by name) besides one slice
+            gpus = slice_gpus(listed) + [g for g in gpus if g.backend == "cuda" and g.device is None
+                                          and any(w.name == g.name for w in whole)]
+            notes.append("MIG slice memory taken from the profile names (3g.20gb = 20 GiB); "
+                         "pip install nvidia-ml-py for the exact free memory")
     return gpus, apple is not None
 
 

@@ -29,6 +29,7 @@ from typing import Callable, TextIO
 import torch
 
 from gptlab.errors import GptlabError
+from gptlab.inference.engine import Engine
 from gptlab.inference.generation import completion_text, generate_events
 from gptlab.inference.sampling import validate_sampling
 from gptlab.inference.stops import StopSet
@@ -64,8 +65,14 @@ class ChatSession:
         # The template's end-of-turn token, eos of tokenizer and config, a style's stop strings (the next header).
         self.stops = StopSet.for_model(tokenizer, model.cfg, template=self.template)
         self.turns = 0
+        self.engine: Engine | None = None
         self.messages: list[dict] = []
         self.reset()
+
+    @property
+    def last_handle(self):
+        """The engine's handle of the latest reply (its tokens, ``cached_tokens`` reused), or None."""
+        return None if self.engine is None else self.engine.last_handle
 
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""
@@ -113,8 +120,11 @@ class ChatSession:
             self.messages.pop()
             raise
         seed = None if self.seed is None else self.seed + self.turns
+        if self.engine is None:  # one engine for the session: each turn reuses the earlier turns' cache
+            self.engine = Engine(self.model, self.tok, max_batch=1)
         events = generate_events(self.model, ids, self.max_new_tokens, tokenizer=self.tok, stops=self.stops,
-                                 seed=seed, cancel=cancel, text_after_prompt=False, **self.sampling)
+                                 seed=seed, cancel=cancel, text_after_prompt=False, engine=self.engine,
+                                 **self.sampling)
         try:
             answer, _ = completion_text(events, stream)
         except GptlabError:

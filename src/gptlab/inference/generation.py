@@ -1,12 +1,15 @@
-"""The one decoding loop, and the two ways to consume it.
+"""Generation through the engine: the tensor API and the event API.
 
-:func:`decode_steps` works with every gptlab model (any ``model(ids, cache=None)
--> logits`` with ``new_cache``). It runs the prompt once (prefill) and then one
-token per step through the KV cache, which gives the same tokens as
-recomputing the whole sequence every step (tested) at a fraction of the cost.
+Both run on :class:`~gptlab.inference.engine.Engine` (the one decoding loop):
+the prompt is prefilled once, then one token per step through the slot
+cache, which gives the same tokens as recomputing the whole sequence every
+step (``use_cache=False``, tested) at a fraction of the cost. Past the
+model's context each new token sees the last ``context`` tokens (recomputed,
+slower), as the book's ``generate_text_simple`` crops its input.
 
 - :func:`generate` ``(model, ids, max_new_tokens, ...) -> (B, T + n) ids``: the
-  tensor API, for batches of equal-length prompts.
+  tensor API, for batches of equal-length prompts (each row its own engine
+  sequence; row i of a seeded call samples with seed + i).
 - :func:`generate_events` yields one :class:`GenerationEvent` per token of a
   single sequence (token id, text piece, logprob, finish reason ``stop`` /
   ``length`` / ``cancelled``), stops at a :class:`~gptlab.inference.stops.StopSet`
@@ -20,21 +23,23 @@ Shapes: B = batch (sequences), T = prompt length, V = vocabulary size.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
 
 from gptlab.errors import GptlabError
-from gptlab.inference.detokenize import Detokenizer
+from gptlab.inference.engine import Engine, Request
+from gptlab.inference.events import (CANCELLED, LENGTH, STOP, GenerationEvent, TextStops, completion_text,
+                                     token_event)
 from gptlab.inference.sampling import Sampling, validate_sampling
 from gptlab.inference.stops import StopSet
 from gptlab.logs import get_logger
 
 log = get_logger(__name__)
 
-STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"  # finish reasons (OpenAI's names)
-
+__all__ = ["CANCELLED", "LENGTH", "STOP", "GenerationEvent", "TextStops", "completion_text", "generate",
+           "generate_events", "generate_command", "token_event"]
 
 def _prompt_tensor(model: torch.nn.Module, ids) -> torch.Tensor:
     """``ids`` checked: a (B, T) or (T,) integer tensor of ids inside the vocabulary -> (B, T)."""
@@ -57,70 +62,31 @@ def _prompt_tensor(model: torch.nn.Module, ids) -> torch.Tensor:
     return ids.long()
 
 
-def _generator(temperature: float, seed, device: torch.device) -> torch.Generator | None:
-    """A private random generator for sampling (None when greedy)."""
+def _check_seed(seed) -> None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise GptlabError(f"seed={seed!r} must be an integer (or None for a random seed)")
-    if temperature == 0:
-        return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else torch.seed())
-    return gen
 
 
-@torch.inference_mode()
-def decode_steps(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, *,
-                 stop_ids: list[int] | None = None, min_new_tokens: int = 0, seed: int | None = None,
-                 use_cache: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The decoding loop: yields ``(next ids (B,), their logprobs (B,))`` once per new token.
-
-    ``ids`` is a checked (B, T) prompt on the model's device. Logprobs are
-    ``log_softmax`` of the model's logits (before any sampling filter). Once a
-    row emits a stop id it keeps emitting ``stop_ids[0]``; the loop ends when
-    every row has stopped or after ``max_new_tokens`` steps. The model is in
-    eval mode while the loop runs (its mode is restored when the loop ends or is closed).
-    """
-    device = ids.device
-    ctx = model.cfg.context_length
-    stops = list(stop_ids or [])
-    gen = _generator(sampling.temperature, seed, device)
+@contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """The model in eval mode for the duration (a sample drawn mid-training leaves it training)."""
     was_training = model.training
     model.eval()
     try:
-        out = ids
-        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-        cache, slid = None, False
-        window = ids[:, -ctx:]  # a prompt longer than the context: keep the most recent tokens
-        if use_cache:
-            cache = model.new_cache(ids.shape[0], min(ctx, window.shape[1] + max_new_tokens))
-            logits = model(window, cache)[:, -1]
-        for step in range(max_new_tokens):
-            if cache is not None and step > 0 and cache.pos >= cache.max_len:
-                # The context is full: from here every step sees a shifted window of the
-                # last `ctx` tokens, which a cache cannot reuse. Recompute instead.
-                cache = None
-            if not slid and out.shape[1] > ctx:
-                slid = True
-                log.warning("generation passed the model's context of %d tokens: each new token now sees "
-                            "only the last %d (and decoding recomputes the window, slower)", ctx, ctx)
-            if cache is None:
-                logits = model(out[:, -ctx:])[:, -1]
-            elif step > 0:
-                logits = model(out[:, -1:], cache)[:, -1]
-            logits = logits.float()  # (B, V)
-            nxt = sampling.next_tokens(logits, out, gen, banned=stops if step < min_new_tokens else None)
-            if stops:
-                nxt = torch.where(finished, torch.full_like(nxt, stops[0]), nxt)
-            logprob = torch.log_softmax(logits, -1).gather(1, nxt.unsqueeze(1)).squeeze(1)  # (B,)
-            out = torch.cat([out, nxt.unsqueeze(1)], dim=1)
-            yield nxt, logprob
-            if stops:
-                finished |= torch.isin(nxt, torch.tensor(stops, device=device))
-                if bool(finished.all()):
-                    break
+        yield
     finally:
         if was_training:
             model.train()
+
+
+def _engine_for(model: torch.nn.Module, tokenizer, rows: int, prompt_len: int, max_new_tokens: int) -> Engine:
+    """An engine sized for ``rows`` sequences of prompt + new tokens (at most the model's context)."""
+    ctx = model.cfg.context_length
+    if prompt_len + max_new_tokens > ctx:
+        log.warning("the prompt plus %d new tokens passes the model's context of %d tokens: tokens past it "
+                    "see only the last %d (and decoding recomputes the window, slower)", max_new_tokens, ctx, ctx)
+    return Engine(model, tokenizer, max_batch=rows, max_len=max(2, min(ctx, prompt_len + max_new_tokens)),
+                  prefix_reuse=False)
 
 
 def generate(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, *,
@@ -132,8 +98,8 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, *,
     """Continue token ids ``ids`` (B, T) (or (T,)) by up to ``max_new_tokens`` tokens.
 
     Args:
-        model: any gptlab model (``model(ids, cache) -> logits``).
-        ids: prompt token ids, (B, T) or (T,); cropped to the model's context from the left.
+        model: any gptlab model.
+        ids: prompt token ids, (B, T) or (T,); past the model's context only the last tokens are seen.
         max_new_tokens: how many tokens to add at most.
         temperature: 0 = greedy; otherwise logits are divided by it before sampling.
         top_k: keep only the k most likely tokens.
@@ -143,7 +109,7 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, *,
         eos_id: stop a sequence once it emits this id (or any of these ids; a StopSet's ``ids``).
         min_new_tokens: eos is suppressed until this many tokens were generated.
         num_return_sequences: samples per prompt (the batch is repeated).
-        seed: seed for a private random generator (reproducible sampling).
+        seed: reproducible sampling: row i samples with its own generator seeded ``seed + i``.
         use_cache: KV-cached decoding (False recomputes the whole sequence each step).
         stream: called with each step's new tokens (B,) as they are produced.
 
@@ -151,84 +117,36 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, *,
         (B · num_return_sequences, T + n) ids; sequences that stopped at eos are
         padded with eos after it.
     """
-    sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty).validate(max_new_tokens)
+    Sampling(temperature, top_k, top_p, min_p, repetition_penalty).validate(max_new_tokens)
+    _check_seed(seed)
     ids = _prompt_tensor(model, ids)
     if num_return_sequences > 1:
         ids = ids.repeat_interleave(num_return_sequences, dim=0)
-    ids = ids.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
     stops = [] if eos_id is None else ([eos_id] if isinstance(eos_id, int) else list(eos_id))
-    new = []
-    for nxt, _ in decode_steps(model, ids, max_new_tokens, sampling, stop_ids=stops,
-                               min_new_tokens=min_new_tokens, seed=seed, use_cache=use_cache):
-        new.append(nxt.unsqueeze(1))
-        if stream is not None:
-            stream(nxt)
-    return torch.cat([ids, *new], dim=1)
-
-
-@dataclass(frozen=True)
-class GenerationEvent:
-    """One step of a generated sequence.
-
-    Attributes:
-        token_id: the token generated at this step (None on a ``cancelled`` event).
-        text: the text this step adds ("" while a character or a possible stop string is held back;
-            a stop token or stop string adds none).
-        logprob: log-probability of ``token_id`` under the model (before sampling filters).
-        finish_reason: None, or on the last event ``stop`` (a stop token or string), ``length``
-            (``max_new_tokens`` reached) or ``cancelled``.
-        top_logprobs: the N most likely tokens at this step as ``(token_id, logprob)``, most likely
-            first, when the request asked for N alternatives (the engine's ``logprobs=N``); else ().
-    """
-
-    token_id: int | None
-    text: str
-    logprob: float | None
-    finish_reason: str | None = None
-    top_logprobs: tuple[tuple[int, float], ...] = ()
-
-
-class TextStops:
-    """Detokenize a sequence and cut it at the first stop string, holding back what may become one."""
-
-    def __init__(self, tokenizer, stops: StopSet, context_ids: list[int]):
-        self.detok = Detokenizer(tokenizer, context_ids) if tokenizer is not None else None
-        self.stops, self.held, self.stopped = stops, "", False
-
-    def add(self, piece: str, final: bool = False) -> str:
-        """Text safe to show after ``piece``; sets ``stopped`` once a stop string appeared."""
-        text = self.held + piece
-        cut = self.stops.find(text)
-        if cut is not None:
-            self.stopped, self.held = True, ""
-            return text[:cut]
-        keep = 0 if final else self.stops.holdback(text)
-        self.held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep]
-
-    def push(self, token_id: int) -> str:
-        return self.add(self.detok.push(token_id)) if self.detok is not None else ""
-
-    def flush(self) -> str:
-        return self.add(self.detok.flush(), final=True) if self.detok is not None else ""
-
-
-def token_event(text: TextStops, stops: StopSet, token_id: int, logprob: float, n: int, max_new_tokens: int,
-                top_logprobs: tuple[tuple[int, float], ...] = ()) -> GenerationEvent:
-    """The event for the ``n``-th (0-based) generated token: its text, and its finish reason if it ends the sequence.
-
-    A stop token ends with ``stop`` and adds no text of its own; a stop string
-    completed by this token ends with ``stop`` (the text before it only); the
-    ``max_new_tokens``-th token ends with ``length``.
-    """
-    if stops.is_stop(token_id):
-        return GenerationEvent(token_id, text.flush(), logprob, STOP, top_logprobs)
-    piece = text.push(token_id)
-    if text.stopped:
-        return GenerationEvent(token_id, piece, logprob, STOP, top_logprobs)
-    if n + 1 == max_new_tokens:
-        return GenerationEvent(token_id, piece + text.flush(), logprob, LENGTH, top_logprobs)
-    return GenerationEvent(token_id, piece, logprob, None, top_logprobs)
+    if max_new_tokens == 0:
+        return ids.to(device)
+    with _eval_mode(model):
+        engine = _engine_for(model, None, ids.shape[0], ids.shape[1], max_new_tokens)
+        handles = [engine.submit(Request(row, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                                         seed=None if seed is None else seed + i, stops=StopSet(frozenset(stops)),
+                                         min_tokens=min_new_tokens, slide=True, recompute=not use_cache))
+                   for i, row in enumerate(ids.tolist())]
+        pad = stops[0] if stops else 0
+        streamed = 0
+        while engine.busy:
+            engine.step()
+            if stream is not None:  # hand out every step all rows have reached (a stopped row: eos)
+                ready = min(len(h.tokens) if not h.done else max_new_tokens for h in handles)
+                for n in range(streamed, ready):
+                    stream(torch.tensor([h.tokens[n] if n < len(h.tokens) else pad for h in handles], device=device))
+                streamed = max(streamed, ready)
+    longest = max(len(h.tokens) for h in handles)
+    new = torch.tensor([h.tokens + [pad] * (longest - len(h.tokens)) for h in handles], device=device)
+    if stream is not None:
+        for n in range(streamed, longest):
+            stream(new[:, n])
+    return torch.cat([ids.to(device), new], dim=1)
 
 
 def generate_events(model: torch.nn.Module, ids, max_new_tokens: int, *, tokenizer=None,
@@ -236,7 +154,7 @@ def generate_events(model: torch.nn.Module, ids, max_new_tokens: int, *, tokeniz
                     top_p: float | None = None, min_p: float | None = None,
                     repetition_penalty: float | None = None, min_new_tokens: int = 0, seed: int | None = None,
                     use_cache: bool = True, cancel: Callable[[], bool] | None = None,
-                    text_after_prompt: bool = True) -> Iterator[GenerationEvent]:
+                    text_after_prompt: bool = True, engine: Engine | None = None) -> Iterator[GenerationEvent]:
     """Generate one sequence as events, one per token; the last carries the finish reason.
 
     Args:
@@ -251,43 +169,36 @@ def generate_events(model: torch.nn.Module, ids, max_new_tokens: int, *, tokeniz
             ``cancelled`` event. Closing the iterator also stops generation at once.
         text_after_prompt: the text reads on from the prompt (keeps a SentencePiece leading
             space); False for a reply that is a message of its own (chat, judge).
+        engine: run on this engine (built on ``model`` with ``tokenizer``) instead of a new one:
+            a chat keeps one, so that each turn reuses the cache of the turns before it.
     """
-    sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty).validate(max_new_tokens)
+    Sampling(temperature, top_k, top_p, min_p, repetition_penalty).validate(max_new_tokens)
+    _check_seed(seed)
     ids = _prompt_tensor(model, ids)
     if ids.shape[0] != 1:
         raise GptlabError(f"generate_events decodes one sequence; ids has {ids.shape[0]} rows")
     stops = stops or StopSet()
     if stops.strings and tokenizer is None:
         raise GptlabError("stop strings need the tokenizer: pass tokenizer=")
-    text = TextStops(tokenizer, stops, ids[0].tolist() if text_after_prompt else [])
     if max_new_tokens == 0:
         yield GenerationEvent(None, "", None, LENGTH)
         return
-    steps = decode_steps(model, ids.to(next(model.parameters()).device), max_new_tokens, sampling,
-                         stop_ids=stops.ids, min_new_tokens=min_new_tokens, seed=seed, use_cache=use_cache)
-    try:
-        for n, (nxt, logprob) in enumerate(steps):
-            event = token_event(text, stops, int(nxt[0]), float(logprob[0]), n, max_new_tokens)
-            yield event
-            if event.finish_reason is not None:
-                return
-            if cancel is not None and cancel():
-                yield GenerationEvent(None, text.flush(), None, CANCELLED)
-                return
-    finally:
-        steps.close()
+    prompt = ids[0].tolist()
+    with _eval_mode(model):
+        if engine is None:
+            engine = _engine_for(model, tokenizer, 1, len(prompt), max_new_tokens)
+        handle = engine.submit(Request(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                                       seed=seed, stops=stops, min_tokens=min_new_tokens,
+                                       text_after_prompt=text_after_prompt, slide=True, recompute=not use_cache))
+        try:
+            for event in engine.stream(handle):
+                yield event
+                if not handle.done and cancel is not None and cancel():
+                    engine.cancel(handle)
+        finally:
+            engine.cancel(handle)  # the iterator closed early: free the slot (a no-op once done)
 
 
-def completion_text(events: Iterator[GenerationEvent], emit: Callable[[str], None] | None = None) -> tuple[str, str]:
-    """Drain ``events``: (the whole text, the finish reason); ``emit`` gets each non-empty piece."""
-    pieces, reason = [], None
-    for ev in events:
-        if ev.text:
-            pieces.append(ev.text)
-            if emit is not None:
-                emit(ev.text)
-        reason = ev.finish_reason or reason
-    return "".join(pieces), reason
 def generate_command(model: str, prompt: str = "", max_new_tokens: int = 100, temperature: float = 0.8,
                      top_k: int | None = 50, top_p: float | None = None, min_p: float | None = None,
                      repetition_penalty: float | None = None, seed: int | None = None,

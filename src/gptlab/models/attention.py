@@ -29,18 +29,31 @@ class SlotCache:
     The cache only stores; a forward call addresses it through :meth:`rows`,
     which says which slots the batch's rows are and at which positions their
     new tokens go. Positions are the caller's: nothing here advances.
+
+    With ``ring=W`` (Mistral's sliding window, W < max_len) each slot stores
+    only its last W tokens, position p at index p % W: memory is bounded by the
+    window whatever the sequence length. ``kpos`` (N, W) then records the
+    absolute position held at each index (-1: empty), from which the masks
+    are built.
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int,
-                 head_dim: int, *, dtype: torch.dtype, device: torch.device | str):
-        shape = (batch, n_kv_heads, max_len, head_dim)
+                 head_dim: int, *, dtype: torch.dtype, device: torch.device | str, ring: int | None = None):
+        self.ring = ring if ring is not None and ring < max_len else None
+        shape = (batch, n_kv_heads, self.ring or max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_batch, self.max_len = batch, max_len
+        self.kpos = torch.full((batch, self.ring), -1, device=device) if self.ring else None
 
     def rows(self, slots: torch.Tensor, positions: torch.Tensor) -> "SlotBatch":
         """A view for one forward call: row b is slot ``slots[b]``, its T new tokens at ``positions[b]`` (B, T)."""
-        return SlotBatch(self, slots, positions)
+        return RingBatch(self, slots, positions) if self.ring else SlotBatch(self, slots, positions)
+
+    def clear(self, slot: int) -> None:
+        """Forget what a slot holds (a ring's positions; a plain slot is overwritten by position anyway)."""
+        if self.kpos is not None:
+            self.kpos[slot] = -1
 
 
 class KVCache(SlotCache):
@@ -141,6 +154,47 @@ class SlotBatch:
 
     def advance(self, n: int) -> None:
         """Nothing: the caller owns each row's positions."""
+
+
+class RingBatch(SlotBatch):
+    """Rows of a ring :class:`SlotCache` (sliding window W): each slot keeps only its last W keys.
+
+    A call attends over the ring's stored keys followed by its own T new ones
+    (W + T keys, masked by their absolute positions: causal and within the
+    window), then stores the new ones at index position % W. Reading before
+    writing lets a chunk of T tokens see the keys it is about to overwrite.
+    """
+
+    def __init__(self, cache: SlotCache, slots: torch.Tensor, positions: torch.Tensor):
+        super().__init__(cache, slots, positions)
+        W, T = cache.ring, positions.shape[1]
+        keep = min(T, W)  # of the T new tokens only the last W can stay in the ring
+        self._at = (slots.unsqueeze(1), slice(None), positions[:, T - keep:] % W)  # indexes (B, keep, Hkv, hd)
+        self._keep = keep
+        self._key_pos = torch.cat([cache.kpos[slots], positions], dim=1)  # (B, W + T)
+        self._written = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return stored + new k/v (B, Hkv, W + T, hd); store the new ones in the ring."""
+        c = self.cache
+        keys = torch.cat([c.k[layer][self.slots], k], dim=2)
+        values = torch.cat([c.v[layer][self.slots], v], dim=2)
+        c.k[layer][self._at] = k[:, :, -self._keep:].transpose(1, 2)
+        c.v[layer][self._at] = v[:, :, -self._keep:].transpose(1, 2)
+        self._written += 1
+        if self._written == len(c.k):  # the last layer: the ring now holds these positions
+            c.kpos[self._at[0], self._at[2]] = self.pos[:, -self._keep:]
+        return keys, values
+
+    def mask(self, T: int, window: int | None) -> torch.Tensor:
+        """(B, 1, T, W + T) bool: a query sees stored or new keys at positions in (its - W, its]."""
+        if window not in self._masks:
+            q_pos = self.pos.unsqueeze(-1)  # (B, T, 1)
+            k_pos = self._key_pos.unsqueeze(1)  # (B, 1, W + T)
+            W = window or self.cache.ring
+            allowed = (k_pos >= 0) & (k_pos <= q_pos) & (k_pos > q_pos - W)
+            self._masks[window] = allowed.unsqueeze(1)
+        return self._masks[window]
 
 
 CacheView = KVCache | SlotBatch  # what a model call takes as ``cache``

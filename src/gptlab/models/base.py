@@ -156,6 +156,14 @@ class LanguageModel(nn.Module):
     def forward(self, ids: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
         return self.get_head()(self.features(ids, cache))  # (B, T, V)
 
+    def aux_loss(self) -> torch.Tensor | None:
+        """An auxiliary training loss of the last forward call, already weighted, or None.
+
+        A mixture of experts returns its weighted load-balancing loss; the
+        training loop's language-modeling task adds it to the cross-entropy.
+        """
+        return None
+
     def new_cache(self, batch: int, max_len: int | None = None, *, dtype=None, device=None) -> KVCache:
         """An empty KV cache sized for this model (default: its full context)."""
         p = self.get_embedding().weight
@@ -164,11 +172,16 @@ class LanguageModel(nn.Module):
 
     def new_slot_cache(self, max_batch: int, max_len: int | None = None, *, dtype=None,
                        device=None) -> SlotCache:
-        """An empty slot cache: ``max_batch`` independent sequences of up to ``max_len`` tokens (default: the context)."""
+        """An empty slot cache: ``max_batch`` independent sequences of up to ``max_len`` tokens (default: the context).
+
+        With a sliding window W < max_len the cache keeps a ring of each sequence's last W tokens.
+        """
         p = self.get_embedding().weight
         max_len = min(max_len or self.cfg.context_length, self.cfg.context_length)
+        window = self.cfg.attended_tokens(max_len)  # < max_len for a sliding window: keep a ring of W
         return SlotCache(self.cfg.n_layers, max_batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
-                         dtype=dtype or p.dtype, device=device or p.device)
+                         dtype=dtype or p.dtype, device=device or p.device,
+                         ring=window if window < max_len else None)
 
     def positions(self, T: int, cache: CacheView | None, device) -> torch.Tensor:
         """Absolute positions of a call's T new tokens, checked against the context window.

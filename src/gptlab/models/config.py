@@ -199,14 +199,19 @@ class ModelConfig:
 class KeyRule:
     """One row of a declarative key map: our state-dict name <-> a checkpoint's name.
 
-    ``{i}`` stands for the layer index; ``transpose`` marks tensors stored as
+    ``{i}`` stands for the layer index, ``{e}`` for the expert index of a
+    mixture of experts (``cfg.n_experts``); ``transpose`` marks tensors stored as
     (in, out) (GPT-2's Conv1D); ``when(cfg)`` makes a row conditional on the config.
+    A row with ``{e}`` in ``ours`` only maps every expert to one stored tensor that
+    stacks them along its first dimension (GGUF's ``ffn_*_exps``): expansion sets
+    ``index`` = e, and the row's tensor is ``stored[index]``.
     """
 
     ours: str
     theirs: str
     transpose: bool = False
     when: Callable[[ModelConfig], bool] | None = None
+    index: int | None = None
 
 
 @dataclass(frozen=True)

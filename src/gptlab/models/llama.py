@@ -10,6 +10,8 @@ Their differences are config fields, never model names:
     mlp_act                    "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)
     embed_scale                Gemma: embeddings multiplied by √d
     norm_unit_offset           Gemma: RMSNorm scales by (1 + w) instead of w
+    n_experts, experts_per_token, norm_topk, shared_expert_dim, router_aux_loss_coef
+                               Mixtral / Qwen2-MoE: a mixture of experts instead of the MLP (models/moe.py)
 
 Versus GPT-2 (``models/gpt2.py``): RMSNorm instead of LayerNorm, rotary
 positions instead of learned ones, a gated feed-forward, no biases, and
@@ -33,6 +35,8 @@ from gptlab.errors import GptlabError
 from gptlab.models.attention import CacheView, apply_rope, attend, rope_cos_sin, rope_frequencies
 from gptlab.models.base import LanguageModel
 from gptlab.models.config import ConfigError, Family, KeyRule, ModelConfig, register_family, register_preset
+from gptlab.models.moe import (HF_MOE_KEYS, MIXTRAL, QWEN2_MOE, SparseMoE, balance_loss, check_moe_fields,
+                               hf_moe_arch, hf_moe_export, hf_moe_fields, mlp_params)
 
 MLP_ACTS = ("silu", "gelu_tanh")
 _HAS_RMS_NORM = hasattr(F, "rms_norm")  # PyTorch >= 2.4
@@ -45,6 +49,11 @@ class LlamaConfig(ModelConfig):
 
     ``hidden_dim`` (the gated MLP's width F) is required: published models do
     not follow one formula (Llama 2 7B: 11008 for d=4096; Llama 3 8B: 14336).
+    With ``n_experts`` > 0 the MLP is a mixture of experts (``models/moe.py``):
+    ``hidden_dim`` is then each expert's width, ``experts_per_token`` of them
+    run per token, their weights renormalised when ``norm_topk``; an optional
+    shared expert of width ``shared_expert_dim`` (Qwen2-MoE) runs for every
+    token; training adds ``router_aux_loss_coef`` x the load-balancing loss.
     """
 
     family: ClassVar[str] = "llama"
@@ -60,6 +69,11 @@ class LlamaConfig(ModelConfig):
     bos_id: int | None = None
     eos_id: int | list[int] | None = None
     attn_impl: str = "sdpa"  # "sdpa" | "math"
+    n_experts: int = 0  # 0: a dense MLP; E > 0: a mixture of E experts
+    experts_per_token: int = 0  # k: experts each token runs (Mixtral: 2 of 8)
+    norm_topk: bool = True  # renormalise the k router weights to sum to 1 (Mixtral; Qwen2-MoE's norm_topk_prob)
+    shared_expert_dim: int | None = None  # width of a shared expert every token runs (Qwen2-MoE), gated by sigmoid
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss added when training
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,20 +103,25 @@ class LlamaConfig(ModelConfig):
                     f"rope_scaling is missing {', '.join(missing)}; Llama 3 scaling needs all of "
                     f"{', '.join(ROPE_SCALING_KEYS)} (or set rope_scaling=None)"
                 )
+        check_moe_fields(self)
 
     def param_counts(self) -> dict[str, int]:
-        """Exact parameter counts by group (tied output weights counted once)."""
-        d, F_, L, V = self.emb_dim, self.hidden_dim, self.n_layers, self.vocab_size
+        """Exact parameter counts by group (tied output weights counted once); ``active``: k of E experts."""
+        d, L, V = self.emb_dim, self.n_layers, self.vocab_size
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         bias = (q_out + 2 * kv_out) if self.qkv_bias else 0
         attn = d * q_out + 2 * d * kv_out + bias + q_out * d
-        mlp = 3 * d * F_
+        mlp, mlp_active = mlp_params(self)
         block = attn + mlp + 2 * d  # two RMSNorm weights
         tok = V * d
         head = 0 if self.tie_embeddings else V * d
         total = tok + L * block + d + head
         return {
             "total": total,
+            "active": total - L * (mlp - mlp_active),
+            "experts": self.n_experts,
+            "experts_active": self.experts_per_token,
+            "experts_shared": int(bool(self.shared_expert_dim)),
             "embedding": tok,
             "non_embedding": total - tok,
             "lm_head": V * d,
@@ -144,14 +163,16 @@ class RMSNorm(nn.Module):
 class GatedMLP(nn.Module):
     """SwiGLU / GeGLU feed-forward (Shazeer 2020, https://arxiv.org/abs/2002.05202).
 
-    down(act(gate(x)) * up(x)): d -> F (twice) -> d, no biases.
+    down(act(gate(x)) * up(x)): d -> F (twice) -> d, no biases. ``width`` overrides F
+    (a mixture of experts' shared expert).
     """
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, width: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.emb_dim, bias=False)
+        width = width or cfg.hidden_dim
+        self.gate_proj = nn.Linear(cfg.emb_dim, width, bias=False)
+        self.up_proj = nn.Linear(cfg.emb_dim, width, bias=False)
+        self.down_proj = nn.Linear(width, cfg.emb_dim, bias=False)
         self.act = F.silu if cfg.mlp_act == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,14 +207,14 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); the mlp is a mixture of experts if n_experts."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.emb_dim, cfg.norm_eps, cfg.norm_unit_offset)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.emb_dim, cfg.norm_eps, cfg.norm_unit_offset)
-        self.mlp = GatedMLP(cfg)
+        self.mlp = SparseMoE(cfg, GatedMLP) if cfg.n_experts else GatedMLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: CacheView | None = None, layer: int = 0) -> torch.Tensor:
@@ -236,6 +257,13 @@ class Llama(LanguageModel):
                 nn.init.normal_(p, std=0.02)
         self.reset_buffers()
 
+    def aux_loss(self) -> torch.Tensor | None:
+        """``router_aux_loss_coef`` x the load-balancing loss of the last forward call (a mixture of experts)."""
+        if not self.cfg.n_experts or not self.cfg.router_aux_loss_coef:
+            return None
+        loss = balance_loss([layer.mlp for layer in self.layers])
+        return None if loss is None else self.cfg.router_aux_loss_coef * loss
+
     def features(self, ids: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, d), before the output head."""
         B, T = ids.shape
@@ -251,7 +279,11 @@ class Llama(LanguageModel):
         return self.norm(x)
 
 
-# ---- Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GemmaForCausalLM ----
+# ---- Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GemmaForCausalLM (+ MoE rows) ----
+def _dense(cfg: LlamaConfig) -> bool:
+    return not cfg.n_experts
+
+
 HF_KEYS: tuple[KeyRule, ...] = (
     KeyRule("embed_tokens.weight", "model.embed_tokens.weight"),
     KeyRule("layers.{i}.input_layernorm.weight", "model.layers.{i}.input_layernorm.weight"),
@@ -263,9 +295,10 @@ HF_KEYS: tuple[KeyRule, ...] = (
     KeyRule("layers.{i}.self_attn.v_proj.bias", "model.layers.{i}.self_attn.v_proj.bias", when=lambda cfg: cfg.qkv_bias),
     KeyRule("layers.{i}.self_attn.o_proj.weight", "model.layers.{i}.self_attn.o_proj.weight"),
     KeyRule("layers.{i}.post_attention_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-    KeyRule("layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.gate_proj.weight"),
-    KeyRule("layers.{i}.mlp.up_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
-    KeyRule("layers.{i}.mlp.down_proj.weight", "model.layers.{i}.mlp.down_proj.weight"),
+    KeyRule("layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.gate_proj.weight", when=_dense),
+    KeyRule("layers.{i}.mlp.up_proj.weight", "model.layers.{i}.mlp.up_proj.weight", when=_dense),
+    KeyRule("layers.{i}.mlp.down_proj.weight", "model.layers.{i}.mlp.down_proj.weight", when=_dense),
+    *HF_MOE_KEYS,  # Mixtral's and Qwen2-MoE's expert names (models/moe.py)
     KeyRule("norm.weight", "model.norm.weight"),
     KeyRule("lm_head.weight", "lm_head.weight", when=lambda cfg: not cfg.tie_embeddings),
 )
@@ -307,9 +340,9 @@ def _hf_activation(hf: dict, arch: str) -> str:
 
 
 def hf_config(hf: dict, arch: str) -> LlamaConfig:
-    """A transformers Llama / Mistral / Qwen2 / Gemma config.json -> :class:`LlamaConfig`."""
+    """A transformers Llama / Mistral / Qwen2 / Gemma / Mixtral / Qwen2-MoE config.json -> :class:`LlamaConfig`."""
     is_gemma = arch == "GemmaForCausalLM"
-    is_qwen2 = arch == "Qwen2ForCausalLM"
+    is_qwen2 = arch in ("Qwen2ForCausalLM", QWEN2_MOE)
     if hf.get("mlp_bias"):
         raise GptlabError(f"{arch} with mlp_bias=true is not supported (gptlab's MLP has no biases)")
     if hf.get("attention_bias") and not is_qwen2:
@@ -319,7 +352,7 @@ def hf_config(hf: dict, arch: str) -> LlamaConfig:
     act = _hf_activation(hf, arch)
     theta, scaling = _hf_rope(hf)
     n_heads = _require(hf, "num_attention_heads", arch)
-    return LlamaConfig(
+    fields = dict(
         vocab_size=_require(hf, "vocab_size", arch),
         context_length=_require(hf, "max_position_embeddings", arch),
         emb_dim=_require(hf, "hidden_size", arch),
@@ -332,18 +365,22 @@ def hf_config(hf: dict, arch: str) -> LlamaConfig:
         rope_theta=theta,
         rope_scaling=scaling,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        qkv_bias=is_qwen2,
+        qkv_bias=bool(hf.get("qkv_bias", True)) if is_qwen2 else False,  # Qwen2-MoE has the flag, Qwen2 not
         mlp_act=act,
         embed_scale=is_gemma,
         norm_unit_offset=is_gemma,
-        sliding_window=hf.get("sliding_window") if arch == "MistralForCausalLM" else None,
+        sliding_window=hf.get("sliding_window") if arch in ("MistralForCausalLM", MIXTRAL) else None,
         bos_id=hf.get("bos_token_id"),
         eos_id=hf.get("eos_token_id"),
     )
+    fields.update(hf_moe_fields(hf, arch))  # n_experts, ... (and the experts' width) for Mixtral / Qwen2-MoE
+    return LlamaConfig(**fields)
 
 
 def _hf_architecture(cfg: LlamaConfig) -> str:
     """The transformers architecture whose fields match ``cfg`` (GptlabError if none does)."""
+    if cfg.n_experts:
+        return hf_moe_arch(cfg)  # its fields are checked by hf_moe_export
     gemma = (cfg.embed_scale, cfg.norm_unit_offset, cfg.mlp_act)
     if gemma == (True, True, "gelu_tanh"):
         if cfg.qkv_bias or cfg.sliding_window or cfg.rope_scaling:
@@ -362,12 +399,15 @@ def _hf_architecture(cfg: LlamaConfig) -> str:
     return "LlamaForCausalLM"
 
 
+HF_MODEL_TYPES = {QWEN2_MOE: "qwen2_moe"}  # where model_type is not the lower-cased architecture stem
+
+
 def hf_export(cfg: LlamaConfig) -> tuple[str, dict]:
     """:class:`LlamaConfig` -> (architecture, its transformers config.json)."""
     arch = _hf_architecture(cfg)
     act = "silu" if cfg.mlp_act == "silu" else "gelu_pytorch_tanh"
     out = {
-        "architectures": [arch], "model_type": arch.removesuffix("ForCausalLM").lower(),
+        "architectures": [arch], "model_type": HF_MODEL_TYPES.get(arch, arch.removesuffix("ForCausalLM").lower()),
         "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length,
         "hidden_size": cfg.emb_dim, "intermediate_size": cfg.hidden_dim,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
@@ -386,12 +426,14 @@ def hf_export(cfg: LlamaConfig) -> tuple[str, dict]:
         out.update(use_sliding_window=False, sliding_window=None)
     if cfg.rope_scaling:
         out["rope_scaling"] = {"rope_type": "llama3", **cfg.rope_scaling}
+    out.update(hf_moe_export(cfg))
     return arch, out
 
 
 register_family(Family("llama", LlamaConfig, Llama, hf_keys=HF_KEYS, hf_prefix="model.",
                        hf_architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                         "GemmaForCausalLM"), hf_config=hf_config, hf_export=hf_export))
+                                         "GemmaForCausalLM", MIXTRAL, QWEN2_MOE),
+                       hf_config=hf_config, hf_export=hf_export))
 
 
 # ---- presets: published shapes (from each model's config.json), plus a tiny trainable one ----
@@ -432,5 +474,13 @@ for _name, _cfg in {
     # Trains on a laptop CPU; vocab_size is replaced by the tokenizer's at train time.
     "llama-micro": LlamaConfig(vocab_size=50257, context_length=128, emb_dim=256, n_layers=4, n_heads=4,
                                n_kv_heads=2, hidden_dim=688),
+    "mixtral-8x7b": LlamaConfig(vocab_size=32000, context_length=32768, emb_dim=4096, n_layers=32, n_heads=32,
+                                n_kv_heads=8, hidden_dim=14336, rope_theta=1000000.0, tie_embeddings=False,
+                                n_experts=8, experts_per_token=2, router_aux_loss_coef=0.02, bos_id=1, eos_id=2),
+    # A mixture of experts that trains on a laptop CPU; a Qwen2-MoE shape (4 experts, 2 per token, a shared one),
+    # so it exports to transformers and llama.cpp (whose qwen2moe graph does not renormalise the top k).
+    "moe-micro": LlamaConfig(vocab_size=50257, context_length=128, emb_dim=192, n_layers=4, n_heads=4,
+                             n_kv_heads=2, hidden_dim=256, qkv_bias=True, n_experts=4, experts_per_token=2,
+                             norm_topk=False, shared_expert_dim=256, router_aux_loss_coef=0.01),
 }.items():
     register_preset(_name, _cfg)

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from gptlab.logs import get_logger
 from gptlab.training.batches import IndexedBatches
+from gptlab.training.loggers import check_logger_names
 from gptlab.training.loop import TrainConfig, TrainResult, train_loop
 from gptlab.training.rundir import RunDir
 from gptlab.training.settings import flag_name, refuse_changed, resumed_train_config
@@ -41,6 +42,7 @@ class Job:
     record: dict = field(default_factory=dict)  # recorded beside the settings
     files: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # written into a new run
     extra: dict = field(default_factory=dict)  # what the recipe's report needs
+    aux: nn.Module | None = None  # the task's own trainable modules (saved in checkpoints, not in RUN/model)
 
 
 class Recipe(Protocol):
@@ -84,6 +86,7 @@ def run_recipe(recipe: Recipe, s, *, is_main: bool = True) -> Any:
 
     TrainConfig(**{n: getattr(s, n, None) for n in ("max_steps", "epochs", "max_time", "patience")}
                 ).validate_limits()  # a bad limit is refused before anything is read
+    check_logger_names(s.logger)  # and a logger that is unknown or not installed
     device = pick_device(s.device)
     flags = limit_flags(recipe.limits[:2])
     if s.resume:
@@ -122,5 +125,6 @@ def _note_ignored_out(s) -> None:
 def _train(recipe: Recipe, s, cfg: TrainConfig, job: Job, run: RunDir, is_main: bool) -> Any:
     result = train_loop(job.model, job.train, job.val, cfg, run.path, task=job.task, tokenizer=job.tokenizer,
                         resume_state=job.resume_state, sample_fn=job.sample_fn, save_model=job.save_model,
-                        progress=s.progress, is_main=is_main, on_checkpoint=run.drop_replaced)
+                        progress=s.progress, is_main=is_main, on_checkpoint=run.drop_replaced, loggers=s.logger,
+                        aux=job.aux)
     return recipe.report(s, cfg, job, result, run.path)

@@ -1,5 +1,6 @@
-"""The training loop's side effects, each a small named piece: progress, evaluation, metrics, samples,
-the loss plot, the best model, checkpoints and early stopping.
+"""The training loop's side effects, each a small named piece: progress, evaluation, metrics (and the
+experiment loggers, :mod:`gptlab.training.loggers`), samples, the loss plot, the best model, checkpoints
+and early stopping.
 
 Every piece takes ``is_main``: in a multi-process run only the main rank prints and writes files (the
 others still evaluate, so a later all-reduce has every rank's numbers). With ``is_main=False`` a piece
@@ -13,7 +14,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,7 @@ import torch.nn as nn
 from gptlab.fileio import atomic_write_text
 from gptlab.training.batches import Batch, IndexedBatches
 from gptlab.training.checkpoint import save_checkpoint
+from gptlab.training.loggers import close_loggers, open_loggers
 from gptlab.training.report import MetricsLog, plot_losses
 
 
@@ -166,7 +168,9 @@ class Evaluation:
     def __init__(self, run: Path, model: nn.Module, task, train: IndexedBatches, val: IndexedBatches | None,
                  cfg, optimizer, tokenizer, *, save_model: Callable[[nn.Module, Path], None],
                  samples: Samples, progress: Progress, autocast, resumed_at: int | None, is_main: bool = True,
-                 on_checkpoint: Callable[[], None] | None = None):
+                 on_checkpoint: Callable[[], None] | None = None, loggers: Sequence[str] = (),
+                 aux: nn.Module | None = None):
+        self.aux = aux  # the task's own trainable modules: saved in state.pt, not in the model directory
         self.run, self.model, self.task, self.cfg, self.optimizer = run, model, task, cfg, optimizer
         self.tokenizer, self.save_model, self.samples, self.progress = tokenizer, save_model, samples, progress
         self.autocast, self.is_main, self.train, self.has_val = autocast, is_main, train, val is not None
@@ -174,6 +178,7 @@ class Evaluation:
         self.eval_train = train.fixed_batches(cfg.eval_iters)
         self.eval_val = val.fixed_batches(cfg.eval_iters) if val is not None else None
         self.log = MetricsLog(run / "metrics.jsonl", resume_step=resumed_at, write=is_main)
+        self.loggers = open_loggers(loggers, run, self.log.records, resumed_at, dataclasses.asdict(cfg), is_main)
         self.tokens_per_epoch = len(train) * train.bs * max(1, train.tokens_per_item)
 
     def evaluate(self) -> tuple[dict[str, float], dict[str, float]]:
@@ -198,6 +203,8 @@ class Evaluation:
         """checkpoints/step-N with the counters (``rng``: the state to replay an interrupted step from)."""
         if self.is_main:
             state = {**dataclasses.asdict(c), "config": dataclasses.asdict(self.cfg)}
+            if self.aux is not None:
+                state["aux"] = self.aux.state_dict()
             save_checkpoint(self.run, self.model, self.tokenizer, self.optimizer, state, rng=rng)
             if self.on_checkpoint is not None:
                 self.on_checkpoint()
@@ -207,6 +214,8 @@ class Evaluation:
         rec = self.record(c, lr, tr, va, speed)
         speed.reset()
         self.log.log(rec)
+        for logger in self.loggers:  # csv / tensorboard / wandb (main rank only)
+            logger.log(rec)
         if self.is_main:
             self.progress.write(eval_line(c.step, tr, va, rec["tokens_per_s"]))
         self.samples(self.model, c.step, self.progress.write)
@@ -217,6 +226,11 @@ class Evaluation:
             self.save_model(self.model, self.run / "model")
         self.checkpoint(c)
         return self.cfg.patience is not None and c.bad_evals >= self.cfg.patience
+
+    def close(self) -> None:
+        """Flush and close the experiment loggers."""
+        close_loggers(self.loggers)
+        self.loggers = []
 
     def last_step(self) -> int:
         """The step of the latest logged evaluation (-1 before the first)."""

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from gptlab.device import autocast_dtype
 from gptlab.errors import GptlabError
+from gptlab.models.base import LanguageModel
 from gptlab.training.batches import Batch, IndexedBatches
 from gptlab.training.checkpoint import rng_state, set_rng_state
 from gptlab.training.hooks import Counters, Evaluation, Progress, Samples, Throughput, to_device
@@ -118,19 +119,44 @@ class Task(Protocol):
         ...
 
 
-class LanguageModeling:
-    """Next-token cross-entropy over all positions (targets of -100 are ignored)."""
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """The model's weighted auxiliary loss of its last call (a mixture of experts' load balancing), or None.
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+    ``model`` may be ``torch.compile``'s wrapper (the loop's ``fwd``); a module that is
+    not a gptlab language model (a test's toy model) has none.
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile keeps the module it wraps here
+    return model.aux_loss() if isinstance(model, LanguageModel) else None
+
+
+class LanguageModeling:
+    """Next-token cross-entropy over all positions (targets of -100 are ignored), plus the model's
+    auxiliary loss when it has one (a mixture of experts' load balancing, ``router_aux_loss_coef`` x it)."""
+
+    def cross_entropy(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         x, y = batch[0], batch[1]
         logits = model(x)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
 
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        ce = self.cross_entropy(model, batch)
+        aux = aux_loss(model)
+        return ce if aux is None else ce + aux
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: list[Batch]) -> dict[str, float]:
-        losses = [float(self.loss(model, b)) for b in batches]
+        """``loss`` (cross-entropy only) and ``perplexity``; ``aux_loss`` too for a model that has one."""
+        losses, aux = [], []
+        for b in batches:
+            losses.append(float(self.cross_entropy(model, b)))
+            a = aux_loss(model)
+            if a is not None:
+                aux.append(float(a))
         loss = sum(losses) / max(1, len(losses))
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        if aux:
+            out["aux_loss"] = sum(aux) / len(aux)
+        return out
 
 
 @dataclass
@@ -208,14 +234,28 @@ def optimizer_step(model: nn.Module, fwd: nn.Module, train: IndexedBatches, task
     return loss_sum, n_tokens
 
 
-def _resume(optimizer, cfg: TrainConfig, resume_state: dict[str, Any] | None) -> Counters:
-    """The counters to start from: a checkpoint's (optimizer and RNG restored too), or zero (seeded)."""
+def _resume(optimizer, cfg: TrainConfig, resume_state: dict[str, Any] | None, aux: nn.Module | None) -> Counters:
+    """The counters to start from: a checkpoint's (optimizer, RNG and ``aux`` restored too), or zero (seeded)."""
     if resume_state is None:
         torch.manual_seed(cfg.seed)  # dropout masks follow the run's seed
         return Counters()
+    if aux is not None:
+        if "aux" not in resume_state:
+            raise GptlabError("the checkpoint has no saved auxiliary modules (e.g. distillation's feature "
+                              "projections) to resume them from; start a new run with --out")
+        aux.load_state_dict(resume_state["aux"])
     optimizer.load_state_dict(resume_state["optimizer"])
     set_rng_state(resume_state["rng"])
     return Counters.from_state(resume_state)
+
+
+def _autocast(model: nn.Module, cfg: TrainConfig):
+    """The autocast dtype for ``cfg.precision`` on the model's device (None: fp32) and a context factory."""
+    device = next(model.parameters()).device
+    amp = autocast_dtype(device, cfg.precision)
+    if amp is None:
+        return None, contextlib.nullcontext
+    return amp, lambda: torch.autocast(device.type, dtype=amp)
 
 
 def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | None, cfg: TrainConfig,
@@ -223,7 +263,8 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
                resume_state: dict[str, Any] | None = None, sample_fn: Callable[[nn.Module], str] | None = None,
                save_model: Callable[[nn.Module, Path], None] | None = None, progress: bool = True,
                echo: Callable[[str], None] | None = None, is_main: bool = True,
-               on_checkpoint: Callable[[], None] | None = None) -> TrainResult:
+               on_checkpoint: Callable[[], None] | None = None, loggers: Sequence[str] = (),
+               aux: nn.Module | None = None) -> TrainResult:
     """Train ``model`` on batches from ``train``, evaluating on ``val``; write the run directory.
 
     Args:
@@ -240,26 +281,30 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
         progress: show a progress bar.
         echo: where status lines go.
         is_main: this process is the main rank: only it prints and writes files.
+        loggers: also log each evaluation to these: csv, tensorboard, wandb (:mod:`gptlab.training.loggers`).
+        aux: trainable modules the task owns besides the model (distillation's feature projections):
+            optimized with it, saved in each checkpoint's ``state.pt`` and restored on resume, never
+            part of the saved model directory.
     """
     cfg.validate()
     echo = (echo or (lambda msg: print(msg, flush=True))) if is_main else (lambda msg: None)
     task, run = task or LanguageModeling(), Path(run_dir)
     if is_main:
         run.mkdir(parents=True, exist_ok=True)
-    amp = autocast_dtype(next(model.parameters()).device, cfg.precision)
-    autocast = ((lambda: torch.autocast(next(model.parameters()).device.type, dtype=amp)) if amp is not None
-                else contextlib.nullcontext)
+    amp, autocast = _autocast(model, cfg)
     sched = Schedule(cfg, train)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    trained = model if aux is None else nn.ModuleList([model, aux])  # what the optimizer and clipping see
+    optimizer = build_optimizer(trained, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     scaler = torch.amp.GradScaler(next(model.parameters()).device.type) if amp == torch.float16 else None
     fwd = torch.compile(model) if cfg.compile else model
-    c = _resume(optimizer, cfg, resume_state)
+    c = _resume(optimizer, cfg, resume_state, aux)
     resumed_at = c.step if resume_state is not None else None
     bar = Progress(progress, sched.max_steps, c, cfg.log_every, echo, is_main)
     evaluation = Evaluation(run, model, task, train, val, cfg, optimizer, tokenizer, autocast=autocast,
                             save_model=save_model or (lambda m, d: save_model_dir(m, d, tokenizer)),
                             samples=Samples(run, sample_fn, resumed_at, is_main), progress=bar,
-                            resumed_at=resumed_at, is_main=is_main, on_checkpoint=on_checkpoint)
+                            resumed_at=resumed_at, is_main=is_main, on_checkpoint=on_checkpoint, loggers=loggers,
+                            aux=aux)
     lr, speed, stopped = sched.lr(max(c.step - 1, 0)), Throughput(), None
     t_start = time.perf_counter() - c.elapsed
     step_rng, tokens_at_step_start = rng_state(), c.tokens
@@ -268,7 +313,7 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
             t0 = time.perf_counter()
             step_rng, tokens_at_step_start = rng_state(), c.tokens  # to replay this step exactly if it is interrupted
             lr = sched.lr(c.step)
-            loss, n_tokens = optimizer_step(model, fwd, train, task, optimizer, scaler, cfg, c, lr, autocast, run)
+            loss, n_tokens = optimizer_step(trained, fwd, train, task, optimizer, scaler, cfg, c, lr, autocast, run)
             c.step, c.tokens = c.step + 1, c.tokens + n_tokens
             speed.add(n_tokens, time.perf_counter() - t0)
             c.elapsed = time.perf_counter() - t_start
@@ -291,5 +336,6 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
         evaluation(c, lr, speed)
     if is_main and not (run / "model" / "config.json").exists() and c.step > 0:
         evaluation.save_model(model, run / "model")
+    evaluation.close()
     diag = diagnose(evaluation.log.records, getattr(getattr(model, "cfg", None), "vocab_size", None))
     return TrainResult(c.step, c.tokens, c.best_val, c.best_step, stopped, diag, evaluation.log.records)

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
 from gptlab.errors import GptlabError
+from gptlab.training.loggers import LoggerName
 
 # Settings that may differ on --resume: how and where this process runs (the limits are per recipe).
-PER_PROCESS = {"device", "progress", "out", "resume", "overwrite"}
+PER_PROCESS = {"device", "progress", "out", "resume", "overwrite", "logger"}
 
 
 @dataclass
@@ -37,11 +38,13 @@ class RunSettings:
         resume: continue the run in this directory from its latest checkpoint, with the settings it was
             started with (only the stopping limit, the new total, may change).
         precision: auto (bf16 where fast), fp32, bf16 or fp16.
-        device: auto, cpu, cuda or mps.
+        device: auto, cpu, cuda, cuda:N, mps, or a MIG slice: mig:N or mig:UUID (sets CUDA_VISIBLE_DEVICES).
         seed: random seed.
         overwrite: replace an existing run in --out (everything is checked first; the old run is replaced
             only once the new one is set up).
         progress: show a progress bar.
+        logger: also log each evaluation to csv (RUN/metrics.csv), tensorboard (RUN/tensorboard/) and/or
+            wandb (offline without an API key); repeat the flag or separate with commas. On --resume give it again.
     """
 
     out: str = "runs/default"
@@ -51,6 +54,7 @@ class RunSettings:
     seed: int = 123
     overwrite: bool = False
     progress: bool = True
+    logger: list[LoggerName] = dataclasses.field(default_factory=list)
 
     # Settings that count or scale something: refused unless > 0 (None, "not set", is fine).
     POSITIVE: ClassVar[tuple[str, ...]] = ()
@@ -234,4 +238,5 @@ def from_record(cls: type, meta: dict, s: Any):
     except (TypeError, AttributeError, KeyError) as e:
         raise GptlabError(f"the recorded settings do not fit this gptlab version ({e}); "
                           "the run cannot be resumed, start a new one with --out") from None
-    return dataclasses.replace(recorded, device=s.device, progress=s.progress, resume=s.resume, out=str(s.resume))
+    return dataclasses.replace(recorded, device=s.device, progress=s.progress, logger=list(s.logger),
+                               resume=s.resume, out=str(s.resume))

@@ -19,6 +19,13 @@ Names (``GGUF_KEYS``, in the KeyRule dialect of ``weights/keymaps.py``; N is the
     blk.N.ffn_norm          layers.N.post_attention_layernorm
     blk.N.ffn_{gate,up,down} layers.N.mlp.{gate,up,down}_proj
     output_norm             norm
+
+A mixture of experts (Mixtral is ``llama`` with ``llama.expert_count``; Qwen2-MoE is ``qwen2moe``):
+
+    blk.N.ffn_gate_inp      layers.N.mlp.gate                   the router (E, d)
+    blk.N.ffn_{gate,up,down}_exps  layers.N.mlp.experts.E.{gate,up,down}_proj  all experts stacked: (E, F, d) / (E, d, F)
+    blk.N.ffn_{gate,up,down}_shexp layers.N.mlp.shared_expert.{gate,up,down}_proj
+    blk.N.ffn_gate_inp_shexp       layers.N.mlp.shared_expert_gate  (1, d), or (d,) if a converter squeezed it
     output                  lm_head                             (absent: tied to the embedding)
 """
 
@@ -53,9 +60,17 @@ GGUF_KEYS: tuple[KeyRule, ...] = (
     KeyRule("layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias", when=lambda cfg: cfg.qkv_bias),
     KeyRule("layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
     KeyRule("layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
-    KeyRule("layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
-    KeyRule("layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
-    KeyRule("layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+    KeyRule("layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight", when=lambda cfg: not cfg.n_experts),
+    KeyRule("layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight", when=lambda cfg: not cfg.n_experts),
+    KeyRule("layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight", when=lambda cfg: not cfg.n_experts),
+    # a mixture of experts: {e} in our name only = one stored tensor stacking every expert (weights/keymaps.py)
+    KeyRule("layers.{i}.mlp.gate.weight", "blk.{i}.ffn_gate_inp.weight", when=lambda cfg: cfg.n_experts > 0),
+    *(KeyRule(f"layers.{{i}}.mlp.experts.{{e}}.{p}_proj.weight", f"blk.{{i}}.ffn_{p}_exps.weight",
+              when=lambda cfg: cfg.n_experts > 0) for p in ("gate", "up", "down")),
+    *(KeyRule(f"layers.{{i}}.mlp.shared_expert.{p}_proj.weight", f"blk.{{i}}.ffn_{p}_shexp.weight",
+              when=lambda cfg: bool(cfg.shared_expert_dim)) for p in ("gate", "up", "down")),
+    KeyRule("layers.{i}.mlp.shared_expert_gate.weight", "blk.{i}.ffn_gate_inp_shexp.weight",
+            when=lambda cfg: bool(cfg.shared_expert_dim)),
     KeyRule("norm.weight", "output_norm.weight"),
     KeyRule("lm_head.weight", "output.weight", when=lambda cfg: not cfg.tie_embeddings),
 )
@@ -63,7 +78,10 @@ GGUF_KEYS: tuple[KeyRule, ...] = (
 # Architectures whose q/k rows llama.cpp's converter permutes (it uses the
 # interleaved-pairs RoPE layout; Hugging Face checkpoints use "rotate half").
 PERMUTED_ARCHS = {"llama"}
-SUPPORTED_ARCHS = {"llama", "qwen2"}
+SUPPORTED_ARCHS = {"llama", "qwen2", "qwen2moe"}
+# llama.cpp's MoE graph renormalises the top-k router weights for these (Mixtral), not for qwen2moe,
+# unless the file says otherwise ({arch}.expert_weights_norm).
+NORM_TOPK_ARCHS = {"llama"}
 # Tensors that describe the model but are not parameters.
 NON_PARAMETERS = {"rope_freqs.weight"}
 
@@ -72,7 +90,8 @@ _KEY_RES = [(theirs_pattern(r), r.ours) for r in GGUF_KEYS]
 
 
 def map_name(gguf_name: str) -> str | None:
-    """Our parameter name for a GGUF tensor name, or None if the key map has no row for it."""
+    """Our parameter name for a GGUF tensor name (``{e}`` left in for a tensor stacking every expert),
+    or None if the key map has no row for it."""
     for rx, ours in _KEY_RES:
         m = rx.match(gguf_name)
         if m:
@@ -364,6 +383,7 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, .
         qkv_bias="blk.0.attn_q.bias" in tensors,
         name=str(meta.get("general.name", "gguf")),
     )
+    kw.update(_moe_fields(get, arch, tensors))  # n_experts, ... and the experts' width
     fields = {f.name for f in dataclasses.fields(LlamaConfig)}
     for ours, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id")):
         if ours in fields and f"tokenizer.ggml.{key}" in meta:
@@ -373,6 +393,23 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, .
         return LlamaConfig(**kw)
     except ValueError as e:
         raise GptlabError(f"{source}: its hyperparameters do not form a valid config: {e}") from None
+
+
+def _moe_fields(get, arch: str, tensors: dict) -> dict[str, Any]:
+    """The mixture-of-experts fields of the config ({} for a dense file), from ``{arch}.expert_*`` metadata."""
+    n_experts = int(get("expert_count", 0, required=False) or 0)
+    if not n_experts:
+        return {}
+    out: dict[str, Any] = dict(
+        n_experts=n_experts, experts_per_token=int(get("expert_used_count")),
+        norm_topk=bool(get("expert_weights_norm", arch in NORM_TOPK_ARCHS, required=False)))
+    if "blk.0.ffn_gate_exps.weight" in tensors:  # the experts' width, from the stacked (E, F, d) tensor
+        out["hidden_dim"] = int(tensors["blk.0.ffn_gate_exps.weight"][1][1])
+    elif get("expert_feed_forward_length", None, required=False):
+        out["hidden_dim"] = int(get("expert_feed_forward_length"))
+    if "blk.0.ffn_gate_shexp.weight" in tensors:
+        out["shared_expert_dim"] = int(tensors["blk.0.ffn_gate_shexp.weight"][1][0])
+    return out
 
 
 # ---- tensors ----
@@ -392,6 +429,11 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
             .reshape(rows, *rest))
 
 
+def _our_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shared-expert gate is (1, d) in our model; a converter may have stored it squeezed as (d,)."""
+    return (1, *shape) if name.endswith(".ffn_gate_inp_shexp.weight") and len(shape) == 1 else shape
+
+
 class GGUFTensors:
     """The parameters of a GGUF file for :func:`materialize`: dequantized one at a time, pages released."""
 
@@ -402,7 +444,7 @@ class GGUFTensors:
         self.permuted = f.meta["general.architecture"] in PERMUTED_ARCHS
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: t.shape for n, t in self.f.tensors.items()}
+        return {n: _our_shape(n, t.shape) for n, t in self.f.tensors.items()}
 
     def rules(self, model: nn.Module):
         return expand_rules(GGUF_KEYS, self.cfg), lambda k: k in NON_PARAMETERS
@@ -410,6 +452,7 @@ class GGUFTensors:
     def get(self, key: str, dtype: torch.dtype | None) -> torch.Tensor:
         """Dequantize ``key`` to ``dtype`` (default float32) in chunks, un-permute q/k rows, release its pages."""
         w = self.f.to_torch(key, dtype or torch.float32)
+        w = w.reshape(_our_shape(key, tuple(w.shape)))
         if self.permuted and (".attn_q." in key or ".attn_k." in key):
             w = unpermute_rows(w, self.cfg.n_heads if ".attn_q." in key else self.cfg.n_kv_heads)
         self.f.release(key)

@@ -5,17 +5,24 @@ weights, tokenizer files, GGUF files) with ``huggingface_hub.snapshot_download``
 into its usual cache (``$HF_HOME``, default ``~/.cache/huggingface``), so a
 second call, or transformers itself, reuses the files. A repo already in the
 cache is used without touching the network. Freshly downloaded weight files
-are checked against the SHA-256 the Hub lists for them.
+are checked against the SHA-256 the Hub lists for them. Before anything is fetched,
+the files still missing are added up (from the Hub's listing) and a download
+that would not fit on the cache's disk is refused in one line.
 
 Without a network connection the error says how to use a local directory instead.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 
+from gptlab.cache import free_bytes, human_size, hub_cache_dir
 from gptlab.errors import GptlabError
 from gptlab.fileio import sha256_file
+from gptlab.logs import get_logger
+
+log = get_logger(__name__)
 
 # What gptlab needs from a repo; pickled *.bin / *.pth weights are never fetched.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
@@ -50,12 +57,40 @@ def verify_checksums(directory: str | Path, expected: dict[str, str]) -> list[st
     return checked
 
 
-def _hub_checksums(repo_id: str, revision: str | None) -> dict[str, str]:
-    """SHA-256 of the repo's LFS files (the weights), as listed by the Hub."""
+def _repo_info(repo_id: str, revision: str | None):
+    """The Hub's listing of a repo: its commit and every file with its size (and LFS SHA-256)."""
     from huggingface_hub import HfApi
 
-    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    return HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+
+
+def _hub_checksums(info) -> dict[str, str]:
+    """SHA-256 of the repo's LFS files (the weights), as listed by the Hub."""
     return {s.rfilename: s.lfs.sha256 for s in info.siblings or [] if getattr(s, "lfs", None)}
+
+
+def bytes_to_fetch(info, patterns: list[str], snapshot: Path | None) -> int:
+    """Bytes of the repo's files matching ``patterns`` that are not already in the local ``snapshot``."""
+    total = 0
+    for s in info.siblings or []:
+        if not any(fnmatch.fnmatch(s.rfilename, p) for p in patterns):
+            continue
+        if snapshot is not None and (snapshot / s.rfilename).exists():
+            continue
+        total += int(getattr(s, "size", None) or 0)
+    return total
+
+
+def check_free_disk(repo_id: str, info, patterns: list[str], cache_dir: str | None) -> None:
+    """Refuse, in one line, a download that will not fit on the cache's disk."""
+    where = Path(cache_dir) if cache_dir else hub_cache_dir()
+    commit = getattr(info, "sha", None)
+    snapshot = where / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit if commit else None
+    need, free = bytes_to_fetch(info, patterns, snapshot), free_bytes(where)
+    if need > free:
+        raise GptlabError(f"{repo_id} needs {human_size(need)} but only {human_size(free)} is free on the disk of "
+                          f"{where}; free space (`gptlab cache` lists what is cached, `gptlab cache rm` deletes it) "
+                          "or pass --cache-dir on a bigger disk")
 
 
 def download(repo_id: str, revision: str | None = None, cache_dir: str | None = None,
@@ -75,6 +110,12 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | None = 
     except Exception:  # not cached (completely): go to the network
         pass
     try:
+        info = _repo_info(repo_id, revision)
+    except Exception:  # offline, gated, not found: snapshot_download below says which, in its words
+        info = None
+    if info is not None:
+        check_free_disk(repo_id, info, patterns, cache_dir)
+    try:
         path = Path(snapshot_download(repo_id, etag_timeout=10, **kw))
     except GatedRepoError:
         raise GptlabError(f"{repo_id} is gated: accept its license on huggingface.co and log in "
@@ -84,12 +125,10 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | None = 
     except Exception as e:  # connection refused, DNS failure, HF_HUB_OFFLINE=1, ...
         raise _offline_error(repo_id, e) from None
     if verify:
-        try:
-            expected = _hub_checksums(repo_id, revision)
-        except Exception as e:
-            print(f"note: could not fetch checksums for {repo_id} ({type(e).__name__}); files not verified")
+        if info is None:
+            log.info("could not fetch checksums for %s; files not verified", repo_id)
         else:
-            verify_checksums(path, expected)
+            verify_checksums(path, _hub_checksums(info))
     return path
 
 
@@ -113,4 +152,4 @@ def download_command(repo_id: str, revision: str | None = None, cache_dir: str |
     return 0
 
 
-__all__ = ["download", "download_command", "sha256_file", "verify_checksums"]
+__all__ = ["bytes_to_fetch", "check_free_disk", "download", "download_command", "sha256_file", "verify_checksums"]

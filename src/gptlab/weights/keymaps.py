@@ -20,6 +20,7 @@ GPT-2 checkpoints use OpenAI's ``Conv1D`` layers, whose weights are stored as
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Callable, Iterable, Sequence
 
 import torch.nn as nn
@@ -47,9 +48,19 @@ def expand_rules(table: Sequence[KeyRule], cfg: ModelConfig) -> list[KeyRule]:
     first = next((n for n, r in enumerate(rules) if "{i}" in r.ours), len(rules))
     rows = [r for r in rules[:first] if "{i}" not in r.ours]
     for i in range(cfg.n_layers):
-        rows += [KeyRule(r.ours.replace("{i}", str(i)), r.theirs.replace("{i}", str(i)), r.transpose)
-                 for r in per_layer]
+        for r in per_layer:
+            rows += _experts(KeyRule(r.ours.replace("{i}", str(i)), r.theirs.replace("{i}", str(i)), r.transpose),
+                             getattr(cfg, "n_experts", 0))  # a field of the families that have experts (llama)
     return rows + [r for r in rules[first:] if "{i}" not in r.ours]
+
+
+def _experts(rule: KeyRule, n_experts: int) -> list[KeyRule]:
+    """``rule`` once per expert when it names ``{e}``: a stored tensor each, or slices of one stacked tensor."""
+    if "{e}" not in rule.ours:
+        return [rule]
+    stacked = "{e}" not in rule.theirs
+    return [KeyRule(rule.ours.replace("{e}", str(e)), rule.theirs.replace("{e}", str(e)), rule.transpose,
+                    index=e if stacked else None) for e in range(n_experts)]
 
 
 def expand(family: str, cfg: ModelConfig) -> list[KeyRule]:
@@ -62,7 +73,8 @@ def expand(family: str, cfg: ModelConfig) -> list[KeyRule]:
 
 def theirs_pattern(rule: KeyRule) -> re.Pattern:
     """A regex matching the checkpoint names of ``rule`` (``{i}`` captured as group ``i``)."""
-    return re.compile("^" + re.escape(rule.theirs).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+    return re.compile("^" + re.escape(rule.theirs).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+                      + "$")
 
 
 def normalize_keys(family: str, keys: list[str]) -> dict[str, str]:
@@ -122,11 +134,20 @@ def check_strict(rules: list[KeyRule], stored: dict[str, tuple[int, ...]], model
     """
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, wrong = [], []
+    stacks = Counter(r.theirs for r in rules if r.index is not None)  # stacked tensor -> experts read from it
     for r in rules:
         if r.theirs not in stored:
             missing.append(r.theirs if by == "checkpoint" else r.ours)
             continue
         shape = tuple(stored[r.theirs])
+        if r.index is not None:  # one expert's slice of a stacked (E, ...) tensor
+            if not shape or shape[0] != stacks[r.theirs]:
+                if r.index == 0:
+                    wrong.append(f"{r.theirs} is {shape}, expected {stacks[r.theirs]} experts stacked on dim 0"
+                                 if by == "checkpoint" else f"{r.theirs}: {shape} does not stack "
+                                 f"{stacks[r.theirs]} experts")
+                continue
+            shape = shape[1:]
         got = shape[::-1] if r.transpose and len(shape) == 2 else shape
         want = own.get(r.ours, ())
         if got != want:

@@ -52,13 +52,20 @@ def fill(model: nn.Module, tensors: Tensors, dtype: torch.dtype | None = None, d
     rules, ignore = tensors.rules(model)
     plan = check_strict(rules, tensors.shapes(), model, tensors.source, ignore=ignore, by=tensors.by)
     state: dict[str, torch.Tensor] = {}
+    stacked: tuple[str, torch.Tensor] | None = None  # the last stacked tensor read (its experts' rows are adjacent)
     for r in plan:
-        t = tensors.get(r.theirs, dtype)
+        if r.index is not None:  # one expert of a stacked (E, ...) tensor: read it once, slice it E times
+            if stacked is None or stacked[0] != r.theirs:
+                stacked = (r.theirs, tensors.get(r.theirs, dtype))
+            t = stacked[1][r.index]
+        else:
+            t = tensors.get(r.theirs, dtype)
         if r.transpose:
             t = t.t()
         # .contiguous() copies only a transposed tensor: otherwise a parameter stays a view of the file
         state[r.ours] = (t.to(device) if device is not None else t).contiguous()
         del t
+    del stacked
     model.load_state_dict(state, strict=False, assign=True)
     return model
 
