@@ -62,6 +62,7 @@ BASE = {
                "--eval-iters 1 --context-length 16 --progress false --out {TMP}/dis",
     "judge": "--responses {TMP}/responses.json --judge http://127.0.0.1:9/ --retries 0 --progress false",
     "fit": "--model gpt2-nano",
+    "serve": "--model {RUN} --port 0 --style alpaca",
 }
 # Flags that name a path the command reads (files or directories).
 READS = {"data", "model", "tokenizer", "responses", "resume", "teacher", "student", "weight"}
@@ -216,10 +217,11 @@ def test_the_net_is_wide():
     assert len(CASES) > 300
 
 
-@pytest.mark.parametrize("name", sorted(set(BASE) - {"download", "judge", "classify"}))
+@pytest.mark.parametrize("name", sorted(set(BASE) - {"download", "judge", "classify", "serve"}))
 def test_each_base_command_line_works(name, trained, tmp_path, capsys, monkeypatch):
     """The control: the valid command line every case starts from runs (exit 0), so a case's error is the bad
-    value's, not the base's. (download needs the network, judge a judge server, classify a classifier.)"""
+    value's, not the base's. (download needs the network, judge a judge server, classify a classifier; serve
+    runs until a signal stops it: tests/serve/test_server.py starts it, sends SIGTERM and checks exit 0.)"""
     monkeypatch.setattr("sys.stdin", open(os.devnull))
     base = BASE[name].format(RUN=trained, TMP=tmp_path, VERDICT=VERDICT, SMS=SMS, INSTRUCTIONS=INSTRUCTIONS).split()
     code = run(name.split() + base)

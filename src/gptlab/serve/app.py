@@ -23,6 +23,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from gptlab.errors import GptlabError
 from gptlab.logs import get_logger
 from gptlab.serve import ollama_api, openai_api
 from gptlab.serve.completions import completions
@@ -85,6 +86,10 @@ async def _http_error(request, exc: HTTPException) -> Response:
                                                                       f"{request.url.path}"))
 
 
+async def _refused(request, exc: GptlabError) -> Response:
+    return error_response(request.url.path, ApiError(400, " ".join(str(exc).split())))
+
+
 async def _crash(request, exc: Exception) -> Response:
     log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
     return error_response(request.url.path, ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
@@ -121,7 +126,8 @@ def build_app(load: Callable[[], object], *, api_key: str | None = None, cors_or
     routes = frozenset(r.path for r in ROUTES if "{" not in r.path)
     middleware.append(Middleware(Guard, api_key=api_key, metrics=m, routes=routes))
     app = Starlette(routes=ROUTES, middleware=middleware, lifespan=lifespan,
-                    exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _crash})
+                    exception_handlers={ApiError: _api_error, GptlabError: _refused, HTTPException: _http_error,
+                                        Exception: _crash})
     app.state.metrics, app.state.max_body_bytes = m, max_body_bytes
     app.state.served, app.state.load_error = None, None
     return app

@@ -28,7 +28,7 @@ def _key(api_key: str | None, api_key_file: str | None) -> str | None:
 
 def serve_command(model: str, alias: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                   api_key: str | None = None, api_key_file: str | None = None, max_batch: int = 8,
-                  max_queue: int = 64, cors_origin: list[str] | None = None, quantize: str | None = None,
+                  max_queue: int = 64, context: int | None = None, cors_origin: list[str] | None = None, quantize: str | None = None,
                   style: str | None = None, device: str = "auto", dtype: str | None = None,
                   max_body_bytes: int = 1 << 20, shutdown_timeout: float = 10.0) -> int:
     """Serve a model over HTTP with the OpenAI and Ollama APIs and a browser playground (/playground).
@@ -47,6 +47,8 @@ def serve_command(model: str, alias: str | None = None, host: str = "127.0.0.1",
         api_key_file: read the key from this file instead (keeps it out of the process list).
         max_batch: sequences decoded together (the engine's slots).
         max_queue: requests that may wait for a slot; beyond, clients get 429 with Retry-After.
+        context: tokens per sequence, prompt and reply together (default and at most: the model's
+            context); the KV cache holds max_batch x context positions, so lower it for long-context models.
         cors_origin: browser origins allowed to call the API (repeat the flag); none: CORS closed.
         quantize: "int4" or "int8" weight-only linear layers (faster on CPU, approximate logits).
         style: a built-in chat prompt style (chatml, alpaca, phi-3, llama-3) instead of the model's template.
@@ -61,10 +63,13 @@ def serve_command(model: str, alias: str | None = None, host: str = "127.0.0.1",
     from gptlab.serve.app import build_app
     from gptlab.serve.model import ServedModel, default_name
 
-    for name, value, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
-                            ("max_body_bytes", max_body_bytes, 1024)):
+    checks = (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("max_body_bytes", max_body_bytes, 1024),
+              ("context", 2 if context is None else context, 2))
+    for name, value, lo in checks:
         if value < lo:
             raise GptlabError(f"{name}={value} must be >= {lo}")
+    if shutdown_timeout < 0:
+        raise GptlabError(f"shutdown_timeout={shutdown_timeout} must be >= 0 (seconds)")
     if not 0 <= port <= 65535:
         raise GptlabError(f"port={port} must be in 0..65535")
     key = _key(api_key, api_key_file)
@@ -74,7 +79,8 @@ def serve_command(model: str, alias: str | None = None, host: str = "127.0.0.1",
         t0 = time.perf_counter()
         opened = open_model(model, device=device, dtype=dtype, quantize=quantize)
         return ServedModel.build(opened, alias or default_name(model), max_batch=max_batch, max_queue=max_queue,
-                                 style=style, quantize=quantize, load_seconds=time.perf_counter() - t0)
+                                 context=context, style=style, quantize=quantize,
+                                 load_seconds=time.perf_counter() - t0)
 
     def load_failed(message: str) -> None:
         failure.append(message)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 from gptlab.inference.engine import Request
@@ -51,12 +52,14 @@ class Reply:
     tokens: list[GenerationEvent] = field(default_factory=list)
     generated: int = 0
     finish_reason: str | None = None
+    first_ns: int | None = None  # when the first token came (perf_counter_ns)
 
     def add(self, event: GenerationEvent) -> None:
         """Take one event of this choice."""
         self.pieces.append(event.text)
         if event.token_id is not None:
             self.generated += 1
+            self.first_ns = self.first_ns or time.perf_counter_ns()
             if shown(self.request, event):
                 self.tokens.append(event)
         if event.finish_reason is not None:

@@ -55,9 +55,13 @@ class ServedModel:
 
     @classmethod
     def build(cls, opened: OpenedModel, name: str, *, max_batch: int = 8, max_queue: int = 64,
+              context: int | None = None,
               style: str | None = None, quantize: str | None = None, metrics=None,
               load_seconds: float = 0.0) -> "ServedModel":
-        """Wrap an opened model: its template (or ``style``), stops, engine and worker (not started)."""
+        """Wrap an opened model: its template (or ``style``), stops, engine and worker (not started).
+
+        ``context``: tokens per sequence, prompt and reply (default and at most: the model's context).
+        """
         from gptlab.tokenizers.chat_template import ChatTemplate
 
         tok = opened.tokenizer
@@ -65,7 +69,9 @@ class ServedModel:
         if style is not None or getattr(tok, "chat_template", None):
             template = ChatTemplate.for_tokenizer(tok, style)  # a template that does not compile: refused here
         stops = StopSet.for_model(tok, opened.model.cfg, template=template) if template else opened.stops
-        engine = Engine(opened.model, tok, max_batch=max_batch)
+        if context is not None:
+            context = min(context, opened.model.cfg.context_length)
+        engine = Engine(opened.model, tok, max_batch=max_batch, max_len=context)
         worker = Worker(engine, max_queue=max_queue, metrics=metrics)
         grammar = JsonGrammar(tok, opened.model.cfg.vocab_size, sorted(stops.token_ids))
         return cls(opened, name, worker, template, stops, load_seconds, quantize=quantize, grammar=grammar)

@@ -37,9 +37,7 @@ def now_iso() -> str:
 
 def ollama_request(body: dict, served, prompt: list[int], stops, text_after_prompt: bool):
     """The engine request of a chat or generate body: its ``options``, ``format`` and the context."""
-    opts = Fields(body.get("options") if isinstance(body.get("options"), dict) else {}, "options.")
-    if body.get("options") is not None and not isinstance(body["options"], dict):
-        raise ApiError(400, "'options' must be an object")
+    opts = Fields(Fields(body).get("options", "dict", {}), "options.")
     num_ctx = opts.get("num_ctx", "int", lo=1)
     room = check_context(prompt, min(num_ctx or served.context, served.context), "prompt")
     num_predict = opts.get("num_predict", "int", lo=-2)
@@ -110,7 +108,7 @@ async def _generate(request, chat: bool) -> Response:
     except ClientGone:
         return Response(status_code=499)
     reply = replies[0]
-    timing.generated, timing.first = reply.generated, timing.first or time.perf_counter_ns()
+    timing.generated, timing.first = reply.generated, reply.first_ns
     last = {"model": served.name, "created_at": now_iso(), key: piece(reply.text), "done": True,
             "done_reason": reply.finish_reason, **timing.fields()}
     if not chat:

@@ -17,6 +17,8 @@ import json
 import time
 import uuid
 
+import torch
+
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gptlab.logs import get_logger
@@ -55,6 +57,7 @@ def openai_requests(f: Fields, served, prompts: list[list[int]], *, chat: bool) 
     stops = (served.chat_stops if chat else served.opened.stops).with_strings(f.stops())
     schema = schema_of("openai", f.data.get("response_format"))
     seed = f.get("seed", "int")
+    bias = logit_bias(f.get("logit_bias", "dict"), served.opened.model.cfg.vocab_size)
     common = dict(temperature=f.get("temperature", "number", 1.0), top_p=f.get("top_p", "number"),
                   top_k=f.get("top_k", "int"), min_p=f.get("min_p", "number"),
                   repetition_penalty=f.get("repetition_penalty", "number"),
@@ -64,11 +67,46 @@ def openai_requests(f: Fields, served, prompts: list[list[int]], *, chat: bool) 
     for prompt in prompts:
         room = check_context(prompt, served.context, "messages" if chat else "prompt")
         for i in range(n):
-            mask = served.grammar.mask(schema) if schema is not None else None
+            mask = chain(bias, served.grammar.mask(schema) if schema is not None else None)
             requests.append(engine_request(prompt, room, max_tokens, stops, seed=None if seed is None else seed + i,
                                            logprobs=top, text_after_prompt=not chat, logits_processor=mask,
                                            **common))
     return requests
+
+
+def logit_bias(value: dict | None, vocab: int):
+    """OpenAI's ``logit_bias`` ({"token id": bias in -100..100}) as a logits processor (None when empty)."""
+    if not value:
+        return None
+    ids, biases = [], []
+    for key, b in value.items():
+        if not key.isdigit() or int(key) >= vocab:
+            raise ApiError(400, f"logit_bias key {key!r} must be a token id in 0..{vocab - 1}", param="logit_bias")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+            raise ApiError(400, f"logit_bias[{key}] = {json.dumps(b)[:20]} must be a number in -100..100",
+                           param="logit_bias")
+        ids.append(int(key))
+        biases.append(float(b))
+    index, add = torch.tensor(ids), torch.tensor(biases)
+
+    def apply(generated: list[int], logits: torch.Tensor) -> torch.Tensor:  # logits (1, V)
+        return logits.index_add(1, index.to(logits.device), add.to(logits.device)[None])
+
+    return apply
+
+
+def chain(*processors):
+    """One logits processor that applies the given ones (None skipped) in order; None if there are none."""
+    todo = [p for p in processors if p is not None]
+    if len(todo) <= 1:
+        return todo[0] if todo else None
+
+    def apply(generated, logits):
+        for p in todo:
+            logits = p(generated, logits)
+        return logits
+
+    return apply
 
 
 def chat_logprob(tokenizer, event) -> dict:
