@@ -118,6 +118,8 @@ class Guard:
     def _refused(self, scope) -> bool:
         if self.api_key is None or scope["path"] == "/health" or scope["method"] == "OPTIONS":
             return False
+        if scope["path"] == "/playground" and scope["method"] == "GET":
+            return False  # a static page a browser opens by URL (no header); its API calls send the key
         headers = dict(scope["headers"])
         given = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, key = given.partition(" ")
