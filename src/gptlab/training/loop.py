@@ -24,7 +24,6 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from gptlab.device import autocast_dtype
 from gptlab.errors import GptlabError
@@ -32,7 +31,9 @@ from gptlab.models.base import LanguageModel
 from gptlab.training.batches import Batch, IndexedBatches
 from gptlab.training.checkpoint import rng_state, set_rng_state
 from gptlab.training.hooks import Counters, Evaluation, Progress, Samples, Throughput, to_device
+from gptlab.training.losses import lm_cross_entropy
 from gptlab.training.optim import build_optimizer, lr_at
+from gptlab.training.speed import compile_model
 from gptlab.training.report import Diagnosis, diagnose
 from gptlab.weights.native import save_model_dir
 
@@ -55,6 +56,8 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast)
     compile: bool = False
+    chunked_loss: bool = True  # head + cross-entropy chunk by chunk, never the (B, T, V) logits (training/losses.py)
+    vocab_multiple: int = 1  # pad the head to a multiple of this in the loss (64: 50,257 -> 50,304); masked
     eval_every: int = 50
     eval_iters: int = 10
     log_every: int = 10
@@ -91,7 +94,7 @@ class TrainConfig:
         if self.max_steps is None and self.epochs is None and self.max_time is None:
             raise GptlabError("say how long to train: give max_steps, epochs or max_time")
         self.validate_limits()
-        for f in ("batch_size", "grad_accum", "eval_every", "eval_iters", "log_every"):
+        for f in ("batch_size", "grad_accum", "eval_every", "eval_iters", "log_every", "vocab_multiple"):
             if getattr(self, f) < 1:
                 raise GptlabError(f"{f}={getattr(self, f)} must be >= 1")
         if not self.lr > 0:
@@ -131,12 +134,20 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
 
 class LanguageModeling:
     """Next-token cross-entropy over all positions (targets of -100 are ignored), plus the model's
-    auxiliary loss when it has one (a mixture of experts' load balancing, ``router_aux_loss_coef`` x it)."""
+    auxiliary loss when it has one (a mixture of experts' load balancing, ``router_aux_loss_coef`` x it).
+
+    ``chunked``: the head and the cross-entropy run chunk by chunk without the (B, T, V) logits, the head
+    padded to ``vocab_multiple`` (:func:`gptlab.training.losses.lm_cross_entropy`); the loss is the same.
+    """
+
+    chunked, vocab_multiple = True, 1  # class defaults: a subclass need not call __init__
+
+    def __init__(self, chunked: bool = True, vocab_multiple: int = 1):
+        self.chunked, self.vocab_multiple = chunked, vocab_multiple
 
     def cross_entropy(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        x, y = batch[0], batch[1]
-        logits = model(x)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+        x, y = batch[0], batch[1]  # (B, T), (B, T)
+        return lm_cross_entropy(model, x, y, chunked=self.chunked, vocab_multiple=self.vocab_multiple)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         ce = self.cross_entropy(model, batch)
@@ -202,25 +213,30 @@ class Schedule:
 
 
 def optimizer_step(model: nn.Module, fwd: nn.Module, train: IndexedBatches, task: Task, optimizer, scaler,
-                   cfg: TrainConfig, c: Counters, lr: float, autocast, run: Path) -> tuple[float, int]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, tokens seen)."""
+                   cfg: TrainConfig, c: Counters, lr: float, autocast, run: Path) -> tuple[torch.Tensor, int]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, a 0-d tensor, and tokens seen).
+
+    One host synchronisation per step: the divergence check before the optimizer step (the loss is
+    read back only where it is logged).
+    """
     device = next(model.parameters()).device
     for g in optimizer.param_groups:
         g["lr"] = lr
     model.train()
-    loss_sum, n_tokens = 0.0, 0
+    loss_sum, n_tokens = torch.zeros((), device=device), 0
     for k in range(cfg.grad_accum):
         batch = to_device(train.batch(c.step * cfg.grad_accum + k), device)
         with autocast():
             loss = task.loss(fwd, batch) / cfg.grad_accum
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss became {float(loss.detach() * cfg.grad_accum)} at step {c.step + 1}; stopped. The last good "
-                f"checkpoint is kept in {run / 'checkpoints'}. Lower the learning rate (now {lr:.2e}) "
-                "or use --precision fp32, then --resume")
         (scaler.scale(loss) if scaler else loss).backward()
-        loss_sum += float(loss.detach())
+        loss_sum += loss.detach().float()
         n_tokens += int(batch[0].numel())
+    if not torch.isfinite(loss_sum):  # before the weights change: the last checkpoint stays the last good one
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(
+            f"loss became {float(loss_sum)} at step {c.step + 1}; stopped. The last good "
+            f"checkpoint is kept in {run / 'checkpoints'}. Lower the learning rate (now {lr:.2e}) "
+            "or use --precision fp32, then --resume")
     if scaler:
         scaler.unscale_(optimizer)
     if cfg.grad_clip:
@@ -288,7 +304,7 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
     """
     cfg.validate()
     echo = (echo or (lambda msg: print(msg, flush=True))) if is_main else (lambda msg: None)
-    task, run = task or LanguageModeling(), Path(run_dir)
+    task, run = task or LanguageModeling(cfg.chunked_loss, cfg.vocab_multiple), Path(run_dir)
     if is_main:
         run.mkdir(parents=True, exist_ok=True)
     amp, autocast = _autocast(model, cfg)
@@ -296,7 +312,7 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
     trained = model if aux is None else nn.ModuleList([model, aux])  # what the optimizer and clipping see
     optimizer = build_optimizer(trained, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     scaler = torch.amp.GradScaler(next(model.parameters()).device.type) if amp == torch.float16 else None
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = compile_model(model) if cfg.compile else model
     c = _resume(optimizer, cfg, resume_state, aux)
     resumed_at = c.step if resume_state is not None else None
     bar = Progress(progress, sched.max_steps, c, cfg.log_every, echo, is_main)
@@ -330,6 +346,12 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
         echo(f"\ninterrupted at step {c.step}; checkpoint saved. Continue with --resume {run}")
     finally:
         bar.close()
+    return _finish(evaluation, model, run, c, stopped, lr, speed, is_main)
+
+
+def _finish(evaluation: Evaluation, model: nn.Module, run: Path, c: Counters, stopped: str, lr: float,
+            speed: Throughput, is_main: bool) -> TrainResult:
+    """After the last step: the final evaluation and model directory, the diagnosis, the result."""
     # A time limit (or a resumed run already past --max-steps) may stop between evaluations: evaluate
     # the final state too, so metrics.jsonl, loss.png, samples.txt and the checkpoint describe it.
     if stopped in ("max_time", "max_steps") and evaluation.last_step() != c.step and c.step > 0:
