@@ -129,3 +129,10 @@ def test_cuda_bf16_chunked_matches_plain():
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_without_grad_the_loss_is_the_same():
+    h, w, y = _inputs(torch.float32)
+    with torch.no_grad():
+        a = chunked_cross_entropy(h, w, y, chunk_rows=64)
+    torch.testing.assert_close(a, chunked_cross_entropy(h, w, y, chunk_rows=64).detach())

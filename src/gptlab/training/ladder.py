@@ -174,15 +174,14 @@ def run_ladder(shape: Shape, device: torch.device, steps: int, compile: bool = T
     mem = "Reserved memory GB" if device.type == "cuda" else "Peak RSS GB"
     echo(f"{'':<48} {'Avg tok/sec':>12} {mem:>19}   {'book A100 tok/sec':>17} {'book GB':>8}")
     for name, change, cuda_only, book_tps, book_gb in RUNGS:
-        s = replace(s, **change)
         book = f"{book_tps:>17,.0f} {book_gb:>8.4f}" if book_tps else f"{'—':>17} {'—':>8}"
         skip = ("CUDA only" if cuda_only and device.type != "cuda"
                 else "compile off (--no-compile)" if change.get("compile") and not compile else None)
-        if skip:
-            s = replace(s, compile=False) if change.get("compile") else s
+        if skip:  # the rung's change is not kept: the rungs below run without it
             echo(f"{name:<48} {'(' + skip + ')':>32}   {book}")
             rows.append({"rung": name, "tokens_per_s": None, "memory_gb": None, "skipped": skip})
             continue
+        s = replace(s, **change)
         tps, gb = run_rung(s, shape, device, steps, warmup=3 if s.compile else 2)
         gb_text = f"{gb:.4f}" if gb is not None else "—"
         echo(f"{name:<48} {tps:>12,.0f} {gb_text:>19}   {book}")
