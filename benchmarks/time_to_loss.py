@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="1: a model this small loses to thread sync (measured)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--target", type=float, default=TARGET)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -165,7 +165,7 @@ def main() -> None:
         return
     argv = [f"--steps={a.steps}", f"--batch={a.batch}", f"--lr={a.lr}", f"--warmup={a.warmup}",
             f"--eval-every={a.eval_every}", f"--precision={a.precision}"]
-    argv += [f"--threads={a.threads}"] if a.threads else []
+    argv += [f"--threads={a.threads}"]
     argv += ["--compile"] if a.compile else []
     print(f"recipe: {' '.join(argv)}; target val loss {a.target}; load average {os.getloadavg()[0]:.2f}")
     for side in a.sides.split(","):
