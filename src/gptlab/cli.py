@@ -51,6 +51,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "judge": ("gptlab.evaluation.judge:judge_command", "score model responses with an LLM judge"),
     "fit": ("gptlab.fit.commands:fit_command", "will a model fit here, and how fast will it run"),
     "serve": ("gptlab.serve.commands:serve_command", "serve a model over the OpenAI and Ollama HTTP APIs"),
+    "bench ladder": ("gptlab.training.ladder:ladder_command", "the course's training-speed ladder, rung by rung"),
 }
 
 

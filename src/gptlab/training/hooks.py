@@ -88,15 +88,16 @@ class Progress:
         """A status line that does not break the bar."""
         (self.bar.write if self.bar is not None else self.echo)(line)
 
-    def update(self, c: Counters, loss: float, speed: Throughput) -> None:
-        """After each optimizer step."""
+    def update(self, c: Counters, loss: float | torch.Tensor, speed: Throughput) -> None:
+        """After each optimizer step; ``loss`` (maybe a device tensor) is read back every ``log_every`` steps only."""
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed.rate():,.0f}", refresh=False)
+            if c.step % self.log_every == 0:
+                self.bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{speed.rate():,.0f}", refresh=False)
         elif self.plain and c.step % self.log_every == 0:
             rate = (c.step - self.start_step) / max(c.elapsed - self.start_elapsed, 1e-9)
             eta = f", eta {(self.max_steps - c.step) / rate:.0f}s" if self.max_steps and rate > 0 else ""
-            self.echo(f"step {c.step}{f'/{self.max_steps}' if self.max_steps else ''}: loss {loss:.3f}, "
+            self.echo(f"step {c.step}{f'/{self.max_steps}' if self.max_steps else ''}: loss {float(loss):.3f}, "
                       f"{speed.rate():,.0f} tok/s{eta}")
 
     def close(self) -> None:

@@ -26,7 +26,6 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from gptlab.device import autocast_dtype
 from gptlab.errors import GptlabError
@@ -36,7 +35,9 @@ from gptlab.training.checkpoint import load_rank_rng, load_sharded_optimizer, rn
 from gptlab.training.distributed import agree, all_sum
 from gptlab.training.hooks import Counters, Evaluation, Progress, Samples, Throughput, to_device
 from gptlab.training.parallel import Parallel, load_full_optimizer, single
+from gptlab.training.losses import lm_cross_entropy
 from gptlab.training.optim import build_optimizer, lr_at
+from gptlab.training.speed import compile_model
 from gptlab.training.report import Diagnosis, diagnose
 from gptlab.weights.native import save_model_dir
 
@@ -59,6 +60,8 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast)
     compile: bool = False
+    chunked_loss: bool = True  # head + cross-entropy chunk by chunk, never the (B, T, V) logits (training/losses.py)
+    vocab_multiple: int = 1  # pad the head to a multiple of this in the loss (64: 50,257 -> 50,304); masked
     eval_every: int = 50
     eval_iters: int = 10
     log_every: int = 10
@@ -106,7 +109,7 @@ class TrainConfig:
         if self.max_steps is None and self.epochs is None and self.max_time is None:
             raise GptlabError("say how long to train: give max_steps, epochs or max_time")
         self.validate_limits()
-        for f in ("batch_size", "grad_accum", "eval_every", "eval_iters", "log_every"):
+        for f in ("batch_size", "grad_accum", "eval_every", "eval_iters", "log_every", "vocab_multiple"):
             if getattr(self, f) < 1:
                 raise GptlabError(f"{f}={getattr(self, f)} must be >= 1")
         if not self.lr > 0:
@@ -147,12 +150,20 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
 
 class LanguageModeling:
     """Next-token cross-entropy over all positions (targets of -100 are ignored), plus the model's
-    auxiliary loss when it has one (a mixture of experts' load balancing, ``router_aux_loss_coef`` x it)."""
+    auxiliary loss when it has one (a mixture of experts' load balancing, ``router_aux_loss_coef`` x it).
+
+    ``chunked``: the head and the cross-entropy run chunk by chunk without the (B, T, V) logits, the head
+    padded to ``vocab_multiple`` (:func:`gptlab.training.losses.lm_cross_entropy`); the loss is the same.
+    """
+
+    chunked, vocab_multiple = True, 1  # class defaults: a subclass need not call __init__
+
+    def __init__(self, chunked: bool = True, vocab_multiple: int = 1):
+        self.chunked, self.vocab_multiple = chunked, vocab_multiple
 
     def cross_entropy(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        x, y = batch[0], batch[1]
-        logits = model(x)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+        x, y = batch[0], batch[1]  # (B, T), (B, T)
+        return lm_cross_entropy(model, x, y, chunked=self.chunked, vocab_multiple=self.vocab_multiple)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         ce = self.cross_entropy(model, batch)
@@ -218,29 +229,35 @@ class Schedule:
 
 
 def optimizer_step(par: Parallel, trained: nn.Module, train: IndexedBatches, task: Task, optimizer, scaler,
-                   cfg: TrainConfig, c: Counters, lr: float, autocast, run: Path) -> tuple[float, int]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, tokens seen), over all ranks.
-    ``trained``: what the optimizer holds (the model, with the task's own modules if it has any)."""
+                   cfg: TrainConfig, c: Counters, lr: float, autocast, run: Path) -> tuple[torch.Tensor, int]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, a 0-d tensor, and tokens seen),
+    over all ranks. ``trained``: what the optimizer holds (the model, with the task's own modules if any).
+
+    One host synchronisation per step in a single process: the divergence check before the optimizer
+    step (the loss is read back only where it is logged); several processes also sum loss and tokens.
+    """
     device = next(par.model.parameters()).device
     for g in optimizer.param_groups:
         g["lr"] = lr
     trained.train()
-    loss_sum, n_tokens = 0.0, 0
+    loss_sum, n_tokens = torch.zeros((), device=device), 0
     for k in range(cfg.grad_accum):
         batch = to_device(train.batch(c.step * cfg.grad_accum + k), device)
         with par.grad_sync(last=k == cfg.grad_accum - 1):  # gradients cross ranks once per step
             with autocast():
                 loss = task.loss(par.fwd, batch) / cfg.grad_accum
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {float(loss.detach() * cfg.grad_accum)} at step {c.step + 1}; stopped. The last "
-                    f"good checkpoint is kept in {run / 'checkpoints'}. Lower the learning rate (now {lr:.2e}) "
-                    "or use --precision fp32, then --resume")
             (scaler.scale(loss) if scaler else loss).backward()
-        loss_sum += float(loss.detach())
+        loss_sum += loss.detach().float()
         n_tokens += int(batch[0].numel())
-    loss_sum, n_tokens = all_sum([loss_sum, n_tokens], par.dist)  # the global batch's mean loss and tokens
-    loss_sum, n_tokens = loss_sum / par.dist.world, int(n_tokens)
+    if par.dist.active and par.dist.world > 1:  # the global batch's mean loss and tokens
+        total, n = all_sum([float(loss_sum), n_tokens], par.dist)
+        loss_sum, n_tokens = torch.tensor(total / par.dist.world), int(n)
+    if not torch.isfinite(loss_sum):  # before the weights change: the last checkpoint stays the last good one
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(
+            f"loss became {float(loss_sum)} at step {c.step + 1}; stopped. The last good "
+            f"checkpoint is kept in {run / 'checkpoints'}. Lower the learning rate (now {lr:.2e}) "
+            "or use --precision fp32, then --resume")
     if scaler:
         scaler.unscale_(optimizer)
     if cfg.grad_clip:
@@ -336,14 +353,14 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
     is_main = is_main and par.dist.is_main
     cfg.validate()
     echo = (echo or (lambda msg: print(msg, flush=True))) if is_main else (lambda msg: None)
-    task, run = task or LanguageModeling(), Path(run_dir)
+    task, run = task or LanguageModeling(cfg.chunked_loss, cfg.vocab_multiple), Path(run_dir)
     if is_main:
         run.mkdir(parents=True, exist_ok=True)
     amp, autocast = _autocast(model, cfg)
     sched = Schedule(cfg, train)
     optimizer = build_optimizer(trained := _trained(model, aux, par), cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     scaler = torch.amp.GradScaler(next(model.parameters()).device.type) if amp == torch.float16 else None
-    par = dataclasses.replace(par, fwd=torch.compile(par.fwd)) if cfg.compile else par
+    par = dataclasses.replace(par, fwd=compile_model(par.fwd)) if cfg.compile else par
     c = _resume(par, optimizer, cfg, resume_state, aux)
     resumed_at = c.step if resume_state is not None else None
     bar = Progress(progress, sched.max_steps, c, cfg.log_every, echo, is_main)

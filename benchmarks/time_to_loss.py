@@ -1,0 +1,181 @@
+"""Time to loss: nanoGPT's Tiny Shakespeare character recipe, whole-process wall time to a validation loss.
+
+The recipe (nanoGPT ``config/train_shakespeare_char.py`` with its README's CPU flags): characters as
+tokens (65), the first 90% of the text to train on, the last 10% to validate on; GPT 4 layers, 4 heads,
+width 128, context 64, batch 12, 2,000 iterations, AdamW lr 1e-3 cosine to 1e-4 after 100 warmup steps,
+beta2 0.99, weight decay 0.1, clip 1.0, dropout 0. The loss is measured as nanoGPT's ``estimate_loss``
+does: the mean over 20 random (12 x 64) batches of the validation text, every ``--eval-every`` steps.
+nanoGPT's own code ran it on this kind of machine, quiet, in 84 s to a validation loss of 1.886.
+
+Each side runs in its own process, timed from the moment it is started (Python start-up, imports,
+reading the text, building the model, training, every evaluation) to the evaluation that first reaches
+``--target``, and to its exit:
+
+- gptlab: ``gptlab.training.train_loop`` (its run directory, checkpoints and plots included);
+- transformers: ``GPT2LMHeadModel`` of the same shape in a plain PyTorch loop with the same schedule.
+
+The recipe may change for speed as long as the loss is measured the same way (``--batch``, ``--lr``,
+``--steps``, ``--precision``, ``--threads``, ``--compile``); the defaults are what gptlab runs best here.
+
+    python benchmarks/time_to_loss.py [--sides gptlab,hf] [--steps 2000 --batch 12 --lr 1e-3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATA = Path(os.environ.get("GPTLAB_SHARED_DATA", "/work/shared/data")) / "tinyshakespeare.txt"
+TARGET = 1.886
+
+
+def _char_data():
+    """nanoGPT's data/shakespeare_char/prepare.py: sorted characters as ids, 90% / 10% split."""
+    import numpy as np
+
+    text = DATA.read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    ids = np.array([stoi[c] for c in text], dtype=np.int64)
+    n = int(0.9 * len(ids))
+    return ids[:n], ids[n:], len(chars)
+
+
+def _report(step: int, val: float, t0: float) -> None:
+    print(json.dumps({"step": step, "val_loss": val, "t": time.time() - t0}), flush=True)
+
+
+def gptlab_worker(a, t0: float) -> None:
+    """The recipe through gptlab's one training loop."""
+    import tempfile
+
+    from gptlab.models import build_model
+    from gptlab.models.gpt2 import GPT2Config
+    from gptlab.training import TrainConfig, train_loop
+    from gptlab.training.batches import RandomWindows
+    from gptlab.training.speed import match_threads
+
+    match_threads(a.threads)
+    train_ids, val_ids, vocab = _char_data()
+    train = RandomWindows(train_ids, 64, a.batch, seed=1)
+    val = RandomWindows(val_ids, 64, 12, seed=2)  # nanoGPT's measure: 20 batches of 12 x 64
+    model = build_model(GPT2Config(vocab_size=vocab, context_length=64, emb_dim=128, n_layers=4, n_heads=4,
+                                   drop_rate=0.0))
+    cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch, lr=a.lr, min_lr=a.lr / 10, warmup_steps=a.warmup,
+                      beta2=0.99, weight_decay=0.1, grad_clip=1.0, precision=a.precision, compile=a.compile,
+                      eval_every=a.eval_every, eval_iters=20, log_every=10**9, device="cpu")
+    with tempfile.TemporaryDirectory() as run:
+        def on_checkpoint():
+            rec = json.loads((Path(run) / "metrics.jsonl").read_text().splitlines()[-1])
+            _report(rec["step"], rec["val_loss"], t0)
+
+        train_loop(model, train, val, cfg, run, progress=False, echo=lambda m: None, on_checkpoint=on_checkpoint)
+
+
+def hf_worker(a, t0: float) -> None:
+    """The recipe with transformers' GPT2LMHeadModel in a plain loop (nanoGPT's train.py, reduced)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptlab.training.optim import build_optimizer, lr_at
+    from gptlab.training.speed import match_threads
+
+    match_threads(a.threads)
+    train_ids, val_ids, vocab = _char_data()
+    torch.manual_seed(1)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=128, n_layer=4, n_head=4,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                       attn_implementation="sdpa"))
+    opt = build_optimizer(model, a.lr, 0.1, (0.9, 0.99))
+    rng = np.random.default_rng(1)
+    offsets = np.arange(65)
+
+    def batch(ids, bs):
+        rows = torch.from_numpy(ids[rng.integers(0, len(ids) - 65, size=bs)[:, None] + offsets])
+        return rows[:, :-1], rows[:, 1:]
+
+    amp = torch.bfloat16 if a.precision == "bf16" else None
+    for step in range(1, a.steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step - 1, lr=a.lr, warmup_steps=a.warmup, max_steps=a.steps, min_lr=a.lr / 10)
+        x, y = batch(train_ids, a.batch)
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            loss = F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % a.eval_every == 0 or step == a.steps:
+            model.eval()
+            with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+                losses = []
+                for _ in range(20):
+                    x, y = batch(val_ids, 12)
+                    losses.append(float(F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())))
+            model.train()
+            _report(step, sum(losses) / len(losses), t0)
+
+
+def run_side(side: str, argv: list[str], target: float) -> dict:
+    """Start one side's process; return when it first reached ``target`` and when it exited (seconds)."""
+    t0 = time.time()
+    cpu0 = os.times()
+    proc = subprocess.Popen([sys.executable, __file__, "--worker", side, "--t0", repr(t0), *argv],
+                            stdout=subprocess.PIPE, text=True)
+    reached, evals = None, []
+    for line in proc.stdout:
+        if not line.startswith("{"):
+            continue
+        e = json.loads(line)
+        evals.append(e)
+        if reached is None and e["val_loss"] is not None and e["val_loss"] <= target:
+            reached = (e["step"], time.time() - t0)
+    proc.wait()
+    cpu1 = os.times()
+    if proc.returncode:
+        raise SystemExit(f"the {side} run failed (exit {proc.returncode})")
+    return {"reached": reached, "total": time.time() - t0, "evals": evals,
+            "cpu": (cpu1.children_user - cpu0.children_user) + (cpu1.children_system - cpu0.children_system)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sides", default="gptlab,hf")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=12)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=1, help="1: a model this small loses to thread sync (measured)")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--target", type=float, default=TARGET)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--t0", type=float, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        (gptlab_worker if a.worker == "gptlab" else hf_worker)(a, a.t0)
+        return
+    argv = [f"--steps={a.steps}", f"--batch={a.batch}", f"--lr={a.lr}", f"--warmup={a.warmup}",
+            f"--eval-every={a.eval_every}", f"--precision={a.precision}"]
+    argv += [f"--threads={a.threads}"]
+    argv += ["--compile"] if a.compile else []
+    print(f"recipe: {' '.join(argv)}; target val loss {a.target}; load average {os.getloadavg()[0]:.2f}")
+    for side in a.sides.split(","):
+        r = run_side(side, argv, a.target)
+        curve = ", ".join(f"{e['step']}: {e['val_loss']:.3f} @ {e['t']:.0f}s" for e in r["evals"])
+        hit = (f"reached {a.target} at step {r['reached'][0]} after {r['reached'][1]:.1f} s" if r["reached"]
+               else f"did NOT reach {a.target}")
+        print(f"{side:>7}: {hit}; process {r['total']:.1f} s wall, {r['cpu']:.1f} s CPU; val {curve}")
+    print(f"nanoGPT reference: 84 s to 1.886 (quiet machine); target <= 42 s. load average {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
