@@ -556,6 +556,7 @@ def test_smollm2_through_both_clients():
     (["--quantize", "int3"], "error: --quantize 'int3' is not a quantization scheme"),
     (["--host", "nosuchhost.invalid"], "error: --host 'nosuchhost.invalid' is not an address"),
     (["--port", "BUSY"], "error: --port BUSY on 127.0.0.1 cannot be listened on (address already in use)"),
+    ([], "error: model 'MISSING' not found: give a gptlab run/model directory"),
 ])
 def test_serve_refuses_bad_flags_in_one_line_before_the_server_starts(tmp_path, capsys, flags, message):
     from live_server import free_socket
@@ -569,5 +570,5 @@ def test_serve_refuses_bad_flags_in_one_line_before_the_server_starts(tmp_path, 
         sock.close()
     err = capsys.readouterr().err
     assert rc == 1
-    assert err.startswith(message.replace("BUSY", port)), err
+    assert err.startswith(message.replace("BUSY", port).replace("MISSING", str(tmp_path / "never-loaded.gguf"))), err
     assert err.count("\n") == 1 and "Uvicorn" not in err, err

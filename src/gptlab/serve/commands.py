@@ -78,6 +78,10 @@ def serve_command(model: str, alias: str | None = None, host: str = "127.0.0.1",
 
         quantize = check_scheme(quantize)
     _check_port_free(host, port)
+    from gptlab.refs import looks_like_repo_id, resolve
+
+    if str(model).startswith("pkg:") or Path(model).expanduser().exists() or not looks_like_repo_id(str(model)):
+        resolve(model)  # a missing local file is refused now, not after the server started (a Hub id loads later)
     failure: list[str] = []
 
     def load() -> ServedModel:
