@@ -245,6 +245,14 @@ def test_ollama_listing_routes(server):
     assert e.value.status_code == 404 and "llama3" in e.value.error
 
 
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_a_quantized_model_reports_all_its_parameters(model_dir, opened, scheme):
+    q = open_model(str(model_dir), device="cpu", quantize=scheme)
+    d = ServedModel.build(q, "tiny", quantize=scheme).describe()  # /api/tags, /api/show, /api/ps
+    assert d["parameters"] == sum(p.numel() for p in opened.model.parameters())  # was the float leftovers only
+    assert d["quantization_level"] == scheme.upper()
+
 # ---- the judge through gptlab serve -----------------------------------------------------------------
 
 def test_judge_scores_through_the_server(server, opened):
