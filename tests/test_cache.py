@@ -156,6 +156,9 @@ def test_cli_lists_and_removes(caches, capsys):
     assert "error: say what to remove" in capsys.readouterr().err
     assert run(["cache", "rm", "--older-than", "soon"]) == 1
     assert "--older-than 'soon' is not an age" in capsys.readouterr().err
+    assert run(["cache", "rm", "x", "--all"]) == 1  # the flags as typed, not all=True / older_than
+    assert capsys.readouterr().err == ("error: --all removes everything; give it alone, or drop it and give a "
+                                       "PATTERN and/or --older-than\n")
 
 
 def test_cache_prefix_picks_one_cache(caches):

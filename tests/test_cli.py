@@ -157,6 +157,8 @@ def _one_error_line(capsys) -> str:
      "error: generate: --max-new-tokens expects an integer, got 'abc'; see gptlab generate --help"),
     (["generate", "--model", "m", "--top-k", "x"],  # int | None: the union's many-line message
      "error: generate: --top-k expects an integer, got 'x'; see gptlab generate --help"),
+    (["train", "--logger", "tensorboard,bogus"],  # a list of Literal: name the choices, not "a list"
+     "error: train: --logger expects one of csv, tensorboard, wandb, got 'bogus'; see gptlab train --help"),
     (["generate", "--model", "m", "--max-new-tokens"],
      "error: generate: --max-new-tokens needs a value; see gptlab generate --help"),
     (["generate"], "error: generate: missing --model MODEL; see gptlab generate --help"),
@@ -272,7 +274,8 @@ def test_a_synthesized_signature_is_parsed_and_documented(monkeypatch, capsys):
     assert _one_error_line(capsys) == ("error: synth: --mode expects one of logits, text, got 'tokens'; "
                                        "see gptlab synth --help")
     assert run(["synth", "m", "--sizes", "1,x"]) == 2
-    assert _one_error_line(capsys).startswith("error: synth: --sizes expects a list")
+    assert _one_error_line(capsys) == ("error: synth: --sizes expects an integer, got 'x'; "  # the item, not "a list"
+                                       "see gptlab synth --help")
     with pytest.raises(SystemExit) as e:
         run(["synth", "--help"])
     assert e.value.code == 0

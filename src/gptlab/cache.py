@@ -179,8 +179,8 @@ def select(items: list[CacheItem], pattern: str | None = None, older_than: str |
     """The items a removal takes: those whose name matches the glob ``pattern`` (case-insensitive; a
     pattern without wildcards names an item exactly) and/or not used for ``older_than``; or all."""
     if everything and (pattern or older_than):
-        raise GptlabError("all=True removes everything; give it alone, or drop it and give a pattern "
-                          "and/or older_than")
+        raise GptlabError("--all removes everything; give it alone, or drop it and give a PATTERN "
+                          "and/or --older-than")
     if not everything and not pattern and not older_than:
         raise GptlabError("say what to remove: a PATTERN (a repo id or file name, * wildcards), "
                           "--older-than 30d, or --all; `gptlab cache` lists what is there")

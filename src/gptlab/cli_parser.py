@@ -247,7 +247,7 @@ def _convert_one(p: Param, raw: str):
             return t(raw)
         except (TypeError, ValueError):
             pass
-    raise UsageError("bad_value", name=p.name, value=raw, hint=p.hint)
+    raise UsageError("bad_value", name=p.name, value=raw, hint=p.item if p.kind == "list" else p.hint)  # a list: say what each item must be
 
 
 def from_config(p: Param, value):

@@ -188,3 +188,10 @@ def test_stream_reads_parquet_row_batches(tmp_path):
     s = TokenStream(tmp_path / "pq", tok, 8)
     got = [s._next_document() for _ in range(54)]
     assert got == [t for i, t in enumerate(docs) if i % 10 != 0]
+
+
+def test_a_weight_that_is_not_a_number_is_named_when_the_path_before_it_exists(tmp_path):
+    (tmp_path / "code").mkdir()
+    with pytest.raises(GptlabError, match=r"the weight after ':' must be a number > 0.*\(got 'abc'\)"):
+        parse_mixture([f"{tmp_path}/code/:abc", "a.txt:0.7"])
+    assert parse_mixture(["no-such:abc"]) == [("no-such:abc", 1.0)]  # a path with a colon: the loader says not found

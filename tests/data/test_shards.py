@@ -123,7 +123,7 @@ def test_an_interrupted_run_resumes_without_redoing_shards(tmp_path, corpus, two
 
 def test_other_settings_on_the_same_out_are_refused(corpus, two_workers, shared_data):
     out, _ = two_workers
-    with pytest.raises(GptlabError, match="shard_bytes differ"):
+    with pytest.raises(GptlabError, match="shard_bytes changed"):
         prepare_sharded(corpus, out, tokenizer=str(shared_data / "gpt2"), workers=1, shard_bytes=70_000,
                         progress=False)
 

@@ -245,6 +245,14 @@ def test_ollama_listing_routes(server):
     assert e.value.status_code == 404 and "llama3" in e.value.error
 
 
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_a_quantized_model_reports_all_its_parameters(model_dir, opened, scheme):
+    q = open_model(str(model_dir), device="cpu", quantize=scheme)
+    d = ServedModel.build(q, "tiny", quantize=scheme).describe()  # /api/tags, /api/show, /api/ps
+    assert d["parameters"] == sum(p.numel() for p in opened.model.parameters())  # was the float leftovers only
+    assert d["quantization_level"] == scheme.upper()
+
 # ---- the judge through gptlab serve -----------------------------------------------------------------
 
 def test_judge_scores_through_the_server(server, opened):
@@ -550,3 +558,25 @@ def test_smollm2_through_both_clients():
                                       response_format={"type": "json_schema",
                                                        "json_schema": {"name": "c", "schema": schema}})
         assert "Paris" in json.loads(j.choices[0].message.content)["capital"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--quantize", "int3"], "error: --quantize 'int3' is not a quantization scheme"),
+    (["--host", "nosuchhost.invalid"], "error: --host 'nosuchhost.invalid' is not an address"),
+    (["--port", "BUSY"], "error: --port BUSY on 127.0.0.1 cannot be listened on (address already in use)"),
+    ([], "error: model 'MISSING' not found: give a gptlab run/model directory"),
+])
+def test_serve_refuses_bad_flags_in_one_line_before_the_server_starts(tmp_path, capsys, flags, message):
+    from live_server import free_socket
+
+    sock = free_socket()  # held and listening: the port is taken
+    sock.listen()
+    port = str(sock.getsockname()[1])
+    try:
+        rc = cli_run(["serve", str(tmp_path / "never-loaded.gguf")] + [port if f == "BUSY" else f for f in flags])
+    finally:
+        sock.close()
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith(message.replace("BUSY", port).replace("MISSING", str(tmp_path / "never-loaded.gguf"))), err
+    assert err.count("\n") == 1 and "Uvicorn" not in err, err

@@ -159,7 +159,7 @@ def tiny_run(tmp_path_factory):
 
 def test_export_gguf_command(tiny_run, tmp_path, capsys):
     out = tmp_path / "tiny.gguf"
-    assert run(["export", str(tiny_run), "--format", "gguf", "--quant", "q8_0", "--out", str(out)]) == 0
+    assert run(["export", str(tiny_run), "--format", "gguf", "--quant", "Q8_0", "--out", str(out)]) == 0  # any case, as llama.cpp spells it
     said = capsys.readouterr().out
     assert f"wrote {out} (GGUF gpt2" in said and "Q8_0" in said
     ids = torch.arange(30)[None]

@@ -28,6 +28,7 @@ without an index array.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -53,6 +54,10 @@ def parse_mixture(specs: Sequence[str]) -> list[tuple[str, float]]:
             weight = float(w)
         else:
             path, weight = spec, 1.0
+            head, _, tail = spec.rpartition(":")
+            if head and not os.path.exists(spec) and os.path.exists(os.path.expanduser(head)):
+                raise GptlabError(f"--data {spec}: the weight after ':' must be a number > 0, e.g. {head}:0.3 "
+                                  f"(got {tail!r})")
         if not math.isfinite(weight) or weight <= 0:
             raise GptlabError(f"--data {spec}: the weight after ':' must be a number > 0, e.g. {path}:0.3")
         out.append((path, weight))

@@ -207,7 +207,7 @@ def _fingerprint(sources, tokenizer, vocab_size, sample_chars, shard_bytes, chun
 def _refuse_other(idx: dict, fp: dict, out: Path) -> None:
     if idx["fingerprint"] != fp:
         changed = sorted(k for k in fp if idx["fingerprint"].get(k) != fp[k])
-        raise GptlabError(f"{out} holds a preparation of other inputs or settings ({', '.join(changed)} differ); "
+        raise GptlabError(f"{out} holds a preparation of other inputs or settings ({', '.join(changed)} changed); "
                           f"rerun with the same ones to resume it, or give another --out")
 
 

@@ -73,6 +73,15 @@ def serve_command(model: str, alias: str | None = None, host: str = "127.0.0.1",
     if not 0 <= port <= 65535:
         raise GptlabError(f"port={port} must be in 0..65535")
     key = _key(api_key, api_key_file)
+    if quantize is not None:
+        from gptlab.inference.quantize import check_scheme
+
+        quantize = check_scheme(quantize)
+    _check_port_free(host, port)
+    from gptlab.refs import looks_like_repo_id, resolve
+
+    if str(model).startswith("pkg:") or Path(model).expanduser().exists() or not looks_like_repo_id(str(model)):
+        resolve(model)  # a missing local file is refused now, not after the server started (a Hub id loads later)
     failure: list[str] = []
 
     def load() -> ServedModel:
@@ -101,3 +110,24 @@ def serve_command(model: str, alias: str | None = None, host: str = "127.0.0.1",
     if failure:
         raise GptlabError(failure[0])
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse in one line, before the model loads, when ``host:port`` cannot be listened on."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise GptlabError(f"host={host!r} is not an address this machine can listen on ({e.strerror}); "
+                          "use 127.0.0.1, 0.0.0.0 or one of this machine's addresses") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT does not block
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise GptlabError(f"port={port} on {host} cannot be listened on ({e.strerror.lower()}); give another "
+                              "port (port=0 picks a free one) or stop what holds it") from None

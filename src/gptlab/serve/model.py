@@ -111,7 +111,7 @@ class ServedModel:
     def describe(self) -> dict:
         """Facts for ``/api/tags`` and ``/api/show``: format, family, size, digest, dates."""
         cfg = self.opened.model.cfg
-        params = sum(p.numel() for p in self.opened.model.parameters())
+        params = cfg.num_params  # from the config: a quantized layer keeps its weights in buffers, not parameters
         path = _local(self.opened.ref)
         files = [path] if path.is_file() else sorted(path.glob("*")) if path.is_dir() else []
         size = sum(f.stat().st_size for f in files if f.is_file())

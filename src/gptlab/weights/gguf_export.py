@@ -47,9 +47,10 @@ def _types(quant: str):
 
     table = {"f32": (Q.F32, F.ALL_F32), "f16": (Q.F16, F.MOSTLY_F16), "bf16": (Q.BF16, F.MOSTLY_BF16),
              "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0), "q4_0": (Q.Q4_0, F.MOSTLY_Q4_0), "q4_1": (Q.Q4_1, F.MOSTLY_Q4_1)}
-    if quant not in table:
+    name = str(quant).strip().lower()  # Q8_0 as llama.cpp and `gptlab fit` spell it = q8_0
+    if name not in table:
         raise GptlabError(f"--quant {quant!r} is not supported; choose one of {', '.join(QUANTS)}")
-    return table[quant]
+    return table[name]
 
 
 def gguf_architecture(cfg) -> str:
