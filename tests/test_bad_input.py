@@ -63,6 +63,8 @@ BASE = {
     "judge": "--responses {TMP}/responses.json --judge http://127.0.0.1:9/ --retries 0 --progress false",
     "fit": "--model gpt2-nano",
     "serve": "--model {RUN} --port 0 --style alpaca",
+    "bench ladder": "--device cpu --steps 1 --layers 1 --dim 32 --heads 2 --context 16 --batch 2 --big-batch 2 "
+                    "--compile false",
 }
 # Flags that name a path the command reads (files or directories).
 READS = {"data", "model", "tokenizer", "responses", "resume", "teacher", "student", "weight"}
