@@ -126,3 +126,35 @@ def test_absurd_gguf_counts_and_a_short_file(tmp_path):
     short.write_bytes(b"GGUF" + bytes(11))  # 15 bytes that start with the magic
     with pytest.raises(GptlabError, match="truncated: 15 bytes"):
         load_model(str(short))
+
+
+@pytest.mark.parametrize("key, value", [("llama.block_count", 2 ** 31), ("llama.attention.head_count", 0)])
+def test_absurd_header_values_are_refused_before_a_model_is_built(originals, tmp_path, key, value):
+    """A block count of 2^31 once built 2^31 empty layers (24 GB) before any check; n_heads 0 divided by zero."""
+    import gguf
+
+    from gptlab.weights.gguf import read_gguf
+
+    f = read_gguf(originals["gguf"])
+    w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
+    for k, v in f.meta.items():
+        if k.startswith("general.architecture") or k.startswith("GGUF.") or k.startswith("__"):
+            continue
+        v = value if k == key else v
+        if isinstance(v, bool):
+            w.add_bool(k, v)
+        elif isinstance(v, int):
+            w.add_uint32(k, v) if v >= 0 else w.add_int32(k, v)
+        elif isinstance(v, float):
+            w.add_float32(k, v)
+        elif isinstance(v, str):
+            w.add_string(k, v)
+    for name, t in f.tensors.items():
+        w.add_tensor(name, f.to_torch(name).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GptlabError) as e:
+        load_model(str(tmp_path / "bad.gguf"))
+    assert "\n" not in str(e.value)

@@ -320,6 +320,10 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, .
     else:
         raise GptlabError(f"{source}: the vocabulary size is unknown (no token_embd tensor, tokens or "
                           f"{arch}.vocab_size); the file is incomplete")
+    blocks = {n.split(".")[1] for n in tensors if n.startswith("blk.")}
+    if tensors and len(blocks) != kw.get("n_layers"):  # before a model of that many blocks is built
+        raise GptlabError(f"{source}: its metadata says {arch}.block_count = {kw.get('n_layers')} but it holds "
+                          f"tensors for {len(blocks)} blocks; the file is corrupt or truncated")
     kw.update(vocab_size=int(vocab), tie_embeddings="output.weight" not in tensors,
               name=str(meta.get("general.name", "gguf")))
     family, _ = GGUF_ARCHS[arch]
@@ -342,7 +346,7 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, .
 
 def _rope_scaling(meta: dict, arch: str, kw: dict, freqs: np.ndarray | None, source: str) -> dict | None:
     """Llama 3 RoPE scaling from the ``rope_freqs`` tensor; None when there is none; other scalings refused."""
-    head_dim = kw.get("head_dim", kw["emb_dim"] // kw["n_heads"])
+    head_dim = kw.get("head_dim", kw["emb_dim"] // max(kw["n_heads"], 1))  # n_heads 0: the config refuses it
     if freqs is not None:
         return _rope_scaling_from_freqs(freqs, head_dim, kw["rope_theta"], meta, arch)
     stype = meta.get(f"{arch}.rope.scaling.type")
