@@ -222,9 +222,9 @@ def test_ollama_chat_and_generate(server, opened):
 
 
 def client_free_completion(opened, prompt: str, n: int) -> str:
-    from gptlab.inference.generation import _command_prompt
+    from gptlab.inference.generation import text_prompt_ids
 
-    ids = _command_prompt(opened.tokenizer, prompt)
+    ids = text_prompt_ids(opened.tokenizer, prompt)
     events = generate_events(opened.model, torch.tensor(ids), n, tokenizer=opened.tokenizer, stops=opened.stops)
     return completion_text(events)[0]
 

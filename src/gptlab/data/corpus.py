@@ -88,6 +88,20 @@ def _read_file(path: Path, chunk_chars: int) -> Iterator[tuple[str, int]]:
             yield text, len(raw)
 
 
+def jsonl_text(line: bytes, where: str) -> str:
+    """The string ``text`` field of one JSONL line; ``where`` (``FILE line N``) names it in the error."""
+    try:
+        text = json.loads(line)["text"]
+        if not isinstance(text, str):
+            raise TypeError
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise GptlabError(f"{where} is not valid JSON; each line must be one JSON object") from None
+    except (KeyError, TypeError):
+        raise GptlabError(f"{where} has no string 'text' field; each line must look like "
+                          '{"text": "..."}') from None
+    return text
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, int]]:
     first = True
     with open(path, "rb") as f:
@@ -95,15 +109,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, int]]:
             if not line.strip():
                 yield "", len(line)
                 continue
-            try:
-                text = json.loads(line)["text"]
-                if not isinstance(text, str):
-                    raise TypeError
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise GptlabError(f"{path} line {lineno} is not valid JSON; each line must be one JSON object") from None
-            except (KeyError, TypeError):
-                raise GptlabError(f"{path} line {lineno} has no string 'text' field; each line must look like "
-                                  '{"text": "..."}') from None
+            text = jsonl_text(line, f"{path} line {lineno}")
             yield ("" if first else DOC_SEPARATOR) + text, len(line)
             first = False
 

@@ -20,12 +20,11 @@ rerun makes the same shards (which is what makes resuming possible).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from gptlab.data.corpus import BUILTIN, builtin_corpus
+from gptlab.data.corpus import BUILTIN, builtin_corpus, jsonl_text
 from gptlab.data.download import DATASETS, fetch_dataset
 from gptlab.errors import GptlabError
 
@@ -150,17 +149,7 @@ def _jsonl(piece: Piece, name: str) -> Iterator[tuple[str, str]]:
     for offset, line in _lines(piece.path, piece.start, piece.end):
         if not line.strip():
             continue
-        try:
-            text = json.loads(line)["text"]
-            if not isinstance(text, str):
-                raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise GptlabError(f"{piece.path} at byte {offset} is not valid JSON; each line must be one JSON "
-                              "object") from None
-        except (KeyError, TypeError):
-            raise GptlabError(f"{piece.path} at byte {offset} has no string 'text' field; each line must look "
-                              'like {"text": "..."}') from None
-        yield f"{name}@{offset}", text
+        yield f"{name}@{offset}", jsonl_text(line, f"{piece.path} at byte {offset}")
 
 
 def parquet_batches(path: str, column: str = "text", batch_rows: int = 1024) -> Iterator[list]:

@@ -39,7 +39,7 @@ from gptlab.logs import get_logger
 log = get_logger(__name__)
 
 __all__ = ["CANCELLED", "LENGTH", "STOP", "GenerationEvent", "TextStops", "completion_text", "generate",
-           "generate_events", "generate_command", "token_event"]
+           "generate_events", "generate_command", "text_prompt_ids", "token_event"]
 
 def _prompt_tensor(model: torch.nn.Module, ids) -> torch.Tensor:
     """``ids`` checked: a (B, T) or (T,) integer tensor of ids inside the vocabulary -> (B, T)."""
@@ -232,7 +232,7 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 100, te
         raise GptlabError(f"--num-samples {num_samples} must be >= 1")
     opened = open_model(model, device=device, dtype=dtype, quantize=quantize)
     tok = opened.tokenizer
-    ids = _command_prompt(tok, prompt)
+    ids = text_prompt_ids(tok, prompt)
     stops = opened.stops if stop_at_eos else StopSet()
     for i in range(num_samples):
         if num_samples > 1:
@@ -249,7 +249,7 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 100, te
     return 0
 
 
-def _command_prompt(tok, prompt: str) -> list[int]:
+def text_prompt_ids(tok, prompt: str) -> list[int]:
     """The prompt's ids, starting with BOS where the tokenizer wants one; BOS (or eos) alone when empty."""
     ids = tok.encode(prompt) if prompt else []
     if ids and tok.add_bos and tok.bos_id is not None and ids[0] != tok.bos_id:

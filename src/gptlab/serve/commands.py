@@ -63,25 +63,8 @@ def serve_command(model: str, alias: str | None = None, host: str = "127.0.0.1",
     from gptlab.serve.app import build_app
     from gptlab.serve.model import ServedModel, default_name
 
-    checks = (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("max_body_bytes", max_body_bytes, 1024),
-              ("context", 2 if context is None else context, 2))
-    for name, value, lo in checks:
-        if value < lo:
-            raise GptlabError(f"{name}={value} must be >= {lo}")
-    if shutdown_timeout < 0:
-        raise GptlabError(f"shutdown_timeout={shutdown_timeout} must be >= 0 (seconds)")
-    if not 0 <= port <= 65535:
-        raise GptlabError(f"port={port} must be in 0..65535")
-    key = _key(api_key, api_key_file)
-    if quantize is not None:
-        from gptlab.inference.quantize import check_scheme
-
-        quantize = check_scheme(quantize)
-    _check_port_free(host, port)
-    from gptlab.refs import looks_like_repo_id, resolve
-
-    if str(model).startswith("pkg:") or Path(model).expanduser().exists() or not looks_like_repo_id(str(model)):
-        resolve(model)  # a missing local file is refused now, not after the server started (a Hub id loads later)
+    key, quantize = _check_settings(model, host, port, api_key, api_key_file, max_batch, max_queue, context,
+                                    quantize, max_body_bytes, shutdown_timeout)
     failure: list[str] = []
 
     def load() -> ServedModel:
@@ -110,6 +93,32 @@ def serve_command(model: str, alias: str | None = None, host: str = "127.0.0.1",
     if failure:
         raise GptlabError(failure[0])
     return 0
+
+
+def _check_settings(model: str, host: str, port: int, api_key, api_key_file, max_batch: int, max_queue: int,
+                    context: int | None, quantize: str | None, max_body_bytes: int,
+                    shutdown_timeout: float) -> tuple[str | None, str | None]:
+    """Refuse bad settings before the server starts: (the API key, the canonical quantization scheme)."""
+    from gptlab.refs import looks_like_repo_id, resolve
+
+    checks = (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("max_body_bytes", max_body_bytes, 1024),
+              ("context", 2 if context is None else context, 2))
+    for name, value, lo in checks:
+        if value < lo:
+            raise GptlabError(f"{name}={value} must be >= {lo}")
+    if shutdown_timeout < 0:
+        raise GptlabError(f"shutdown_timeout={shutdown_timeout} must be >= 0 (seconds)")
+    if not 0 <= port <= 65535:
+        raise GptlabError(f"port={port} must be in 0..65535")
+    key = _key(api_key, api_key_file)
+    if quantize is not None:
+        from gptlab.inference.quantize import check_scheme
+
+        quantize = check_scheme(quantize)
+    _check_port_free(host, port)
+    if str(model).startswith("pkg:") or Path(model).expanduser().exists() or not looks_like_repo_id(str(model)):
+        resolve(model)  # a missing local file is refused now, not after the server started (a Hub id loads later)
+    return key, quantize
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -5,8 +5,8 @@ through it: it sends the context and continuation as one prompt with
 ``echo: true, logprobs: 1, max_tokens: 1`` and reads the continuation's
 ``token_logprobs`` and ``top_logprobs``. With ``echo`` the prompt's own
 tokens come first: the first has logprob ``null``, each next one the model's
-log-probability of it given the tokens before (one forward pass over the
-prompt, run on the worker thread between two engine steps).
+log-probability of it given the tokens before (the engine's
+``Request.prompt_logprobs``: computed during the prompt's own prefill, in chunks).
 """
 
 from __future__ import annotations
@@ -14,28 +14,12 @@ from __future__ import annotations
 import time
 import uuid
 
-import torch
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gptlab.serve.common import ClientGone, body_limit, collect, ready, start, token_piece
 from gptlab.serve.http import ApiError, error_body, read_json
 from gptlab.serve.openai_api import log, openai_requests, sse, usage
 from gptlab.serve.params import Fields, completion_prompts
-
-
-@torch.inference_mode()
-def prompt_logprobs(model, ids: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
-    """For each prompt token after the first: (its logprob given the ones before, the ``top`` best alternatives)."""
-    device = next(model.parameters()).device
-    x = torch.tensor([ids], device=device)  # (1, T)
-    logprobs = torch.log_softmax(model(x)[0, :-1].float(), -1)  # (T-1, V): position t predicts token t+1
-    chosen = logprobs.gather(1, x[0, 1:, None])[:, 0].tolist()  # (T-1,)
-    if top:
-        values, alt = torch.topk(logprobs, top, dim=-1)  # (T-1, top)
-        tops = [list(zip(a, v)) for a, v in zip(alt.tolist(), values.tolist())]
-    else:
-        tops = [[] for _ in chosen]
-    return list(zip(chosen, tops))
 
 
 class LogprobTable:
@@ -65,6 +49,9 @@ async def completions(request) -> Response:
     echo = f.get("echo", "bool", False)
     want_logprobs = f.get("logprobs", "int") is not None
     stream = f.get("stream", "bool", False)
+    if echo and want_logprobs and not stream:
+        for req in requests:  # the prompt is scored during its own prefill
+            req.prompt_logprobs = req.logprobs
     include_usage = stream and Fields(f.get("stream_options", "dict", {}), "stream_options.").get(
         "include_usage", "bool", False)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -83,7 +70,7 @@ async def completions(request) -> Response:
         if want_logprobs:
             table = LogprobTable(served.tokenizer)
             if echo:
-                await _echo_logprobs(served, req, table)
+                _echo_logprobs(req, gen.tickets[i].handle, table)
             for e in reply.tokens:
                 table.add(e.token_id, e.logprob, list(e.top_logprobs))
         if echo:
@@ -94,16 +81,11 @@ async def completions(request) -> Response:
     return JSONResponse({**meta, "choices": choices, "usage": usage(prompt_tokens, sum(r.generated for r in replies))})
 
 
-async def _echo_logprobs(served, req, table: LogprobTable) -> None:
-    """Add the prompt's tokens and their logprobs to ``table`` (scored on the worker thread)."""
-    import asyncio
-
-    top = req.logprobs
-    scored = await asyncio.wrap_future(served.worker.call(lambda: prompt_logprobs(served.opened.model,
-                                                                                  list(req.prompt), top)))
+def _echo_logprobs(req, handle, table: LogprobTable) -> None:
+    """Add the prompt's tokens and the logprobs the engine scored them with to ``table``."""
     table.add(req.prompt[0], None, None)
-    for token_id, (logprob, alts) in zip(req.prompt[1:], scored):
-        table.add(token_id, logprob, alts)
+    for token_id, (logprob, alts) in zip(req.prompt[1:], handle.prompt_logprobs[1:]):
+        table.add(token_id, logprob, list(alts))
 
 
 async def completion_stream(gen, served, requests, meta, echo: bool, want_logprobs: bool, include_usage: bool,

@@ -65,9 +65,9 @@ def _prepare(body: dict, served, chat: bool):
     if not text and not system:
         return [], None, True  # Ollama's way to load a model: answered with done_reason "load"
     if f.get("raw", "bool", False) or served.template is None:
-        from gptlab.inference.generation import _command_prompt  # the prompt `gptlab generate` decodes from
+        from gptlab.inference.generation import text_prompt_ids  # the prompt `gptlab generate` decodes from
 
-        prompt = _command_prompt(served.tokenizer, text)
+        prompt = text_prompt_ids(served.tokenizer, text)
         return prompt, ollama_request(body, served, prompt, served.opened.stops, True), False
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     prompt = served.render_chat(messages)

@@ -214,9 +214,9 @@ async def tokenize(request) -> Response:
 
 
 def _with_bos(tokenizer, text: str) -> list[int]:
-    from gptlab.inference.generation import _command_prompt  # the ids `gptlab generate` starts from
+    from gptlab.inference.generation import text_prompt_ids  # the ids `gptlab generate` starts from
 
-    return _command_prompt(tokenizer, text)
+    return text_prompt_ids(tokenizer, text)
 
 
 async def detokenize(request) -> Response:

@@ -107,13 +107,13 @@ def chat_messages(value, roles: dict[str, str]) -> list[dict]:
 
 def completion_prompts(prompt, tokenizer, vocab: int) -> list[list[int]]:
     """OpenAI's ``prompt``: a string, a list of strings, a list of ids, or a list of id lists -> id lists."""
-    from gptlab.inference.generation import _command_prompt  # the prompt `gptlab generate` decodes from
+    from gptlab.inference.generation import text_prompt_ids  # the prompt `gptlab generate` decodes from
 
     if isinstance(prompt, str):
-        return [_command_prompt(tokenizer, prompt)]
+        return [text_prompt_ids(tokenizer, prompt)]
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
-            return [_command_prompt(tokenizer, p) for p in prompt]
+            return [text_prompt_ids(tokenizer, p) for p in prompt]
         if all(_is_id(t) for t in prompt):
             return [_checked_ids(prompt, vocab)]
         if all(isinstance(p, list) and p and all(_is_id(t) for t in p) for p in prompt):
