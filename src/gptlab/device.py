@@ -99,3 +99,26 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name not in DTYPES:
         raise GptlabError(f"dtype {name!r} must be one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def return_freed_memory() -> None:
+    """Give memory the C allocator holds but no longer uses back to the OS (glibc only; else nothing).
+
+    A loader that converts a model tensor by tensor frees many temporaries between
+    the tensors it keeps; glibc keeps those holes resident, so the process's RSS
+    grows past what is alive. ``malloc_trim(0)`` returns every free page.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError, TypeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None  # resolved on first use; False where the C library has no malloc_trim

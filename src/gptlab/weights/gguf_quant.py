@@ -30,13 +30,14 @@ import torch.nn as nn
 
 from gptlab.inference.quantize import (Int4Linear, Int8Embedding, Int8Linear, apply_quantization, check_scheme,
                                        int8_rows)
+from gptlab.device import return_freed_memory
 from gptlab.models import empty_model
 from gptlab.models.base import LanguageModel
-from gptlab.weights.dequant import QK, dequantize_chunks
+from gptlab.weights.dequant import QK
 from gptlab.weights.gguf import GGUFTensors, open_gguf, unpermute_rows
 from gptlab.weights.keymaps import check_strict
 
-_ROW_BLOCK = 1024  # rows of a large table read at a time (small temporaries keep the peak low)
+_ROW_BLOCK = 256  # rows of a large table read at a time (small temporaries keep the peak low)
 
 
 def _codes_from_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]):
@@ -73,10 +74,11 @@ def _int8_table(tensors: GGUFTensors, key: str, bias=None) -> Int8Linear:
     q = torch.empty(rows, cols, dtype=torch.int8)
     scale = torch.empty(rows, dtype=torch.bfloat16)
     per_chunk = _ROW_BLOCK * cols // QK  # blocks in a row block (every supported format has 32 | cols)
-    for start, piece in dequantize_chunks(tensors.f.raw(key), info.type_name, info.shape, chunk_blocks=per_chunk):
+    for start, piece in tensors.f.chunks(key, per_chunk):
         r = start // cols
         w = torch.from_numpy(piece).reshape(-1, cols)
         q[r:r + w.shape[0]], scale[r:r + w.shape[0]] = int8_rows(w)
+        return_freed_memory()
     tensors.f.release(key)
     return Int8Linear.from_int8(q, scale, bias)
 
@@ -125,11 +127,13 @@ def load_gguf_quantized(path: str | Path, scheme: str, device=None) -> LanguageM
         bias = state.get(name + ".bias")
         layer = _quantized_linear(tensors, r.theirs, scheme, linears[name] is head, bias)
         setattr(model.get_submodule(parent) if parent else model, child, layer)
+        return_freed_memory()  # the conversion's temporaries, so that holes do not add up to the peak
     if cfg.tie_embeddings:  # one int8 table for the embedding and the head
         emb_rule = next(r for r in plan if r.ours == emb_key)
         table = _int8_table(tensors, emb_rule.theirs)
         model.set_head(table)
         model.set_embedding(Int8Embedding(table))
+    f.release_all()
     model.reset_buffers()
     apply_quantization(model, scheme)  # whatever is left in float (a mixture's stacked experts)
     return model.to(device).eval() if device is not None else model.eval()
