@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from gptlab.inference import native
 from gptlab.models.base import LanguageModel
 
 _KERNEL_OK: dict[str, bool] = {}
@@ -117,6 +118,8 @@ class Int8Linear(nn.Module):
         return self.weight_int8.float() * self.scale.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if native.usable(x):  # gptlab's own kernel (float32 activations)
+            return native.i8_matmul(x, self.weight_int8, self.scale, self.bias).to(x.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
         if _kernel_works(x.device):
@@ -222,6 +225,8 @@ class Int4Linear(nn.Module):
         return self._packed[1], self._packed[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group_size == 32 and native.usable(x):  # gptlab's own kernel: reads the codes as they are
+            return native.q4_matmul(x, self.codes, self.scale, self.minimum, self.bias).to(x.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
         if self.out_features % 16 == 0 and _int4_kernel_works(x.device):  # the kernel packs rows in 16s
@@ -267,6 +272,7 @@ def _replace_linears(model: nn.Module, make, skip: tuple[str, ...] = ()) -> nn.M
         mod = getattr(parent, child)
         setattr(parent, child, make(name, mod).to(mod.weight.device))
         del mod
+    native.use_native_norms(model)  # the norms too, where gptlab's native kernels run (same formula)
     return model.eval()
 
 

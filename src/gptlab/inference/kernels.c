@@ -1,0 +1,339 @@
+/* gptlab's native CPU kernels: weight-only int4 and int8 matrix products, y = x · Wᵀ (+ bias).
+ *
+ * Built on first use by gptlab/inference/native.py with the machine's own compiler
+ * (cc -O3 -march=native -fopenmp) and cached; PyTorch's kernels are used wherever
+ * this file cannot be built or has no vector code for the CPU (see gptlab_kernels_isa).
+ *
+ * Why: decoding one token multiplies a handful of activation rows by every weight
+ * once, so its speed is set by how fast the weights stream from memory. These loops
+ * read each weight once per call (a block of 16 output rows stays in L1 while every
+ * activation row uses it), widen 4- or 8-bit codes to float in registers, and
+ * accumulate in float32.
+ *
+ * Layouts (those of gptlab.inference.quantize):
+ *   int4: codes (N, K/2) uint8, input k = 2i in the low nibble of byte i, 2i+1 in the
+ *         high one; scale, minimum (N, K/32) bf16; W[n, k] = minimum[n, g] + scale[n, g] · code,
+ *         g = k / 32 (a GGUF Q4_1 block; Q4_0 is minimum = -8 · scale).
+ *   int8: q (N, K) int8, scale (N) bf16; W[n, k] = scale[n] · q[n, k].
+ * x is (M, K) float32, row-major; y is (M, N) float32; bias is (N) float32 or NULL.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define GPTLAB_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GPTLAB_AVX2 1
+#endif
+
+#define ROWS_OUT 16 /* output rows per block: their weights stay in L1 while each x row passes */
+#define ROWS_IN 4   /* activation rows per pass: 2 x 4 accumulators stay in registers */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* 3 with AVX-512 VNNI (int4 on the integer path), 1 with AVX-512, 2 with AVX2, 0 with none of them
+ * (the caller then uses PyTorch's kernels). */
+int gptlab_kernels_isa(void) {
+#if defined(GPTLAB_AVX512) && defined(__AVX512VNNI__)
+    return 3;
+#elif defined(GPTLAB_AVX512)
+    return 1;
+#elif defined(GPTLAB_AVX2)
+    return 2;
+#else
+    return 0;
+#endif
+}
+
+#if defined(GPTLAB_AVX512)
+
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+/* x rows m0 .. m0+mb-1 times W rows n0 .. n1-1 (int4). mb is a constant after inlining. */
+static inline __attribute__((always_inline)) void q4_rows(const int mb, int K, int N, const float *x, int m0,
+                                                            const uint8_t *codes, const uint16_t *scale,
+                                                            const uint16_t *minimum, const float *bias,
+                                                            int n0, int n1, float *y) {
+    const int G = K / 32;
+    const __m128i low4 = _mm_set1_epi8(15);
+    for (int n = n0; n < n1; n++) {
+        __m512 acc[ROWS_IN];
+        for (int r = 0; r < mb; r++) acc[r] = _mm512_setzero_ps();
+        const uint8_t *c = codes + (size_t)n * (K / 2);
+        const uint16_t *s = scale + (size_t)n * G, *mn = minimum + (size_t)n * G;
+        for (int g = 0; g < G; g++) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(c + 16 * g));
+            __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+            __m512i c0 = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)); /* k = 0 .. 15 of the group */
+            __m512i c1 = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)); /* k = 16 .. 31 */
+            __m512 sv = _mm512_set1_ps(bf16_to_f32(s[g])), mv = _mm512_set1_ps(bf16_to_f32(mn[g]));
+            __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c0), sv, mv);
+            __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c1), sv, mv);
+            for (int r = 0; r < mb; r++) {
+                const float *xr = x + (size_t)(m0 + r) * K + 32 * g;
+                acc[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[r]);
+                acc[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[r]);
+            }
+        }
+        for (int r = 0; r < mb; r++) y[(size_t)(m0 + r) * N + n] = hsum(acc[r]) + (bias ? bias[n] : 0.0f);
+    }
+}
+
+static inline __attribute__((always_inline)) void i8_rows(const int mb, int K, int N, const float *x, int m0,
+                                                            const int8_t *q, const uint16_t *scale,
+                                                            const float *bias, int n0, int n1, float *y) {
+    for (int n = n0; n < n1; n++) {
+        __m512 acc[ROWS_IN];
+        for (int r = 0; r < mb; r++) acc[r] = _mm512_setzero_ps();
+        const int8_t *w = q + (size_t)n * K;
+        int k = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
+            for (int r = 0; r < mb; r++)
+                acc[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (size_t)(m0 + r) * K + k), acc[r]);
+        }
+        const float sn = bf16_to_f32(scale[n]);
+        for (int r = 0; r < mb; r++) {
+            float t = hsum(acc[r]);
+            for (int kk = k; kk < K; kk++) t += (float)w[kk] * x[(size_t)(m0 + r) * K + kk];
+            y[(size_t)(m0 + r) * N + n] = t * sn + (bias ? bias[n] : 0.0f);
+        }
+    }
+}
+
+#elif defined(GPTLAB_AVX2)
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __attribute__((always_inline)) void q4_rows(const int mb, int K, int N, const float *x, int m0,
+                                                            const uint8_t *codes, const uint16_t *scale,
+                                                            const uint16_t *minimum, const float *bias,
+                                                            int n0, int n1, float *y) {
+    const int G = K / 32;
+    const __m128i low4 = _mm_set1_epi8(15);
+    for (int n = n0; n < n1; n++) {
+        __m256 acc[ROWS_IN];
+        for (int r = 0; r < mb; r++) acc[r] = _mm256_setzero_ps();
+        const uint8_t *c = codes + (size_t)n * (K / 2);
+        const uint16_t *s = scale + (size_t)n * G, *mn = minimum + (size_t)n * G;
+        for (int g = 0; g < G; g++) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(c + 16 * g));
+            __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+            __m128i p0 = _mm_unpacklo_epi8(lo, hi), p1 = _mm_unpackhi_epi8(lo, hi);
+            __m256 sv = _mm256_set1_ps(bf16_to_f32(s[g])), mv = _mm256_set1_ps(bf16_to_f32(mn[g]));
+            __m256 w[4];
+            w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(p0)), sv, mv);
+            w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(p0, 8))), sv, mv);
+            w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(p1)), sv, mv);
+            w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(p1, 8))), sv, mv);
+            for (int r = 0; r < mb; r++) {
+                const float *xr = x + (size_t)(m0 + r) * K + 32 * g;
+                for (int j = 0; j < 4; j++) acc[r] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr + 8 * j), acc[r]);
+            }
+        }
+        for (int r = 0; r < mb; r++) y[(size_t)(m0 + r) * N + n] = hsum(acc[r]) + (bias ? bias[n] : 0.0f);
+    }
+}
+
+static inline __attribute__((always_inline)) void i8_rows(const int mb, int K, int N, const float *x, int m0,
+                                                            const int8_t *q, const uint16_t *scale,
+                                                            const float *bias, int n0, int n1, float *y) {
+    for (int n = n0; n < n1; n++) {
+        __m256 acc[ROWS_IN];
+        for (int r = 0; r < mb; r++) acc[r] = _mm256_setzero_ps();
+        const int8_t *w = q + (size_t)n * K;
+        int k = 0;
+        for (; k + 8 <= K; k += 8) {
+            __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k))));
+            for (int r = 0; r < mb; r++)
+                acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)(m0 + r) * K + k), acc[r]);
+        }
+        const float sn = bf16_to_f32(scale[n]);
+        for (int r = 0; r < mb; r++) {
+            float t = hsum(acc[r]);
+            for (int kk = k; kk < K; kk++) t += (float)w[kk] * x[(size_t)(m0 + r) * K + kk];
+            y[(size_t)(m0 + r) * N + n] = t * sn + (bias ? bias[n] : 0.0f);
+        }
+    }
+}
+
+#endif
+
+
+#if defined(GPTLAB_AVX512) && defined(__AVX512VNNI__)
+#include <stdlib.h>
+#define GPTLAB_VNNI 1
+
+/* The integer path (llama.cpp's idea for Q4_1 x Q8_1): each 32-input group of an x row is
+ * quantized to int8 with its own scale dx, so a group's dot product is one VNNI instruction
+ * per two groups (64 code x activation byte products); W·x = Σ_g (s·dx·Σ c·xq) + Σ_g m·Σx.
+ * xq is stored per pair of groups (g, g+1) as [g even k, g+1 even k, g odd k, g+1 odd k], the
+ * order the codes' low and high nibbles come out in. */
+static void quantize_rows(int M, int K, const float *x, int8_t *xq, float *dxv, float *xsum) {
+    const int G = K / 32;
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < G; g++) {
+            const float *v = x + (size_t)m * K + 32 * g;
+            __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            const __m512 idv = _mm512_set1_ps(id);
+            int8_t *out = xq + (size_t)m * K + 64 * (g / 2) + 16 * (g % 2);
+            __m512 e = _mm512_mul_ps(_mm512_permutex2var_ps(v0, even, v1), idv);
+            __m512 o = _mm512_mul_ps(_mm512_permutex2var_ps(v0, odd, v1), idv);
+            _mm_storeu_si128((__m128i *)out, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(e)));        /* even k */
+            _mm_storeu_si128((__m128i *)(out + 32), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(o))); /* odd k */
+            /* dx laid out as the dot product's lanes: 4 x group g, 4 x g+1, 4 x g, 4 x g+1 */
+            float *dl = dxv + ((size_t)m * (G / 2) + g / 2) * 16 + 4 * (g % 2);
+            for (int i = 0; i < 4; i++) dl[i] = dl[8 + i] = d;
+            xsum[(size_t)m * G + g] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+        }
+}
+
+static inline __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline __attribute__((always_inline)) void q4_rows_vnni(const int mb, int K, int N, int m0, const int8_t *xq,
+                                                                 const float *dxv, const float *xsum,
+                                                                 const uint8_t *codes, const uint16_t *scale,
+                                                                 const uint16_t *minimum, const float *bias,
+                                                                 int n0, int n1, float *y) {
+    const int G = K / 32;
+    const __m256i low4 = _mm256_set1_epi8(15);
+    const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    for (int n = n0; n < n1; n++) {
+        __m512 acc[ROWS_IN];
+        float mins[ROWS_IN];
+        for (int r = 0; r < mb; r++) acc[r] = _mm512_setzero_ps();
+        const uint8_t *c = codes + (size_t)n * (K / 2);
+        const uint16_t *s = scale + (size_t)n * G, *mn = minimum + (size_t)n * G;
+        for (int g = 0; g < G; g += 2) {
+            __m256i b = _mm256_loadu_si256((const __m256i *)(c + 16 * g));
+            __m256i lo = _mm256_and_si256(b, low4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+            __m512i cw = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            uint32_t s2;
+            memcpy(&s2, s + g, 4); /* the two groups' bf16 scales */
+            __m128 sw = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_cvtsi32_si128((int)s2)), 16));
+            __m512 sw16 = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(sw)); /* the dot's lane order */
+            for (int r = 0; r < mb; r++) {
+                const size_t row = (size_t)(m0 + r);
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), cw,
+                                                  _mm512_loadu_si512((const void *)(xq + row * K + 32 * g)));
+                __m512 sc = _mm512_mul_ps(sw16, _mm512_loadu_ps(dxv + (row * (G / 2) + g / 2) * 16));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc[r]);
+            }
+        }
+        for (int r = 0; r < mb; r++) { /* the minimums: Σ_g m · Σx, 16 groups at a time */
+            const float *xs = xsum + (size_t)(m0 + r) * G;
+            __m512 t = _mm512_setzero_ps();
+            int g = 0;
+            for (; g + 16 <= G; g += 16) t = _mm512_fmadd_ps(bf16x16(mn + g), _mm512_loadu_ps(xs + g), t);
+            float tail = 0.0f;
+            for (; g < G; g++) tail += bf16_to_f32(mn[g]) * xs[g];
+            mins[r] = _mm512_reduce_add_ps(t) + tail;
+        }
+        for (int r = 0; r < mb; r++)
+            y[(size_t)(m0 + r) * N + n] = _mm512_reduce_add_ps(acc[r]) + mins[r] + (bias ? bias[n] : 0.0f);
+    }
+}
+#endif
+
+#if defined(GPTLAB_AVX512) || defined(GPTLAB_AVX2)
+
+/* y (M, N) = x (M, K) · Wᵀ + bias for int4 W; K a multiple of 32. Returns 0, or -1 for a bad shape. */
+int gptlab_q4_matmul(int M, int N, int K, const float *x, const uint8_t *codes, const uint16_t *scale,
+                     const uint16_t *minimum, const float *bias, float *y, int threads) {
+    if (M <= 0 || N <= 0 || K <= 0 || K % 32) return -1;
+    const int blocks = (N + ROWS_OUT - 1) / ROWS_OUT;
+#if defined(GPTLAB_VNNI)
+    const int G = K / 32;
+    if (G % 2 == 0) {
+        int8_t *xq = malloc((size_t)M * K);
+        float *dx = malloc(sizeof(float) * (size_t)M * G * 8), *xsum = malloc(sizeof(float) * (size_t)M * G);
+        if (!xq || !dx || !xsum) {
+            free(xq), free(dx), free(xsum);
+            return -2;
+        }
+        quantize_rows(M, K, x, xq, dx, xsum);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
+        for (int blk = 0; blk < blocks; blk++) {
+            const int n0 = blk * ROWS_OUT, n1 = n0 + ROWS_OUT < N ? n0 + ROWS_OUT : N;
+            for (int m0 = 0; m0 < M; m0 += ROWS_IN) {
+                switch (M - m0 < ROWS_IN ? M - m0 : ROWS_IN) {
+                    case 1: q4_rows_vnni(1, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y); break;
+                    case 2: q4_rows_vnni(2, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y); break;
+                    case 3: q4_rows_vnni(3, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y); break;
+                    default: q4_rows_vnni(4, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y); break;
+                }
+            }
+        }
+        free(xq), free(dx), free(xsum);
+        return 0;
+    }
+#endif
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
+    for (int blk = 0; blk < blocks; blk++) {
+        const int n0 = blk * ROWS_OUT, n1 = n0 + ROWS_OUT < N ? n0 + ROWS_OUT : N;
+        for (int m0 = 0; m0 < M; m0 += ROWS_IN) {
+            switch (M - m0 < ROWS_IN ? M - m0 : ROWS_IN) {
+                case 1: q4_rows(1, K, N, x, m0, codes, scale, minimum, bias, n0, n1, y); break;
+                case 2: q4_rows(2, K, N, x, m0, codes, scale, minimum, bias, n0, n1, y); break;
+                case 3: q4_rows(3, K, N, x, m0, codes, scale, minimum, bias, n0, n1, y); break;
+                default: q4_rows(4, K, N, x, m0, codes, scale, minimum, bias, n0, n1, y); break;
+            }
+        }
+    }
+    return 0;
+}
+
+/* y (M, N) = x (M, K) · Wᵀ + bias for int8 W with one scale per row. */
+int gptlab_i8_matmul(int M, int N, int K, const float *x, const int8_t *q, const uint16_t *scale,
+                     const float *bias, float *y, int threads) {
+    if (M <= 0 || N <= 0 || K <= 0) return -1;
+    const int blocks = (N + ROWS_OUT - 1) / ROWS_OUT;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
+    for (int blk = 0; blk < blocks; blk++) {
+        const int n0 = blk * ROWS_OUT, n1 = n0 + ROWS_OUT < N ? n0 + ROWS_OUT : N;
+        for (int m0 = 0; m0 < M; m0 += ROWS_IN) {
+            switch (M - m0 < ROWS_IN ? M - m0 : ROWS_IN) {
+                case 1: i8_rows(1, K, N, x, m0, q, scale, bias, n0, n1, y); break;
+                case 2: i8_rows(2, K, N, x, m0, q, scale, bias, n0, n1, y); break;
+                case 3: i8_rows(3, K, N, x, m0, q, scale, bias, n0, n1, y); break;
+                default: i8_rows(4, K, N, x, m0, q, scale, bias, n0, n1, y); break;
+            }
+        }
+    }
+    return 0;
+}
+
+#endif
+
+/* y (M, D) = weight · x / sqrt(mean(x²) + eps), row by row (the Llama RMSNorm in float32). */
+void gptlab_rms_norm(int M, int D, const float *x, const float *weight, float eps, float *y) {
+    for (int m = 0; m < M; m++) {
+        const float *v = x + (size_t)m * D;
+        float *out = y + (size_t)m * D;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int i = 0; i < D; i++) ss += v[i] * v[i];
+        const float r = 1.0f / sqrtf(ss / (float)D + eps);
+#pragma omp simd
+        for (int i = 0; i < D; i++) out[i] = weight[i] * (v[i] * r);
+    }
+}
