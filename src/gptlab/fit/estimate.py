@@ -126,7 +126,7 @@ def gptlab_quant_bytes(spec: ModelSpec, quant: str, resident: bool = True) -> fl
     rows of d inputs; their few norm and bias values counted with them, < 0.1 %),
     the output head as int8 under both (a tied head becomes an int8 copy beside
     the float embedding), the input embedding tables at bf16 (read: one row).
-    INT4 on the CPU keeps its codes twice (``INT4_RESIDENT_COPIES``).
+    INT4 keeps one copy of its codes (``INT4_RESIDENT_COPIES``).
     """
     d = spec.emb_dim
     head = spec.params_lm_head * gptlab_quant_bits("INT8", d) / 8

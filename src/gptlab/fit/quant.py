@@ -65,10 +65,10 @@ GPTLAB_QUANTS: dict[str, tuple[int, dict[str, int]]] = {
     "INT8": (0, {"q int8": 1, "scale bf16 per row": 2}),
     "INT4": (32, {"codes u4[32]": 16, "scale bf16": 2, "min bf16": 2}),
 }
-# The CPU int4 kernel (aten._weight_int4pack_mm_for_cpu) packs its own copy of the codes, scales
-# and zeros at the first forward and Int4Linear keeps its buffers too: 2 x 5.0 bits stay resident,
-# 5.0 are read per token.
-INT4_RESIDENT_COPIES = 2
+# gptlab's native CPU kernel (inference/kernels.c) and the CUDA path read Int4Linear's own buffers:
+# one copy of 5.0 bits is resident and read per token. (Only where the native kernels cannot be
+# built -- no C compiler, not x86 -- does PyTorch's CPU kernel pack a second copy at the first forward.)
+INT4_RESIDENT_COPIES = 1
 
 
 def gptlab_quant_bits(name: str, width: int) -> float:

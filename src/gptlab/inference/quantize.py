@@ -272,7 +272,7 @@ def _replace_linears(model: nn.Module, make, skip: tuple[str, ...] = ()) -> nn.M
         mod = getattr(parent, child)
         setattr(parent, child, make(name, mod).to(mod.weight.device))
         del mod
-    native.use_native_norms(model)  # the norms too, where gptlab's native kernels run (same formula)
+    native.use_native_layers(model)  # decoding a layer in one native call where the kernels run (same formula)
     return model.eval()
 
 

@@ -120,3 +120,95 @@ def test_no_compiler_means_pytorchs_kernels_not_an_error(tmp_path):
                          env={**os.environ, **env}, check=True)
     assert out.stdout.strip() == "(2, 32)"
     assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built left behind
+
+
+def _tiny_llama(**kw):
+    from gptlab.models import build_model
+    from gptlab.models.llama import LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, emb_dim=128, n_heads=4, n_kv_heads=2, n_layers=2, hidden_dim=256,
+                      context_length=128, **kw)
+    return build_model(cfg).eval()
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme,kw", [("int4", {}), ("int8", {}), ("int4", {"qkv_bias": True}),
+                                       ("int4", {"mlp_act": "gelu_tanh"})],
+                         ids=["int4", "int8", "int4-qkv-bias", "int4-gelu"])
+def test_native_decoder_layer_equals_the_modules_own_forward(scheme, kw):
+    """Rows in other slots at different positions, one new token each: same output and cache as the modules."""
+    from gptlab.inference.quantize import apply_quantization
+    from gptlab.models.attention import SlotCache, rope_cos_sin
+
+    model = _tiny_llama(**kw)
+    if kw.get("qkv_bias"):
+        for layer in model.layers:
+            for p in (layer.self_attn.q_proj.bias, layer.self_attn.k_proj.bias, layer.self_attn.v_proj.bias):
+                p.data.normal_()
+    apply_quantization(model, scheme)
+    layer = model.layers[1]
+    assert isinstance(layer, native.NativeDecoderLayer)
+    cfg = model.cfg
+    caches = [SlotCache(1, 3, cfg.n_kv_heads, 40, cfg.head_dim, dtype=torch.float32, device="cpu") for _ in range(2)]
+    torch.manual_seed(1)
+    caches[0].k[0].normal_(), caches[0].v[0].normal_()
+    caches[1].k[0].copy_(caches[0].k[0]), caches[1].v[0].copy_(caches[0].v[0])
+    x = torch.randn(2, 1, cfg.emb_dim)
+    slots, pos = torch.tensor([2, 0]), torch.tensor([[5], [17]])
+    cos, sin = rope_cos_sin(model.inv_freq, pos, torch.float32)
+    with torch.no_grad():
+        fast = layer(x, cos, sin, caches[0].rows(slots, pos), 0)
+        slow = native.DecoderLayer.forward(layer, x, cos, sin, caches[1].rows(slots, pos), 0)
+    # one rounding step of an int8 activation (int4's integer path) moves an output by ~1e-3 of its range
+    tol = 2e-3 if scheme == "int4" else 1e-4
+    assert (fast - slow).abs().max() <= tol * slow.abs().max()
+    assert (caches[0].k[0] - caches[1].k[0]).abs().max() <= tol * caches[1].k[0].abs().max()
+    torch.testing.assert_close(caches[0].v[0], caches[1].v[0], atol=tol * 5, rtol=0)
+
+
+@needs_kernels
+def test_engine_tokens_with_native_layers_match_exact_activations_and_per_op_layers():
+    """Greedy tokens from the engine: native decoder layers with float activations = the per-op modules."""
+    from gptlab.inference.engine import Engine
+    from gptlab.inference.quantize import quantize_int4
+    from gptlab.inference.requests import Request
+
+    model = quantize_int4(_tiny_llama())
+    for layer in model.layers:  # a random model's logits are flat: sharpen them so greedy has a margin
+        layer.mlp.down_proj.scale.mul_(8)
+    prompts = [[1, 5, 9, 33, 70, 2], [4, 4, 4], list(range(10, 40))]
+
+    def tokens():
+        engine = Engine(model, max_batch=3, max_len=80)
+        handles = [engine.submit(Request(p, max_tokens=12)) for p in prompts]
+        list(engine.run())
+        return [h.tokens for h in handles]
+
+    was = native.set_int4_activations("float")
+    try:
+        with torch.no_grad():
+            fast = tokens()
+            for layer in model.layers:
+                layer.__class__ = native.DecoderLayer
+            slow = tokens()
+    finally:
+        native.set_int4_activations(was)
+    assert fast == slow and len({tuple(t) for t in fast}) > 1
+
+
+@needs_kernels
+def test_a_ring_cache_or_a_prompt_takes_the_modules_own_path(monkeypatch):
+    from gptlab.inference.quantize import quantize_int4
+
+    model = quantize_int4(_tiny_llama(sliding_window=8))
+    called = []
+    monkeypatch.setattr(native.NativeDecoderLayer, "_decode", staticmethod(lambda *a: called.append(1)))
+    from gptlab.inference.engine import Engine
+    from gptlab.inference.requests import Request
+
+    engine = Engine(model, max_batch=1, max_len=40)
+    engine.submit(Request([1, 2, 3, 4], max_tokens=3))
+    with torch.no_grad():
+        list(engine.run())
+    assert not called  # the window (8) is shorter than the cache (40): a ring, which only the modules handle
