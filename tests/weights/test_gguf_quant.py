@@ -111,7 +111,7 @@ def test_our_ggml_type_ids_and_block_sizes_match_the_gguf_package():
     """read_gguf knows the ids of the formats it dequantizes itself (no gguf import); they are ggml's."""
     gguf = pytest.importorskip("gguf")
     from gptlab.weights.dequant import FORMATS
-    from gptlab.weights.gguf import _TYPE_IDS
+    from gptlab.weights.gguf_file import _TYPE_IDS
 
     for type_id, name in _TYPE_IDS.items():
         qtype = gguf.GGMLQuantizationType(type_id)

@@ -202,18 +202,17 @@ class _Layer(ctypes.Structure):
 
 
 def _linear_struct(layer: nn.Module) -> _Linear | None:
-    """The kernel's view of an int4/int8 layer, or None if it is another kind (or not laid out for it)."""
-    from gptlab.inference.quantize import Int4Linear, Int8Linear
-
-    bias = layer.bias
+    """The kernel's view of an int4/int8 layer (``Int4Linear``/``Int8Linear``, known by their buffers:
+    this module is imported by theirs), or None if it is another kind or not laid out for it."""
+    bias = getattr(layer, "bias", None)
     if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous()):
         return None
     b = bias.data_ptr() if bias is not None else None
-    if type(layer) is Int4Linear and layer.group_size == 32 and all(
+    if getattr(layer, "group_size", None) == 32 and hasattr(layer, "codes") and all(
             t.is_contiguous() for t in (layer.codes, layer.scale, layer.minimum)):
         return _Linear(4, layer.out_features, layer.in_features, layer.codes.data_ptr(), layer.scale.data_ptr(),
                        layer.minimum.data_ptr(), b)
-    if type(layer) is Int8Linear and layer.weight_int8.is_contiguous() and layer.scale.is_contiguous():
+    if hasattr(layer, "weight_int8") and layer.weight_int8.is_contiguous() and layer.scale.is_contiguous():
         return _Linear(8, layer.out_features, layer.in_features, layer.weight_int8.data_ptr(),
                        layer.scale.data_ptr(), None, b)
     return None

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from gptlab.inference import native
+import gptlab.inference.native as native
 from gptlab.models.base import LanguageModel
 
 _KERNEL_OK: dict[str, bool] = {}
