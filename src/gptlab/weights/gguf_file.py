@@ -60,16 +60,36 @@ class GGUFFile:
         self._advise("MADV_WILLNEED", t.start, t.start + t.nbytes, outward=False)
         return self.data[t.start:t.start + t.nbytes]
 
-    def chunks(self, name: str, chunk_blocks: int):
-        """Yield ``(first weight index, float32 piece)`` of tensor ``name``; each piece's file pages are
-        released once the caller has taken it, so a large table never adds its whole size to memory."""
+    def read(self, name: str, first: int = 0, count: int | None = None) -> np.ndarray:
+        """A copy of bytes [first, first + count) of tensor ``name`` (default: all of it), read from the file.
+
+        Loaders read this way rather than through the map: a read maps no file
+        pages into the process (a mapped page, or a whole large folio of a freshly
+        written file, counts in its RSS until released), so only the copy is resident.
+        """
         t = self.tensors[name]
-        per_block = FORMATS[t.type_name][0]
-        block_bytes = FORMATS[t.type_name][1]
-        for start, piece in dequantize_chunks(self.raw(name), t.type_name, t.shape, chunk_blocks=chunk_blocks):
-            yield start, piece
-            first = t.start + start // per_block * block_bytes
-            self._advise("MADV_DONTNEED", first, first + piece.size // per_block * block_bytes)
+        count = t.nbytes - first if count is None else count
+        buf = np.empty(count, dtype=np.uint8)
+        with open(self.path, "rb") as fh:
+            fh.seek(t.start + first)
+            got = fh.readinto(memoryview(buf))
+        if got != count:
+            raise GptlabError(f"{self.path} is truncated: tensor {name} has {got} of {count} bytes; download it again")
+        return buf
+
+    def chunks(self, name: str, chunk_blocks: int):
+        """Yield ``(first weight index, float32 piece)`` of tensor ``name``, read ``chunk_blocks`` blocks at a
+        time: a large table never has its whole size in memory, in bytes or in float."""
+        t = self.tensors[name]
+        if t.type_name not in FORMATS:  # the clear "not supported" error
+            yield from dequantize_chunks(self.raw(name), t.type_name, t.shape)
+            return
+        per_block, block_bytes, fn = FORMATS[t.type_name]
+        n_blocks = t.nbytes // block_bytes
+        for s in range(0, n_blocks, chunk_blocks):
+            nb = min(chunk_blocks, n_blocks - s)
+            blocks = self.read(name, s * block_bytes, nb * block_bytes).reshape(nb, block_bytes)
+            yield s * per_block, fn(blocks).reshape(-1)
 
     def to_torch(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantize tensor ``name`` to a torch tensor of ``dtype`` in PyTorch shape order."""

@@ -58,7 +58,7 @@ def _codes_from_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]):
 
 def _int4_direct(tensors: GGUFTensors, key: str, bias) -> Int4Linear:
     info = tensors.f.tensors[key]
-    codes, scale, minimum = _codes_from_blocks(tensors.f.raw(key), info.type_name, info.shape)
+    codes, scale, minimum = _codes_from_blocks(tensors.f.read(key), info.type_name, info.shape)
     if tensors.permuted and (".attn_q." in key or ".attn_k." in key):  # the rows of q/k as llama.cpp reordered them
         heads = tensors.cfg.n_heads if ".attn_q." in key else tensors.cfg.n_kv_heads
         codes, scale, minimum = (unpermute_rows(t, heads) for t in (codes, scale, minimum))
