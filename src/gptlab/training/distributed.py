@@ -109,6 +109,18 @@ def setup(device: str = "auto", environ=None) -> Dist:
     return Dist(rank, world, local, dev, backend)
 
 
+def wait_for_all(d: Dist) -> None:
+    """Every rank waits here until all have arrived (a no-op for a single process).
+
+    A run's ranks finish at different times (rank 0 writes the report and a
+    sample); one that destroyed its gloo process group while a peer was still
+    inside it was seen to die with SIGABRT ("terminate called without an active
+    exception"), so ranks meet here before :func:`teardown`.
+    """
+    if d.active and dist.is_initialized():
+        dist.barrier()
+
+
 def teardown(d: Dist) -> None:
     """Leave the process group (a no-op for a single process)."""
     if d.active and dist.is_initialized():

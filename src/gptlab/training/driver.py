@@ -109,7 +109,9 @@ def run_recipe(recipe: Recipe, s, *, is_main: bool = True) -> Any:
             if not d.is_main:  # the other ranks print nothing; their errors still reach stderr
                 quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
                 logging.getLogger("gptlab").setLevel(logging.ERROR)
-            return _run(recipe, s, d, is_main and d.is_main)
+            result = _run(recipe, s, d, is_main and d.is_main)
+        D.wait_for_all(d)  # leave the group together: a rank tearing gloo down while another still works aborts
+        return result
     except Exception as e:
         if not d.active:
             raise
