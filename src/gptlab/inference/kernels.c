@@ -271,10 +271,38 @@ int gptlab_int4_integer_path(int on) {
 }
 
 /* y (M, N) = x (M, K) · Wᵀ + bias for int4 W; K a multiple of 32. Returns 0, or -1 for a bad shape. */
+/* Every pass of the matmuls: the blocks of ROWS_OUT output rows in parallel, and in each block the
+ * x rows in passes of up to ROWS_IN. PASS(mb, m0, n0, n1) is a macro the caller defines; each case
+ * gives it a constant mb, so the pass's accumulators stay in registers. */
+#if ROWS_IN == 8
+#define WIDE_PASSES(PASS) case 4: PASS(4, m0, n0, n1); break; \
+                          case 5: PASS(5, m0, n0, n1); break; \
+                          case 6: PASS(6, m0, n0, n1); break; \
+                          case 7: PASS(7, m0, n0, n1); break;
+#else
+#define WIDE_PASSES(PASS)
+#endif
+#define EVERY_PASS(M, N, threads, PASS)                                                               \
+    do {                                                                                              \
+        const int blocks_ = ((N) + ROWS_OUT - 1) / ROWS_OUT;                                          \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks_ > 1)") \
+        for (int blk = 0; blk < blocks_; blk++) {                                                     \
+            const int n0 = blk * ROWS_OUT, n1 = n0 + ROWS_OUT < (N) ? n0 + ROWS_OUT : (N);            \
+            for (int m0 = 0; m0 < (M); m0 += ROWS_IN) {                                               \
+                switch ((M) - m0 < ROWS_IN ? (M) - m0 : ROWS_IN) {                                    \
+                    case 1: PASS(1, m0, n0, n1); break;                                               \
+                    case 2: PASS(2, m0, n0, n1); break;                                               \
+                    case 3: PASS(3, m0, n0, n1); break;                                               \
+                    WIDE_PASSES(PASS)                                                                 \
+                    default: PASS(ROWS_IN, m0, n0, n1); break;                                        \
+                }                                                                                     \
+            }                                                                                         \
+        }                                                                                             \
+    } while (0)
+
 int gptlab_q4_matmul(int M, int N, int K, const float *x, const uint8_t *codes, const uint16_t *scale,
                      const uint16_t *minimum, const float *bias, float *y, int threads) {
     if (M <= 0 || N <= 0 || K <= 0 || K % 32) return -1;
-    const int blocks = (N + ROWS_OUT - 1) / ROWS_OUT;
 #if defined(GPTLAB_VNNI)
     const int G = K / 32;
     if (G % 2 == 0 && int4_integer_path) {
@@ -285,46 +313,16 @@ int gptlab_q4_matmul(int M, int N, int K, const float *x, const uint8_t *codes, 
             return -2;
         }
         quantize_rows(M, K, x, xq, dx, xsum);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
-        for (int blk = 0; blk < blocks; blk++) {
-            const int n0 = blk * ROWS_OUT, n1 = n0 + ROWS_OUT < N ? n0 + ROWS_OUT : N;
-            for (int m0 = 0; m0 < M; m0 += ROWS_IN) {
-                switch (M - m0 < ROWS_IN ? M - m0 : ROWS_IN) {
-                    case 1: q4_rows_vnni(1, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y); break;
-                    case 2: q4_rows_vnni(2, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y); break;
-                    case 3: q4_rows_vnni(3, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y); break;
-                    case 4: q4_rows_vnni(4, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y); break;
-#if ROWS_IN == 8
-                    case 5: q4_rows_vnni(5, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y); break;
-                    case 6: q4_rows_vnni(6, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y); break;
-                    case 7: q4_rows_vnni(7, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y); break;
-#endif
-                    default: q4_rows_vnni(ROWS_IN, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y); break;
-                }
-            }
-        }
+#define VNNI_PASS(mb, m0, n0, n1) q4_rows_vnni(mb, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y)
+        EVERY_PASS(M, N, threads, VNNI_PASS);
+#undef VNNI_PASS
         free(xq), free(dx), free(xsum);
         return 0;
     }
 #endif
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
-    for (int blk = 0; blk < blocks; blk++) {
-        const int n0 = blk * ROWS_OUT, n1 = n0 + ROWS_OUT < N ? n0 + ROWS_OUT : N;
-        for (int m0 = 0; m0 < M; m0 += ROWS_IN) {
-            switch (M - m0 < ROWS_IN ? M - m0 : ROWS_IN) {
-                case 1: q4_rows(1, K, N, x, m0, codes, scale, minimum, bias, n0, n1, y); break;
-                case 2: q4_rows(2, K, N, x, m0, codes, scale, minimum, bias, n0, n1, y); break;
-                case 3: q4_rows(3, K, N, x, m0, codes, scale, minimum, bias, n0, n1, y); break;
-                case 4: q4_rows(4, K, N, x, m0, codes, scale, minimum, bias, n0, n1, y); break;
-#if ROWS_IN == 8
-                case 5: q4_rows(5, K, N, x, m0, codes, scale, minimum, bias, n0, n1, y); break;
-                case 6: q4_rows(6, K, N, x, m0, codes, scale, minimum, bias, n0, n1, y); break;
-                case 7: q4_rows(7, K, N, x, m0, codes, scale, minimum, bias, n0, n1, y); break;
-#endif
-                default: q4_rows(ROWS_IN, K, N, x, m0, codes, scale, minimum, bias, n0, n1, y); break;
-            }
-        }
-    }
+#define FLOAT_PASS(mb, m0, n0, n1) q4_rows(mb, K, N, x, m0, codes, scale, minimum, bias, n0, n1, y)
+    EVERY_PASS(M, N, threads, FLOAT_PASS);
+#undef FLOAT_PASS
     return 0;
 }
 
@@ -332,25 +330,9 @@ int gptlab_q4_matmul(int M, int N, int K, const float *x, const uint8_t *codes, 
 int gptlab_i8_matmul(int M, int N, int K, const float *x, const int8_t *q, const uint16_t *scale,
                      const float *bias, float *y, int threads) {
     if (M <= 0 || N <= 0 || K <= 0) return -1;
-    const int blocks = (N + ROWS_OUT - 1) / ROWS_OUT;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
-    for (int blk = 0; blk < blocks; blk++) {
-        const int n0 = blk * ROWS_OUT, n1 = n0 + ROWS_OUT < N ? n0 + ROWS_OUT : N;
-        for (int m0 = 0; m0 < M; m0 += ROWS_IN) {
-            switch (M - m0 < ROWS_IN ? M - m0 : ROWS_IN) {
-                case 1: i8_rows(1, K, N, x, m0, q, scale, bias, n0, n1, y); break;
-                case 2: i8_rows(2, K, N, x, m0, q, scale, bias, n0, n1, y); break;
-                case 3: i8_rows(3, K, N, x, m0, q, scale, bias, n0, n1, y); break;
-                case 4: i8_rows(4, K, N, x, m0, q, scale, bias, n0, n1, y); break;
-#if ROWS_IN == 8
-                case 5: i8_rows(5, K, N, x, m0, q, scale, bias, n0, n1, y); break;
-                case 6: i8_rows(6, K, N, x, m0, q, scale, bias, n0, n1, y); break;
-                case 7: i8_rows(7, K, N, x, m0, q, scale, bias, n0, n1, y); break;
-#endif
-                default: i8_rows(ROWS_IN, K, N, x, m0, q, scale, bias, n0, n1, y); break;
-            }
-        }
-    }
+#define I8_PASS(mb, m0, n0, n1) i8_rows(mb, K, N, x, m0, q, scale, bias, n0, n1, y)
+    EVERY_PASS(M, N, threads, I8_PASS);
+#undef I8_PASS
     return 0;
 }
 

@@ -174,16 +174,22 @@ class NativeRMSNorm(RMSNorm):
         return super().forward(x)
 
 
+def _swap(model: nn.Module, keep, native_cls: type, **settings) -> None:
+    """Replace each submodule for which ``keep(module)`` holds by a ``native_cls`` sharing its parameters,
+    buffers, submodules and settings (only ``forward`` differs), plus ``settings``."""
+    for name, mod in list(model.named_modules()):
+        if name and keep(mod):
+            parent_name, _, child = name.rpartition(".")
+            fast = native_cls.__new__(native_cls)
+            fast.__dict__.update(mod.__dict__)
+            fast.__dict__.update(settings)
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, fast)
+
+
 def use_native_norms(model: nn.Module) -> nn.Module:
     """Let ``model``'s RMSNorms (inference, in place) compute with the native kernel where it exists."""
-    if kernels() is None:
-        return model
-    for name, mod in list(model.named_modules()):
-        if type(mod) is RMSNorm:
-            parent_name, _, child = name.rpartition(".")
-            fast = NativeRMSNorm.__new__(NativeRMSNorm)
-            fast.__dict__.update(mod.__dict__)  # the same parameters and settings: only forward differs
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, fast)
+    if kernels() is not None:
+        _swap(model, lambda m: type(m) is RMSNorm, NativeRMSNorm)
     return model
 
 
@@ -285,11 +291,6 @@ def use_native_layers(model: nn.Module) -> nn.Module:
     use_native_norms(model)
     cfg = getattr(model, "cfg", None)
     act = {"silu": 0, "gelu_tanh": 1}.get(getattr(cfg, "mlp_act", "silu"))
-    for name, mod in list(model.named_modules()):
-        if type(mod) is DecoderLayer and type(mod.mlp) is GatedMLP and act is not None:
-            parent_name, _, child = name.rpartition(".")
-            fast = NativeDecoderLayer.__new__(NativeDecoderLayer)
-            fast.__dict__.update(mod.__dict__)  # the same submodules and settings: only forward differs
-            fast.act = act
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, fast)
+    if act is not None:
+        _swap(model, lambda m: type(m) is DecoderLayer and type(m.mlp) is GatedMLP, NativeDecoderLayer, act=act)
     return model

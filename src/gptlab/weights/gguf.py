@@ -7,7 +7,7 @@ named tensors, most of them quantized in blocks (``weights/dequant.py``).
 Loading is: metadata -> :class:`LlamaConfig` (``gguf_config``), then the one
 load path (``weights/materialize.py``) asks :class:`GGUFTensors` for each
 tensor: dequantize in chunks, undo llama.cpp's row permutation of the
-query/key projections, cast, release the file pages -- one tensor at a time,
+query/key projections, cast -- one tensor at a time, read from the file (not mapped),
 so peak memory is about the final model plus one tensor.
 
 Names (``GGUF_KEYS``, in the KeyRule dialect of ``weights/keymaps.py``; N is the layer index):
@@ -195,7 +195,7 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 class GGUFTensors:
-    """The parameters of a GGUF file for :func:`materialize`: dequantized one at a time, pages released."""
+    """The parameters of a GGUF file for :func:`materialize`: read and dequantized one at a time."""
 
     by = "model"
 
@@ -211,12 +211,11 @@ class GGUFTensors:
         return expand_rules(GGUF_ARCHS[self.arch][1], self.cfg), lambda k: k in NON_PARAMETERS
 
     def get(self, key: str, dtype: torch.dtype | None) -> torch.Tensor:
-        """Dequantize ``key`` to ``dtype`` (default float32) in chunks, un-permute q/k rows, release its pages."""
+        """Read and dequantize ``key`` to ``dtype`` (default float32) in chunks, un-permute q/k rows."""
         w = self.f.to_torch(key, dtype or torch.float32)
         w = w.reshape(_our_shape(key, tuple(w.shape)))
         if self.permuted and (".attn_q." in key or ".attn_k." in key):
             w = unpermute_rows(w, self.cfg.n_heads if ".attn_q." in key else self.cfg.n_kv_heads)
-        self.f.release(key)
         return w
 
 
@@ -256,6 +255,4 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device=None
     Straight into int4/int8 layers, without a float copy: :func:`gptlab.weights.gguf_quant.load_gguf_quantized`.
     """
     f, cfg = open_gguf(path)
-    model = materialize(cfg, GGUFTensors(f, cfg), dtype or torch.float32, device)
-    f.release_all()
-    return model
+    return materialize(cfg, GGUFTensors(f, cfg), dtype or torch.float32, device)

@@ -1,8 +1,8 @@
 """Reading a GGUF file: header, metadata and tensor table parsed here, tensor data memory-mapped.
 
 :func:`read_gguf` returns a :class:`GGUFFile`; its tensors are dequantized in
-chunks (``weights/dequant.py``) and their file pages released as they are read,
-so the map never adds its whole size to a process's memory. The model side
+chunks (``weights/dequant.py``), read from the file rather than through the map,
+so the file never adds its size to a process's memory. The model side
 (names, config, loading) is ``weights/gguf.py``.
 """
 
@@ -55,9 +55,8 @@ class GGUFFile:
     data: np.ndarray  # uint8 memory map of the whole file
 
     def raw(self, name: str) -> np.ndarray:
-        """The stored bytes of tensor ``name`` (a view into the memory map; the OS is asked to read it ahead)."""
+        """The stored bytes of tensor ``name`` (a view into the memory map, nothing is read yet)."""
         t = self.tensors[name]
-        self._advise("MADV_WILLNEED", t.start, t.start + t.nbytes, outward=False)
         return self.data[t.start:t.start + t.nbytes]
 
     def read(self, name: str, first: int = 0, count: int | None = None) -> np.ndarray:
@@ -104,34 +103,26 @@ class GGUFFile:
         """Drop tensor ``name``'s file pages from this process's memory (they stay in the OS page cache).
 
         A memory map keeps every page it has read resident and counted in the
-        process's RSS; after a tensor is dequantized its bytes are not needed
-        again, so the loader releases them and the file never adds to peak memory.
+        process's RSS; a caller of :meth:`raw` that is done with a tensor can give
+        them back. (The loaders use :meth:`read`, which maps nothing.)
         """
         t = self.tensors[name]
-        self._advise("MADV_DONTNEED", t.start, t.start + t.nbytes)
+        self._release(t.start, t.start + t.nbytes)
 
-    def release_all(self) -> None:
-        """Drop every file page this process has mapped (the metadata's and any a neighbour's read brought in)."""
-        self._advise("MADV_DONTNEED", 0, self.data.size)
-
-    def _advise(self, advice: str, start: int, end: int, outward: bool = True) -> None:
-        """``madvise`` the map's pages over bytes [start, end).
-
-        Released ranges are widened to the kernel's fault-around window (64 KiB): a
-        read maps the cached pages around the one it touched, and a page released
-        early is only read again from the page cache if needed. Where the OS or
-        NumPy offers no madvise this does nothing.
-        """
+    def _release(self, start: int, end: int) -> None:
+        """``madvise(MADV_DONTNEED)`` over bytes [start, end), widened to the kernel's fault-around window
+        (64 KiB): a read maps the cached pages around the one it touched, and a page released early
+        is only read again from the page cache if needed. Where the OS or NumPy offers no madvise,
+        nothing."""
         mm = getattr(self.data, "_mmap", None)
-        flag = getattr(mmap, advice, None)
-        if mm is None or flag is None or not hasattr(mm, "madvise"):
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        grain = _FAULT_AROUND if outward else mmap.PAGESIZE
+        grain = _FAULT_AROUND
         start = start // grain * grain
         end = min(-(-end // grain) * grain, len(mm))
         if end > start:
             try:
-                mm.madvise(flag, start, end - start)
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
             except (OSError, ValueError):
                 pass
 
@@ -236,10 +227,6 @@ def read_gguf(path: str | Path, *, vocabulary: bool = True) -> GGUFFile:
         data = np.memmap(path, dtype=np.uint8, mode="r")
     except (OSError, ValueError) as e:
         raise GptlabError(f"cannot read {path} ({e})") from None
-    mm = getattr(data, "_mmap", None)
-    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
-        # no read-around: otherwise each small read (a norm) maps ~1 MB of its neighbours' pages
-        mm.madvise(mmap.MADV_RANDOM)
     if bytes(data[:4]) != b"GGUF":
         raise GptlabError(f"{path} is not a readable GGUF file (it does not start with the GGUF magic bytes); "
                           "is it another format?")
@@ -287,7 +274,9 @@ def read_gguf(path: str | Path, *, vocabulary: bool = True) -> GGUFFile:
             raise GptlabError(f"{path} is truncated: tensor {name} ends at byte {info.start + info.nbytes} "
                               f"but the file has {data.size}; download it again")
         tensors[name] = info
-    return GGUFFile(path, version, meta, tensors, data)
+    f = GGUFFile(path, version, meta, tensors, data)
+    f._release(0, data.size)  # the header's pages: its values are Python objects now
+    return f
 
 
 def read_metadata(path: str | Path, *, tensors: bool = False) -> dict[str, Any]:

@@ -63,7 +63,6 @@ def _int4_direct(tensors: GGUFTensors, key: str, bias) -> Int4Linear:
         heads = tensors.cfg.n_heads if ".attn_q." in key else tensors.cfg.n_kv_heads
         codes, scale, minimum = (unpermute_rows(t, heads) for t in (codes, scale, minimum))
     layer = Int4Linear.from_codes(codes.contiguous(), scale.contiguous(), minimum.contiguous(), bias)
-    tensors.f.release(key)
     return layer
 
 
@@ -79,7 +78,6 @@ def _int8_table(tensors: GGUFTensors, key: str, bias=None) -> Int8Linear:
         w = torch.from_numpy(piece).reshape(-1, cols)
         q[r:r + w.shape[0]], scale[r:r + w.shape[0]] = int8_rows(w)
         return_freed_memory()
-    tensors.f.release(key)
     return Int8Linear.from_int8(q, scale, bias)
 
 
@@ -133,7 +131,6 @@ def load_gguf_quantized(path: str | Path, scheme: str, device=None) -> LanguageM
         table = _int8_table(tensors, emb_rule.theirs)
         model.set_head(table)
         model.set_embedding(Int8Embedding(table))
-    f.release_all()
     model.reset_buffers()
     apply_quantization(model, scheme)  # whatever is left in float (a mixture's stacked experts)
     return model.to(device).eval() if device is not None else model.eval()

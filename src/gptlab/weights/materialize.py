@@ -13,7 +13,7 @@ at a time. :func:`materialize` does the rest, the same way for all of them:
     -> .eval()
 
 Reading one tensor at a time keeps peak memory at about the final model plus
-one tensor (a GGUF reader releases each tensor's file pages after reading it;
+one tensor (a GGUF reader reads each tensor from the file, mapping none of it;
 a safetensors reader hands out zero-copy views of the memory-mapped file).
 """
 
