@@ -24,10 +24,11 @@ def parameter_table(model: nn.Module) -> list[tuple[str, tuple[int, ...], int, s
 def summarize(model: nn.Module) -> dict:
     """Counts, memory, KV cache and FLOPs of a model (works on the meta device too).
 
-    ``kv_cache_bytes`` is gptlab's own cache at the full context, batch 1
-    (every token kept, also with a sliding window), the figure ``gptlab fit
-    --engine gptlab`` plans; ``kv_cache_bytes_windowed`` is what an engine that
-    keeps only the window holds (llama.cpp), when it differs.
+    ``kv_cache_bytes`` is a cache of every token at the full context, batch 1
+    (a plain ``KVCache``, e.g. ``model.generate`` without the engine);
+    ``kv_cache_bytes_windowed``, when it differs, is what an engine that keeps
+    only the sliding window holds: gptlab's engine (a ring cache) and llama.cpp,
+    the figure ``gptlab fit`` plans.
     """
     cfg = model.cfg
     counts = cfg.param_counts()
@@ -139,9 +140,9 @@ def inspect_command(model: str, params: bool = True, tree: bool = True, as_json:
     print(f"memory: fp32 {m['fp32'] / 2**30:.2f} GiB, bf16/fp16 {m['bf16'] / 2**30:.2f} GiB")
     kv = s["kv_cache_bytes"]
     windowed = s.get("kv_cache_bytes_windowed")
-    print(f"KV cache at context {kv['context']} (batch 1): bf16 {kv['bf16'] / 2**30:.2f} GiB in gptlab "
-          "(every token kept)" + (f"; {windowed['bf16'] / 2**30:.2f} GiB where only the sliding window is kept "
-                                   "(llama.cpp)" if windowed else ""))
+    print(f"KV cache at context {kv['context']} (batch 1): bf16 {kv['bf16'] / 2**30:.2f} GiB with every token "
+          "kept" + (f"; {windowed['bf16'] / 2**30:.2f} GiB where only the sliding window is kept (gptlab's engine, "
+                    "llama.cpp)" if windowed else ""))
     cfg = net.cfg
     window = "" if cfg.attended_tokens() == cfg.context_length else f" (sliding window {cfg.attended_tokens()})"
     print(f"FLOPs per token: forward {_human(s['flops_per_token_forward'])}, "

@@ -175,20 +175,26 @@ def test_training_speed_uses_six_n(hw):
     assert tps == pytest.approx(1e12 * 0.35 / flops, rel=0.05)
 
 
-def test_gptlab_engine_keeps_every_token_of_a_sliding_window_model(hw):
-    """gptlab's KVCache holds every token (decode reads the last W); llama.cpp holds the window. inspect agrees."""
+def test_both_engines_keep_only_the_window_of_a_sliding_window_model(hw):
+    """gptlab's engine rings a sliding-window model's cache (the last W tokens), as llama.cpp does; inspect's
+    windowed figure is what fit plans, and the engine's cache really is that size."""
     from gptlab.inspect import summarize
-    from gptlab.models import empty_model
+    from gptlab.models import build_model, empty_model
 
     mistral = spec_from_ref("mistral-7b")
-    # 2 · 32 layers · 8 KV heads · 128 · 32768 tokens · 2 bytes = 4 GiB; the window's 4096 tokens: 0.5 GiB.
-    assert kv_cache_bytes(mistral, 32768, engine="gptlab") == 4 * GiB
+    # 2 · 32 layers · 8 KV heads · 128 · 4096 window tokens · 2 bytes = 0.5 GiB (all 32768 tokens: 4 GiB).
+    assert kv_cache_bytes(mistral, 32768, engine="gptlab") == 0.5 * GiB
     assert kv_cache_bytes(mistral, 32768, engine="llama.cpp") == 0.5 * GiB
+    assert kv_cache_bytes(mistral, 2048, engine="gptlab") == 0.25 * GiB  # shorter than the window: every token
     s = summarize(empty_model(get_preset("mistral-7b")))
-    assert s["kv_cache_bytes"]["bf16"] == inference_memory(mistral, hw, "BF16", 32768, engine="gptlab").kv_cache
+    assert s["kv_cache_bytes_windowed"]["bf16"] == inference_memory(mistral, hw, "BF16", 32768, engine="gptlab").kv_cache
     assert s["kv_cache_bytes_windowed"]["bf16"] == inference_memory(mistral, hw, "Q4_K_M", 32768).kv_cache
     # Both engines read only the window's K/V per decode step.
     assert bytes_per_token(mistral, "BF16", 32768) == bytes_per_token(mistral, "BF16", 4096)
+    # The engine's own cache of a tiny windowed model holds W positions a slot, not the context.
+    cfg = get_preset("llama-micro").replace(sliding_window=16, context_length=64)
+    cache = build_model(cfg).new_slot_cache(2, 64)
+    assert cache.ring == 16 and tuple(cache.k[0].shape) == (2, cfg.n_kv_heads, 16, cfg.head_dim)
 
 
 def test_sizes_are_the_configs_methods():

@@ -70,8 +70,9 @@ GPTLAB_BANDWIDTH_EFFICIENCY = 1.0
 ENGINES: dict[str, Engine] = {
     # gptlab: our own PyTorch runtime. Bandwidth, matmul peak and the per-layer
     # eager overhead are measured on this machine (benchmarks.py).
-    # Its KVCache keeps every token even with a sliding window (decode reads only the last W).
-    "gptlab": Engine("gptlab", False, GPTLAB_BANDWIDTH_EFFICIENCY, 0.8, None, 512, True, False),
+    # Its engine's cache keeps a ring of a sliding-window model's last W tokens per sequence
+    # (models/attention.py SlotCache(ring=W)), as llama.cpp does.
+    "gptlab": Engine("gptlab", False, GPTLAB_BANDWIDTH_EFFICIENCY, 0.8, None, 512, True, True),
     # llama.cpp / Ollama: not measurable here. Assumed: its quantized GEMV kernels
     # reach 80% of the bandwidth torch's fp32 GEMV reaches; ~150 MiB process + graph
     # overhead; 512-token ubatch; graph execution (no Python per op); a sliding-window
@@ -151,9 +152,9 @@ def kv_cache_bytes(spec: ModelSpec, context: int, batch: int = 1, kv_quant: str 
                    engine: str = "llama.cpp") -> float:
     """K and V held for ``context`` tokens by ``engine``: ``ModelConfig.kv_cache_bytes`` at the KV format.
 
-    2 · L · Hkv · hd · T · B · bytes. With a sliding window (Mistral) llama.cpp
-    keeps only the last ``window`` tokens, T = min(context, W); gptlab's cache
-    keeps every token, T = context (the figure ``gptlab inspect`` prints).
+    2 · L · Hkv · hd · T · B · bytes. With a sliding window (Mistral) both engines
+    keep only the last ``window`` tokens, T = min(context, W) (gptlab's engine: a ring
+    cache; ``gptlab inspect`` prints both figures).
     """
     if context < 1 or batch < 1:
         raise GptlabError(f"context ({context}) and batch ({batch}) must be at least 1")

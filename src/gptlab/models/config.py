@@ -124,9 +124,9 @@ class ModelConfig:
     def cached_tokens(self, context: int, windowed: bool = False) -> int:
         """Tokens whose K and V a cache holds at ``context``: all of them, or min(T, W) when ``windowed``.
 
-        gptlab's KVCache keeps every token even with a sliding window (its decode
+        A plain KVCache keeps every token even with a sliding window (its decode
         reads only the last W: ``attended_tokens``); an engine that keeps a ring
-        of the last W tokens (llama.cpp) passes ``windowed=True``.
+        of the last W tokens (gptlab's engine, llama.cpp) passes ``windowed=True``.
         """
         return self.attended_tokens(context) if windowed else context
 
@@ -134,8 +134,8 @@ class ModelConfig:
                        windowed: bool = False) -> float:
         """Bytes of K and V for `context` tokens: 2 · L · Hkv · hd · T · B · bytes, T = ``cached_tokens``.
 
-        The default is gptlab's own cache, which keeps every token even with a
-        sliding window; ``windowed=True`` caps T at the window.
+        The default is a cache of every token (a plain KVCache), also with a
+        sliding window; ``windowed=True`` caps T at the window (the engine's ring cache).
         """
         T = self.cached_tokens(context, windowed)
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * T * batch * bytes_per_el
