@@ -41,6 +41,19 @@ def test_task_and_bad_settings():
         distillation_loss(torch.zeros(1, 2, 20), torch.zeros(1, 2, 30), torch.zeros(1, 2, dtype=torch.long))
 
 
+def test_alpha_zero_trains_on_the_cross_entropy_without_running_the_teacher():
+    teacher, student = tiny_gpt2(20, seed=1), tiny_gpt2(20, seed=2, emb_dim=16, n_layers=1)
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    x, y = torch.randint(0, 20, (2, 8)), torch.randint(0, 20, (2, 8))
+    y[0, 5:] = -100
+    loss = DistillationTask(teacher, alpha=0.0, terms={"logits": 1.0}).loss(student, (x, y))
+    assert not calls  # the teacher is not run for a term that weighs nothing
+    ref = F.cross_entropy(student(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+    assert torch.allclose(loss, ref, atol=1e-6) and loss.requires_grad
+    assert torch.allclose(loss, DistillationTask(teacher, alpha=0.0).parts(student, (x, y))["total"], atol=1e-6)
+
+
 def test_tokenizers_must_match(char_tok):
     from gptlab.tokenizers import CharTokenizer
 
