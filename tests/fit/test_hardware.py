@@ -95,6 +95,23 @@ def test_microbenchmarks_measure_something():
     assert 0 < benchmarks.measure_op_latency() < 1e-2
 
 
+def test_a_slow_dtype_is_measured_on_a_smaller_matmul():
+    """bf16 on a CPU without bf16 instructions runs ~1 GFLOP/s: the 2048 matmul (13 s a run) shrinks."""
+    import torch
+
+    def fake_clock():  # every timed call looks like 1 s: far over any budget
+        fake_clock.t += 1.0
+        return fake_clock.t
+    fake_clock.t = 0.0
+    real = benchmarks.time.perf_counter
+    try:
+        benchmarks.time.perf_counter = fake_clock
+        assert benchmarks._affordable_size(torch.float32, "cpu", 2048, lambda: None) == 512
+    finally:
+        benchmarks.time.perf_counter = real
+    assert benchmarks._affordable_size(torch.float32, "cpu", 2048, lambda: None, budget_s=1e9) == 2048
+
+
 # ---- MIG slices: recorded nvidia-smi -L outputs (tests/assets/nvidia-smi) and NVML answers ------------
 
 def _recorded(name: str) -> str:

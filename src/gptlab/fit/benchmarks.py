@@ -95,15 +95,40 @@ def measure_matmul(dtype: str = "fp32", device: str = "cpu", n: int = 2048) -> f
     import torch
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    n = _affordable_size(dt, device, n, sync)
     a = torch.randn(n, n, device=device, dtype=dt)
     b = torch.randn(n, n, device=device, dtype=dt)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def run():
         a @ b
         sync()
 
     return 2 * n**3 / _median_time(run, 5)
+
+
+def _affordable_size(dt, device: str, n: int, sync, budget_s: float = 1.0) -> int:
+    """``n``, halved while one n x n matmul would take over ``budget_s`` at the rate of a 512 x 512 one.
+
+    A dtype the CPU has no instructions for (bf16 without AVX-512 BF16 / AMX) runs ~1 GFLOP/s:
+    a 2048 matmul would take 13 s, six of them over a minute. A smaller one measures the same slow rate.
+    """
+    import torch
+
+    m = min(n, 512)
+    x = torch.randn(m, m, device=device, dtype=dt)
+    x @ x  # warm-up
+    sync()
+    best = float("inf")
+    for _ in range(3):  # the best of three: the first calls also wake the thread pool
+        t = time.perf_counter()
+        x @ x
+        sync()
+        best = min(best, time.perf_counter() - t)
+    rate = 2 * m**3 / max(best, 1e-9)
+    while n > m and 2 * n**3 / rate > budget_s:
+        n //= 2
+    return n
 
 
 def measure_op_latency() -> float:
