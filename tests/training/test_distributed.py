@@ -31,6 +31,10 @@ TINY = ["--data", str(VERDICT), "--tokenizer", "char", "--preset", "gpt2-nano", 
         "--precision", "fp32", "--device", "cpu", "--progress", "false", "--max-steps", str(STEPS),
         "--start-context", "I", "--lr", "3e-3"]
 TOL_SPLIT = 1e-5  # 2 x b vs 1 x 2b: the same numbers summed in another order (fp32)
+# The weights after 20 AdamW steps: it divides by sqrt(v), so where a gradient coordinate is ~0 the
+# summation order's rounding moves that coordinate's update more than the loss (measured: 2.9e-6 on
+# an AVX-512 CPU, 1.4e-5 on an AVX2-only one, whose kernels sum in other blocks).
+TOL_SPLIT_WEIGHTS = 5e-5
 TOL_RESUME_OTHER_WORLD = 1e-6
 
 
@@ -101,7 +105,7 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(one, ddp):
     assert sorted(a) == list(range(1, STEPS + 1))
     print(f"measured, 2 x 2 (ddp) vs 1 x 4: losses {_max_diff(a, b):.2e}, weights {_weights_diff(one, ddp):.2e}")
     assert _max_diff(a, b) <= TOL_SPLIT  # losses after each of the 20 steps
-    assert _weights_diff(one, ddp) <= TOL_SPLIT
+    assert _weights_diff(one, ddp) <= TOL_SPLIT_WEIGHTS
     assert a[STEPS][1] < a[1][1] - 0.3  # it learned something: the comparison is not between two flat lines
     # rank 0 alone wrote the run: one metrics line per step, one sample section per evaluation
     assert len(_records(ddp)) == STEPS
@@ -125,7 +129,7 @@ def test_fsdp_two_processes_equal_one_process(one, runs):
     print(f"measured, 2 x 2 (fsdp) vs 1 x 4: losses {_max_diff(_losses(one), _losses(out)):.2e}, "
           f"weights {_weights_diff(one, out):.2e}")
     assert _max_diff(_losses(one), _losses(out)) <= TOL_SPLIT
-    assert _weights_diff(one, out) <= TOL_SPLIT  # RUN/model: gathered from the shards, one ordinary file
+    assert _weights_diff(one, out) <= TOL_SPLIT_WEIGHTS  # RUN/model: gathered from the shards, one ordinary file
     assert (out / "model" / "model.safetensors").is_file() and not (out / "model" / "sharded").exists()
     from gptlab.cli import run
 
@@ -234,7 +238,7 @@ def test_a_killed_rank_stops_the_run_in_one_line_and_the_checkpoint_resumes(kill
     print(f"measured: killed at checkpoint step {step}; resumed 2 -> 1: losses "
           f"{_max_diff(_losses(single, after), _losses(ddp, after)):.2e}, weights {_weights_diff(single, ddp):.2e}")
     assert _max_diff(_losses(single, after), _losses(ddp, after)) <= TOL_RESUME_OTHER_WORLD
-    assert _weights_diff(single, ddp) <= TOL_SPLIT  # (measured 2.9e-6: AdamW divides by sqrt(v) of tiny v)
+    assert _weights_diff(single, ddp) <= TOL_SPLIT_WEIGHTS
     assert not is_sharded(latest_checkpoint(single))  # one process writes the ordinary checkpoint
 
     # 1 -> 2, with FSDP: the single process's ordinary checkpoint of step 15, optimizer state resharded
