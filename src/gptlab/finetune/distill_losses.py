@@ -148,6 +148,12 @@ def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (values * keep).sum() / keep.sum().clamp(min=1)
 
 
+def _student_ce(s_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The student's next-token cross-entropy over the counted tokens (0 when none is)."""
+    n = (y != IGNORE).sum().clamp(min=1)
+    return F.cross_entropy(s_logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum") / n
+
+
 def kl_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, keep: torch.Tensor,
             temperature: float) -> torch.Tensor:
     """KL(softmax(t/T) ‖ softmax(s/T)) per token, averaged over ``keep`` (B, T); logits (B, T, V)."""
@@ -224,9 +230,7 @@ class DistillationTask:
             t_logits = self.teacher(x) if "logits" in self.terms else self.teacher.features(x)
         with block_outputs(model, s_layers) if hidden else contextlib.nullcontext({}) as sh:
             s_logits = model(x)  # (B, T, V)
-        n = keep.sum().clamp(min=1)
-        out = {"ce": F.cross_entropy(s_logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
-                                     reduction="sum") / n}
+        out = {"ce": _student_ce(s_logits, y)}
         if "logits" in self.terms:
             out["kl"] = kl_term(s_logits, t_logits, keep, self.T)
         if "features" in self.terms:
@@ -240,8 +244,7 @@ class DistillationTask:
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         if self.alpha == 0.0:  # the teacher's terms weigh nothing: plain training, the teacher is not run
-            x, y = batch[0], batch[1]
-            return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+            return _student_ce(model(batch[0]), batch[1])
         return self.parts(model, batch)["total"]
 
     @torch.no_grad()

@@ -117,15 +117,7 @@ def _affordable_size(dt, device: str, n: int, sync, budget_s: float = 1.0) -> in
 
     m = min(n, 512)
     x = torch.randn(m, m, device=device, dtype=dt)
-    x @ x  # warm-up
-    sync()
-    best = float("inf")
-    for _ in range(3):  # the best of three: the first calls also wake the thread pool
-        t = time.perf_counter()
-        x @ x
-        sync()
-        best = min(best, time.perf_counter() - t)
-    rate = 2 * m**3 / max(best, 1e-9)
+    rate = 2 * m**3 / max(_median_time(lambda: (x @ x, sync()), 3), 1e-9)
     while n > m and 2 * n**3 / rate > budget_s:
         n //= 2
     return n
