@@ -30,15 +30,29 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-## llama.cpp's Python binding, for the tests that run GGUF exports (they skip without it; ~5-10 min build).
-## The peer for benchmarks and the llama.cpp tests (~5-10 min to build on 2 cores; cached by pip after).
-## Built without AMX: llama.cpp's -march=native build switches on AMX kernels on CPUs that report
-## AVX-512 but have no AMX (Zen 5), and its first multi-token decode then segfaults.
-LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON \
-	-DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
+## llama.cpp's Python binding: the peer for benchmarks and the llama.cpp tests (they skip without it;
+## ~5-10 min to build on 2 cores). Its CPU kernels are chosen from this CPU's flags (/proc/cpuinfo):
+## a build with AVX-512 dies with "Illegal instruction" on an AVX2-only CPU. AMX stays off: the
+## -march=native build switches AMX kernels on for CPUs that report AVX-512 but have no AMX (Zen 5),
+## and its first multi-token decode then segfaults. The wheel is kept per flag set under
+## $(LLAMACPP_WHEELS): pip's own cache keys a build by the source only, and would hand a wheel
+## built on one CPU to another. Without /proc/cpuinfo (macOS) llama.cpp's own defaults apply.
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+cpu_has = $(if $(filter $(1),$(CPU_FLAGS)),ON,OFF)
+LLAMACPP_VERSION := 0.3.36
+ifneq ($(CPU_FLAGS),)
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2=$(call cpu_has,avx2) \
+	-DGGML_FMA=$(call cpu_has,fma) -DGGML_F16C=$(call cpu_has,f16c) -DGGML_AVX512=$(call cpu_has,avx512f) \
+	-DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) -DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16) \
+	-DGGML_AVX512_VBMI=$(call cpu_has,avx512vbmi) -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
+endif
+LLAMACPP_WHEELS := $(HOME)/.cache/gptlab/llamacpp-wheels/$(shell echo "$(LLAMACPP_VERSION) $(LLAMACPP_CMAKE)" | cksum | cut -d' ' -f1)
 llamacpp: $(STAMP)
-	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(BIN)/python -m pip install "llama-cpp-python[server]"
+	ls $(LLAMACPP_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMACPP_CMAKE)" \
+		$(BIN)/python -m pip wheel --no-cache-dir --no-deps -w $(LLAMACPP_WHEELS) "llama-cpp-python==$(LLAMACPP_VERSION)"
+	$(BIN)/python -m pip install --force-reinstall --no-deps $(LLAMACPP_WHEELS)/llama_cpp_python-*.whl
+	$(BIN)/python -m pip install --find-links $(LLAMACPP_WHEELS) "llama-cpp-python[server]==$(LLAMACPP_VERSION)"
+	$(BIN)/python -c "import llama_cpp; llama_cpp.llama_backend_init(); print('llama.cpp', llama_cpp.__version__, 'runs on this CPU')"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py

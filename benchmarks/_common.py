@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import signal
+import subprocess
+import sys
 import time
 
 import torch
@@ -25,3 +29,19 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, seconds: flo
         a @ b
         reps += 1
     return 2 * n**3 * reps / (clock() - t0)
+
+
+def llama_cpp_missing() -> str | None:
+    """Why the llama.cpp rows cannot run here (not installed, or its build dies on this CPU), or None.
+
+    The check runs in a child process: a llama-cpp-python wheel built for another CPU (pip's cache
+    keys the build by its source only) dies with SIGILL and would take the benchmark down with it.
+    """
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (make llamacpp)"
+    r = subprocess.run([sys.executable, "-c", "import llama_cpp; llama_cpp.llama_backend_init()"],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode == 0:
+        return None
+    why = "Illegal instruction: built for another CPU" if r.returncode == -signal.SIGILL else f"exit {r.returncode}"
+    return f"llama-cpp-python cannot start on this CPU ({why}); rerun make llamacpp"

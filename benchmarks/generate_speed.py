@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from _common import llama_cpp_missing
+
 PROMPT_MESSAGES = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 
 
@@ -104,7 +106,8 @@ def main() -> None:
         for label, dtype in (("transformers fp32", torch.float32), ("transformers bf16", torch.bfloat16)):
             engines[label] = hf_engine(transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval())
 
-    if importlib.util.find_spec("llama_cpp") is not None:
+    missing = llama_cpp_missing()
+    if missing is None:
         from llama_cpp import Llama as LlamaCpp
 
         llm = LlamaCpp(model_path=str(path), n_ctx=1024, verbose=False)
@@ -120,7 +123,7 @@ def main() -> None:
             return got
         engines["llama.cpp"] = llama_cpp_go
     else:
-        print("  llama.cpp: llama-cpp-python is not installed (skipped)")
+        print(f"  llama.cpp: {missing} (skipped)")
 
     outputs = {name: go() for name, go in engines.items()}  # warm-up, and the tokens for comparison
     best = {name: float("inf") for name in engines}

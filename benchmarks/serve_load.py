@@ -31,6 +31,8 @@ from pathlib import Path
 
 import httpx
 
+from _common import llama_cpp_missing
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 TOPICS = ["a robot who learns to paint", "the sea at night", "a lost key", "a city of glass", "an old clock",
           "a dragon who hates fire", "the first snow", "a train to nowhere"]
@@ -122,8 +124,8 @@ def main() -> None:
                     cmd + (["--quantize", args.quantize] if args.quantize else []), f"http://127.0.0.1:{port}"))
     if args.skip_llama:
         pass
-    elif importlib.util.find_spec("llama_cpp") is None:
-        print("llama.cpp row skipped: llama-cpp-python[server] is not installed (pip install 'llama-cpp-python[server]')")
+    elif llama_cpp_missing():
+        print(f"llama.cpp row skipped: {llama_cpp_missing()}")
     else:
         port = free_port()
         servers.append((f"llama.cpp server (n_batch {args.llama_n_batch})", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),

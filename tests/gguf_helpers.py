@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -216,14 +220,34 @@ def hf_moe_dir_to_gguf(src: Path, path: Path, qtype: str = "F32", squeeze_shared
     return write_gguf(path, arch, kv, tensors)
 
 
+@functools.cache
+def _llama_cpp_crash() -> str | None:
+    """Why llama.cpp's CPU backend cannot start on this CPU (one child process tries it), or None.
+
+    A wheel built for another CPU (pip's cache keys llama-cpp-python's build by its source only, so an
+    AVX-512 build made on one machine is reused on an AVX2-only one) dies with SIGILL, which would
+    end the whole pytest process rather than one test.
+    """
+    probe = "import llama_cpp; llama_cpp.llama_backend_init()"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    if r.returncode == 0:
+        return None
+    why = "Illegal instruction: built for another CPU" if r.returncode == -signal.SIGILL else (
+        r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+    return f"llama-cpp-python is installed but cannot start here ({why}); rerun `make llamacpp`"
+
+
 def llama_cpp_or_skip():
     """The ``llama_cpp`` module (llama-cpp-python), or skip the test saying how to install it."""
     import pytest
 
-    try:
-        import llama_cpp
-    except ImportError:
+    if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed; `make llamacpp` installs it into the venv")
+    crash = _llama_cpp_crash()
+    if crash:
+        pytest.skip(crash)
+    import llama_cpp
+
     return llama_cpp
 
 
