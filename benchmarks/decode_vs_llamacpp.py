@@ -11,9 +11,15 @@ load does not favour whoever ran at a quiet moment. Rows:
   skipped with a message when it is absent);
 - gptlab's fraction of the memory-bandwidth limit: bandwidth measured in the
   same run (a large copy) divided by the bytes of weights one token reads;
-- aggregate tokens/s of 8 concurrent sequences on the engine, and its ratio
-  to gptlab's batch 1 (llama-cpp-python's high-level API decodes one sequence
-  at a time, so llama.cpp has no batched row here);
+- aggregate tokens/s of 8 concurrent sequences, and the ratio to the same
+  engine's batch 1: gptlab's engine (8 requests), and llama.cpp through
+  llama-cpp-python's low-level API (``llama_batch`` with 8 sequence ids in one
+  context: one ``llama_decode`` for the 8 prompts, then one per step for the
+  8 new tokens; its high-level ``Llama`` decodes one sequence at a time);
+- every tokens/s figure twice: with the prompt pass included (the whole
+  request), and of the decode steps alone (from the step at which every
+  sequence has its first token to the end), since at 8 sequences the 8
+  prompt passes are a fixed cost that batching the decode cannot shrink;
 - time to first token of a 512-token prompt, gptlab and llama.cpp.
 
 Not a test: the figures depend on the machine and on whatever else runs on it
@@ -25,7 +31,6 @@ Not a test: the figures depend on the machine and on whatever else runs on it
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -35,6 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import llama_cpp_missing  # noqa: E402
 from generate_speed import PROMPT_MESSAGES, find_model  # noqa: E402
 
 
@@ -59,13 +65,18 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def gptlab_runner(model, prompt: list[int], n: int, batch: int = 1):
+    """A run of ``batch`` requests for ``n`` greedy tokens: (first request's tokens, seconds of decode steps)."""
     from gptlab.inference.engine import Engine, Request
 
     def go():
         engine = Engine(model, max_batch=batch, max_len=len(prompt) + n + 1, prefix_reuse=False)
         handles = [engine.submit(Request(prompt, max_tokens=n)) for _ in range(batch)]
-        list(engine.run())
-        return handles[0].tokens
+        t_first = None
+        while engine.busy:
+            engine.step()
+            if t_first is None and all(h.tokens for h in handles):
+                t_first = time.perf_counter()
+        return handles[0].tokens, time.perf_counter() - t_first
     return go
 
 
@@ -87,12 +98,13 @@ def llama_cpp_runners(path: Path, prompt: list[int], long_prompt: list[int], n: 
 
     def go():
         llm.reset()
-        got = []
+        got, t_first = [], None
         for t in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
             got.append(t)
+            t_first = t_first or time.perf_counter()
             if len(got) >= n:
                 break
-        return got
+        return got, time.perf_counter() - t_first
 
     def ttft():
         llm.reset()
@@ -102,16 +114,66 @@ def llama_cpp_runners(path: Path, prompt: list[int], long_prompt: list[int], n: 
     return go, ttft
 
 
-def timed_in_turns(engines: dict, repeats: int) -> dict:
-    for go in engines.values():
-        go()  # warm-up
+def llama_cpp_batched_runner(path: Path, prompt: list[int], n: int, threads: int, batch: int):
+    """llama.cpp decoding ``batch`` sequences together through llama-cpp-python's low-level API.
+
+    One context with ``n_seq_max = batch``; one ``llama_decode`` holds every prompt (each token tagged
+    with its sequence id, logits at each prompt's last position), then each step one ``llama_decode``
+    of the ``batch`` new tokens at their positions; greedy is the argmax of each row's logits.
+    """
+    import llama_cpp.llama_cpp as C
+    import numpy as np
+
+    C.llama_backend_init()
+    model = C.llama_model_load_from_file(str(path).encode(), C.llama_model_default_params())
+    per_seq = 64 * -(-(len(prompt) + n + 1) // 64)
+    cp = C.llama_context_default_params()
+    cp.n_ctx, cp.n_seq_max = per_seq * batch, batch
+    cp.n_batch = cp.n_ubatch = max(512, batch * len(prompt))
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = C.llama_init_from_model(model, cp)
+    if not ctx:
+        raise SystemExit("llama.cpp could not make a context with 8 sequences")
+    vocab = C.llama_vocab_n_tokens(C.llama_model_get_vocab(model))
+    lb = C.llama_batch_init(cp.n_batch, 0, 1)
+
+    def decode(entries):  # (token, position, sequence, wants logits)
+        lb.n_tokens = len(entries)
+        for i, (tok, pos, seq, logits) in enumerate(entries):
+            lb.token[i], lb.pos[i], lb.n_seq_id[i], lb.logits[i] = tok, pos, 1, logits
+            lb.seq_id[i][0] = seq
+        if C.llama_decode(ctx, lb) != 0:
+            raise SystemExit("llama_decode failed in the batched llama.cpp run")
+
+    def argmax(i: int) -> int:
+        return int(np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, i), shape=(vocab,)).argmax())
+
+    def go():
+        C.llama_memory_clear(C.llama_get_memory(ctx), True)
+        P = len(prompt)
+        decode([(t, p, s, p == P - 1) for s in range(batch) for p, t in enumerate(prompt)])
+        nxt = [argmax(s * P + P - 1) for s in range(batch)]
+        got, t_first = [nxt[0]], time.perf_counter()
+        for step in range(n - 1):
+            decode([(nxt[s], P + step, s, True) for s in range(batch)])
+            nxt = [argmax(s) for s in range(batch)]
+            got.append(nxt[0])
+        return got, time.perf_counter() - t_first
+    return go
+
+
+def timed_in_turns(engines: dict, repeats: int) -> tuple[dict, dict, dict]:
+    """Each engine's best whole-run seconds and best decode-steps seconds, timed in turns; its tokens."""
+    tokens = {name: go()[0] for name, go in engines.items()}  # warm-up
     best = {name: float("inf") for name in engines}
+    best_decode = dict(best)
     for _ in range(repeats):
         for name, go in engines.items():
             t0 = time.perf_counter()
-            go()
+            _, decode = go()
             best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+            best_decode[name] = min(best_decode[name], decode)
+    return best, best_decode, tokens
 
 
 def main() -> None:
@@ -148,33 +210,62 @@ def main() -> None:
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         ids = torch.tensor([prompt])
 
+        class FirstToken:  # transformers' streamer protocol: put() gets the prompt, then each new token
+            def __init__(self):
+                self.calls, self.t = 0, None
+
+            def put(self, value):
+                self.calls += 1
+                if self.calls == 2:
+                    self.t = time.perf_counter()
+
+            def end(self):
+                pass
+
         def hf_go():
+            first = FirstToken()
             with torch.no_grad():
                 out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=tok.pad_id)
-            return out[0, len(prompt):].tolist()
+                                  do_sample=False, pad_token_id=tok.pad_id, streamer=first)
+            return out[0, len(prompt):].tolist(), time.perf_counter() - first.t
         engines["transformers fp32"] = hf_go
     llama_ttft = None
-    if importlib.util.find_spec("llama_cpp") is not None:
+    missing = llama_cpp_missing()
+    if missing is None:
         engines["llama.cpp"], llama_ttft = llama_cpp_runners(path, prompt, long_prompt, n, args.threads)
     else:
-        print("  llama.cpp: llama-cpp-python is not installed (make llamacpp); its rows are skipped")
-    engines["gptlab int4 x8 sequences"] = gptlab_runner(int4, prompt, n, batch=8)
+        print(f"  llama.cpp: {missing}; its rows are skipped")
+    B = 8
+    engines[f"gptlab int4 x{B}"] = gptlab_runner(int4, prompt, n, batch=B)
+    if missing is None:
+        engines[f"llama.cpp x{B}"] = llama_cpp_batched_runner(path, prompt, n, args.threads, B)
 
-    best = timed_in_turns(engines, args.repeats)
-    tps = {name: (8 if "x8" in name else 1) * n / secs for name, secs in best.items()}
-    ref = tps.get("llama.cpp")
-    print("batch 1 (tokens/s; prompt pass included):")
-    for name, v in tps.items():
-        if "x8" not in name:
-            print(f"  {name:22s} {v:7.1f}" + (f"   {v / ref:5.2f}x llama.cpp" if ref else ""))
+    best, best_decode, tokens = timed_in_turns(engines, args.repeats)
+    rows = {name: (B if name.endswith(f"x{B}") else 1) for name in engines}
+    tps = {name: rows[name] * n / secs for name, secs in best.items()}
+    dps = {name: rows[name] * (n - 1) / secs for name, secs in best_decode.items()}
+    ref, dref = tps.get("llama.cpp"), dps.get("llama.cpp")
+    print("batch 1, tokens/s    whole request (prompt pass included)    decode steps only")
+    for name in engines:
+        if rows[name] == 1:
+            vs = (f" {tps[name] / ref:5.2f}x llama.cpp", f" {dps[name] / dref:5.2f}x llama.cpp") if ref else ("", "")
+            print(f"  {name:20s} {tps[name]:7.1f}{vs[0]:17s}          {dps[name]:7.1f}{vs[1]}")
+    if "llama.cpp" in tokens and tokens["llama.cpp"] != tokens["gptlab int4"]:
+        same = next((i for i, (a, b) in enumerate(zip(tokens["llama.cpp"], tokens["gptlab int4"])) if a != b), n)
+        print(f"  (gptlab int4 and llama.cpp agree on the first {same} of {n} greedy tokens: different rounding)")
     bw = memory_bandwidth()
     limit = bw / weight_bytes(int4)
     print(f"memory bandwidth {bw / 1e9:.1f} GB/s over {weight_bytes(int4) / 1e6:.1f} MB of int4 weights per token: "
-          f"limit {limit:.0f} tokens/s; gptlab int4 at {tps['gptlab int4'] / limit:.0%} of it")
-    agg = tps["gptlab int4 x8 sequences"]
-    print(f"8 concurrent sequences (engine, int4): {agg:.1f} tokens/s aggregate = "
-          f"{agg / tps['gptlab int4']:.2f}x gptlab's batch 1 (llama.cpp: no batched API in llama-cpp-python)")
+          f"limit {limit:.0f} tokens/s; gptlab int4 decode at {dps['gptlab int4'] / limit:.0%} of it")
+    print(f"{B} concurrent sequences, aggregate tokens/s (and x the same engine's batch 1):")
+    for name, one in ((f"gptlab int4 x{B}", "gptlab int4"), (f"llama.cpp x{B}", "llama.cpp")):
+        if name in tps:
+            print(f"  {name:20s} whole request {tps[name]:7.1f} ({tps[name] / tps[one]:4.2f}x)   "
+                  f"decode steps only {dps[name]:7.1f} ({dps[name] / dps[one]:4.2f}x)")
+    if f"llama.cpp x{B}" in tps:
+        a, b = f"gptlab int4 x{B}", f"llama.cpp x{B}"
+        print(f"  gptlab / llama.cpp at {B} sequences: whole request {tps[a] / tps[b]:.2f}x, "
+              f"decode steps {dps[a] / dps[b]:.2f}x")
     ours = min(gptlab_ttft(int4, long_prompt) for _ in range(args.repeats))
     line = f"time to first token, {len(long_prompt)}-token prompt: gptlab int4 {ours * 1e3:.0f} ms"
     if llama_ttft is not None:

@@ -35,9 +35,9 @@ def test_int4_kernel_equals_its_formula(m, n, k):
     x = torch.randn(m, k) * 3
     w = layer.dequantized().double()
     mins = layer.minimum.double().repeat_interleave(32, dim=1)  # (n, k): each group's minimum
-    # even group counts take the integer path: scale·code meets x rounded to int8 per group, the
-    # minimum meets the exact sum of x; odd counts (and CPUs without VNNI) take the float path
-    integer = (k // 32) % 2 == 0 and native.kernels().gptlab_kernels_isa() == 3
+    # the integer path (AVX2; AVX-512 VNNI for even group counts): scale·code meets x rounded to int8
+    # per group, the minimum meets the exact sum of x; otherwise x stays float32
+    integer = native.int4_rounds_activations(k)
     xs = _x_quantized_per_group(x) if integer else x.double()
     ref = xs @ (w - mins).t() + x.double() @ mins.t() + lin.bias.double()
     got = native.q4_matmul(x, layer.codes, layer.scale, layer.minimum, layer.bias)
@@ -203,7 +203,7 @@ def test_a_ring_cache_or_a_prompt_takes_the_modules_own_path(monkeypatch):
 
     model = quantize_int4(_tiny_llama(sliding_window=8))
     called = []
-    monkeypatch.setattr(native.NativeDecoderLayer, "_decode", staticmethod(lambda *a: called.append(1)))
+    monkeypatch.setattr(native, "_decode", lambda *a: called.append(1))
     from gptlab.inference.engine import Engine
     from gptlab.inference.requests import Request
 
@@ -212,3 +212,56 @@ def test_a_ring_cache_or_a_prompt_takes_the_modules_own_path(monkeypatch):
     with torch.no_grad():
         list(engine.run())
     assert not called  # the window (8) is shorter than the cache (40): a ring, which only the modules handle
+
+
+def _step_logits(model, steps: int = 6):
+    """The logits of a few batched decode steps of the engine (3 prompts of different lengths)."""
+    from gptlab.inference.engine import Engine
+    from gptlab.inference.requests import Request
+
+    engine = Engine(model, max_batch=3, max_len=60)
+    seen = []
+    head = model.get_head()
+    hook = head.register_forward_hook(lambda mod, args, out: seen.append(out.detach().clone()))
+    try:
+        for p in ([1, 5, 9, 33, 70, 2], [4, 4, 4], list(range(10, 30))):
+            engine.submit(Request(p, max_tokens=steps))
+        with torch.no_grad():
+            list(engine.run())
+    finally:
+        hook.remove()
+    return seen
+
+
+@needs_kernels
+def test_a_decode_step_is_one_native_call_for_every_layer_with_the_same_result(monkeypatch):
+    """The stack's single call (gptlab_decode_layers) = one native call per layer, bit for bit."""
+    model = quantize_int4(_tiny_llama())
+    assert isinstance(model.layers, native.NativeLayerStack)
+    calls = []
+    real = native._decode
+    monkeypatch.setattr(native, "_decode", lambda *a: calls.append(a[1] is None) or real(*a))
+    fused = _step_logits(model)
+    assert calls and all(calls)  # every decode step went through the stack's one call
+    calls.clear()
+    model.layers.__class__ = nn.ModuleList  # the model's own loop: each native layer called by itself
+    per_layer = _step_logits(model)
+    assert calls and not any(calls)
+    assert len(fused) == len(per_layer) and all(torch.equal(a, b) for a, b in zip(fused, per_layer))
+
+
+@needs_kernels
+def test_a_replaced_weight_rebuilds_the_native_plan():
+    """The kernels hold pointers into the layers' tensors: a tensor swapped for another is seen at the next step."""
+    model = quantize_int4(_tiny_llama())
+    before = _step_logits(model)
+    down = model.layers[1].mlp.down_proj
+    down.scale = down.scale * 4  # a new tensor in the buffer's place
+    after = _step_logits(model)
+    for layer in model.layers:  # the modules' own forward on the same weights
+        layer.__class__ = native.DecoderLayer
+    model.layers.__class__ = nn.ModuleList
+    reference = _step_logits(model)
+    assert not torch.allclose(before[-1], after[-1])
+    for a, r in zip(after, reference):
+        assert (a - r).abs().max() <= 2e-2 * r.abs().max()

@@ -43,7 +43,7 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-/* 3 with AVX-512 VNNI (int4 on the integer path), 1 with AVX-512, 2 with AVX2, 0 with none of them
+/* 3 with AVX-512 VNNI, 1 with AVX-512, 2 with AVX2 (int4 on the integer path with VNNI or AVX2), 0 with none of them
  * (the caller then uses PyTorch's kernels). */
 int gptlab_kernels_isa(void) {
 #if defined(GPTLAB_AVX512) && defined(__AVX512VNNI__)
@@ -58,6 +58,7 @@ int gptlab_kernels_isa(void) {
 }
 
 #if defined(GPTLAB_AVX512)
+#define I8_ROWS ROWS_IN
 
 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
@@ -152,22 +153,39 @@ static inline __attribute__((always_inline)) void q4_rows(const int mb, int K, i
     }
 }
 
+/* One accumulator per (row, output) would make every FMA wait for the one before it (4 cycles):
+ * each output's sum runs in I8_CHAINS interleaved partial sums instead, the same number whatever
+ * the rows in the call (a row's result must not depend on the rows that share its call: the
+ * engine's batch invariance), so a pass takes at most I8_ROWS rows (their accumulators fill the
+ * 16 registers). */
+#define I8_CHAINS 4
+#define I8_ROWS 3
+
 static inline __attribute__((always_inline)) void i8_rows(const int mb, int K, int N, const float *x, int m0,
                                                             const int8_t *q, const uint16_t *scale,
                                                             const float *bias, int n0, int n1, float *y) {
     for (int n = n0; n < n1; n++) {
-        __m256 acc[ROWS_IN];
-        for (int r = 0; r < mb; r++) acc[r] = _mm256_setzero_ps();
+        __m256 acc[I8_ROWS][I8_CHAINS];
+        for (int r = 0; r < mb; r++)
+            for (int j = 0; j < I8_CHAINS; j++) acc[r][j] = _mm256_setzero_ps();
         const int8_t *w = q + (size_t)n * K;
         int k = 0;
+        for (; k + 8 * I8_CHAINS <= K; k += 8 * I8_CHAINS)
+            for (int j = 0; j < I8_CHAINS; j++) {
+                const int kj = k + 8 * j;
+                const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + kj))));
+                for (int r = 0; r < mb; r++)
+                    acc[r][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)(m0 + r) * K + kj), acc[r][j]);
+            }
         for (; k + 8 <= K; k += 8) {
-            __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k))));
+            const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k))));
             for (int r = 0; r < mb; r++)
-                acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)(m0 + r) * K + k), acc[r]);
+                acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)(m0 + r) * K + k), acc[r][0]);
         }
         const float sn = bf16_to_f32(scale[n]);
         for (int r = 0; r < mb; r++) {
-            float t = hsum(acc[r]);
+            const __m256 t4 = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3]));
+            float t = hsum(t4);
             for (int kk = k; kk < K; kk++) t += (float)w[kk] * x[(size_t)(m0 + r) * K + kk];
             y[(size_t)(m0 + r) * N + n] = t * sn + (bias ? bias[n] : 0.0f);
         }
@@ -258,6 +276,75 @@ static inline __attribute__((always_inline)) void q4_rows_vnni(const int mb, int
 }
 #endif
 
+#if defined(GPTLAB_AVX2)
+#include <stdlib.h>
+
+/* The integer path on AVX2 (no VNNI): the same idea, one group at a time. A group's 32 codes,
+ * low nibbles (even k) then high nibbles (odd k), meet its 32 int8 activations, stored in that
+ * order, in one maddubs (unsigned code x signed activation, pairs summed to int16: at most
+ * 2 x 15 x 127, no saturation) and one madd with ones (to 8 int32). */
+static void quantize_rows_avx2(int M, int K, const float *x, int8_t *xq, float *dxv, float *xsum) {
+    const int G = K / 32;
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < G; g++) {
+            const float *v = x + (size_t)m * K + 32 * g;
+            float amax = 0.0f, sum = 0.0f;
+            for (int i = 0; i < 32; i++) {
+                const float a = fabsf(v[i]);
+                amax = a > amax ? a : amax;
+                sum += v[i];
+            }
+            const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            int8_t *out = xq + (size_t)m * K + 32 * g;
+            for (int i = 0; i < 16; i++) {
+                out[i] = (int8_t)lrintf(v[2 * i] * id);          /* even k */
+                out[16 + i] = (int8_t)lrintf(v[2 * i + 1] * id); /* odd k */
+            }
+            dxv[(size_t)m * G + g] = d;
+            xsum[(size_t)m * G + g] = sum;
+        }
+}
+
+static inline __attribute__((always_inline)) void q4_rows_avx2_int(const int mb, int K, int N, int m0,
+                                                                     const int8_t *xq, const float *dxv,
+                                                                     const float *xsum, const uint8_t *codes,
+                                                                     const uint16_t *scale, const uint16_t *minimum,
+                                                                     const float *bias, int n0, int n1, float *y) {
+    const int G = K / 32;
+    const __m128i low4 = _mm_set1_epi8(15);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int n = n0; n < n1; n++) {
+        __m256 acc[ROWS_IN];
+        for (int r = 0; r < mb; r++) acc[r] = _mm256_setzero_ps();
+        const uint8_t *c = codes + (size_t)n * (K / 2);
+        const uint16_t *s = scale + (size_t)n * G, *mn = minimum + (size_t)n * G;
+        for (int g = 0; g < G; g++) {
+            const __m128i b = _mm_loadu_si128((const __m128i *)(c + 16 * g));
+            const __m256i cw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low4), _mm_and_si128(b, low4));
+            const __m256 sv = _mm256_set1_ps(bf16_to_f32(s[g]));
+            for (int r = 0; r < mb; r++) {
+                const size_t row = (size_t)(m0 + r);
+                const __m256i p = _mm256_maddubs_epi16(cw, _mm256_loadu_si256((const __m256i *)(xq + row * K + 32 * g)));
+                const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sv, _mm256_broadcast_ss(dxv + row * G + g)), acc[r]);
+            }
+        }
+        for (int r = 0; r < mb; r++) { /* the minimums: Σ_g m · Σx, 8 groups at a time */
+            const float *xs = xsum + (size_t)(m0 + r) * G;
+            __m256 t = _mm256_setzero_ps();
+            int g = 0;
+            for (; g + 8 <= G; g += 8) {
+                const __m256i m32 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(mn + g))), 16);
+                t = _mm256_fmadd_ps(_mm256_castsi256_ps(m32), _mm256_loadu_ps(xs + g), t);
+            }
+            float tail = 0.0f;
+            for (; g < G; g++) tail += bf16_to_f32(mn[g]) * xs[g];
+            y[(size_t)(m0 + r) * N + n] = hsum(acc[r]) + hsum(t) + tail + (bias ? bias[n] : 0.0f);
+        }
+    }
+}
+#endif
+
 #if defined(GPTLAB_AVX512) || defined(GPTLAB_AVX2)
 
 static int int4_integer_path = 1;
@@ -268,6 +355,17 @@ int gptlab_int4_integer_path(int on) {
     const int was = int4_integer_path;
     int4_integer_path = on;
     return was;
+}
+
+/* 1 when an int4 product over K inputs rounds x to int8 (the integer path), 0 when x stays float32. */
+int gptlab_int4_integer_for(int K) {
+#if defined(GPTLAB_VNNI)
+    return int4_integer_path && (K / 32) % 2 == 0;
+#elif defined(GPTLAB_AVX2)
+    return int4_integer_path;
+#else
+    return 0;
+#endif
 }
 
 /* y (M, N) = x (M, K) · Wᵀ + bias for int4 W; K a multiple of 32. Returns 0, or -1 for a bad shape. */
@@ -282,19 +380,19 @@ int gptlab_int4_integer_path(int on) {
 #else
 #define WIDE_PASSES(PASS)
 #endif
-#define EVERY_PASS(M, N, threads, PASS)                                                               \
+#define EVERY_PASS(M, N, threads, RIN, PASS)                                                             \
     do {                                                                                              \
         const int blocks_ = ((N) + ROWS_OUT - 1) / ROWS_OUT;                                          \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks_ > 1)") \
         for (int blk = 0; blk < blocks_; blk++) {                                                     \
             const int n0 = blk * ROWS_OUT, n1 = n0 + ROWS_OUT < (N) ? n0 + ROWS_OUT : (N);            \
-            for (int m0 = 0; m0 < (M); m0 += ROWS_IN) {                                               \
-                switch ((M) - m0 < ROWS_IN ? (M) - m0 : ROWS_IN) {                                    \
+            for (int m0 = 0; m0 < (M); m0 += (RIN)) {                                                 \
+                switch ((M) - m0 < (RIN) ? (M) - m0 : (RIN)) {                                        \
                     case 1: PASS(1, m0, n0, n1); break;                                               \
                     case 2: PASS(2, m0, n0, n1); break;                                               \
                     case 3: PASS(3, m0, n0, n1); break;                                               \
                     WIDE_PASSES(PASS)                                                                 \
-                    default: PASS(ROWS_IN, m0, n0, n1); break;                                        \
+                    default: PASS((RIN), m0, n0, n1); break;                                          \
                 }                                                                                     \
             }                                                                                         \
         }                                                                                             \
@@ -314,14 +412,30 @@ int gptlab_q4_matmul(int M, int N, int K, const float *x, const uint8_t *codes, 
         }
         quantize_rows(M, K, x, xq, dx, xsum);
 #define VNNI_PASS(mb, m0, n0, n1) q4_rows_vnni(mb, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y)
-        EVERY_PASS(M, N, threads, VNNI_PASS);
+        EVERY_PASS(M, N, threads, ROWS_IN, VNNI_PASS);
 #undef VNNI_PASS
+        free(xq), free(dx), free(xsum);
+        return 0;
+    }
+#elif defined(GPTLAB_AVX2)
+    if (int4_integer_path) {
+        const int G = K / 32;
+        int8_t *xq = malloc((size_t)M * K);
+        float *dx = malloc(sizeof(float) * (size_t)M * G), *xsum = malloc(sizeof(float) * (size_t)M * G);
+        if (!xq || !dx || !xsum) {
+            free(xq), free(dx), free(xsum);
+            return -2;
+        }
+        quantize_rows_avx2(M, K, x, xq, dx, xsum);
+#define INT_PASS(mb, m0, n0, n1) q4_rows_avx2_int(mb, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y)
+        EVERY_PASS(M, N, threads, ROWS_IN, INT_PASS);
+#undef INT_PASS
         free(xq), free(dx), free(xsum);
         return 0;
     }
 #endif
 #define FLOAT_PASS(mb, m0, n0, n1) q4_rows(mb, K, N, x, m0, codes, scale, minimum, bias, n0, n1, y)
-    EVERY_PASS(M, N, threads, FLOAT_PASS);
+    EVERY_PASS(M, N, threads, ROWS_IN, FLOAT_PASS);
 #undef FLOAT_PASS
     return 0;
 }
@@ -331,7 +445,7 @@ int gptlab_i8_matmul(int M, int N, int K, const float *x, const int8_t *q, const
                      const float *bias, float *y, int threads) {
     if (M <= 0 || N <= 0 || K <= 0) return -1;
 #define I8_PASS(mb, m0, n0, n1) i8_rows(mb, K, N, x, m0, q, scale, bias, n0, n1, y)
-    EVERY_PASS(M, N, threads, I8_PASS);
+    EVERY_PASS(M, N, threads, I8_ROWS, I8_PASS);
 #undef I8_PASS
     return 0;
 }
@@ -476,3 +590,18 @@ int gptlab_decode_layer(const gptlab_layer *L, int B, float *x, const float *cos
     return rc;
 }
 #endif
+
+#if defined(GPTLAB_AVX512) || defined(GPTLAB_AVX2)
+/* Every decoder layer of a decode step in one call (the engine's whole stack: a Python call per
+ * layer cost ~70 us of the ~300 a layer takes): layer i uses L[i] and its own cache kc[i], vc[i]. */
+int gptlab_decode_layers(const gptlab_layer *L, int n_layers, int B, float *x, const float *cos, const float *sin,
+                         float *const *kc, float *const *vc, const int64_t *slots, const int64_t *pos, int max_len,
+                         int threads) {
+    for (int i = 0; i < n_layers; i++) {
+        const int rc = gptlab_decode_layer(L + i, B, x, cos, sin, kc[i], vc[i], slots, pos, max_len, threads);
+        if (rc) return rc;
+    }
+    return 0;
+}
+#endif
+

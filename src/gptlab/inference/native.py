@@ -95,9 +95,11 @@ def _load() -> ctypes.CDLL | None:
     lib.gptlab_rms_norm.argtypes = [i, i, p, p, ctypes.c_float, p]
     lib.gptlab_rms_norm.restype = None
     lib.gptlab_decode_layer.argtypes = [p, i, p, p, p, p, p, p, p, i, i]
-    lib.gptlab_decode_layer.restype = i
+    lib.gptlab_decode_layers.argtypes = [p, i, i, p, p, p, p, p, p, p, i, i]
+    lib.gptlab_decode_layer.restype = lib.gptlab_decode_layers.restype = i
     lib.gptlab_int4_integer_path.argtypes = [i]
-    lib.gptlab_int4_integer_path.restype = i
+    lib.gptlab_int4_integer_path.restype = lib.gptlab_int4_integer_for.restype = i
+    lib.gptlab_int4_integer_for.argtypes = [i]
     lib.gptlab_int4_integer_path(int(os.environ.get("GPTLAB_INT4_ACTIVATIONS", "int8").strip().lower() != "float"))
     return lib
 
@@ -112,6 +114,13 @@ def set_int4_activations(kind: str) -> str:
     if lib is None:
         return "float"
     return "int8" if lib.gptlab_int4_integer_path(int(kind == "int8")) else "float"
+
+
+def int4_rounds_activations(in_features: int) -> bool:
+    """Whether an int4 product over ``in_features`` inputs takes the integer path here (x rounded to int8
+    per 32 inputs: AVX2, or AVX-512 VNNI with an even number of groups) rather than float32 activations."""
+    lib = kernels()
+    return lib is not None and bool(lib.gptlab_int4_integer_for(in_features))
 
 
 def usable(x: torch.Tensor, *params: torch.Tensor) -> bool:
@@ -224,68 +233,114 @@ def _linear_struct(layer: nn.Module) -> _Linear | None:
     return None
 
 
+def _step_inputs(x: torch.Tensor, cos: torch.Tensor, cache) -> bool:
+    """Is this call a decode step the native layer takes: one new float32 token per row of a slot batch?"""
+    return type(cache) is SlotBatch and x.dim() == 3 and x.shape[1] == 1 and x.dtype == torch.float32 \
+        and cos.dim() == 4 and usable(x)
+
+
 class NativeDecoderLayer(DecoderLayer):
     """A Llama decoder layer that decodes (one new token per row of a slot batch) in one native call.
 
     Everything else (prefill, training, a ring cache, float projections) runs the
     module's own forward. The kernel holds pointers to this layer's tensors: the
-    plan is rebuilt whenever one of them is replaced (``.to()``, a reload).
+    plan is rebuilt whenever one of them is replaced (``.to()``, a reload), and
+    holds them alive while it is cached.
     """
 
     act: int = 0  # 0: SiLU, 1: GELU (tanh)
 
     def _plan(self) -> _Layer | None:
-        a, m = self.self_attn, self.mlp
-        tensors = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj,
-                   self.input_layernorm.weight, self.post_attention_layernorm.weight)
-        key = tuple(id(t) for t in tensors) + tuple(
-            id(getattr(t, "codes", getattr(t, "weight_int8", None))) for t in tensors[:7])
+        mods = self.__dict__["_modules"]
+        a, m = mods["self_attn"]._modules, mods["mlp"]._modules
+        linears = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
+        norms = (mods["input_layernorm"], mods["post_attention_layernorm"])
+        tensors = [*linears, *norms]  # the modules and every tensor they hold: read straight from their dicts
+        for mod in tensors[:9]:
+            tensors += mod._buffers.values()
+            tensors += mod._parameters.values()
+        key = tuple(map(id, tensors))
         cached = self.__dict__.get("_native_plan")
         if cached is not None and cached[0] == key:
             return cached[1]
         plan = None
-        linears = [_linear_struct(t) for t in tensors[:7]]
-        norms = (self.input_layernorm, self.post_attention_layernorm)
-        if all(linears) and all(type(n) in (RMSNorm, NativeRMSNorm) and not n.unit_offset
+        structs = [_linear_struct(t) for t in linears]
+        if all(structs) and all(type(n) in (RMSNorm, NativeRMSNorm) and not n.unit_offset
                                 and n.weight.dtype == torch.float32 and n.weight.is_contiguous() for n in norms):
-            plan = _Layer(norms[0].weight.shape[0], a.n_heads, a.n_kv_heads, a.head_dim, m.down_proj.in_features,
-                          self.act, norms[0].eps, norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *linears)
+            attn = self.self_attn
+            plan = _Layer(norms[0].weight.shape[0], attn.n_heads, attn.n_kv_heads, attn.head_dim,
+                          linears[6].in_features, self.act, norms[0].eps, norms[0].weight.data_ptr(),
+                          norms[1].weight.data_ptr(), *structs)
             if norms[1].eps != norms[0].eps:
                 plan = None
-        self.__dict__["_native_plan"] = (key, plan)
+        self.__dict__["_native_plan"] = (key, plan, tensors)  # the tensors: alive while their ids are the key
         return plan
+
+    def _decodes_with(self, store, layer: int) -> _Layer | None:
+        """This layer's plan if it can decode into ``store``'s cache of layer ``layer``, else None."""
+        kc, vc = store.k[layer], store.v[layer]
+        window = self.self_attn.window
+        if kc.dtype != torch.float32 or not (kc.is_contiguous() and vc.is_contiguous()) \
+                or (window is not None and window < store.max_len):
+            return None
+        return self._plan()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache=None, layer: int = 0) -> torch.Tensor:
-        if type(cache) is SlotBatch and x.dim() == 3 and x.shape[1] == 1 and x.dtype == torch.float32 \
-                and cos.dim() == 4 and usable(x):
+        if _step_inputs(x, cos, cache):
             store = cache.cache
-            kc, vc = store.k[layer], store.v[layer]
-            window = self.self_attn.window
-            plan = self._plan()
-            if plan is not None and kc.dtype == torch.float32 and kc.is_contiguous() and vc.is_contiguous() \
-                    and (window is None or window >= store.max_len):
-                return self._decode(plan, x, cos, sin, cache, kc, vc, store.max_len)
+            plan = self._decodes_with(store, layer)
+            if plan is not None:
+                return _decode(kernels().gptlab_decode_layer, ctypes.byref(plan), x, cos, sin, cache,
+                               store.k[layer].data_ptr(), store.v[layer].data_ptr())
         return super().forward(x, cos, sin, cache, layer)
 
-    @staticmethod
-    def _decode(plan, x, cos, sin, cache, kc, vc, max_len) -> torch.Tensor:
-        B = x.shape[0]
-        out = x.contiguous().clone()  # (B, 1, d), updated in place by the kernel
-        cos2, sin2 = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous()  # (B, hd)
-        slots = cache.slots.to(torch.int64).contiguous()  # (B,)
-        pos = cache.pos.reshape(B).to(torch.int64).contiguous()  # (B,)
-        rc = kernels().gptlab_decode_layer(ctypes.byref(plan), B, out.data_ptr(), cos2.data_ptr(), sin2.data_ptr(),
-                                           kc.data_ptr(), vc.data_ptr(), slots.data_ptr(), pos.data_ptr(), max_len,
-                                           torch.get_num_threads())
-        if rc:
-            raise RuntimeError(f"the native decoder layer failed (code {rc}) at positions {pos.tolist()}")
-        return out
+
+class NativeLayerStack(nn.ModuleList):
+    """A model's decoder layers (the same modules and state-dict keys) that run a whole decode step in
+    one native call when every layer can (``decode``); the model's own loop runs otherwise."""
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor | None:
+        """Every layer's output for a decode step, or None when some layer or the call is not for it."""
+        if not _step_inputs(x, cos, cache):
+            return None
+        store, plans = cache.cache, []
+        for i, layer in enumerate(self):
+            plan = layer._decodes_with(store, i) if type(layer) is NativeDecoderLayer else None
+            if plan is None:
+                return None
+            plans.append(plan)
+        key = (*map(id, plans), *map(id, store.k), *map(id, store.v))
+        cached = self.__dict__.get("_native_stack")
+        if cached is None or cached[0] != key:
+            n = len(plans)
+            arrays = ((_Layer * n)(*plans), (ctypes.c_void_p * n)(*(t.data_ptr() for t in store.k)),
+                      (ctypes.c_void_p * n)(*(t.data_ptr() for t in store.v)))
+            cached = self.__dict__["_native_stack"] = (key, arrays, (plans, list(store.k), list(store.v)))
+        layers, kcs, vcs = cached[1]
+        return _decode(lambda *a: kernels().gptlab_decode_layers(layers, len(self), *a), None, x, cos, sin, cache,
+                       kcs, vcs)
+
+
+def _decode(call, plan, x, cos, sin, cache, kc, vc) -> torch.Tensor:
+    """Run a native decode ``call`` (one layer with ``plan``, or the stack when plan is None) on ``x``."""
+    B = x.shape[0]
+    out = x.contiguous().clone()  # (B, 1, d), updated in place by the kernel
+    cos2, sin2 = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous()  # (B, hd)
+    slots = cache.slots.to(torch.int64).contiguous()  # (B,)
+    pos = cache.pos.reshape(B).to(torch.int64).contiguous()  # (B,)
+    args = (B, out.data_ptr(), cos2.data_ptr(), sin2.data_ptr(), kc, vc, slots.data_ptr(), pos.data_ptr(),
+            cache.cache.max_len, torch.get_num_threads())
+    rc = call(*args) if plan is None else call(plan, *args)
+    if rc:
+        raise RuntimeError(f"the native decoder layer failed (code {rc}) at positions {pos.tolist()}")
+    return out
 
 
 def use_native_layers(model: nn.Module) -> nn.Module:
-    """Let a quantized Llama-family ``model`` decode each layer in one native call (in place; see
-    :class:`NativeDecoderLayer`). Norms and other layers use the native kernels too where they exist."""
+    """Let a quantized Llama-family ``model`` decode each layer in one native call, and a whole step in one
+    (in place; see :class:`NativeDecoderLayer`, :class:`NativeLayerStack`). Norms and other layers use the
+    native kernels too where they exist."""
     if kernels() is None:
         return model
     use_native_norms(model)
@@ -293,4 +348,6 @@ def use_native_layers(model: nn.Module) -> nn.Module:
     act = {"silu": 0, "gelu_tanh": 1}.get(getattr(cfg, "mlp_act", "silu"))
     if act is not None:
         _swap(model, lambda m: type(m) is DecoderLayer and type(m.mlp) is GatedMLP, NativeDecoderLayer, act=act)
+        if type(getattr(model, "layers", None)) is nn.ModuleList:
+            model.layers.__class__ = NativeLayerStack  # the same list: a decode step is then one native call
     return model

@@ -272,8 +272,13 @@ class Llama(LanguageModel):
         if self.cfg.embed_scale:  # Gemma: √d, rounded to the activation dtype as in the reference
             x = x * torch.tensor(self.cfg.emb_dim ** 0.5, dtype=x.dtype)
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)  # each (T, hd) or (B, 1, T, hd)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
+        fused = getattr(self.layers, "decode", None)  # gptlab.inference.native: a decode step in one call
+        out = fused(x, cos, sin, cache) if fused is not None else None
+        if out is None:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, cache, i)
+        else:
+            x = out
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
