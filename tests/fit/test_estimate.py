@@ -261,3 +261,26 @@ def test_gptlab_formats_belong_to_the_gptlab_engine(hw):
                                                      + 2 * s.params_embedding)
     with pytest.raises(GptlabError, match="gptlab's own format"):
         inference_memory(s, hw, "INT4", 4096, engine="llama.cpp")
+
+
+def test_the_compute_buffer_counts_the_logits_the_engine_really_makes():
+    """gptlab's engine runs the head on each prompt's last position only: the plan counts V logits per
+    sequence, not chunk x V (that was 100 MB too many for SmolLM2 at a 512-token chunk)."""
+    from gptlab.fit.estimate import ENGINES, compute_buffer_bytes
+    from gptlab.inference.engine import Engine, Request
+
+    cfg = get_preset("llama-micro")
+    model = build_model(cfg).eval()
+    rows = []
+    hook = model.get_head().register_forward_hook(lambda m, a, out: rows.append(out.shape[:-1].numel()))
+    engine = Engine(model, max_batch=2, prefill_chunk=512)
+    for n in (cfg.context_length - 1, 40):
+        engine.submit(Request(list(range(1, n + 1)), max_tokens=1))
+    with torch.no_grad():
+        list(engine.run())
+    hook.remove()
+    assert max(rows) == 1  # one row of logits per call, the longest prompt's included
+    spec = spec_from_config(cfg)
+    hidden = 512 * 8 * cfg.emb_dim * 4
+    for batch in (1, 2):
+        assert compute_buffer_bytes(spec, 4096, ENGINES["gptlab"], batch) == batch * (cfg.vocab_size * 4 + hidden)

@@ -168,12 +168,12 @@ def kv_read_bytes(spec: ModelSpec, context: int, kv_quant: str = "f16") -> float
 
 
 def compute_buffer_bytes(spec: ModelSpec, context: int, engine: Engine, batch: int = 1) -> float:
-    """Activations of one forward chunk: logits (fp32) plus a few d-wide hidden states."""
+    """Activations of one forward chunk: logits (fp32) plus a few d-wide hidden states.
+
+    Both engines apply the output head to each sequence's last position only, prompt chunks included
+    (llama.cpp; gptlab's ``inference.engine``, which ``generate``, chat and the server run on)."""
     chunk = min(context, engine.compute_chunk)
-    if engine.name == "llama.cpp":
-        logits = spec.vocab_size * 4  # llama.cpp keeps logits of the last token only
-    else:
-        logits = chunk * spec.vocab_size * 4  # gptlab's forward returns logits for every position
+    logits = spec.vocab_size * 4
     return batch * (logits + chunk * 8 * spec.emb_dim * 4)
 
 
