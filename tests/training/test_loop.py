@@ -194,3 +194,20 @@ def test_bad_settings_are_clear():
     TrainConfig(max_steps=1, lr=1e-3, min_lr=1e-3, warmup_steps=0).validate()  # a flat schedule is fine
     with pytest.raises(GptlabError, match="has 10 tokens but one window needs 17"):
         window_batches(np.arange(10), 16, 16, 2)
+
+
+def test_loss_png_is_redrawn_at_most_every_plot_interval_and_for_the_last_evaluation(tmp_path, monkeypatch):
+    import gptlab.training.hooks as hooks
+
+    drawn = []
+    real = hooks.plot_losses
+    monkeypatch.setattr(hooks, "plot_losses", lambda records, *a: drawn.append(records[-1]["step"]) or real(records, *a))
+    monkeypatch.setattr(hooks, "PLOT_EVERY_S", 1e9)  # no interval passes within the run
+    model, train, val = _setup()
+    train_loop(model, train, val, _cfg(), tmp_path, progress=False)
+    assert drawn == [4, 12]  # the first evaluation, then the last (step 8 skipped): the file shows every point
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    drawn.clear()
+    monkeypatch.setattr(hooks, "PLOT_EVERY_S", 0.0)
+    train_loop(model, train, val, _cfg(), tmp_path / "every", progress=False)
+    assert drawn == [4, 8, 12]

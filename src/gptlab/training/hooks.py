@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -165,9 +166,15 @@ def eval_line(step: int, tr: dict[str, float], va: dict[str, float], tok_s: floa
     return line + f", {tok_s:,.0f} tok/s"
 
 
+# loss.png is redrawn at most this often (seconds) during a run, and always for its last evaluation:
+# a matplotlib figure takes ~0.7 s on a 2-core CPU, as long as 14 steps of a small model.
+PLOT_EVERY_S = 20.0
+
+
 class Evaluation:
     """What happens every ``eval_every`` steps, in order: evaluate train/val, log the metrics, print a line,
-    sample, plot, keep the best model, write a checkpoint; :meth:`__call__` says whether patience ran out."""
+    sample, plot (at most every ``PLOT_EVERY_S`` seconds, and at the end), keep the best model, write a
+    checkpoint; :meth:`__call__` says whether patience ran out."""
 
     def __init__(self, run: Path, model: nn.Module, task, train: IndexedBatches, val: IndexedBatches | None,
                  cfg, optimizer, tokenizer, *, save_model: Callable[[nn.Module, Path], None],
@@ -185,6 +192,8 @@ class Evaluation:
         self.log = MetricsLog(run / "metrics.jsonl", resume_step=resumed_at, write=is_main)
         self.loggers = open_loggers(loggers, run, self.log.records, resumed_at, dataclasses.asdict(cfg), is_main)
         self.tokens_per_epoch = len(train) * train.bs * max(1, train.tokens_per_item)
+        self.plotted_at: float | None = None  # time.monotonic() of the last loss.png
+        self.plotted_step = -1
 
     def evaluate(self) -> tuple[dict[str, float], dict[str, float]]:
         """(train metrics, val metrics) over the fixed evaluation batches."""
@@ -244,8 +253,8 @@ class Evaluation:
         sharded = self.parallel is not None and self.parallel.sharded and self.samples.fn is not None
         # FSDP: rank 0 samples from the whole model, gathered into its unsharded CPU copy (a collective)
         self.samples(self.parallel.gathered() if sharded else self.model, c.step, self.progress.write)
-        if self.is_main:
-            plot_losses(self.log.records, self.run / "loss.png", self.tokens_per_epoch)
+        if self.plotted_at is None or time.monotonic() - self.plotted_at >= PLOT_EVERY_S:
+            self.plot()
         improved = keep_best(c, va.get("loss") if va else None)
         if improved or not self.has_val:
             self.export_model()
@@ -258,8 +267,16 @@ class Evaluation:
         checkpoint describe it; and write RUN/model if no evaluation did."""
         if stopped in ("max_time", "max_steps") and self.last_step() != c.step and c.step > 0:
             self(c, lr, speed)
+        if self.plotted_step != self.last_step():
+            self.plot()
         if c.step > 0 and not self.model_saved():
             self.export_model()
+
+    def plot(self) -> None:
+        """Draw loss.png from every evaluation so far (main rank)."""
+        if self.is_main and self.log.records:
+            plot_losses(self.log.records, self.run / "loss.png", self.tokens_per_epoch)
+        self.plotted_at, self.plotted_step = time.monotonic(), self.last_step()
 
     def close(self) -> None:
         """Flush and close the experiment loggers."""
