@@ -305,6 +305,79 @@ static void quantize_rows_avx2(int M, int K, const float *x, int8_t *xq, float *
         }
 }
 
+/* With an even number of groups, two at a time (as the VNNI path): xq per pair of groups (g, g+1)
+ * is [g even k, g+1 even k | g odd k, g+1 odd k], which is how one 32-byte load of the pair's codes
+ * comes apart into low and high nibbles. The two maddubs are summed in int16 (at most 4 x 15 x 127),
+ * one madd gives 8 int32 lanes: 0-3 group g, 4-7 group g+1; dx per pair is [4 x dx_g, 4 x dx_g+1]. */
+static void quantize_pairs_avx2(int M, int K, const float *x, int8_t *xq, float *dxv, float *xsum) {
+    const int G = K / 32;
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < G; g++) {
+            const float *v = x + (size_t)m * K + 32 * g;
+            float amax = 0.0f, sum = 0.0f;
+            for (int i = 0; i < 32; i++) {
+                const float a = fabsf(v[i]);
+                amax = a > amax ? a : amax;
+                sum += v[i];
+            }
+            const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            int8_t *out = xq + (size_t)m * K + 64 * (g / 2) + 16 * (g % 2);
+            for (int i = 0; i < 16; i++) {
+                out[i] = (int8_t)lrintf(v[2 * i] * id);          /* even k */
+                out[32 + i] = (int8_t)lrintf(v[2 * i + 1] * id); /* odd k */
+            }
+            float *dl = dxv + ((size_t)m * (G / 2) + g / 2) * 8 + 4 * (g % 2);
+            for (int i = 0; i < 4; i++) dl[i] = d;
+            xsum[(size_t)m * G + g] = sum;
+        }
+}
+
+static inline __attribute__((always_inline)) void q4_rows_avx2_pairs(const int mb, int K, int N, int m0,
+                                                                       const int8_t *xq, const float *dxv,
+                                                                       const float *xsum, const uint8_t *codes,
+                                                                       const uint16_t *scale, const uint16_t *minimum,
+                                                                       const float *bias, int n0, int n1, float *y) {
+    const int G = K / 32;
+    const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256i pair = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
+    for (int n = n0; n < n1; n++) {
+        __m256 acc[ROWS_IN];
+        for (int r = 0; r < mb; r++) acc[r] = _mm256_setzero_ps();
+        const uint8_t *c = codes + (size_t)n * (K / 2);
+        const uint16_t *s = scale + (size_t)n * G, *mn = minimum + (size_t)n * G;
+        for (int g = 0; g < G; g += 2) {
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(c + 16 * g));
+            const __m256i lo = _mm256_and_si256(b, low4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+            uint32_t s2;
+            memcpy(&s2, s + g, 4); /* the two groups' bf16 scales */
+            const __m128i sw = _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_cvtsi32_si128((int)s2)), 16);
+            const __m256 sv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(sw)), pair);
+            for (int r = 0; r < mb; r++) {
+                const size_t row = (size_t)(m0 + r);
+                const int8_t *xr = xq + row * K + 32 * g;
+                const __m256i p = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xr)),
+                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xr + 32))));
+                const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sv, _mm256_loadu_ps(dxv + (row * (G / 2) + g / 2) * 8)),
+                                         acc[r]);
+            }
+        }
+        for (int r = 0; r < mb; r++) { /* the minimums: Σ_g m · Σx, 8 groups at a time */
+            const float *xs = xsum + (size_t)(m0 + r) * G;
+            __m256 t = _mm256_setzero_ps();
+            int g = 0;
+            for (; g + 8 <= G; g += 8) {
+                const __m256i m32 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(mn + g))), 16);
+                t = _mm256_fmadd_ps(_mm256_castsi256_ps(m32), _mm256_loadu_ps(xs + g), t);
+            }
+            float tail = 0.0f;
+            for (; g < G; g++) tail += bf16_to_f32(mn[g]) * xs[g];
+            y[(size_t)(m0 + r) * N + n] = hsum(acc[r]) + hsum(t) + tail + (bias ? bias[n] : 0.0f);
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) void q4_rows_avx2_int(const int mb, int K, int N, int m0,
                                                                      const int8_t *xq, const float *dxv,
                                                                      const float *xsum, const uint8_t *codes,
@@ -421,15 +494,22 @@ int gptlab_q4_matmul(int M, int N, int K, const float *x, const uint8_t *codes, 
     if (int4_integer_path) {
         const int G = K / 32;
         int8_t *xq = malloc((size_t)M * K);
-        float *dx = malloc(sizeof(float) * (size_t)M * G), *xsum = malloc(sizeof(float) * (size_t)M * G);
+        float *dx = malloc(sizeof(float) * (size_t)M * G * 4), *xsum = malloc(sizeof(float) * (size_t)M * G);
         if (!xq || !dx || !xsum) {
             free(xq), free(dx), free(xsum);
             return -2;
         }
-        quantize_rows_avx2(M, K, x, xq, dx, xsum);
+        if (G % 2 == 0) {
+            quantize_pairs_avx2(M, K, x, xq, dx, xsum);
+#define PAIR_PASS(mb, m0, n0, n1) q4_rows_avx2_pairs(mb, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y)
+            EVERY_PASS(M, N, threads, ROWS_IN, PAIR_PASS);
+#undef PAIR_PASS
+        } else {
+            quantize_rows_avx2(M, K, x, xq, dx, xsum);
 #define INT_PASS(mb, m0, n0, n1) q4_rows_avx2_int(mb, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y)
-        EVERY_PASS(M, N, threads, ROWS_IN, INT_PASS);
+            EVERY_PASS(M, N, threads, ROWS_IN, INT_PASS);
 #undef INT_PASS
+        }
         free(xq), free(dx), free(xsum);
         return 0;
     }
