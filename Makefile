@@ -38,11 +38,13 @@ test-fast: $(STAMP)
 ## $(LLAMACPP_WHEELS): pip's own cache keys a build by the source only, and would hand a wheel
 ## built on one CPU to another. Without /proc/cpuinfo (macOS) llama.cpp's own defaults apply.
 CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
-cpu_has = $(if $(filter $(1),$(CPU_FLAGS)),ON,OFF)
+# ON when the CPU reports every flag named (AVX512: the F/BW/VL/DQ/CD subsets ggml compiles with)
+cpu_has = $(if $(filter-out $(CPU_FLAGS),$(1)),OFF,ON)
 LLAMACPP_VERSION := 0.3.36
 ifneq ($(CPU_FLAGS),)
 LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2=$(call cpu_has,avx2) \
-	-DGGML_FMA=$(call cpu_has,fma) -DGGML_F16C=$(call cpu_has,f16c) -DGGML_AVX512=$(call cpu_has,avx512f) \
+	-DGGML_FMA=$(call cpu_has,fma) -DGGML_F16C=$(call cpu_has,f16c) -DGGML_BMI2=$(call cpu_has,bmi2) \
+	-DGGML_SSE42=$(call cpu_has,sse4_2) -DGGML_AVX512=$(call cpu_has,avx512f avx512bw avx512vl avx512dq avx512cd) \
 	-DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) -DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16) \
 	-DGGML_AVX512_VBMI=$(call cpu_has,avx512vbmi) -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
 endif

@@ -39,8 +39,11 @@ def llama_cpp_missing() -> str | None:
     """
     if importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed (make llamacpp)"
-    r = subprocess.run([sys.executable, "-c", "import llama_cpp; llama_cpp.llama_backend_init()"],
-                       capture_output=True, text=True, timeout=120)
+    try:
+        r = subprocess.run([sys.executable, "-c", "import llama_cpp; llama_cpp.llama_backend_init()"],
+                           capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "llama-cpp-python did not start within 120 s here; rerun make llamacpp"
     if r.returncode == 0:
         return None
     why = "Illegal instruction: built for another CPU" if r.returncode == -signal.SIGILL else f"exit {r.returncode}"

@@ -229,7 +229,10 @@ def _llama_cpp_crash() -> str | None:
     end the whole pytest process rather than one test.
     """
     probe = "import llama_cpp; llama_cpp.llama_backend_init()"
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    try:
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "llama-cpp-python is installed but did not start within 120 s here; rerun `make llamacpp`"
     if r.returncode == 0:
         return None
     why = "Illegal instruction: built for another CPU" if r.returncode == -signal.SIGILL else (

@@ -265,3 +265,83 @@ def test_a_replaced_weight_rebuilds_the_native_plan():
     assert not torch.allclose(before[-1], after[-1])
     for a, r in zip(after, reference):
         assert (a - r).abs().max() <= 2e-2 * r.abs().max()
+
+
+def _modules_own_forward(model):
+    """The same model with the native layers and stack switched back to the modules' own forward."""
+    for layer in model.layers:
+        layer.__class__ = native.DecoderLayer
+    model.layers.__class__ = nn.ModuleList
+    return model
+
+
+@needs_kernels
+def test_a_parameter_whose_storage_moves_rebuilds_the_native_plan():
+    """``p.data = ...`` keeps the Parameter object (its id) but moves its memory: the plan must follow."""
+    model = quantize_int4(_tiny_llama())
+    before = _step_logits(model)
+    norm = model.layers[0].post_attention_layernorm.weight
+    norm.data = norm.data * 3  # same Parameter, new storage; the old one is freed
+    after = _step_logits(model)
+    reference = _step_logits(_modules_own_forward(model))
+    assert not torch.allclose(before[-1], after[-1])
+    for a, r in zip(after, reference):
+        assert (a - r).abs().max() <= 2e-2 * r.abs().max()
+
+
+@needs_kernels
+def test_a_model_that_decoded_natively_can_be_deep_copied_and_pickled():
+    import copy
+    import io
+
+    model = quantize_int4(_tiny_llama())
+    first = _step_logits(model)
+    assert "_native_plan" in model.layers[0].__dict__
+    twin = copy.deepcopy(model)  # ctypes structs with pointers cannot be copied: the plan stays behind
+    torch.save(model, io.BytesIO())
+    assert all("_native_plan" not in layer.__dict__ for layer in twin.layers)
+    again = _step_logits(twin)  # the copy builds its own plan, pointing into its own tensors
+    assert len(first) == len(again) and all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@needs_kernels
+def test_forward_hooks_on_a_layer_still_fire_during_decode_steps(monkeypatch):
+    """The stack's single native call would skip the layers' hooks: with a hook it steps layer by layer."""
+    model = quantize_int4(_tiny_llama())
+    stack_calls = []
+    real = native._decode
+    monkeypatch.setattr(native, "_decode", lambda *a: stack_calls.append(a[1] is None) or real(*a))
+    seen = []
+    handle = model.layers[1].register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    try:
+        hooked = _step_logits(model, steps=4)
+    finally:
+        handle.remove()
+    assert seen.count(1) >= 3  # the decode steps (one new token per row) went through the hooked layer
+    assert stack_calls and not any(stack_calls)  # ... one native call per layer, not the stack's one
+    stack_calls.clear()
+    plain = _step_logits(model, steps=4)
+    assert stack_calls and all(stack_calls)
+    assert all(torch.equal(a, b) for a, b in zip(hooked, plain))
+
+
+@needs_kernels
+def test_the_stack_arrays_live_on_the_cache_and_go_with_it():
+    """The stack's pointer arrays into a cache's k/v buffers are kept by that cache, not by the model."""
+    import gc
+    import weakref
+
+    from gptlab.inference.engine import Engine
+    from gptlab.inference.requests import Request
+
+    model = quantize_int4(_tiny_llama())
+    engine = Engine(model, max_batch=2, max_len=40)
+    engine.submit(Request([1, 2, 3], max_tokens=4))
+    with torch.no_grad():
+        list(engine.run())
+    stores = [o for o in vars(engine).values() if hasattr(o, "__dict__") and "_native_stack" in vars(o)]
+    assert len(stores) == 1 and "_native_stack" not in model.layers.__dict__
+    k0 = weakref.ref(stores[0].k[0])
+    del engine, stores
+    gc.collect()
+    assert k0() is None  # nothing in the model keeps the cache's buffers alive

@@ -393,7 +393,8 @@ static inline __attribute__((always_inline)) void q4_rows_avx2_int(const int mb,
         const uint16_t *s = scale + (size_t)n * G, *mn = minimum + (size_t)n * G;
         for (int g = 0; g < G; g++) {
             const __m128i b = _mm_loadu_si128((const __m128i *)(c + 16 * g));
-            const __m256i cw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low4), _mm_and_si128(b, low4));
+            const __m256i cw = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(b, low4)),
+                                                        _mm_and_si128(_mm_srli_epi16(b, 4), low4), 1);
             const __m256 sv = _mm256_set1_ps(bf16_to_f32(s[g]));
             for (int r = 0; r < mb; r++) {
                 const size_t row = (size_t)(m0 + r);

@@ -1,11 +1,8 @@
 """gptlab's own CPU kernels for int4/int8 weights (``kernels.c``), built on first use and cached.
 
-The C file ships with the package. The first call compiles it with the machine's C
-compiler (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``: vector code for this
-CPU) into ``$GPTLAB_CACHE/kernels/`` (else ``~/.cache/gptlab/kernels/``), named by a
-hash of the source, the compiler and the CPU, written atomically; later processes load
-it in milliseconds. Where there is no compiler, the build fails, the CPU has neither
-AVX-512 nor AVX2, or ``GPTLAB_NATIVE=0`` is set, :func:`kernels` returns None and the
+The C file ships with the package and is built on first use for this CPU
+(:func:`gptlab.ccompile.compiled`: cached on disk, off with ``GPTLAB_NATIVE=0``). Where it
+cannot be built, or the CPU has neither AVX-512 nor AVX2, :func:`kernels` returns None and the
 layers use PyTorch's kernels instead (same results to float rounding).
 
 The layers call :func:`q4_matmul` / :func:`i8_matmul` for float32 activations on the
@@ -16,49 +13,18 @@ that PyTorch already loaded, so both share one thread pool.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from gptlab.fileio import cache_root
+from gptlab.ccompile import compiled
 from gptlab.models.attention import SlotBatch
 from gptlab.models.llama import DecoderLayer, GatedMLP, RMSNorm
 
-log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("kernels.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable here
-
-
-def _cpu_id() -> str:
-    """What the compiled code depends on: the CPU model and its flags (``-march=native``)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
-        return "\n".join(lines)
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _build(cc: str, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".build-", suffix=".so")
-    os.close(fd)
-    try:
-        subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
-                       timeout=120)
-        os.replace(tmp, out)  # atomic: a concurrent process sees the old file or the whole new one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def kernels() -> ctypes.CDLL | None:
@@ -70,21 +36,8 @@ def kernels() -> ctypes.CDLL | None:
 
 
 def _load() -> ctypes.CDLL | None:
-    if os.environ.get("GPTLAB_NATIVE", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        log.info("no C compiler found: int4/int8 layers use PyTorch's kernels")
-        return None
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc, *_FLAGS]).encode() + _cpu_id().encode())
-    path = cache_root() / "kernels" / f"gptlab-kernels-{key.hexdigest()[:16]}.so"
-    try:
-        if not path.exists():
-            _build(cc, path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        log.info("gptlab's native kernels could not be built (%s): using PyTorch's kernels", detail.strip()[:300])
+    lib = compiled(_SOURCE, "int4/int8 layers")
+    if lib is None:
         return None
     if lib.gptlab_kernels_isa() == 0:
         return None
@@ -244,8 +197,9 @@ class NativeDecoderLayer(DecoderLayer):
 
     Everything else (prefill, training, a ring cache, float projections) runs the
     module's own forward. The kernel holds pointers to this layer's tensors: the
-    plan is rebuilt whenever one of them is replaced (``.to()``, a reload), and
-    holds them alive while it is cached.
+    plan is rebuilt whenever one of them is replaced or moves (a reload, ``.to()``,
+    ``p.data = ...``: the key is each tensor's identity, address and dtype), and
+    holds them alive while it is cached. Copies and pickles leave the plan behind.
     """
 
     act: int = 0  # 0: SiLU, 1: GELU (tanh)
@@ -259,7 +213,7 @@ class NativeDecoderLayer(DecoderLayer):
         for mod in tensors[:9]:
             tensors += mod._buffers.values()
             tensors += mod._parameters.values()
-        key = tuple(map(id, tensors))
+        key = tuple((id(t), t.data_ptr(), t.dtype) if isinstance(t, torch.Tensor) else id(t) for t in tensors)
         cached = self.__dict__.get("_native_plan")
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -276,11 +230,17 @@ class NativeDecoderLayer(DecoderLayer):
         self.__dict__["_native_plan"] = (key, plan, tensors)  # the tensors: alive while their ids are the key
         return plan
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_native_plan", None)  # raw pointers into this object's tensors: never copied
+        return state
+
     def _decodes_with(self, store, layer: int) -> _Layer | None:
         """This layer's plan if it can decode into ``store``'s cache of layer ``layer``, else None."""
         kc, vc = store.k[layer], store.v[layer]
         window = self.self_attn.window
         if kc.dtype != torch.float32 or not (kc.is_contiguous() and vc.is_contiguous()) \
+                or kc.shape[2] != store.max_len or vc.shape != kc.shape \
                 or (window is not None and window < store.max_len):
             return None
         return self._plan()
@@ -298,11 +258,12 @@ class NativeDecoderLayer(DecoderLayer):
 
 class NativeLayerStack(nn.ModuleList):
     """A model's decoder layers (the same modules and state-dict keys) that run a whole decode step in
-    one native call when every layer can (``decode``); the model's own loop runs otherwise."""
+    one native call when every layer can (``decode``); the model's own loop runs otherwise (also when a
+    forward hook is registered on a layer or globally: the single call would skip it)."""
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor | None:
         """Every layer's output for a decode step, or None when some layer or the call is not for it."""
-        if not _step_inputs(x, cos, cache):
+        if not _step_inputs(x, cos, cache) or _hooked(self):
             return None
         store, plans = cache.cache, []
         for i, layer in enumerate(self):
@@ -310,16 +271,25 @@ class NativeLayerStack(nn.ModuleList):
             if plan is None:
                 return None
             plans.append(plan)
-        key = (*map(id, plans), *map(id, store.k), *map(id, store.v))
-        cached = self.__dict__.get("_native_stack")
+        # The arrays live on the cache store (they point into its k/v buffers): they go when it does.
+        key = (id(self), *map(id, plans), *(t.data_ptr() for t in store.k), *(t.data_ptr() for t in store.v))
+        cached = store.__dict__.get("_native_stack")
         if cached is None or cached[0] != key:
             n = len(plans)
             arrays = ((_Layer * n)(*plans), (ctypes.c_void_p * n)(*(t.data_ptr() for t in store.k)),
                       (ctypes.c_void_p * n)(*(t.data_ptr() for t in store.v)))
-            cached = self.__dict__["_native_stack"] = (key, arrays, (plans, list(store.k), list(store.v)))
+            cached = store.__dict__["_native_stack"] = (key, arrays, plans)  # plans alive: their ids stay unique
         layers, kcs, vcs = cached[1]
         return _decode(lambda *a: kernels().gptlab_decode_layers(layers, len(self), *a), None, x, cos, sin, cache,
                        kcs, vcs)
+
+
+def _hooked(layers: nn.ModuleList) -> bool:
+    """Whether a forward hook would see the layers' calls (on a layer, or on every module)."""
+    from torch.nn.modules import module as M
+
+    return bool(getattr(M, "_global_forward_hooks", None) or getattr(M, "_global_forward_pre_hooks", None)) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in layers)
 
 
 def _decode(call, plan, x, cos, sin, cache, kc, vc) -> torch.Tensor:
