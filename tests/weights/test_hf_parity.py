@@ -70,9 +70,10 @@ def make_hf(case: str, tmp_path, **save_kw):
     return hf, out
 
 
-def make_hf_gpt2(tmp_path, **save_kw):
+def make_hf_gpt2(tmp_path, activation_function="gelu_new", **save_kw):
     cfg = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  activation_function=activation_function)
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     _randomize(hf)
@@ -142,6 +143,28 @@ def test_gpt2_logits_and_greedy_match_transformers(tmp_path):
     ours = load_model(path)
     assert type(ours).__name__ == "GPT2"
     _check_parity(hf, ours)
+
+
+def test_gpt2_with_the_exact_gelu_matches_transformers_both_ways(tmp_path):
+    """activation_function="gelu" (nanoGPT's nn.GELU()) loads as mlp_act="gelu" and exports back to it."""
+    from gptlab.weights.export import export_hf
+    from gptlab.weights.gguf_export import gguf_architecture
+
+    hf, path = make_hf_gpt2(tmp_path, activation_function="gelu")
+    ours = load_model(path)
+    assert ours.cfg.mlp_act == "gelu"
+    _check_parity(hf, ours)
+    tanh = load_model(make_hf_gpt2(tmp_path / "tanh")[1])
+    with torch.no_grad():  # the two GELUs' logits differ by more than the parity tolerance (1e-5)
+        assert (tanh(IDS) - ours(IDS)).abs().max() > 2e-5
+    export_hf(ours, tmp_path / "back")
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["activation_function"] == "gelu"
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits, hf(IDS).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(GptlabError, match="mlp_act='gelu' is not supported.*--format hf"):
+        gguf_architecture(ours.cfg)
 
 
 def test_gpt2_checkpoint_without_transformer_prefix(tmp_path):
@@ -260,6 +283,10 @@ def test_unsupported_options_are_refused(tmp_path):
         config_from_hf({**base, "mlp_bias": True})
     with pytest.raises(GptlabError, match="has no 'hidden_size'"):
         config_from_hf({k: v for k, v in base.items() if k != "hidden_size"})
+    gpt2 = {"architectures": ["GPT2LMHeadModel"], "vocab_size": 10, "n_positions": 8, "n_embd": 8, "n_layer": 1,
+            "n_head": 2}
+    with pytest.raises(GptlabError, match="activation_function='relu' is not supported"):
+        config_from_hf({**gpt2, "activation_function": "relu"})
 
 
 def test_tied_checkpoint_that_also_stores_lm_head(tmp_path):

@@ -2,7 +2,8 @@
 
 Radford et al. 2019, "Language Models are Unsupervised Multitask Learners".
 Pre-LN transformer: x + attn(LN(x)), then x + mlp(LN(x)); learned absolute
-positions; GELU with the tanh approximation; 4x feed-forward.
+positions; GELU with the tanh approximation (``mlp_act="gelu"``: the exact erf GELU that
+nanoGPT's model uses); 4x feed-forward.
 Shapes follow the legend in ``models/config.py``.
 """
 
@@ -17,9 +18,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
+from gptlab.models import fused_attention
 from gptlab.models.attention import CacheView, attend
 from gptlab.models.base import LanguageModel
 from gptlab.models.config import ConfigError, Family, KeyRule, ModelConfig, register_family, register_preset
+
+
+# GELU variants by name -> F.gelu's ``approximate`` argument. The exact one is 2.7x faster on CPUs
+# without a fast vector tanh (AVX2: 0.56 vs 1.5 ms forward + backward for 768 x 512 values).
+GPT2_ACTS = {"gelu_tanh": "tanh", "gelu": "none"}
 
 
 @dataclass
@@ -32,6 +39,7 @@ class GPT2Config(ModelConfig):
     qkv_bias: bool = True
     norm_eps: float = 1e-5
     attn_impl: str = "sdpa"  # "sdpa" | "math" (the explicit masked softmax the course teaches)
+    mlp_act: str = "gelu_tanh"  # "gelu_tanh" (GPT-2's own) | "gelu" (exact erf GELU: nanoGPT's nn.GELU())
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -43,6 +51,8 @@ class GPT2Config(ModelConfig):
             raise ConfigError(f"drop_rate={self.drop_rate:g} must be in [0, 1)")
         if self.attn_impl not in ("sdpa", "math"):
             raise ConfigError(f"attn_impl={self.attn_impl!r} must be 'sdpa' or 'math'")
+        if self.mlp_act not in GPT2_ACTS:
+            raise ConfigError(f"mlp_act={self.mlp_act!r} must be one of {', '.join(GPT2_ACTS)}")
 
     def param_counts(self) -> dict[str, int]:
         d, F, L, V = self.emb_dim, self.hidden_dim, self.n_layers, self.vocab_size
@@ -81,7 +91,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CacheView | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.n_heads * self.head_dim, dim=-1)
+        qkv = self.qkv(x)  # (B, T, 3*H*hd)
+        if cache is None and self.impl == "sdpa" and (self.drop_rate == 0 or not self.training) \
+                and fused_attention.usable(qkv, self.n_heads):  # CPU float32: one native call each way
+            return self.resid_drop(self.proj(fused_attention.packed_causal_attention(qkv, self.n_heads)))
+        q, k, v = qkv.split(self.n_heads * self.head_dim, dim=-1)
         # (B, T, H*hd) -> (B, H, T, hd)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
@@ -94,16 +108,17 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: d -> F -> d with GELU(tanh) between."""
+    """Position-wise feed-forward: d -> F -> d with GELU (tanh approximation unless ``mlp_act="gelu"``)."""
 
     def __init__(self, cfg: GPT2Config):
         super().__init__()
         self.fc = nn.Linear(cfg.emb_dim, cfg.hidden_dim)
         self.proj = nn.Linear(cfg.hidden_dim, cfg.emb_dim)
         self.drop = nn.Dropout(cfg.drop_rate)
+        self.approximate = GPT2_ACTS[cfg.mlp_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -192,11 +207,16 @@ def _require(hf: dict, key: str, arch: str):
     return hf[key]
 
 
+# transformers' activation names -> ours (the tanh GELU has three spellings; "gelu" is the exact one).
+HF_GPT2_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
 def hf_config(hf: dict, arch: str) -> GPT2Config:
     """A transformers ``GPT2LMHeadModel`` config.json -> :class:`GPT2Config` (GptlabError if unsupported)."""
     act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_tanh"):
-        raise GptlabError(f"GPT-2 activation_function={act!r} is not supported (gptlab's GPT-2 uses gelu_new)")
+    if act not in HF_GPT2_ACTS:
+        raise GptlabError(f"GPT-2 activation_function={act!r} is not supported (supported: "
+                          f"{', '.join(HF_GPT2_ACTS)})")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if hf.get(flag):
             raise GptlabError(f"GPT-2 option {flag}=true is not supported by gptlab's GPT-2")
@@ -212,6 +232,7 @@ def hf_config(hf: dict, arch: str) -> GPT2Config:
         tie_embeddings=hf.get("tie_word_embeddings", True),
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         qkv_bias=True,
+        mlp_act=HF_GPT2_ACTS[act],
     )
 
 
@@ -225,7 +246,7 @@ def hf_export(cfg: GPT2Config) -> tuple[str, dict]:
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_ctx": cfg.context_length,
         "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": n_inner,
-        "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+        "activation_function": "gelu_new" if cfg.mlp_act == "gelu_tanh" else "gelu", "layer_norm_epsilon": cfg.norm_eps,
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
         "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": 50256, "eos_token_id": 50256,
     }

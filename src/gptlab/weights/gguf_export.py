@@ -56,6 +56,9 @@ def _types(quant: str):
 def gguf_architecture(cfg) -> str:
     """The llama.cpp architecture that computes exactly what ``cfg`` does (GptlabError if none)."""
     if cfg.family == "gpt2":
+        if cfg.mlp_act != "gelu_tanh":
+            raise GptlabError(f"GGUF export of a GPT-2 with mlp_act={cfg.mlp_act!r} is not supported (llama.cpp's "
+                              "gpt2 computes the tanh GELU); export it as a Hugging Face directory (--format hf)")
         return "gpt2"
     if cfg.family != "llama":
         raise GptlabError(f"model family {cfg.family!r} cannot be exported to GGUF (supported: gpt2, llama)")

@@ -1,0 +1,243 @@
+/* Causal self-attention straight from a packed q/k/v projection, forward and backward, for training on CPU.
+ *
+ * Read with models/fused_attention.py. Shapes (row-major float32):
+ *   qkv  (B, T, 3C)  the q/k/v linear's output: q = [.., 0:C], k = [.., C:2C], v = [.., 2C:3C];
+ *                    head h is the D columns h*D .. h*D+D-1 of each (C = H*D)
+ *   out  (B, T, C)   softmax(q k^T * scale, causal) v, heads side by side: the layout the output
+ *                    projection reads, so no transpose or copy follows
+ *   lse  (B, H, T)   each row's log-sum-exp, kept for the backward pass
+ *
+ * One (batch, head) pair is one task; OpenMP spreads the B*H tasks over the threads. A task copies its
+ * K (and V) into transposed scratch (D x Tp, T rounded up to 8) so that the scores of 8 keys are one
+ * vector, accumulated over d in registers. Forward takes one query row at a time over the keys it may
+ * see (j <= i). Backward recomputes each row's probabilities from lse (as FlashAttention does), keeps
+ * the (T, T) p and ds of the task in scratch, then forms dK and dV column by column:
+ *   p_ij = exp(scale q_i.k_j - lse_i),  dp_ij = do_i.v_j,  ds_ij = scale p_ij (dp_ij - do_i.o_i)
+ *   dq_i = sum_j ds_ij k_j,  dk_j = sum_i ds_ij q_i,  dv_j = sum_i p_ij do_i
+ * exp: Cephes' expf polynomial, 8 lanes at a time (relative error < 2e-7).
+ *
+ * AVX2 + FMA only, head widths D = 8, 16, ..., 64 (gptlab_attention_supports); elsewhere the caller
+ * uses PyTorch's SDPA.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MAXV 8 /* D / 8 at most: the accumulators of one row stay in registers */
+
+int gptlab_attention_supports(int D) { return D > 0 && D % 8 == 0 && D / 8 <= MAXV; }
+
+/* e^x, 8 at a time: x = k ln2 + r with |r| <= ln2/2, e^r by Cephes' expf polynomial, 2^k in the exponent bits. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* s[0 .. 8*nb) = scale * x . key_j, from xt (D x Tp, key j in column j); four 8-key blocks at a time. */
+static void scores(const float *x, const float *xt, int Tp, int D, int nb, float scale, float *s) {
+    int b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        const float *col = xt + 8 * b;
+        for (int d = 0; d < D; d++, col += Tp) {
+            const __m256 xd = _mm256_set1_ps(x[d]);
+            a0 = _mm256_fmadd_ps(xd, _mm256_loadu_ps(col), a0);
+            a1 = _mm256_fmadd_ps(xd, _mm256_loadu_ps(col + 8), a1);
+            a2 = _mm256_fmadd_ps(xd, _mm256_loadu_ps(col + 16), a2);
+            a3 = _mm256_fmadd_ps(xd, _mm256_loadu_ps(col + 24), a3);
+        }
+        const __m256 sc = _mm256_set1_ps(scale);
+        _mm256_storeu_ps(s + 8 * b, _mm256_mul_ps(a0, sc));
+        _mm256_storeu_ps(s + 8 * b + 8, _mm256_mul_ps(a1, sc));
+        _mm256_storeu_ps(s + 8 * b + 16, _mm256_mul_ps(a2, sc));
+        _mm256_storeu_ps(s + 8 * b + 24, _mm256_mul_ps(a3, sc));
+    }
+    if (b < nb) { /* the last 1-3 blocks together: independent chains */
+        const int r = nb - b;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0;
+        const float *col = xt + 8 * b;
+        for (int d = 0; d < D; d++, col += Tp) {
+            const __m256 xd = _mm256_set1_ps(x[d]);
+            a0 = _mm256_fmadd_ps(xd, _mm256_loadu_ps(col), a0);
+            if (r > 1) a1 = _mm256_fmadd_ps(xd, _mm256_loadu_ps(col + 8), a1);
+            if (r > 2) a2 = _mm256_fmadd_ps(xd, _mm256_loadu_ps(col + 16), a2);
+        }
+        const __m256 sc = _mm256_set1_ps(scale);
+        _mm256_storeu_ps(s + 8 * b, _mm256_mul_ps(a0, sc));
+        if (r > 1) _mm256_storeu_ps(s + 8 * b + 8, _mm256_mul_ps(a1, sc));
+        if (r > 2) _mm256_storeu_ps(s + 8 * b + 16, _mm256_mul_ps(a2, sc));
+    }
+}
+
+/* dst (D floats) = times * sum_{j < n} w[j] * rows[j * stride ...], accumulated in registers. */
+static void weighted_rows(const float *w, const float *rows, size_t stride, int n, int D, float times, float *dst) {
+    const int V = D / 8;
+    __m256 a[MAXV], c[MAXV];
+    for (int u = 0; u < V; u++) a[u] = c[u] = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 2 <= n; j += 2) { /* two sets of accumulators: even and odd j */
+        const __m256 w0 = _mm256_set1_ps(w[j]), w1 = _mm256_set1_ps(w[j + 1]);
+        const float *r0 = rows + (size_t)j * stride, *r1 = r0 + stride;
+        for (int u = 0; u < V; u++) {
+            a[u] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(r0 + 8 * u), a[u]);
+            c[u] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(r1 + 8 * u), c[u]);
+        }
+    }
+    if (j < n) {
+        const __m256 w0 = _mm256_set1_ps(w[j]);
+        const float *r0 = rows + (size_t)j * stride;
+        for (int u = 0; u < V; u++) a[u] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(r0 + 8 * u), a[u]);
+    }
+    const __m256 t = _mm256_set1_ps(times);
+    for (int u = 0; u < V; u++) _mm256_storeu_ps(dst + 8 * u, _mm256_mul_ps(_mm256_add_ps(a[u], c[u]), t));
+}
+
+/* Copy the D columns of one head out of a strided (T, stride) matrix into a transposed (D, Tp) block. */
+static void transpose_head(const float *src, size_t stride, int T, int Tp, int D, float *dst) {
+    for (int j = 0; j < T; j++)
+        for (int d = 0; d < D; d++) dst[(size_t)d * Tp + j] = src[(size_t)j * stride + d];
+}
+
+/* The largest of s[0 .. n), after setting s[n .. 8*nb) to -inf (s has room). */
+static float masked_max(float *s, int n, int nb) {
+    for (int j = n; j < 8 * nb; j++) s[j] = -INFINITY;
+    __m256 m = _mm256_loadu_ps(s);
+    for (int b = 1; b < nb; b++) m = _mm256_max_ps(m, _mm256_loadu_ps(s + 8 * b));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
+/* Row i's probabilities over keys 0..i in p[0 .. 8*nb): exp(s - shift), zero past i (set to -inf first). */
+static void masked_exp(float *p, int nb, float shift) {
+    const __m256 sh = _mm256_set1_ps(shift);
+    for (int b = 0; b < nb; b++) {
+        const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(p + 8 * b), sh);
+        /* -inf - shift stays -inf; exp8 clamps it to e^-87 ~ 1.6e-38: zeroed exactly below */
+        _mm256_storeu_ps(p + 8 * b, _mm256_and_ps(exp8(x), _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ)));
+    }
+}
+
+int gptlab_causal_attention_forward(int B, int T, int H, int D, const float *qkv, float *out, float *lse,
+                                    float scale, int threads) {
+    if (!gptlab_attention_supports(D)) return 1;
+    const int C = H * D, Tp = (T + 7) / 8 * 8;
+    const size_t row = 3 * (size_t)C;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int task = 0; task < B * H; task++) {
+        const int b = task / H, h = task % H;
+        const float *q = qkv + (size_t)b * T * row + (size_t)h * D, *k = q + C, *v = q + 2 * C;
+        float *o = out + (size_t)b * T * C + (size_t)h * D, *l = lse + ((size_t)b * H + h) * T;
+        float *kt = calloc((size_t)D * Tp + Tp, sizeof(float));
+        if (kt == NULL) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        float *s = kt + (size_t)D * Tp;
+        transpose_head(k, row, T, Tp, D, kt);
+        for (int i = 0; i < T; i++) {
+            const int n = i + 1, nb = (n + 7) / 8;
+            scores(q + (size_t)i * row, kt, Tp, D, nb, scale, s);
+            const float m = masked_max(s, n, nb);
+            masked_exp(s, nb, m);
+            __m256 acc = _mm256_setzero_ps();
+            for (int bb = 0; bb < nb; bb++) acc = _mm256_add_ps(acc, _mm256_loadu_ps(s + 8 * bb));
+            const float sum = hsum8(acc);
+            weighted_rows(s, v, row, n, D, 1.0f / sum, o + (size_t)i * C);
+            l[i] = m + logf(sum);
+        }
+        free(kt);
+    }
+    return failed ? 2 : 0;
+}
+
+int gptlab_causal_attention_backward(int B, int T, int H, int D, const float *qkv, const float *out,
+                                     const float *dout, const float *lse, float *dqkv, float scale, int threads) {
+    if (!gptlab_attention_supports(D)) return 1;
+    const int C = H * D, Tp = (T + 7) / 8 * 8;
+    const size_t row = 3 * (size_t)C;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int task = 0; task < B * H; task++) {
+        const int b = task / H, h = task % H;
+        const size_t base = (size_t)b * T * row + (size_t)h * D;
+        const float *q = qkv + base, *k = q + C, *v = q + 2 * C;
+        const float *o = out + (size_t)b * T * C + (size_t)h * D, *go = dout + (size_t)b * T * C + (size_t)h * D;
+        const float *l = lse + ((size_t)b * H + h) * T;
+        float *dq = dqkv + base, *dk = dq + C, *dv = dq + 2 * C;
+        /* scratch: k^T, v^T (D x Tp each); P and dS (T x Tp each, row i valid for j <= i); a column (T) */
+        float *kt = malloc(sizeof(float) * (2 * (size_t)D * Tp + 2 * (size_t)T * Tp + T));
+        if (kt == NULL) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        float *vt = kt + (size_t)D * Tp, *P = vt + (size_t)D * Tp, *dS = P + (size_t)T * Tp, *col = dS + (size_t)T * Tp;
+        memset(kt, 0, sizeof(float) * 2 * (size_t)D * Tp);
+        transpose_head(k, row, T, Tp, D, kt);
+        transpose_head(v, row, T, Tp, D, vt);
+        for (int i = 0; i < T; i++) {
+            const int n = i + 1, nb = (n + 7) / 8;
+            const float *qi = q + (size_t)i * row, *goi = go + (size_t)i * C, *oi = o + (size_t)i * C;
+            float *p = P + (size_t)i * Tp, *ds = dS + (size_t)i * Tp;
+            float di = 0.0f;
+            for (int d = 0; d < D; d++) di += goi[d] * oi[d];
+            scores(qi, kt, Tp, D, nb, scale, p);
+            for (int j = n; j < 8 * nb; j++) p[j] = -INFINITY;
+            masked_exp(p, nb, l[i]);
+            scores(goi, vt, Tp, D, nb, 1.0f, ds); /* ds <- dp_ij = do_i . v_j */
+            const __m256 dv8 = _mm256_set1_ps(di), sc = _mm256_set1_ps(scale);
+            for (int bb = 0; bb < nb; bb++) { /* p is 0 past i, so ds is too */
+                const __m256 p8 = _mm256_loadu_ps(p + 8 * bb), d8 = _mm256_loadu_ps(ds + 8 * bb);
+                _mm256_storeu_ps(ds + 8 * bb, _mm256_mul_ps(_mm256_mul_ps(p8, _mm256_sub_ps(d8, dv8)), sc));
+            }
+            weighted_rows(ds, k, row, n, D, 1.0f, dq + (size_t)i * row);
+        }
+        for (int j = 0; j < T; j++) { /* dk_j = sum_{i >= j} ds_ij q_i; dv_j = sum_{i >= j} p_ij do_i */
+            const int n = T - j;
+            for (int i = j; i < T; i++) col[i - j] = dS[(size_t)i * Tp + j];
+            weighted_rows(col, q + (size_t)j * row, row, n, D, 1.0f, dk + (size_t)j * row);
+            for (int i = j; i < T; i++) col[i - j] = P[(size_t)i * Tp + j];
+            weighted_rows(col, go + (size_t)j * C, C, n, D, 1.0f, dv + (size_t)j * row);
+        }
+        free(kt);
+    }
+    return failed ? 2 : 0;
+}
+
+#else
+int gptlab_attention_supports(int D) { (void)D; return 0; }
+int gptlab_causal_attention_forward(int B, int T, int H, int D, const float *qkv, float *out, float *lse,
+                                    float scale, int threads) {
+    (void)B; (void)T; (void)H; (void)D; (void)qkv; (void)out; (void)lse; (void)scale; (void)threads;
+    return 1;
+}
+int gptlab_causal_attention_backward(int B, int T, int H, int D, const float *qkv, const float *out,
+                                     const float *dout, const float *lse, float *dqkv, float scale, int threads) {
+    (void)B; (void)T; (void)H; (void)D; (void)qkv; (void)out; (void)dout; (void)lse; (void)dqkv; (void)scale;
+    (void)threads;
+    return 1;
+}
+#endif

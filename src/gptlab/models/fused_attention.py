@@ -1,0 +1,96 @@
+"""Causal attention from a packed q/k/v projection in one native call each way (CPU training speed).
+
+GPT-2's attention projects x to q, k, v with one linear layer, splits and
+transposes them into heads, runs SDPA and transposes the result back. For the
+short contexts of small models on a CPU, SDPA's fixed costs dominate: at context
+64, 4 heads of 32, it takes 1.6 ms of a 40 ms training step per layer. The kernels
+in ``attention_kernels.c`` read the (B, T, 3C) projection as it is and write the
+(B, T, C) input of the output projection directly, forward and backward.
+
+:func:`packed_causal_attention` is used by GPT-2 (``attn_impl="sdpa"``) on the CPU
+in float32, without a cache or attention dropout, for contexts up to
+:data:`MAX_CONTEXT`; everywhere else SDPA runs. Same results to float rounding
+(tests/models/test_fused_attention.py checks both directions against SDPA).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from pathlib import Path
+
+import torch
+
+from gptlab.ccompile import compiled
+
+_SOURCE = Path(__file__).with_name("attention_kernels.c")
+_lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable here
+MAX_CONTEXT = 128  # longer: SDPA's blocked kernel is faster (1.15x at 256 on an AVX2 CPU)
+
+
+def _kernels() -> ctypes.CDLL | None:
+    global _lib
+    if _lib is None:
+        lib = compiled(_SOURCE, "GPT-2's attention layers")
+        if lib is not None:
+            p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+            lib.gptlab_causal_attention_forward.argtypes = [i, i, i, i, p, p, p, f, i]
+            lib.gptlab_causal_attention_backward.argtypes = [i, i, i, i, p, p, p, p, p, f, i]
+            lib.gptlab_causal_attention_forward.restype = lib.gptlab_causal_attention_backward.restype = i
+            lib.gptlab_attention_supports.argtypes, lib.gptlab_attention_supports.restype = [i], i
+        _lib = lib or False
+    return _lib or None
+
+
+def usable(qkv: torch.Tensor, n_heads: int) -> bool:
+    """Whether :func:`packed_causal_attention` takes this (B, T, 3C) projection here: CPU, float32 (no
+    autocast), T <= :data:`MAX_CONTEXT`, an AVX2 CPU and a head width of 8, 16, ..., 64."""
+    if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or qkv.dim() != 3 or qkv.shape[1] > MAX_CONTEXT \
+            or qkv.shape[-1] % (3 * n_heads) or torch.is_autocast_enabled("cpu"):
+        return False
+    lib = _kernels()
+    return lib is not None and bool(lib.gptlab_attention_supports(qkv.shape[-1] // 3 // n_heads))
+
+
+def _check(rc: int, what: str) -> None:
+    if rc:
+        raise RuntimeError(f"the native causal attention {what} failed (code {rc}: "
+                           f"{'head width not supported' if rc == 1 else 'out of memory'})")
+
+
+class _PackedCausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, n_heads: int) -> torch.Tensor:
+        qkv = qkv.contiguous()
+        B, T, C3 = qkv.shape
+        C = C3 // 3
+        D = C // n_heads
+        out = torch.empty(B, T, C, dtype=qkv.dtype)
+        lse = torch.empty(B, n_heads, T, dtype=qkv.dtype)
+        scale = 1.0 / math.sqrt(D)
+        _check(_kernels().gptlab_causal_attention_forward(B, T, n_heads, D, qkv.data_ptr(), out.data_ptr(),
+                                                          lse.data_ptr(), scale, torch.get_num_threads()), "forward")
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.n_heads, ctx.scale = n_heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        qkv, out, lse = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        B, T, C3 = qkv.shape
+        dqkv = torch.empty_like(qkv)
+        _check(_kernels().gptlab_causal_attention_backward(B, T, ctx.n_heads, C3 // 3 // ctx.n_heads, qkv.data_ptr(),
+                                                           out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(),
+                                                           dqkv.data_ptr(), ctx.scale, torch.get_num_threads()),
+               "backward")
+        return dqkv, None
+
+
+def packed_causal_attention(qkv: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """softmax(q kᵀ / √D, causal) v for each head of a (B, T, 3C) q/k/v projection -> (B, T, C), heads side
+    by side (the output projection's input). Differentiable; needs :func:`usable` (qkv, n_heads)."""
+    if not usable(qkv, n_heads):
+        raise ValueError(f"the native causal attention does not take this input ({tuple(qkv.shape)} "
+                         f"{qkv.dtype} on {qkv.device}, {n_heads} heads): use SDPA")
+    return _PackedCausalAttention.apply(qkv, n_heads)
