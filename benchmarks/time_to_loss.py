@@ -44,11 +44,20 @@ DATA = Path(os.environ.get("GPTLAB_SHARED_DATA", "/work/shared/data")) / "tinysh
 TARGET = 1.886
 
 
+def _text() -> str:
+    """Tiny Shakespeare: the test data's copy where it exists, else gptlab's own download (checksummed)."""
+    if DATA.is_file():
+        return DATA.read_text(encoding="utf-8")
+    from gptlab.data.corpus import load_corpus
+
+    return load_corpus("tinyshakespeare")
+
+
 def _char_data():
     """nanoGPT's data/shakespeare_char/prepare.py: sorted characters as ids, 90% / 10% split."""
     import numpy as np
 
-    text = DATA.read_text(encoding="utf-8")
+    text = _text()
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
     ids = np.array([stoi[c] for c in text], dtype=np.int64)
@@ -141,14 +150,20 @@ NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=F
 NANOGPT_EVAL = re.compile(r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)")
 
 
+def check_nanogpt(checkout: Path) -> None:
+    """Refuse a folder that is not a nanoGPT checkout (before any side runs)."""
+    needed = ("train.py", "config/train_shakespeare_char.py", "data/shakespeare_char/prepare.py")
+    missing = [n for n in needed if not (checkout / n).is_file()]
+    if missing:
+        raise SystemExit(f"--nanogpt-dir {checkout}: not a nanoGPT checkout (no {', '.join(missing)}); "
+                         "clone github.com/karpathy/nanoGPT and pass its folder")
+
+
 def nanogpt_command(checkout: Path, out_dir: str) -> list[str]:
     """nanoGPT's training command, its data prepared from the same text (files in its data folder)."""
-    if not (checkout / "train.py").is_file() or not (checkout / "config" / "train_shakespeare_char.py").is_file():
-        raise SystemExit(f"--nanogpt-dir {checkout}: not a nanoGPT checkout (no train.py and "
-                         "config/train_shakespeare_char.py); clone github.com/karpathy/nanoGPT there")
-    data = checkout / "data" / "shakespeare_char"
-    if not (data / "input.txt").is_file() or (data / "input.txt").read_bytes() != DATA.read_bytes():
-        (data / "input.txt").write_bytes(DATA.read_bytes())  # prepare.py downloads it only when absent
+    data, text = checkout / "data" / "shakespeare_char", _text().encode("utf-8")
+    if not (data / "input.txt").is_file() or (data / "input.txt").read_bytes() != text:
+        (data / "input.txt").write_bytes(text)  # prepare.py downloads it only when absent
     subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, stdout=subprocess.DEVNULL)
     return [sys.executable, "-u", "train.py", *NANOGPT_ARGS, f"--out_dir={out_dir}"]
 
@@ -193,48 +208,52 @@ def _watch(side: str, proc: subprocess.Popen, t0: float, target: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sides", default="gptlab,hf", help="gptlab, hf, nanogpt (needs --nanogpt-dir)")
+    ap.add_argument("--sides", default="gptlab,hf", help="gptlab, hf, nanogpt (needs --nanogpt-dir); default: %(default)s")
     ap.add_argument("--nanogpt-dir", type=Path, help="a nanoGPT checkout: run its own train.py as a side too")
-    ap.add_argument("--nanogpt", action="store_true", help="nanoGPT's recipe on gptlab: lr 1e-3, 2,000 steps, "
-                    "100 warmup steps")
-    ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--batch", type=int, default=12)
-    ap.add_argument("--lr", type=float, default=4e-3)
+    ap.add_argument("--nanogpt", action="store_true", help="nanoGPT's recipe on gptlab and hf: lr 1e-3, 2,000 "
+                    "steps, 100 warmup steps")
+    ap.add_argument("--steps", type=int, help="optimizer steps (default: 1200; --nanogpt: 2000)")
+    ap.add_argument("--batch", type=int, default=12, help="sequences of 64 characters a step (default: %(default)s)")
+    ap.add_argument("--lr", type=float, help="peak learning rate (default: 4e-3; --nanogpt: 1e-3)")
     ap.add_argument("--min-lr", type=float, help="the cosine's floor (default: lr / 10, as nanoGPT)")
-    ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--eval-every", type=int, default=250)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--warmup", type=int, help="linear warmup steps (default: 50; --nanogpt: 100)")
+    ap.add_argument("--eval-every", type=int, default=250, help="steps between evaluations (default: %(default)s, as nanoGPT)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="default: %(default)s")
     ap.add_argument("--threads", type=int, default=0,
-                    help="0: the physical cores (2 threads: 49 ms a step, 1: 75, on a quiet 2-core CPU; on a "
+                    help="0: the physical cores (2 threads: ~40 ms a step, 1: ~75, on a quiet 2-core CPU; on a "
                          "busy one 1 thread won, as OpenMP threads spin while descheduled)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--mlp-act", default="gelu", choices=["gelu", "gelu_tanh"],
-                    help="gelu: nanoGPT's nn.GELU() (exact); gelu_tanh: GPT-2's tanh approximation")
-    ap.add_argument("--target", type=float, default=TARGET)
+                    help="gelu (default): nanoGPT's nn.GELU(), exact; gelu_tanh: GPT-2's tanh approximation")
+    ap.add_argument("--target", type=float, default=TARGET, help="the validation loss to reach (default: %(default)s)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--t0", type=float, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.nanogpt:
-        if (a.steps, a.lr) != (ap.get_default("steps"), ap.get_default("lr")):
-            raise SystemExit("--nanogpt runs nanoGPT's 2,000 steps at lr 1e-3: drop --steps / --lr, or drop --nanogpt")
-        a.steps, a.lr, a.warmup = 2000, 1e-3, 100
+    if a.nanogpt and (a.steps, a.lr, a.warmup) != (None, None, None):
+        raise SystemExit("--nanogpt runs nanoGPT's 2,000 steps at lr 1e-3 after 100 warmup steps: drop --steps / "
+                         "--lr / --warmup, or drop --nanogpt")
+    defaults = (2000, 1e-3, 100) if a.nanogpt else (1200, 4e-3, 50)
+    a.steps, a.lr, a.warmup = (v if v is not None else d for v, d in zip((a.steps, a.lr, a.warmup), defaults))
     a.min_lr = a.lr / 10 if a.min_lr is None else a.min_lr
     if a.worker:
         (gptlab_worker if a.worker == "gptlab" else hf_worker)(a, a.t0)
         return
-    argv = [f"--steps={a.steps}", f"--batch={a.batch}", f"--lr={a.lr}", f"--min-lr={a.min_lr}", f"--warmup={a.warmup}",
-            f"--eval-every={a.eval_every}", f"--precision={a.precision}", f"--mlp-act={a.mlp_act}"]
-    argv += [f"--threads={a.threads}"]
-    argv += ["--compile"] if a.compile else []
-    print(f"recipe: {' '.join(argv)}; target val loss {a.target}; load average {os.getloadavg()[0]:.2f}")
     sides = a.sides.split(",")
     if a.nanogpt_dir and "nanogpt" not in sides:
         sides.append("nanogpt")
-    if "nanogpt" in sides and not a.nanogpt_dir:
-        raise SystemExit("the nanogpt side needs --nanogpt-dir PATH (a clone of github.com/karpathy/nanoGPT)")
     for side in sides:
         if side not in ("gptlab", "hf", "nanogpt"):
             raise SystemExit(f"--sides: unknown side {side!r} (choose gptlab, hf, nanogpt)")
+    if "nanogpt" in sides:
+        if not a.nanogpt_dir:
+            raise SystemExit("the nanogpt side needs --nanogpt-dir PATH (a clone of github.com/karpathy/nanoGPT)")
+        check_nanogpt(a.nanogpt_dir)
+    argv = [f"--steps={a.steps}", f"--batch={a.batch}", f"--lr={a.lr}", f"--min-lr={a.min_lr}",
+            f"--warmup={a.warmup}", f"--eval-every={a.eval_every}", f"--precision={a.precision}",
+            f"--mlp-act={a.mlp_act}"]
+    argv += [f"--threads={a.threads}"]
+    argv += ["--compile"] if a.compile else []
+    print(f"recipe: {' '.join(argv)}; target val loss {a.target}; load average {os.getloadavg()[0]:.2f}")
     results = {}
     for side in sides:
         r = results[side] = run_side(side, argv, a.target, a.nanogpt_dir)

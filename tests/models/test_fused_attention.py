@@ -77,6 +77,7 @@ def test_inputs_the_kernel_does_not_take_go_to_sdpa():
     assert not fused_attention.usable(torch.zeros(1, fused_attention.MAX_CONTEXT + 1, 96), 4)
     assert not fused_attention.usable(torch.zeros(1, 8, 96, dtype=torch.bfloat16), 4)
     assert not fused_attention.usable(torch.zeros(1, 8, 100), 4)  # 100 does not split into 3 x 4 heads
+    assert not fused_attention.usable(torch.zeros(1, 8, 96), 0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not fused_attention.usable(torch.zeros(1, 8, 96), 4)
     with pytest.raises(ValueError, match="use SDPA"):

@@ -46,7 +46,7 @@ def usable(qkv: torch.Tensor, n_heads: int) -> bool:
     """Whether :func:`packed_causal_attention` takes this (B, T, 3C) projection here: CPU, float32 (no
     autocast), T <= :data:`MAX_CONTEXT`, an AVX2 CPU and a head width of 8, 16, ..., 64."""
     if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or qkv.dim() != 3 or qkv.shape[1] > MAX_CONTEXT \
-            or qkv.shape[-1] % (3 * n_heads) or torch.is_autocast_enabled("cpu"):
+            or n_heads <= 0 or qkv.shape[-1] % (3 * n_heads) or torch.is_autocast_enabled("cpu"):
         return False
     lib = _kernels()
     return lib is not None and bool(lib.gptlab_attention_supports(qkv.shape[-1] // 3 // n_heads))
