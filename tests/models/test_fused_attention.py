@@ -99,3 +99,39 @@ def test_no_native_code_means_sdpa(monkeypatch, tmp_path):
     assert not fused_attention.usable(torch.zeros(1, 8, 96), 4)
     model = build_model(GPT2Config(vocab_size=50, context_length=32, emb_dim=64, n_layers=1, n_heads=2))
     assert model(torch.randint(0, 50, (2, 16))).shape == (2, 16, 50)
+
+
+@needs_kernel
+def test_a_nan_in_a_key_reaches_the_outputs_that_see_it_as_sdpa_does():
+    qkv = torch.randn(1, 10, 3 * 32)
+    qkv[0, 4, 32 + 3] = float("nan")  # key 4, head 0
+    out = fused_attention.packed_causal_attention(qkv, 2)
+    ref = sdpa_reference(qkv, 2)
+    assert torch.equal(out.isnan(), ref.isnan()) and out[0, 4:, :16].isnan().all() and not out[0, :4].isnan().any()
+
+
+@needs_kernel
+def test_second_derivatives_raise_rather_than_come_out_zero():
+    qkv = torch.randn(1, 8, 96, requires_grad=True)
+    (grad,) = torch.autograd.grad(fused_attention.packed_causal_attention(qkv, 2).sum(), qkv, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|differentiable"):
+        grad.sum().backward()
+
+
+@needs_kernel
+def test_an_empty_batch_and_torch_compile_take_sdpa_or_return_empty(monkeypatch):
+    empty = torch.zeros(0, 8, 96, requires_grad=True)
+    out = fused_attention.packed_causal_attention(empty, 2)
+    out.sum().backward()
+    assert out.shape == (0, 8, 32) and empty.grad.shape == empty.shape
+    calls = []
+    real = fused_attention.packed_causal_attention
+    monkeypatch.setattr(fused_attention, "packed_causal_attention", lambda *a: calls.append(1) or real(*a))
+    model = build_model(GPT2Config(vocab_size=50, context_length=32, emb_dim=64, n_layers=1, n_heads=2)).eval()
+    x = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        eager = model(x)
+        assert calls == [1]
+        compiled = torch.compile(model, backend="eager", fullgraph=True)(x)  # no graph break for the ctypes call
+    assert calls == [1]
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)

@@ -31,7 +31,7 @@ int gptlab_attention_supports(int D) { return D > 0 && D % 8 == 0 && D / 8 <= MA
 
 /* e^x, 8 at a time: x = k ln2 + r with |r| <= ln2/2, e^r by Cephes' expf polynomial, 2^k in the exponent bits. */
 static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x); /* this operand order passes a NaN through */
     const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
@@ -133,8 +133,8 @@ static void masked_exp(float *p, int nb, float shift) {
     const __m256 sh = _mm256_set1_ps(shift);
     for (int b = 0; b < nb; b++) {
         const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(p + 8 * b), sh);
-        /* -inf - shift stays -inf; exp8 clamps it to e^-87 ~ 1.6e-38: zeroed exactly below */
-        _mm256_storeu_ps(p + 8 * b, _mm256_and_ps(exp8(x), _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ)));
+        /* -inf - shift stays -inf; exp8 clamps it to e^-87 ~ 1.6e-38: zeroed exactly below (a NaN stays NaN) */
+        _mm256_storeu_ps(p + 8 * b, _mm256_and_ps(exp8(x), _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_UQ)));
     }
 }
 

@@ -46,10 +46,16 @@ def usable(qkv: torch.Tensor, n_heads: int) -> bool:
     """Whether :func:`packed_causal_attention` takes this (B, T, 3C) projection here: CPU, float32 (no
     autocast), T <= :data:`MAX_CONTEXT`, an AVX2 CPU and a head width of 8, 16, ..., 64."""
     if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or qkv.dim() != 3 or qkv.shape[1] > MAX_CONTEXT \
-            or n_heads <= 0 or qkv.shape[-1] % (3 * n_heads) or torch.is_autocast_enabled("cpu"):
+            or n_heads <= 0 or qkv.shape[-1] % (3 * n_heads) or torch.is_autocast_enabled("cpu") or _compiling():
         return False
     lib = _kernels()
     return lib is not None and bool(lib.gptlab_attention_supports(qkv.shape[-1] // 3 // n_heads))
+
+
+def _compiling() -> bool:
+    """Inside torch.compile: the ctypes call would split the graph, so SDPA is traced instead."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
 
 
 def _check(rc: int, what: str) -> None:
@@ -67,19 +73,23 @@ class _PackedCausalAttention(torch.autograd.Function):
         D = C // n_heads
         out = torch.empty(B, T, C, dtype=qkv.dtype)
         lse = torch.empty(B, n_heads, T, dtype=qkv.dtype)
-        scale = 1.0 / math.sqrt(D)
-        _check(_kernels().gptlab_causal_attention_forward(B, T, n_heads, D, qkv.data_ptr(), out.data_ptr(),
-                                                          lse.data_ptr(), scale, torch.get_num_threads()), "forward")
+        ctx.n_heads, ctx.scale = n_heads, 1.0 / math.sqrt(D)
+        if B * T:  # an empty batch: nothing to compute
+            _check(_kernels().gptlab_causal_attention_forward(B, T, n_heads, D, qkv.data_ptr(), out.data_ptr(),
+                                                              lse.data_ptr(), ctx.scale, torch.get_num_threads()),
+                   "forward")
         ctx.save_for_backward(qkv, out, lse)
-        ctx.n_heads, ctx.scale = n_heads, scale
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises instead of coming out zero
     def backward(ctx, grad_out: torch.Tensor):
         qkv, out, lse = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         B, T, C3 = qkv.shape
         dqkv = torch.empty_like(qkv)
+        if dqkv.numel() == 0:
+            return dqkv, None
         _check(_kernels().gptlab_causal_attention_backward(B, T, ctx.n_heads, C3 // 3 // ctx.n_heads, qkv.data_ptr(),
                                                            out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(),
                                                            dqkv.data_ptr(), ctx.scale, torch.get_num_threads()),
