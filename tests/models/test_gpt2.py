@@ -90,6 +90,10 @@ def test_weight_tying_shares_the_tensor():
     (dict(n_layers=0), "n_layers=0 must be a positive integer"),
     (dict(drop_rate=1.5), "drop_rate=1.5"),
     (dict(attn_impl="flash"), "attn_impl"),
+    (dict(mlp_act="relu"), "mlp_act='relu' must be one of gelu_tanh, gelu"),
+    (dict(head_dim=-1), "head_dim=-1 must be a positive integer"),  # found by tests/weights/test_fuzz_readers
+    (dict(hidden_dim=0), "hidden_dim=0 must be a positive integer"),
+    (dict(n_kv_heads=-1), "n_kv_heads=-1 must be a positive integer"),
 ])
 def test_config_validation(kw, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -85,6 +85,10 @@ class ModelConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"config field {f}={v!r} must be a positive integer")
+        for f in ("head_dim", "n_kv_heads", "hidden_dim"):  # optional: None means derived
+            v = getattr(self, f, None)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"config field {f}={v!r} must be a positive integer (or omitted)")
         if self.head_dim is None:
             if self.emb_dim % self.n_heads:
                 near = sorted((h for h in range(1, self.emb_dim + 1) if self.emb_dim % h == 0),
