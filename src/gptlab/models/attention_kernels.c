@@ -138,93 +138,116 @@ static void masked_exp(float *p, int nb, float shift) {
     }
 }
 
-int gptlab_causal_attention_forward(int B, int T, int H, int D, const float *qkv, float *out, float *lse,
-                                    float scale, int threads) {
-    if (!gptlab_attention_supports(D)) return 1;
-    const int C = H * D, Tp = (T + 7) / 8 * 8;
-    const size_t row = 3 * (size_t)C;
+/* One call's shapes and tensors (see the top of the file); each (batch, head) task reads what it needs. */
+typedef struct {
+    int B, T, H, D, C, Tp;
+    size_t row; /* 3C: the stride of qkv and dqkv */
+    float scale;
+    const float *qkv, *out, *dout, *lse;
+    float *o, *l, *dqkv; /* written: forward's out and lse, backward's dqkv */
+} Attn;
+
+static Attn attn_of(int B, int T, int H, int D, float scale) {
+    Attn a = {0};
+    a.B = B, a.T = T, a.H = H, a.D = D, a.C = H * D, a.Tp = (T + 7) / 8 * 8;
+    a.row = 3 * (size_t)a.C, a.scale = scale;
+    return a;
+}
+
+/* Run task(a, b, h) for every (batch, head) over the threads: 0, 1 (head width not supported) or 2 (out of
+ * memory in some task). */
+static int run_tasks(const Attn *a, int (*task)(const Attn *, int, int), int threads) {
+    if (!gptlab_attention_supports(a->D)) return 1;
     int failed = 0;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int task = 0; task < B * H; task++) {
-        const int b = task / H, h = task % H;
-        const float *q = qkv + (size_t)b * T * row + (size_t)h * D, *k = q + C, *v = q + 2 * C;
-        float *o = out + (size_t)b * T * C + (size_t)h * D, *l = lse + ((size_t)b * H + h) * T;
-        float *kt = calloc((size_t)D * Tp + Tp, sizeof(float));
-        if (kt == NULL) {
+    for (int t = 0; t < a->B * a->H; t++) {
+        if (task(a, t / a->H, t % a->H)) {
 #pragma omp atomic write
-            failed = 1;
-            continue;
+            failed = 2;
         }
-        float *s = kt + (size_t)D * Tp;
-        transpose_head(k, row, T, Tp, D, kt);
-        for (int i = 0; i < T; i++) {
-            const int n = i + 1, nb = (n + 7) / 8;
-            scores(q + (size_t)i * row, kt, Tp, D, nb, scale, s);
-            const float m = masked_max(s, n, nb);
-            masked_exp(s, nb, m);
-            __m256 acc = _mm256_setzero_ps();
-            for (int bb = 0; bb < nb; bb++) acc = _mm256_add_ps(acc, _mm256_loadu_ps(s + 8 * bb));
-            const float sum = hsum8(acc);
-            weighted_rows(s, v, row, n, D, 1.0f / sum, o + (size_t)i * C);
-            l[i] = m + logf(sum);
-        }
-        free(kt);
     }
-    return failed ? 2 : 0;
+    return failed;
+}
+
+static int forward_task(const Attn *a, int b, int h) {
+    const int T = a->T, D = a->D, C = a->C, Tp = a->Tp;
+    const size_t row = a->row;
+    const float *q = a->qkv + (size_t)b * T * row + (size_t)h * D, *v = q + 2 * C;
+    float *o = a->o + (size_t)b * T * C + (size_t)h * D, *l = a->l + ((size_t)b * a->H + h) * T;
+    float *kt = calloc((size_t)D * Tp + Tp, sizeof(float));
+    if (kt == NULL) return 2;
+    float *s = kt + (size_t)D * Tp;
+    transpose_head(q + C, row, T, Tp, D, kt);
+    for (int i = 0; i < T; i++) {
+        const int n = i + 1, nb = (n + 7) / 8;
+        scores(q + (size_t)i * row, kt, Tp, D, nb, a->scale, s);
+        const float m = masked_max(s, n, nb);
+        masked_exp(s, nb, m);
+        __m256 acc = _mm256_setzero_ps();
+        for (int bb = 0; bb < nb; bb++) acc = _mm256_add_ps(acc, _mm256_loadu_ps(s + 8 * bb));
+        const float sum = hsum8(acc);
+        weighted_rows(s, v, row, n, D, 1.0f / sum, o + (size_t)i * C);
+        l[i] = m + logf(sum);
+    }
+    free(kt);
+    return 0;
+}
+
+static int backward_task(const Attn *a, int b, int h) {
+    const int T = a->T, D = a->D, C = a->C, Tp = a->Tp;
+    const size_t row = a->row, base = (size_t)b * T * row + (size_t)h * D;
+    const float scale = a->scale;
+    const float *q = a->qkv + base, *k = q + C, *v = q + 2 * C;
+    const float *o = a->out + (size_t)b * T * C + (size_t)h * D, *go = a->dout + (size_t)b * T * C + (size_t)h * D;
+    const float *l = a->lse + ((size_t)b * a->H + h) * T;
+    float *dq = a->dqkv + base, *dk = dq + C, *dv = dq + 2 * C;
+    /* scratch: k^T, v^T (D x Tp each); P and dS (T x Tp each, row i valid for j <= i); a column (T) */
+    float *kt = malloc(sizeof(float) * (2 * (size_t)D * Tp + 2 * (size_t)T * Tp + T));
+    if (kt == NULL) return 2;
+    float *vt = kt + (size_t)D * Tp, *P = vt + (size_t)D * Tp, *dS = P + (size_t)T * Tp, *col = dS + (size_t)T * Tp;
+    memset(kt, 0, sizeof(float) * 2 * (size_t)D * Tp);
+    transpose_head(k, row, T, Tp, D, kt);
+    transpose_head(v, row, T, Tp, D, vt);
+    for (int i = 0; i < T; i++) {
+        const int n = i + 1, nb = (n + 7) / 8;
+        const float *qi = q + (size_t)i * row, *goi = go + (size_t)i * C, *oi = o + (size_t)i * C;
+        float *p = P + (size_t)i * Tp, *ds = dS + (size_t)i * Tp;
+        float di = 0.0f;
+        for (int d = 0; d < D; d++) di += goi[d] * oi[d];
+        scores(qi, kt, Tp, D, nb, scale, p);
+        for (int j = n; j < 8 * nb; j++) p[j] = -INFINITY;
+        masked_exp(p, nb, l[i]);
+        scores(goi, vt, Tp, D, nb, 1.0f, ds); /* ds <- dp_ij = do_i . v_j */
+        const __m256 dv8 = _mm256_set1_ps(di), sc = _mm256_set1_ps(scale);
+        for (int bb = 0; bb < nb; bb++) { /* p is 0 past i, so ds is too */
+            const __m256 p8 = _mm256_loadu_ps(p + 8 * bb), d8 = _mm256_loadu_ps(ds + 8 * bb);
+            _mm256_storeu_ps(ds + 8 * bb, _mm256_mul_ps(_mm256_mul_ps(p8, _mm256_sub_ps(d8, dv8)), sc));
+        }
+        weighted_rows(ds, k, row, n, D, 1.0f, dq + (size_t)i * row);
+    }
+    for (int j = 0; j < T; j++) { /* dk_j = sum_{i >= j} ds_ij q_i; dv_j = sum_{i >= j} p_ij do_i */
+        const int n = T - j;
+        for (int i = j; i < T; i++) col[i - j] = dS[(size_t)i * Tp + j];
+        weighted_rows(col, q + (size_t)j * row, row, n, D, 1.0f, dk + (size_t)j * row);
+        for (int i = j; i < T; i++) col[i - j] = P[(size_t)i * Tp + j];
+        weighted_rows(col, go + (size_t)j * C, C, n, D, 1.0f, dv + (size_t)j * row);
+    }
+    free(kt);
+    return 0;
+}
+
+int gptlab_causal_attention_forward(int B, int T, int H, int D, const float *qkv, float *out, float *lse,
+                                    float scale, int threads) {
+    Attn a = attn_of(B, T, H, D, scale);
+    a.qkv = qkv, a.o = out, a.l = lse;
+    return run_tasks(&a, forward_task, threads);
 }
 
 int gptlab_causal_attention_backward(int B, int T, int H, int D, const float *qkv, const float *out,
                                      const float *dout, const float *lse, float *dqkv, float scale, int threads) {
-    if (!gptlab_attention_supports(D)) return 1;
-    const int C = H * D, Tp = (T + 7) / 8 * 8;
-    const size_t row = 3 * (size_t)C;
-    int failed = 0;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int task = 0; task < B * H; task++) {
-        const int b = task / H, h = task % H;
-        const size_t base = (size_t)b * T * row + (size_t)h * D;
-        const float *q = qkv + base, *k = q + C, *v = q + 2 * C;
-        const float *o = out + (size_t)b * T * C + (size_t)h * D, *go = dout + (size_t)b * T * C + (size_t)h * D;
-        const float *l = lse + ((size_t)b * H + h) * T;
-        float *dq = dqkv + base, *dk = dq + C, *dv = dq + 2 * C;
-        /* scratch: k^T, v^T (D x Tp each); P and dS (T x Tp each, row i valid for j <= i); a column (T) */
-        float *kt = malloc(sizeof(float) * (2 * (size_t)D * Tp + 2 * (size_t)T * Tp + T));
-        if (kt == NULL) {
-#pragma omp atomic write
-            failed = 1;
-            continue;
-        }
-        float *vt = kt + (size_t)D * Tp, *P = vt + (size_t)D * Tp, *dS = P + (size_t)T * Tp, *col = dS + (size_t)T * Tp;
-        memset(kt, 0, sizeof(float) * 2 * (size_t)D * Tp);
-        transpose_head(k, row, T, Tp, D, kt);
-        transpose_head(v, row, T, Tp, D, vt);
-        for (int i = 0; i < T; i++) {
-            const int n = i + 1, nb = (n + 7) / 8;
-            const float *qi = q + (size_t)i * row, *goi = go + (size_t)i * C, *oi = o + (size_t)i * C;
-            float *p = P + (size_t)i * Tp, *ds = dS + (size_t)i * Tp;
-            float di = 0.0f;
-            for (int d = 0; d < D; d++) di += goi[d] * oi[d];
-            scores(qi, kt, Tp, D, nb, scale, p);
-            for (int j = n; j < 8 * nb; j++) p[j] = -INFINITY;
-            masked_exp(p, nb, l[i]);
-            scores(goi, vt, Tp, D, nb, 1.0f, ds); /* ds <- dp_ij = do_i . v_j */
-            const __m256 dv8 = _mm256_set1_ps(di), sc = _mm256_set1_ps(scale);
-            for (int bb = 0; bb < nb; bb++) { /* p is 0 past i, so ds is too */
-                const __m256 p8 = _mm256_loadu_ps(p + 8 * bb), d8 = _mm256_loadu_ps(ds + 8 * bb);
-                _mm256_storeu_ps(ds + 8 * bb, _mm256_mul_ps(_mm256_mul_ps(p8, _mm256_sub_ps(d8, dv8)), sc));
-            }
-            weighted_rows(ds, k, row, n, D, 1.0f, dq + (size_t)i * row);
-        }
-        for (int j = 0; j < T; j++) { /* dk_j = sum_{i >= j} ds_ij q_i; dv_j = sum_{i >= j} p_ij do_i */
-            const int n = T - j;
-            for (int i = j; i < T; i++) col[i - j] = dS[(size_t)i * Tp + j];
-            weighted_rows(col, q + (size_t)j * row, row, n, D, 1.0f, dk + (size_t)j * row);
-            for (int i = j; i < T; i++) col[i - j] = P[(size_t)i * Tp + j];
-            weighted_rows(col, go + (size_t)j * C, C, n, D, 1.0f, dv + (size_t)j * row);
-        }
-        free(kt);
-    }
-    return failed ? 2 : 0;
+    Attn a = attn_of(B, T, H, D, scale);
+    a.qkv = qkv, a.out = out, a.dout = dout, a.lse = lse, a.dqkv = dqkv;
+    return run_tasks(&a, backward_task, threads);
 }
 
 #else
