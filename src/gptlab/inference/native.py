@@ -13,6 +13,7 @@ that PyTorch already loaded, so both share one thread pool.
 from __future__ import annotations
 
 import ctypes
+import operator
 import os
 from pathlib import Path
 
@@ -204,15 +205,21 @@ class NativeDecoderLayer(DecoderLayer):
 
     act: int = 0  # 0: SiLU, 1: GELU (tanh)
 
-    def _plan(self) -> _Layer | None:
+    def _held(self) -> list:
+        """The modules the kernel reads and every tensor they hold, straight from their dicts (cheap: a
+        decode step checks these are still the same objects at the same addresses)."""
         mods = self.__dict__["_modules"]
         a, m = mods["self_attn"]._modules, mods["mlp"]._modules
-        linears = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
-        norms = (mods["input_layernorm"], mods["post_attention_layernorm"])
-        tensors = [*linears, *norms]  # the modules and every tensor they hold: read straight from their dicts
-        for mod in tensors[:9]:
-            tensors += mod._buffers.values()
-            tensors += mod._parameters.values()
+        held = [a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"],
+                mods["input_layernorm"], mods["post_attention_layernorm"]]
+        for mod in held[:9]:
+            held += mod._buffers.values()
+            held += mod._parameters.values()
+        return held
+
+    def _plan(self) -> _Layer | None:
+        tensors = self._held()
+        linears, norms = tensors[:7], tensors[7:9]
         key = tuple((id(t), t.data_ptr(), t.dtype) if isinstance(t, torch.Tensor) else id(t) for t in tensors)
         cached = self.__dict__.get("_native_plan")
         if cached is not None and cached[0] == key:
@@ -265,23 +272,55 @@ class NativeLayerStack(nn.ModuleList):
         """Every layer's output for a decode step, or None when some layer or the call is not for it."""
         if not _step_inputs(x, cos, cache) or _hooked(self):
             return None
-        store, plans = cache.cache, []
-        for i, layer in enumerate(self):
-            plan = layer._decodes_with(store, i) if type(layer) is NativeDecoderLayer else None
-            if plan is None:
-                return None
-            plans.append(plan)
-        # The arrays live on the cache store (they point into its k/v buffers): they go when it does.
-        key = (id(self), *map(id, plans), *(t.data_ptr() for t in store.k), *(t.data_ptr() for t in store.v))
+        store = cache.cache
         cached = store.__dict__.get("_native_stack")
-        if cached is None or cached[0] != key:
-            n = len(plans)
-            arrays = ((_Layer * n)(*plans), (ctypes.c_void_p * n)(*(t.data_ptr() for t in store.k)),
-                      (ctypes.c_void_p * n)(*(t.data_ptr() for t in store.v)))
-            cached = store.__dict__["_native_stack"] = (key, arrays, plans)  # plans alive: their ids stay unique
-        layers, kcs, vcs = cached[1]
-        return _decode(lambda *a: kernels().gptlab_decode_layers(layers, len(self), *a), None, x, cos, sin, cache,
-                       kcs, vcs)
+        if cached is None or not cached.still_valid(self, store):
+            plans = []
+            for i, layer in enumerate(self):
+                plan = layer._decodes_with(store, i) if type(layer) is NativeDecoderLayer else None
+                if plan is None:
+                    return None
+                plans.append(plan)
+            # The arrays live on the cache store (they point into its k/v buffers): they go when it does.
+            cached = store.__dict__["_native_stack"] = _StackPlan(self, store, plans)
+        return _decode(lambda *a: kernels().gptlab_decode_layers(cached.layers, len(self), *a), None, x, cos, sin,
+                       cache, cached.kcs, cached.vcs)
+
+
+class _StackPlan:
+    """A whole stack's decode arrays for one cache store, and what they were built from.
+
+    Each step checks, in one pass, that the layers, the cache's k/v buffers and every module and tensor a
+    layer holds are the same objects (identity) at the same addresses, with the same attention windows;
+    any change rebuilds the plans, every layer's own checks included.
+    """
+
+    def __init__(self, stack: "NativeLayerStack", store, plans: list):
+        n = len(plans)
+        self.stack_id, self.plans = id(stack), plans  # the plans stay alive: the arrays point at their tensors
+        self.layers = (_Layer * n)(*plans)
+        self.kcs = (ctypes.c_void_p * n)(*(t.data_ptr() for t in store.k))
+        self.vcs = (ctypes.c_void_p * n)(*(t.data_ptr() for t in store.v))
+        self.held, self.ptrs, self.windows = self._snapshot(stack, store)
+
+    @staticmethod
+    def _snapshot(stack, store) -> tuple[list, list[int], list]:
+        """(every layer and cache buffer and what each layer holds, their addresses, the layers' windows)."""
+        layers = list(stack._modules.values())
+        held = [*layers, *store.k, *store.v]
+        for layer in layers:
+            held += layer._held()
+        ptrs = [t.data_ptr() for t in held if isinstance(t, torch.Tensor)]
+        return held, ptrs, [layer.__dict__["_modules"]["self_attn"].window for layer in layers]
+
+    def still_valid(self, stack, store) -> bool:
+        layers = stack._modules.values()
+        if id(stack) != self.stack_id or len(layers) != len(self.plans) or not all(
+                map(operator.is_, layers, self.held)):  # the same layer objects first: then _held() exists
+            return False
+        held, ptrs, windows = self._snapshot(stack, store)
+        return (len(held) == len(self.held) and all(map(operator.is_, held, self.held)) and ptrs == self.ptrs
+                and windows == self.windows)
 
 
 def _hooked(layers: nn.ModuleList) -> bool:

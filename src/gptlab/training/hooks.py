@@ -166,9 +166,10 @@ def eval_line(step: int, tr: dict[str, float], va: dict[str, float], tok_s: floa
     return line + f", {tok_s:,.0f} tok/s"
 
 
-# loss.png is redrawn at most this often (seconds) during a run, and always for its last evaluation:
-# a matplotlib figure takes ~0.7 s on a 2-core CPU, as long as 14 steps of a small model.
-PLOT_EVERY_S = 20.0
+# loss.png is drawn at most this often (seconds, counted from the start of the run), and always for its
+# last evaluation: a matplotlib figure takes ~0.7 s on a 2-core CPU (the first ~1 s more, importing it),
+# as long as 14-40 steps of a small model; a run shorter than this draws it once, at the end.
+PLOT_EVERY_S = 60.0
 
 
 class Evaluation:
@@ -192,7 +193,7 @@ class Evaluation:
         self.log = MetricsLog(run / "metrics.jsonl", resume_step=resumed_at, write=is_main)
         self.loggers = open_loggers(loggers, run, self.log.records, resumed_at, dataclasses.asdict(cfg), is_main)
         self.tokens_per_epoch = len(train) * train.bs * max(1, train.tokens_per_item)
-        self.plotted_at: float | None = None  # time.monotonic() of the last loss.png
+        self.plotted_at = time.monotonic()  # of the last loss.png (the start: the first waits PLOT_EVERY_S)
         self.plotted_step = -1
 
     def evaluate(self) -> tuple[dict[str, float], dict[str, float]]:
@@ -253,7 +254,7 @@ class Evaluation:
         sharded = self.parallel is not None and self.parallel.sharded and self.samples.fn is not None
         # FSDP: rank 0 samples from the whole model, gathered into its unsharded CPU copy (a collective)
         self.samples(self.parallel.gathered() if sharded else self.model, c.step, self.progress.write)
-        if self.plotted_at is None or time.monotonic() - self.plotted_at >= PLOT_EVERY_S:
+        if time.monotonic() - self.plotted_at >= PLOT_EVERY_S:
             self.plot()
         improved = keep_best(c, va.get("loss") if va else None)
         if improved or not self.has_val:
