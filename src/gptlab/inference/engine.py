@@ -218,17 +218,14 @@ class Engine:
 
     def _emit(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[tuple[Handle, GenerationEvent]]:
         """Sample each row's next token from ``logits`` (B, V), record it, and make its event."""
-        # logprobs of the model's logits, before any filter: logits - logsumexp (B, 1), a whole row of
-        # them only for a request that asks for alternatives
-        lse = torch.logsumexp(logits, -1, keepdim=True)
+        logprobs = torch.log_softmax(logits, -1)  # (B, V) of the model's logits, before any filter
         greedy = logits.argmax(-1).tolist()  # one sync for every plain-greedy row
         tokens = [g if s.plain_greedy else s.next_token(row) for s, g, row in zip(seqs, greedy, logits)]
-        chosen = (logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None]) - lse)[:, 0].tolist()
+        chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
         out = []
-        for seq, token, lp, row, norm in zip(seqs, tokens, chosen, logits, lse):
+        for seq, token, lp, row in zip(seqs, tokens, chosen, logprobs):
             handle = seq.handle
-            n_top = handle.request.logprobs
-            top = top_alternatives(row - norm, n_top) if n_top else ()
+            top = top_alternatives(row, handle.request.logprobs)
             event = token_event(seq.text, seq.stops, token, lp, len(handle.tokens), seq.max_new, top)
             seq.ids.append(token)
             if seq.counts is not None:
