@@ -146,6 +146,10 @@ def test_persistent_nonsense_falls_back_to_defaults_and_is_not_cached(cache, mon
     assert any("failed the sanity check 3 times" in a and "--calibrate" in a for a in hw.assumptions)
     stored = json.loads(cache.read_text())[calibration._fingerprint([])]
     assert "cpu_bandwidth" not in stored and stored["rejected"].startswith("cpu_bandwidth 3 GB/s")
+    # The runtime RSS is a memory figure, not a timing: measured, it stays, and plans use it
+    assert stored["runtime_rss"] == NONSENSE["runtime_rss"] != DEFAULT_SPEEDS["runtime_rss"]
+    assert hw.runtime_rss == NONSENSE["runtime_rss"]
+    assert any(f"{NONSENSE['runtime_rss'] / 2**20:.0f} MiB runtime (measured)" in a for a in hw.assumptions)
     # Later runs use the defaults without measuring again (and say why) ...
     again = detect_hardware()
     assert len(calls) == 3 and not again.calibrated and capsys.readouterr().err == ""
@@ -166,3 +170,14 @@ def test_cached_nonsense_from_before_the_check_is_measured_again(cache, monkeypa
     hw = detect_hardware()
     assert len(calls) == 1 and hw.calibrated and hw.cpu_bandwidth == SANE["cpu_bandwidth"]
     assert "measuring again" in capsys.readouterr().err
+
+
+def test_a_rejection_cached_without_the_runtime_rss_measures_it_once(cache, monkeypatch):
+    key = calibration._fingerprint([])
+    cache.write_text(json.dumps({key: {"rejected": "cpu_bandwidth 3 GB/s ...", "tries": 3, "measured_at": "x"}}))
+    measured = []
+    monkeypatch.setattr(calibration, "measure_runtime_rss", lambda: measured.append(1) or 250 * 2**20)
+    hw = detect_hardware()
+    assert hw.runtime_rss == 250 * 2**20 and not hw.calibrated and measured == [1]
+    assert json.loads(cache.read_text())[key]["runtime_rss"] == 250 * 2**20
+    assert detect_hardware().runtime_rss == 250 * 2**20 and measured == [1]  # cached: not measured again

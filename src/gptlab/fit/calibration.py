@@ -17,6 +17,7 @@ application, ``_StderrLines`` writes them to stderr as one ``warning: ...`` /
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,8 +26,8 @@ import psutil
 
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_write_json, cache_root
-from gptlab.fit.benchmarks import calibrate
-from gptlab.fit.calibration_check import calibration_problems
+from gptlab.fit.benchmarks import calibrate, measure_runtime_rss
+from gptlab.fit.calibration_check import LIMITS, calibration_problems
 from gptlab.fit.hardware import (DEFAULT_SPEEDS, GPU, Hardware, apply_gpu_speeds, cpu_name, detect_devices,
                                  ollama_running, simulate, speeds_from, usable_cores)
 from gptlab.logs import get_logger
@@ -68,7 +69,8 @@ def load_calibration(gpus: list[GPU], refresh: bool = False, tries: int = CALIBR
     all; if every set fails, one warning line goes to stderr and the entry
     returned (and cached, so later runs do not re-measure until ``--calibrate``)
     is ``{"rejected": first problem, "tries": n, "measured_at": ...}``, which
-    ``detect_hardware`` answers with the default speeds. A cached set that fails
+    ``detect_hardware`` answers with the default speeds (the measured runtime RSS,
+    when plausible, is kept in it and used: a memory figure, not a timing). A cached set that fails
     the check (from before it existed) is measured again.
     """
     path = cache_dir() / "fit-calibration.json"
@@ -77,6 +79,10 @@ def load_calibration(gpus: list[GPU], refresh: bool = False, tries: int = CALIBR
     entry = cache.get(key)
     if not refresh and entry:
         if "rejected" in entry:
+            if "runtime_rss" not in entry:  # cached before a rejection kept it: a second to measure now
+                entry = {**entry, **_runtime_rss_only()}
+                cache[key] = entry
+                _write_cache(path, cache)
             return entry, False
         problems = calibration_problems(entry)
         if not problems:
@@ -88,23 +94,44 @@ def load_calibration(gpus: list[GPU], refresh: bool = False, tries: int = CALIBR
         if not problems:
             break
     if problems:
-        figures = {"rejected": problems[0], "tries": max(1, tries),
-                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        rejected = {"rejected": problems[0], "tries": max(1, tries),
+                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        figures = {**rejected, **_plausible_rss(figures)}  # a memory figure: load does not spoil it
         log.warning("gptlab fit: calibration rejected after %d tries (%s); using default speeds",
                     figures["tries"], problems[0])
     cache[key] = figures
+    _write_cache(path, cache)
+    return figures, True
+
+
+def _write_cache(path: Path, cache: dict) -> None:
     try:
         atomic_write_json(path, cache)
     except OSError:
         pass  # a read-only home still gets the figures, just not cached
-    return figures, True
+
+
+def _runtime_rss_only() -> dict:
+    """``{"runtime_rss": bytes}`` measured now, or {} where it cannot be or is implausible."""
+    try:
+        return _plausible_rss({"runtime_rss": measure_runtime_rss()})
+    except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired):
+        return {}
+
+
+def _plausible_rss(figures: dict) -> dict:
+    """``{"runtime_rss": ...}`` of ``figures`` when it is a plausible byte count, else {}."""
+    rss, (lo, hi) = figures.get("runtime_rss"), LIMITS["runtime_rss"]
+    return {"runtime_rss": rss} if isinstance(rss, int) and lo <= rss <= hi else {}
 
 
 def _defaults_note(entry: dict) -> str:
     """The assumption line for a machine whose speeds are the defaults, saying why."""
     d = DEFAULT_SPEEDS
+    rss = f"{entry['runtime_rss'] / 2**20:.0f} MiB runtime (measured)" if "runtime_rss" in entry and \
+        "rejected" in entry else f"{d['runtime_rss'] / 2**20:.0f} MiB runtime"
     assumed = (f"assuming {d['cpu_bandwidth'] / 1e9:.0f} GB/s memory, {d['cpu_matmul_fp32'] / 1e9:.0f} GFLOP/s, "
-               f"{d['op_latency'] * 1e6:.0f} us/op, {d['runtime_rss'] / 2**20:.0f} MiB runtime")
+               f"{d['op_latency'] * 1e6:.0f} us/op, {rss}")
     if "rejected" in entry:
         return (f"speeds measured here failed the sanity check {entry.get('tries', 1)} times at "
                 f"{entry.get('measured_at', '?')} ({entry['rejected']}); {assumed}; "
@@ -138,7 +165,8 @@ def detect_hardware(calibrate_now: bool = False, measure: bool = True, ram: floa
     else:
         entry = _read_cache(cache_dir() / "fit-calibration.json").get(_fingerprint(gpus)) or {}
     calibrated = usable_entry(entry)
-    figures = entry if calibrated else {}
+    # a rejected set keeps its runtime RSS (measured, not timed): only the speeds fall back to the defaults
+    figures = entry if calibrated else {k: v for k, v in entry.items() if k == "runtime_rss"}
     if not calibrated:
         notes.append(_defaults_note(entry))
     n_cores = usable_cores()
