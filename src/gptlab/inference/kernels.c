@@ -19,6 +19,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -30,11 +31,7 @@
 #endif
 
 #define ROWS_OUT 16 /* output rows per block: their weights stay in L1 while each x row passes */
-#if defined(__AVX512F__)
-#define ROWS_IN 8 /* activation rows per pass: their accumulators stay in (32) registers */
-#else
-#define ROWS_IN 4 /* (16 registers) */
-#endif
+#define ROWS_IN 8 /* activation rows per pass: their accumulators stay in registers (AVX2: 8 of its 16) */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -196,7 +193,6 @@ static inline __attribute__((always_inline)) void i8_rows(const int mb, int K, i
 
 
 #if defined(GPTLAB_AVX512) && defined(__AVX512VNNI__)
-#include <stdlib.h>
 #define GPTLAB_VNNI 1
 
 /* The integer path (llama.cpp's idea for Q4_1 x Q8_1): each 32-input group of an x row is
@@ -277,31 +273,47 @@ static inline __attribute__((always_inline)) void q4_rows_vnni(const int mb, int
 #endif
 
 #if defined(GPTLAB_AVX2)
-#include <stdlib.h>
 
 /* The integer path on AVX2 (no VNNI): the same idea, one group at a time. A group's 32 codes,
  * low nibbles (even k) then high nibbles (odd k), meet its 32 int8 activations, stored in that
  * order, in one maddubs (unsigned code x signed activation, pairs summed to int16: at most
  * 2 x 15 x 127, no saturation) and one madd with ones (to 8 int32). */
+
+/* One 32-input group of x rounded to int8 with its scale d = max|v| / 127: the 16 even k in the
+ * low half of the result, the 16 odd k in the high half, each in order; *sum gets Σv. */
+static inline __m256i quantize_group_avx2(const float *v, float *d_out, float *sum_out) {
+    const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+    const __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                    _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float d = _mm_cvtss_f32(m4) / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+    *d_out = d;
+    *sum_out = hsum(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
+    const __m256 idv = _mm256_set1_ps(id);
+    /* even and odd k of each 16 (within 128-bit lanes, then the 64-bit quarters put in order) */
+#define GPTLAB_SPLIT(a, b, sel) \
+    _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, sel)), _MM_SHUFFLE(3, 1, 2, 0)))
+    const __m256i ea = _mm256_cvtps_epi32(_mm256_mul_ps(GPTLAB_SPLIT(v0, v1, _MM_SHUFFLE(2, 0, 2, 0)), idv));
+    const __m256i eb = _mm256_cvtps_epi32(_mm256_mul_ps(GPTLAB_SPLIT(v2, v3, _MM_SHUFFLE(2, 0, 2, 0)), idv));
+    const __m256i oa = _mm256_cvtps_epi32(_mm256_mul_ps(GPTLAB_SPLIT(v0, v1, _MM_SHUFFLE(3, 1, 3, 1)), idv));
+    const __m256i ob = _mm256_cvtps_epi32(_mm256_mul_ps(GPTLAB_SPLIT(v2, v3, _MM_SHUFFLE(3, 1, 3, 1)), idv));
+#undef GPTLAB_SPLIT
+    /* the packs work within 128-bit lanes; dwords come out as [e0-6, e16-22, o1-7, o17-23 | e8-14, ...] */
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(ea, eb), _mm256_packs_epi32(oa, ob));
+    return _mm256_permutevar8x32_epi32(bytes, _mm256_set_epi32(7, 3, 6, 2, 5, 1, 4, 0));
+}
+
 static void quantize_rows_avx2(int M, int K, const float *x, int8_t *xq, float *dxv, float *xsum) {
     const int G = K / 32;
     for (int m = 0; m < M; m++)
         for (int g = 0; g < G; g++) {
-            const float *v = x + (size_t)m * K + 32 * g;
-            float amax = 0.0f, sum = 0.0f;
-            for (int i = 0; i < 32; i++) {
-                const float a = fabsf(v[i]);
-                amax = a > amax ? a : amax;
-                sum += v[i];
-            }
-            const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-            int8_t *out = xq + (size_t)m * K + 32 * g;
-            for (int i = 0; i < 16; i++) {
-                out[i] = (int8_t)lrintf(v[2 * i] * id);          /* even k */
-                out[16 + i] = (int8_t)lrintf(v[2 * i + 1] * id); /* odd k */
-            }
-            dxv[(size_t)m * G + g] = d;
-            xsum[(size_t)m * G + g] = sum;
+            const size_t i = (size_t)m * G + g;
+            const __m256i q = quantize_group_avx2(x + (size_t)m * K + 32 * g, dxv + i, xsum + i);
+            _mm256_storeu_si256((__m256i *)(xq + (size_t)m * K + 32 * g), q); /* even k, then odd k */
         }
 }
 
@@ -313,22 +325,12 @@ static void quantize_pairs_avx2(int M, int K, const float *x, int8_t *xq, float 
     const int G = K / 32;
     for (int m = 0; m < M; m++)
         for (int g = 0; g < G; g++) {
-            const float *v = x + (size_t)m * K + 32 * g;
-            float amax = 0.0f, sum = 0.0f;
-            for (int i = 0; i < 32; i++) {
-                const float a = fabsf(v[i]);
-                amax = a > amax ? a : amax;
-                sum += v[i];
-            }
-            const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            float d;
+            const __m256i q = quantize_group_avx2(x + (size_t)m * K + 32 * g, &d, xsum + (size_t)m * G + g);
             int8_t *out = xq + (size_t)m * K + 64 * (g / 2) + 16 * (g % 2);
-            for (int i = 0; i < 16; i++) {
-                out[i] = (int8_t)lrintf(v[2 * i] * id);          /* even k */
-                out[32 + i] = (int8_t)lrintf(v[2 * i + 1] * id); /* odd k */
-            }
-            float *dl = dxv + ((size_t)m * (G / 2) + g / 2) * 8 + 4 * (g % 2);
-            for (int i = 0; i < 4; i++) dl[i] = d;
-            xsum[(size_t)m * G + g] = sum;
+            _mm_storeu_si128((__m128i *)out, _mm256_castsi256_si128(q));             /* even k */
+            _mm_storeu_si128((__m128i *)(out + 32), _mm256_extracti128_si256(q, 1)); /* odd k */
+            _mm_storeu_ps(dxv + ((size_t)m * (G / 2) + g / 2) * 8 + 4 * (g % 2), _mm_set1_ps(d));
         }
 }
 
@@ -436,88 +438,148 @@ int gptlab_int4_integer_for(int K) {
 #if defined(GPTLAB_VNNI)
     return int4_integer_path && (K / 32) % 2 == 0;
 #elif defined(GPTLAB_AVX2)
+    (void)K;
     return int4_integer_path;
 #else
+    (void)K;
     return 0;
 #endif
 }
 
-/* y (M, N) = x (M, K) · Wᵀ + bias for int4 W; K a multiple of 32. Returns 0, or -1 for a bad shape. */
 /* Every pass of the matmuls: the blocks of ROWS_OUT output rows in parallel, and in each block the
  * x rows in passes of up to ROWS_IN. PASS(mb, m0, n0, n1) is a macro the caller defines; each case
  * gives it a constant mb, so the pass's accumulators stay in registers. */
-#if ROWS_IN == 8
-#define WIDE_PASSES(PASS) case 4: PASS(4, m0, n0, n1); break; \
-                          case 5: PASS(5, m0, n0, n1); break; \
-                          case 6: PASS(6, m0, n0, n1); break; \
-                          case 7: PASS(7, m0, n0, n1); break;
-#else
-#define WIDE_PASSES(PASS)
-#endif
+#define ROW_PASSES(M, RIN, PASS)                                                                      \
+    for (int m0 = 0; m0 < (M); m0 += (RIN)) {                                                         \
+        switch ((M) - m0 < (RIN) ? (M) - m0 : (RIN)) {                                                \
+            case 1: PASS(1, m0, n0, n1); break;                                                       \
+            case 2: PASS(2, m0, n0, n1); break;                                                       \
+            case 3: PASS(3, m0, n0, n1); break;                                                       \
+            /* (with RIN < 8 these cases are never taken: they compile as the RIN case) */            \
+            case 4: PASS((RIN) > 4 ? 4 : (RIN), m0, n0, n1); break;                                   \
+            case 5: PASS((RIN) > 5 ? 5 : (RIN), m0, n0, n1); break;                                   \
+            case 6: PASS((RIN) > 6 ? 6 : (RIN), m0, n0, n1); break;                                   \
+            case 7: PASS((RIN) > 7 ? 7 : (RIN), m0, n0, n1); break;                                   \
+            default: PASS((RIN), m0, n0, n1); break;                                                  \
+        }                                                                                             \
+    }
 #define EVERY_PASS(M, N, threads, RIN, PASS)                                                             \
     do {                                                                                              \
         const int blocks_ = ((N) + ROWS_OUT - 1) / ROWS_OUT;                                          \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks_ > 1)") \
         for (int blk = 0; blk < blocks_; blk++) {                                                     \
             const int n0 = blk * ROWS_OUT, n1 = n0 + ROWS_OUT < (N) ? n0 + ROWS_OUT : (N);            \
-            for (int m0 = 0; m0 < (M); m0 += (RIN)) {                                                 \
-                switch ((M) - m0 < (RIN) ? (M) - m0 : (RIN)) {                                        \
-                    case 1: PASS(1, m0, n0, n1); break;                                               \
-                    case 2: PASS(2, m0, n0, n1); break;                                               \
-                    case 3: PASS(3, m0, n0, n1); break;                                               \
-                    WIDE_PASSES(PASS)                                                                 \
-                    default: PASS((RIN), m0, n0, n1); break;                                          \
-                }                                                                                     \
-            }                                                                                         \
+            ROW_PASSES(M, RIN, PASS)                                                                  \
         }                                                                                             \
     } while (0)
 
+/* x rows ready for int4 products over K inputs: as they are (path 0), or rounded to int8 per
+ * 32-group (the integer path: 1 AVX2 a group at a time, 2 AVX2 pairs of groups, 3 VNNI). One
+ * preparation serves every product that reads the same x (a layer's q, k and v; gate and up). */
+typedef struct {
+    int M, K, path;
+    const float *x;
+    int8_t *xq;
+    float *dx, *xsum;
+} q4_input;
+
+static void q4_release(q4_input *in) {
+    free(in->xq), free(in->dx), free(in->xsum);
+    in->xq = NULL, in->dx = in->xsum = NULL;
+}
+
+/* Returns 0, or -2 when out of memory. */
+static int q4_prepare(q4_input *in, int M, int K, const float *x) {
+    *in = (q4_input){M, K, 0, x, NULL, NULL, NULL};
+    if (!gptlab_int4_integer_for(K)) return 0;
+    const int G = K / 32;
+    in->xq = malloc((size_t)M * K);
+    in->dx = malloc(sizeof(float) * (size_t)M * G * 8); /* VNNI: 8 lanes per group, AVX2: 4 or 1 */
+    in->xsum = malloc(sizeof(float) * (size_t)M * G);
+    if (!in->xq || !in->dx || !in->xsum) {
+        q4_release(in);
+        return -2;
+    }
+#if defined(GPTLAB_VNNI)
+    quantize_rows(M, K, x, in->xq, in->dx, in->xsum);
+    in->path = 3;
+#elif defined(GPTLAB_AVX2)
+    if (G % 2 == 0) {
+        quantize_pairs_avx2(M, K, x, in->xq, in->dx, in->xsum);
+        in->path = 2;
+    } else {
+        quantize_rows_avx2(M, K, x, in->xq, in->dx, in->xsum);
+        in->path = 1;
+    }
+#endif
+    return 0;
+}
+
+/* One int4 product y (M, N) = x · Wᵀ + bias over a prepared x. */
+typedef struct {
+    int N;
+    const uint8_t *codes;
+    const uint16_t *scale, *minimum;
+    const float *bias;
+    float *y;
+} q4_job;
+
+static inline __attribute__((always_inline)) void q4_pass(const int mb, const q4_input *in, int m0, const q4_job *j,
+                                                            int n0, int n1) {
+    switch (in->path) {
+#if defined(GPTLAB_VNNI)
+        case 3:
+            q4_rows_vnni(mb, in->K, j->N, m0, in->xq, in->dx, in->xsum, j->codes, j->scale, j->minimum, j->bias, n0,
+                         n1, j->y);
+            return;
+#elif defined(GPTLAB_AVX2)
+        case 2:
+            q4_rows_avx2_pairs(mb, in->K, j->N, m0, in->xq, in->dx, in->xsum, j->codes, j->scale, j->minimum,
+                               j->bias, n0, n1, j->y);
+            return;
+        case 1:
+            q4_rows_avx2_int(mb, in->K, j->N, m0, in->xq, in->dx, in->xsum, j->codes, j->scale, j->minimum, j->bias,
+                             n0, n1, j->y);
+            return;
+#endif
+        default:
+            q4_rows(mb, in->K, j->N, in->x, m0, j->codes, j->scale, j->minimum, j->bias, n0, n1, j->y);
+    }
+}
+
+#define Q4_MAX_JOBS 3
+
+/* Every job over one prepared x in one parallel loop: the jobs' blocks of output rows, one after
+ * another (one fork and join for a layer's q, k and v instead of three). */
+static void q4_run(const q4_input *in, const q4_job *jobs, int n_jobs, int threads) {
+    int first[Q4_MAX_JOBS], blocks = 0;
+    for (int j = 0; j < n_jobs; j++) {
+        first[j] = blocks;
+        blocks += (jobs[j].N + ROWS_OUT - 1) / ROWS_OUT;
+    }
+    const int M = in->M;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
+    for (int blk = 0; blk < blocks; blk++) {
+        int j = n_jobs - 1;
+        while (first[j] > blk) j--;
+        const q4_job *job = jobs + j;
+        const int n0 = (blk - first[j]) * ROWS_OUT, n1 = n0 + ROWS_OUT < job->N ? n0 + ROWS_OUT : job->N;
+#define JOB_PASS(mb, m0, n0, n1) q4_pass(mb, in, m0, job, n0, n1)
+        ROW_PASSES(M, ROWS_IN, JOB_PASS)
+#undef JOB_PASS
+    }
+}
+
+/* y (M, N) = x (M, K) · Wᵀ + bias for int4 W; K a multiple of 32. Returns 0, -1 for a bad shape,
+ * or -2 when out of memory. */
 int gptlab_q4_matmul(int M, int N, int K, const float *x, const uint8_t *codes, const uint16_t *scale,
                      const uint16_t *minimum, const float *bias, float *y, int threads) {
     if (M <= 0 || N <= 0 || K <= 0 || K % 32) return -1;
-#if defined(GPTLAB_VNNI)
-    const int G = K / 32;
-    if (G % 2 == 0 && int4_integer_path) {
-        int8_t *xq = malloc((size_t)M * K);
-        float *dx = malloc(sizeof(float) * (size_t)M * G * 8), *xsum = malloc(sizeof(float) * (size_t)M * G);
-        if (!xq || !dx || !xsum) {
-            free(xq), free(dx), free(xsum);
-            return -2;
-        }
-        quantize_rows(M, K, x, xq, dx, xsum);
-#define VNNI_PASS(mb, m0, n0, n1) q4_rows_vnni(mb, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y)
-        EVERY_PASS(M, N, threads, ROWS_IN, VNNI_PASS);
-#undef VNNI_PASS
-        free(xq), free(dx), free(xsum);
-        return 0;
-    }
-#elif defined(GPTLAB_AVX2)
-    if (int4_integer_path) {
-        const int G = K / 32;
-        int8_t *xq = malloc((size_t)M * K);
-        float *dx = malloc(sizeof(float) * (size_t)M * G * 4), *xsum = malloc(sizeof(float) * (size_t)M * G);
-        if (!xq || !dx || !xsum) {
-            free(xq), free(dx), free(xsum);
-            return -2;
-        }
-        if (G % 2 == 0) {
-            quantize_pairs_avx2(M, K, x, xq, dx, xsum);
-#define PAIR_PASS(mb, m0, n0, n1) q4_rows_avx2_pairs(mb, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y)
-            EVERY_PASS(M, N, threads, ROWS_IN, PAIR_PASS);
-#undef PAIR_PASS
-        } else {
-            quantize_rows_avx2(M, K, x, xq, dx, xsum);
-#define INT_PASS(mb, m0, n0, n1) q4_rows_avx2_int(mb, K, N, m0, xq, dx, xsum, codes, scale, minimum, bias, n0, n1, y)
-            EVERY_PASS(M, N, threads, ROWS_IN, INT_PASS);
-#undef INT_PASS
-        }
-        free(xq), free(dx), free(xsum);
-        return 0;
-    }
-#endif
-#define FLOAT_PASS(mb, m0, n0, n1) q4_rows(mb, K, N, x, m0, codes, scale, minimum, bias, n0, n1, y)
-    EVERY_PASS(M, N, threads, ROWS_IN, FLOAT_PASS);
-#undef FLOAT_PASS
+    q4_input in;
+    if (q4_prepare(&in, M, K, x)) return -2;
+    const q4_job job = {N, codes, scale, minimum, bias, y};
+    q4_run(&in, &job, 1, threads);
+    q4_release(&in);
     return 0;
 }
 
@@ -548,7 +610,6 @@ void gptlab_rms_norm(int M, int D, const float *x, const float *weight, float ep
 }
 
 #if defined(GPTLAB_AVX512) || defined(GPTLAB_AVX2)
-#include <stdlib.h>
 
 /* ---- one Llama decoder layer for one new token per row (the engine's decode step) ----
  * The same computation as gptlab.models.llama.DecoderLayer with int4/int8 projections:
@@ -578,6 +639,26 @@ static int linear(const gptlab_linear *l, int M, const float *x, float *y, int t
     if (l->kind == 4)
         return gptlab_q4_matmul(M, l->n, l->k, x, (const uint8_t *)l->w, l->scale, l->minimum, l->bias, y, threads);
     return gptlab_i8_matmul(M, l->n, l->k, x, (const int8_t *)l->w, l->scale, l->bias, y, threads);
+}
+
+/* Products that read the same x (n <= Q4_MAX_JOBS): when all are int4 over the same inputs, x is
+ * prepared once and they run in one parallel loop. */
+static int linears(const gptlab_linear *const *ls, int n, int M, const float *x, float *const *ys, int threads) {
+    int shared = 1;
+    for (int i = 0; i < n; i++) shared &= ls[i]->kind == 4 && ls[i]->k == ls[0]->k;
+    if (!shared || ls[0]->k % 32) {
+        int rc = 0;
+        for (int i = 0; i < n; i++) rc |= linear(ls[i], M, x, ys[i], threads);
+        return rc;
+    }
+    q4_input in;
+    if (q4_prepare(&in, M, ls[0]->k, x)) return -2;
+    q4_job jobs[Q4_MAX_JOBS];
+    for (int i = 0; i < n; i++)
+        jobs[i] = (q4_job){ls[i]->n, (const uint8_t *)ls[i]->w, ls[i]->scale, ls[i]->minimum, ls[i]->bias, ys[i]};
+    q4_run(&in, jobs, n, threads);
+    q4_release(&in);
+    return 0;
 }
 
 /* "rotate half" RoPE of one head in place: t·cos + (-t[half:], t[:half])·sin */
@@ -612,7 +693,11 @@ int gptlab_decode_layer(const gptlab_layer *L, int B, float *x, const float *cos
     int rc = 0, failed = 0;
 
     gptlab_rms_norm(B, d, x, L->in_norm, L->eps, h);
-    rc |= linear(&L->q, B, h, q, threads) | linear(&L->k, B, h, k, threads) | linear(&L->v, B, h, v, threads);
+    {
+        const gptlab_linear *qkv[3] = {&L->q, &L->k, &L->v};
+        float *out3[3] = {q, k, v};
+        rc |= linears(qkv, 3, B, h, out3, threads);
+    }
     for (int b = 0; b < B; b++) { /* rotate, then store this token's keys and values in its slot */
         for (int i = 0; i < H; i++) rope(q + (size_t)b * qd + i * hd, cos + (size_t)b * hd, sin + (size_t)b * hd, hd);
         for (int j = 0; j < Hkv; j++) {
@@ -658,7 +743,11 @@ int gptlab_decode_layer(const gptlab_layer *L, int B, float *x, const float *cos
     rc |= linear(&L->o, B, att, out, threads);
     for (size_t i = 0; i < (size_t)B * d; i++) x[i] += out[i];
     gptlab_rms_norm(B, d, x, L->post_norm, L->eps, h);
-    rc |= linear(&L->gate, B, h, g, threads) | linear(&L->up, B, h, u, threads);
+    {
+        const gptlab_linear *gu[2] = {&L->gate, &L->up};
+        float *out2[2] = {g, u};
+        rc |= linears(gu, 2, B, h, out2, threads);
+    }
     for (size_t i = 0; i < (size_t)B * F; i++) {
         const float a = g[i];
         const float act = L->act == 0 ? a / (1.0f + expf(-a))
