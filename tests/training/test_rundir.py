@@ -177,3 +177,27 @@ def test_ctrl_c_before_the_new_runs_first_checkpoint_gives_the_old_run_back(trai
     monkeypatch.setattr(driver, "train_loop", checkpoint_then_fail)
     assert run(argv) == 130
     assert _hash(copy) != before and not list(tmp_path.glob(".copy.*"))  # the new run stays, the old is gone
+
+
+def test_a_resumed_run_records_its_new_limit_for_the_next_resume(trained, tmp_path, capsys):
+    """--resume --max-steps 10 writes 10 into train_config.yaml: resumed again without the flag (after a crash
+    that lost the step-10 checkpoint, say) the run goes on to 10 instead of being refused at its first limit."""
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    config = copy / "train_config.yaml"
+    assert yaml.safe_load(config.read_text())["train"]["max_steps"] == 5
+    assert run(["train", "--resume", str(copy), "--max-steps", "10", "--progress", "false"]) == 0
+    recorded = yaml.safe_load(config.read_text())
+    assert recorded["train"]["max_steps"] == 10 and recorded["train"]["epochs"] is None
+    assert recorded["settings"] == yaml.safe_load((trained / "train_config.yaml").read_text())["settings"]
+    capsys.readouterr()
+    # the crash: the step-10 checkpoint is gone, step 5 is the newest complete one
+    shutil.rmtree(copy / "checkpoints" / "step-000010")
+    (copy / "checkpoints" / "latest").unlink()
+    assert run(["train", "--resume", str(copy), "--progress", "false"]) == 0
+    assert "from step-000005" in capsys.readouterr().out
+    assert RunDir(copy, "train_config.yaml").checkpoint_step() == 10

@@ -173,8 +173,11 @@ def _run(recipe: Recipe, s, d: D.Dist, is_main: bool) -> Any:
         with run:
             resumed = recipe.from_record(meta, s)  # (an old run's record is brought up to date in meta)
             refuse_changed(s, meta, run.path, recipe.limits, recipe.refs)
-            cfg = resumed_train_config(meta["train"], s, recipe.limits).for_world(d.world)
+            given = resumed_train_config(meta["train"], s, recipe.limits)
+            cfg = given.for_world(d.world)
             run.refuse_reached_limit(cfg, meta.get("steps_per_epoch"), flags)  # before anything is loaded
+            if d.is_main:  # (rank 0 holds the lock)
+                run.record_limits(meta, given, recipe.limits)
             if is_main:
                 _note_ignored_out(s)
             s = resumed

@@ -162,6 +162,17 @@ class RunDir:
             rd.clean_stale_temp_files()
         return rd, meta
 
+    def record_limits(self, meta: dict, cfg, limits) -> None:
+        """Record the stopping limits this resumed run goes to in its settings (``meta``, as read; the file
+        rewritten atomically, only when they changed): a later --resume without the flags (after a crash,
+        say) continues to them, and the file says what the run was trained to."""
+        train = meta["train"]
+        given = {name: getattr(cfg, name) for name in limits if hasattr(cfg, name)}
+        if all(train.get(name) == value for name, value in given.items()):
+            return
+        train.update(given)
+        atomic_write_text(self.path / self.config_name, _dump(self.path / self.config_name, meta))
+
     def clean_stale_temp_files(self) -> list[Path]:
         """Delete the temp files a killed writer left (``.NAME.XXXX.tmp`` beside each file it was replacing
         atomically). Safe only under the lock: no other process writes the run."""
