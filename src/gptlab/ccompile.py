@@ -1,8 +1,8 @@
 """Build one of the package's C files into a shared library on first use, cached on disk.
 
 gptlab ships two small C sources: the int4/int8 inference kernels
-(``inference/kernels.c``) and the causal attention used in training
-(``models/attention_kernels.c``). :func:`compiled` builds either with the
+(``inference/kernels.c``) and GPT-2's causal attention and GELU used in training
+(``models/gpt2_kernels.c``). :func:`compiled` builds either with the
 machine's C compiler (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``:
 vector code for this CPU) into ``$GPTLAB_CACHE/kernels/`` (else
 ``~/.cache/gptlab/kernels/``), named by a hash of the source, the compiler and

@@ -1,4 +1,4 @@
-"""The native causal attention (models/attention_kernels.c) against PyTorch's SDPA, forward and backward."""
+"""The native causal attention (models/gpt2_kernels.c) against PyTorch's SDPA, forward and backward."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptlab.models import build_model, fused_attention
+from gptlab.models import build_model, fused_attention, fused_gelu, gpt2_kernels
 from gptlab.models.gpt2 import GPT2Config
 
 needs_kernel = pytest.mark.skipif(not fused_attention.usable(torch.zeros(1, 1, 96), 4),
@@ -95,8 +95,9 @@ def test_gpt2_with_attention_dropout_keeps_sdpa(monkeypatch):
 
 def test_no_native_code_means_sdpa(monkeypatch, tmp_path):
     monkeypatch.setenv("GPTLAB_NATIVE", "0")
-    monkeypatch.setattr(fused_attention, "_lib", None)
+    monkeypatch.setattr(gpt2_kernels, "_lib", None)
     assert not fused_attention.usable(torch.zeros(1, 8, 96), 4)
+    assert not fused_gelu.usable(torch.zeros(8))
     model = build_model(GPT2Config(vocab_size=50, context_length=32, emb_dim=64, n_layers=1, n_heads=2))
     assert model(torch.randint(0, 50, (2, 16))).shape == (2, 16, 50)
 

@@ -4,7 +4,7 @@ GPT-2's attention projects x to q, k, v with one linear layer, splits and
 transposes them into heads, runs SDPA and transposes the result back. For the
 short contexts of small models on a CPU, SDPA's fixed costs dominate: at context
 64, 4 heads of 32, it takes 1.6 ms of a 40 ms training step per layer. The kernels
-in ``attention_kernels.c`` read the (B, T, 3C) projection as it is and write the
+in ``gpt2_kernels.c`` read the (B, T, 3C) projection as it is and write the
 (B, T, C) input of the output projection directly, forward and backward.
 
 :func:`packed_causal_attention` is used by GPT-2 (``attn_impl="sdpa"``) on the CPU
@@ -15,31 +15,14 @@ in float32, without a cache or attention dropout, for contexts up to
 
 from __future__ import annotations
 
-import ctypes
 import math
-from pathlib import Path
 
 import torch
 
-from gptlab.ccompile import compiled
+from gptlab.models.gpt2_kernels import compiling as _compiling
+from gptlab.models.gpt2_kernels import kernels as _kernels
 
-_SOURCE = Path(__file__).with_name("attention_kernels.c")
-_lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable here
 MAX_CONTEXT = 128  # longer: SDPA's blocked kernel is faster (1.15x at 256 on an AVX2 CPU)
-
-
-def _kernels() -> ctypes.CDLL | None:
-    global _lib
-    if _lib is None:
-        lib = compiled(_SOURCE, "GPT-2's attention layers")
-        if lib is not None:
-            p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-            lib.gptlab_causal_attention_forward.argtypes = [i, i, i, i, p, p, p, f, i]
-            lib.gptlab_causal_attention_backward.argtypes = [i, i, i, i, p, p, p, p, p, f, i]
-            lib.gptlab_causal_attention_forward.restype = lib.gptlab_causal_attention_backward.restype = i
-            lib.gptlab_attention_supports.argtypes, lib.gptlab_attention_supports.restype = [i], i
-        _lib = lib or False
-    return _lib or None
 
 
 def usable(qkv: torch.Tensor, n_heads: int) -> bool:
@@ -50,12 +33,6 @@ def usable(qkv: torch.Tensor, n_heads: int) -> bool:
         return False
     lib = _kernels()
     return lib is not None and bool(lib.gptlab_attention_supports(qkv.shape[-1] // 3 // n_heads))
-
-
-def _compiling() -> bool:
-    """Inside torch.compile: the ctypes call would split the graph, so SDPA is traced instead."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling and is_compiling())
 
 
 def _check(rc: int, what: str) -> None:

@@ -1,6 +1,7 @@
-/* Causal self-attention straight from a packed q/k/v projection, forward and backward, for training on CPU.
+/* GPT-2's training kernels on CPU: causal self-attention straight from a packed q/k/v projection, and the
+ * GELU of its MLP, each forward and backward.
  *
- * Read with models/fused_attention.py. Shapes (row-major float32):
+ * ---- attention (read with models/fused_attention.py) ---- Shapes (row-major float32):
  *   qkv  (B, T, 3C)  the q/k/v linear's output: q = [.., 0:C], k = [.., C:2C], v = [.., 2C:3C];
  *                    head h is the D columns h*D .. h*D+D-1 of each (C = H*D)
  *   out  (B, T, C)   softmax(q k^T * scale, causal) v, heads side by side: the layout the output
@@ -18,6 +19,13 @@
  *
  * AVX2 + FMA only, head widths D = 8, 16, ..., 64 (gptlab_attention_supports); elsewhere the caller
  * uses PyTorch's SDPA.
+ *
+ * ---- GELU (read with models/fused_gelu.py) ----
+ * y = x Φ(x) elementwise, with the exact Φ(x) = (1 + erf(x/√2)) / 2 or GPT-2's tanh form
+ * Φ(x) ≈ (1 + tanh(u)) / 2 = σ(2u), u = √(2/π) (x + 0.044715 x³); dx = dy (Φ + x Φ').
+ * erf is Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7, the formula PyTorch's vectorised erf uses),
+ * with 1 + erf(z) for z < 0 taken as erfc(|z|) = poly(t) e^{-z²} directly, so no cancellation; the
+ * e^{-z²} also gives Φ'. One pass over memory each way instead of PyTorch's (AVX2 tanh is slow).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -250,6 +258,105 @@ int gptlab_causal_attention_backward(int B, int T, int H, int D, const float *qk
     return run_tasks(&a, backward_task, threads);
 }
 
+/* ---- GELU ---- */
+
+/* Φ(x) and Φ'(x) for 8 values: tanh_form 0 the exact (erf) one, 1 GPT-2's tanh approximation. */
+static inline void gelu_phi8(__m256 x, int tanh_form, __m256 *phi, __m256 *dphi) {
+    const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+    if (tanh_form) { /* σ(2u) = 1 / (1 + e^{-2u}); Φ' = 2 σ (1 - σ) u' */
+        const __m256 b = _mm256_set1_ps(0.7978845608028654f), k = _mm256_set1_ps(0.044715f);
+        const __m256 x2 = _mm256_mul_ps(x, x);
+        const __m256 u = _mm256_mul_ps(b, _mm256_fmadd_ps(_mm256_mul_ps(k, x2), x, x));
+        /* e^{-2u} capped at e^88 (< FLT_MAX; exp8 has no upper clamp), and σ = 0 past it */
+        const __m256 m = _mm256_mul_ps(_mm256_set1_ps(-2.0f), u);
+        const __m256 e = exp8(_mm256_min_ps(_mm256_set1_ps(88.0f), m));
+        const __m256 s = _mm256_and_ps(_mm256_div_ps(one, _mm256_add_ps(one, e)),
+                                       _mm256_cmp_ps(m, _mm256_set1_ps(88.0f), _CMP_LT_OQ));
+        *phi = s;
+        const __m256 du = _mm256_mul_ps(b, _mm256_fmadd_ps(_mm256_set1_ps(3.0f * 0.044715f), x2, one));
+        /* 1 - σ = e σ: no cancellation where σ rounds to 1 */
+        *dphi = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(2.0f), _mm256_mul_ps(s, _mm256_mul_ps(e, s))), du);
+        return;
+    }
+    const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
+    const __m256 az = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), z);
+    const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), az, one));
+    __m256 r = _mm256_set1_ps(1.061405429f);
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-1.453152027f));
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(1.421413741f));
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284496736f));
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(0.254829592f));
+    const __m256 z2 = _mm256_mul_ps(z, z);
+    /* e^{-x²/2}, 0 past exp8's floor of e^-87 */
+    const __m256 g = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_setzero_ps(), z2)),
+                                   _mm256_cmp_ps(z2, _mm256_set1_ps(87.0f), _CMP_LT_OQ));
+    const __m256 c = _mm256_mul_ps(_mm256_mul_ps(r, t), g);                             /* erfc(|z|) */
+    const __m256 neg = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LT_OQ);
+    /* 1 + erf(z) = erfc(|z|) for z < 0, 2 - erfc(|z|) otherwise (a NaN x goes the second way: NaN) */
+    *phi = _mm256_mul_ps(half, _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(2.0f), c), c, neg));
+    *dphi = _mm256_mul_ps(_mm256_set1_ps(0.3989422804014327f), g); /* e^{-x²/2} / √(2π) */
+}
+
+/* A tail of n < 8 values through the 8-lane code (zero-padded): the same results as a full vector. */
+static inline __m256 load_tail(const float *p, int n) {
+    float buf[8] = {0};
+    memcpy(buf, p, sizeof(float) * (size_t)n);
+    return _mm256_loadu_ps(buf);
+}
+
+static inline void store_tail(float *p, __m256 v, int n) {
+    float buf[8];
+    _mm256_storeu_ps(buf, v);
+    memcpy(p, buf, sizeof(float) * (size_t)n);
+}
+
+#define GELU_CHUNK 4096 /* values per OpenMP task */
+
+int gptlab_gelu_forward(long n, const float *x, float *y, int tanh_form, int threads) {
+    const long chunks = (n + GELU_CHUNK - 1) / GELU_CHUNK;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && chunks > 1)
+    for (long c = 0; c < chunks; c++) {
+        const long end = (c + 1) * GELU_CHUNK < n ? (c + 1) * GELU_CHUNK : n;
+        long i = c * GELU_CHUNK;
+        __m256 phi, dphi;
+        for (; i + 8 <= end; i += 8) {
+            const __m256 v = _mm256_loadu_ps(x + i);
+            gelu_phi8(v, tanh_form, &phi, &dphi);
+            _mm256_storeu_ps(y + i, _mm256_mul_ps(v, phi));
+        }
+        if (i < end) {
+            const __m256 v = load_tail(x + i, (int)(end - i));
+            gelu_phi8(v, tanh_form, &phi, &dphi);
+            store_tail(y + i, _mm256_mul_ps(v, phi), (int)(end - i));
+        }
+    }
+    return 0;
+}
+
+int gptlab_gelu_backward(long n, const float *x, const float *dy, float *dx, int tanh_form, int threads) {
+    const long chunks = (n + GELU_CHUNK - 1) / GELU_CHUNK;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && chunks > 1)
+    for (long c = 0; c < chunks; c++) {
+        const long end = (c + 1) * GELU_CHUNK < n ? (c + 1) * GELU_CHUNK : n;
+        long i = c * GELU_CHUNK;
+        __m256 phi, dphi;
+        for (; i + 8 <= end; i += 8) {
+            const __m256 v = _mm256_loadu_ps(x + i);
+            gelu_phi8(v, tanh_form, &phi, &dphi);
+            _mm256_storeu_ps(dx + i, _mm256_mul_ps(_mm256_loadu_ps(dy + i), _mm256_fmadd_ps(v, dphi, phi)));
+        }
+        if (i < end) {
+            const int m = (int)(end - i);
+            const __m256 v = load_tail(x + i, m);
+            gelu_phi8(v, tanh_form, &phi, &dphi);
+            store_tail(dx + i, _mm256_mul_ps(load_tail(dy + i, m), _mm256_fmadd_ps(v, dphi, phi)), m);
+        }
+    }
+    return 0;
+}
+
+int gptlab_gelu_supported(void) { return 1; }
+
 #else
 int gptlab_attention_supports(int D) { (void)D; return 0; }
 int gptlab_causal_attention_forward(int B, int T, int H, int D, const float *qkv, float *out, float *lse,
@@ -261,6 +368,15 @@ int gptlab_causal_attention_backward(int B, int T, int H, int D, const float *qk
                                      const float *dout, const float *lse, float *dqkv, float scale, int threads) {
     (void)B; (void)T; (void)H; (void)D; (void)qkv; (void)out; (void)dout; (void)lse; (void)dqkv; (void)scale;
     (void)threads;
+    return 1;
+}
+int gptlab_gelu_supported(void) { return 0; }
+int gptlab_gelu_forward(long n, const float *x, float *y, int tanh_form, int threads) {
+    (void)n; (void)x; (void)y; (void)tanh_form; (void)threads;
+    return 1;
+}
+int gptlab_gelu_backward(long n, const float *x, const float *dy, float *dx, int tanh_form, int threads) {
+    (void)n; (void)x; (void)dy; (void)dx; (void)tanh_form; (void)threads;
     return 1;
 }
 #endif
