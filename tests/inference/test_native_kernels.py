@@ -345,3 +345,60 @@ def test_the_stack_arrays_live_on_the_cache_and_go_with_it():
     del engine, stores
     gc.collect()
     assert k0() is None  # nothing in the model keeps the cache's buffers alive
+
+
+def _decoding_engine(model, prompts, max_tokens=40):
+    from gptlab.inference.engine import Engine
+    from gptlab.inference.requests import Request
+
+    engine = Engine(model, max_batch=3, max_len=80)
+    handles = [engine.submit(Request(p, max_tokens=max_tokens)) for p in prompts]
+    with torch.no_grad():
+        while not all(len(h.tokens) >= 2 for h in handles):  # past prefill: decode steps on the stack plan
+            engine.step()
+    stores = [o for o in vars(engine).values() if hasattr(o, "__dict__") and "_native_stack" in vars(o)]
+    assert len(stores) == 1
+    return engine, stores[0]
+
+
+@needs_kernels
+def test_a_weight_replaced_mid_batch_is_used_from_the_next_full_check():
+    """Between full checks a step checks only the layer objects; a weight swapped while the same batch
+    decodes is picked up within FULL_CHECK_EVERY steps, and the old tensor stays alive until then."""
+    model = quantize_int4(_tiny_llama())
+    engine, store = _decoding_engine(model, [[1, 5, 9, 33], [4, 4, 4]])
+    first = store.__dict__["_native_stack"]
+    down = model.layers[1].mlp.down_proj
+    old_scale = down.scale
+    down.scale = old_scale * 4  # a new tensor in the buffer's place
+    plans = []
+    with torch.no_grad():
+        for _ in range(native.FULL_CHECK_EVERY):
+            engine.step()
+            plans.append(store.__dict__["_native_stack"])
+    assert plans[-1] is not first  # rebuilt within FULL_CHECK_EVERY steps
+    assert any(t is down.scale for t in plans[-1].held) and not any(t is old_scale for t in plans[-1].held)
+    assert any(t is old_scale for t in first.held)  # the old plan kept what it pointed at alive
+
+
+@needs_kernels
+def test_a_request_joining_the_batch_runs_the_full_check_at_once():
+    """Weights swapped between requests are seen by the first step after the new one joins."""
+    from gptlab.inference.requests import Request
+
+    model = quantize_int4(_tiny_llama())
+    engine, store = _decoding_engine(model, [[1, 5, 9, 33]])
+    with torch.no_grad():
+        engine.step()  # a full check just ran (or is not due): the same plan
+    first = store.__dict__["_native_stack"]
+    norm = model.layers[0].post_attention_layernorm.weight
+    old_ptr = norm.data_ptr()
+    norm.data = norm.data * 3  # same Parameter, new storage: the old one is pinned by the plan, not freed
+    assert old_ptr in [s.data_ptr() for s in first.pinned]
+    handle = engine.submit(Request([7, 8, 9], max_tokens=5))
+    with torch.no_grad():
+        while not handle.tokens:
+            engine.step()
+        engine.step()  # the first decode step with both rows
+    now = store.__dict__["_native_stack"]
+    assert now is not first and norm.data_ptr() in now.ptrs
