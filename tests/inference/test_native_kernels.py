@@ -60,15 +60,44 @@ def test_int8_kernel_equals_its_formula(m, n, k):
 
 
 @needs_kernels
+@pytest.mark.parametrize("m,n,k", SHAPES + [(2, 33, 50)])
+def test_the_rounded_int8_kernel_equals_its_formula(m, n, k):
+    """An int4 model's int8 head (rounded=True): x rounded to int8 per 32-group where the integer path runs."""
+    torch.manual_seed(m + n * k)
+    lin = nn.Linear(k, n)
+    layer = Int8Linear(lin)
+    x = torch.randn(m, k) * 3
+    rounds = native.i8_rounds_activations(k)
+    xs = _x_quantized_per_group(x) if rounds else x.double()
+    ref = xs @ layer.dequantized().double().t() + lin.bias.double()
+    got = native.i8_matmul(x, layer.weight_int8, layer.scale, layer.bias, rounded=True)
+    assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    full = x.double() @ layer.dequantized().double().t() + lin.bias.double()
+    assert (got.double() - full).abs().max() <= 0.03 * full.abs().max()
+
+
+@needs_kernels
 def test_a_row_gets_the_same_result_whatever_rows_share_its_call():
     """The engine's batch invariance rests on this: one row's output does not depend on the others."""
     torch.manual_seed(0)
     layer = Int4Linear(nn.Linear(576, 300))
-    x = torch.randn(7, 576)
+    head = Int8Linear(nn.Linear(576, 300))
+    x = torch.randn(9, 576)
     together = native.q4_matmul(x, layer.codes, layer.scale, layer.minimum, None)
-    for i in range(7):
+    heads = [native.i8_matmul(x, head.weight_int8, head.scale, None, rounded=r) for r in (False, True)]
+    for i in range(9):
         alone = native.q4_matmul(x[i:i + 1], layer.codes, layer.scale, layer.minimum, None)
         assert torch.equal(alone[0], together[i])
+        for r, both in zip((False, True), heads):
+            assert torch.equal(native.i8_matmul(x[i:i + 1], head.weight_int8, head.scale, None, rounded=r)[0],
+                               both[i])
+
+
+def test_an_int4_models_head_rounds_its_input_and_an_int8_models_does_not():
+    from gptlab.inference.quantize import quantize_int8
+
+    assert quantize_int4(_tiny_llama()).get_head().rounds_activations
+    assert not quantize_int8(_tiny_llama()).get_head().rounds_activations
 
 
 @needs_kernels

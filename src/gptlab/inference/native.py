@@ -45,7 +45,9 @@ def _load() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.gptlab_q4_matmul.argtypes = [i, i, i, p, p, p, p, p, p, i]
     lib.gptlab_i8_matmul.argtypes = [i, i, i, p, p, p, p, p, i]
-    lib.gptlab_q4_matmul.restype = lib.gptlab_i8_matmul.restype = i
+    lib.gptlab_i8_matmul_rounded.argtypes = [i, i, i, p, p, p, p, p, i]
+    lib.gptlab_q4_matmul.restype = lib.gptlab_i8_matmul.restype = lib.gptlab_i8_matmul_rounded.restype = i
+    lib.gptlab_i8_rounds_for.argtypes, lib.gptlab_i8_rounds_for.restype = [i], i
     lib.gptlab_rms_norm.argtypes = [i, i, p, p, ctypes.c_float, p]
     lib.gptlab_rms_norm.restype = None
     lib.gptlab_decode_layer.argtypes = [p, i, p, p, p, p, p, p, p, i, i]
@@ -105,14 +107,24 @@ def q4_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum
     return y.reshape(*x.shape[:-1], n)
 
 
-def i8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ Wᵀ + bias`` for an int8 layer with one bf16 scale per output row; float32 out."""
+def i8_rounds_activations(in_features: int) -> bool:
+    """Whether an int8 product with ``rounded=True`` over ``in_features`` inputs rounds x to int8 per 32-group
+    here (AVX2 with the integer path on; see :func:`i8_matmul`)."""
+    lib = kernels()
+    return lib is not None and bool(lib.gptlab_i8_rounds_for(in_features))
+
+
+def i8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+              rounded: bool = False) -> torch.Tensor:
+    """``x @ Wᵀ + bias`` for an int8 layer with one bf16 scale per output row; float32 out. ``rounded``: x may
+    be rounded to int8 per 32-group first, as an int4 model's layers round theirs (an int4 model's head)."""
     n, k = q.shape
     x2 = _rows(x, k)
     y = torch.empty(x2.shape[0], n)
     b = bias.float().contiguous() if bias is not None else None
-    rc = kernels().gptlab_i8_matmul(x2.shape[0], n, k, x2.data_ptr(), q.data_ptr(), scale.data_ptr(),
-                                    b.data_ptr() if b is not None else None, y.data_ptr(), torch.get_num_threads())
+    call = kernels().gptlab_i8_matmul_rounded if rounded else kernels().gptlab_i8_matmul
+    rc = call(x2.shape[0], n, k, x2.data_ptr(), q.data_ptr(), scale.data_ptr(), b.data_ptr() if b is not None else None,
+              y.data_ptr(), torch.get_num_threads())
     if rc:
         raise ValueError(f"int8 kernel refused shapes x {tuple(x2.shape)}, weights {tuple(q.shape)}")
     return y.reshape(*x.shape[:-1], n)

@@ -88,7 +88,13 @@ class Int8Embedding(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """A linear layer with int8 weights and one bf16 scale per output feature."""
+    """A linear layer with int8 weights and one bf16 scale per output feature.
+
+    ``rounds_activations`` (set by :func:`quantize_int4` on its int8 head): the native kernel may round
+    x to int8 per 32-group, as the int4 layers do theirs (see ``native.i8_matmul``).
+    """
+
+    rounds_activations: bool = False
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -119,7 +125,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if native.usable(x):  # gptlab's own kernel (float32 activations)
-            return native.i8_matmul(x, self.weight_int8, self.scale, self.bias).to(x.dtype)
+            return native.i8_matmul(x, self.weight_int8, self.scale, self.bias, self.rounds_activations).to(x.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
         if _kernel_works(x.device):
@@ -255,7 +261,11 @@ def quantize_int4(model: nn.Module, group_size: int = 32) -> nn.Module:
             return Int8Linear(mod)
         return Int4Linear(mod, group_size)
 
-    return _replace_linears(model, make)
+    _replace_linears(model, make)
+    head = model.get_head() if isinstance(model, LanguageModel) else None
+    if isinstance(head, Int8Linear):  # (also a head a direct GGUF load made int8 already)
+        head.rounds_activations = True  # its input rounded as the int4 layers round theirs
+    return model
 
 
 def _replace_linears(model: nn.Module, make, skip: tuple[str, ...] = ()) -> nn.Module:
