@@ -80,6 +80,13 @@ def gptlab_runner(model, prompt: list[int], n: int, batch: int = 1):
     return go
 
 
+@torch.no_grad()
+def top1_along(model, prompt: list[int], text: list[int]) -> int:
+    """How many of ``text``'s tokens are ``model``'s greedy choice given the prompt and the text before each."""
+    logits = model(torch.tensor([prompt + text[:-1]]))[0, len(prompt) - 1:]  # position i predicts text[i]
+    return int((logits.argmax(-1) == torch.tensor(text)).sum())
+
+
 def gptlab_ttft(model, prompt: list[int]) -> float:
     from gptlab.inference.engine import Engine, Request
 
@@ -252,7 +259,11 @@ def main() -> None:
             print(f"  {name:20s} {tps[name]:7.1f}{vs[0]:17s}          {dps[name]:7.1f}{vs[1]}")
     if "llama.cpp" in tokens and tokens["llama.cpp"] != tokens["gptlab int4"]:
         same = next((i for i, (a, b) in enumerate(zip(tokens["llama.cpp"], tokens["gptlab int4"])) if a != b), n)
-        print(f"  (gptlab int4 and llama.cpp agree on the first {same} of {n} greedy tokens: different rounding)")
+        print(f"  (gptlab int4 and llama.cpp agree on the first {same} of {n} greedy tokens: different rounding;")
+        # a prefix ends at the first near-tie; along llama.cpp's own text each model's next-token choice says more
+        for name, model in (("int4", int4), ("int8", int8)):
+            hits = top1_along(model, prompt, tokens["llama.cpp"])
+            print(f"   along llama.cpp's {n} tokens gptlab {name}'s greedy choice is llama.cpp's at {hits} of {n})")
     bw = memory_bandwidth()
     limit = bw / weight_bytes(int4)
     print(f"memory bandwidth {bw / 1e9:.1f} GB/s over {weight_bytes(int4) / 1e6:.1f} MB of int4 weights per token: "
