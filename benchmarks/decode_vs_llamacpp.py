@@ -261,9 +261,9 @@ def main() -> None:
         same = next((i for i, (a, b) in enumerate(zip(tokens["llama.cpp"], tokens["gptlab int4"])) if a != b), n)
         print(f"  (gptlab int4 and llama.cpp agree on the first {same} of {n} greedy tokens: different rounding;")
         # a prefix ends at the first near-tie; along llama.cpp's own text each model's next-token choice says more
-        for name, model in (("int4", int4), ("int8", int8)):
-            hits = top1_along(model, prompt, tokens["llama.cpp"])
-            print(f"   along llama.cpp's {n} tokens gptlab {name}'s greedy choice is llama.cpp's at {hits} of {n})")
+        hits = [top1_along(model, prompt, tokens["llama.cpp"]) for model in (int4, int8)]
+        print(f"   along llama.cpp's own {n} tokens, gptlab's greedy choice is llama.cpp's at {hits[0]} (int4) "
+              f"and {hits[1]} (int8) of {n})")
     bw = memory_bandwidth()
     limit = bw / weight_bytes(int4)
     print(f"memory bandwidth {bw / 1e9:.1f} GB/s over {weight_bytes(int4) / 1e6:.1f} MB of int4 weights per token: "
