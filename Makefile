@@ -19,12 +19,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 ## The main job: train a small GPT on the built-in corpus (no downloads): ~4-5 min on a quiet 2-core AVX-512 machine,
-## 10-13 min on a 2-core AVX2-only one (measured).
+## 10-14 min on a 2-core AVX2-only one (measured).
 demo: $(STAMP)
 	$(BIN)/gptlab train --out runs/demo --overwrite true
 
 ## The whole test suite, slow end-to-end tests included (what CI runs; ~5-6 min on a quiet 2-core AVX-512 machine,
-## ~11 min on a 2-core AVX2-only one).
+## 11-17 min on a 2-core AVX2-only one).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
