@@ -48,31 +48,20 @@ def test_int4_kernel_equals_its_formula(m, n, k):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rounded", [False, True], ids=["float-x", "rounded-x"])
 @pytest.mark.parametrize("m,n,k", SHAPES + [(2, 33, 50)])
-def test_int8_kernel_equals_its_formula(m, n, k):
-    torch.manual_seed(m + n * k)
-    lin = nn.Linear(k, n)
-    layer = Int8Linear(lin)
-    x = torch.randn(m, k)
-    ref = x.double() @ layer.dequantized().double().t() + lin.bias.double()
-    got = native.i8_matmul(x, layer.weight_int8, layer.scale, layer.bias)
-    assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
-
-
-@needs_kernels
-@pytest.mark.parametrize("m,n,k", SHAPES + [(2, 33, 50)])
-def test_the_rounded_int8_kernel_equals_its_formula(m, n, k):
-    """An int4 model's int8 head (rounded=True): x rounded to int8 per 32-group where the integer path runs."""
+def test_int8_kernel_equals_its_formula(m, n, k, rounded):
+    """rounded=True (an int4 model's int8 head): x rounded to int8 per 32-group where the integer path runs."""
     torch.manual_seed(m + n * k)
     lin = nn.Linear(k, n)
     layer = Int8Linear(lin)
     x = torch.randn(m, k) * 3
-    rounds = native.i8_rounds_activations(k)
-    xs = _x_quantized_per_group(x) if rounds else x.double()
-    ref = xs @ layer.dequantized().double().t() + lin.bias.double()
-    got = native.i8_matmul(x, layer.weight_int8, layer.scale, layer.bias, rounded=True)
+    w = layer.dequantized().double()
+    xs = _x_quantized_per_group(x) if rounded and native.i8_rounds_activations(k) else x.double()
+    ref = xs @ w.t() + lin.bias.double()
+    got = native.i8_matmul(x, layer.weight_int8, layer.scale, layer.bias, rounded=rounded)
     assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
-    full = x.double() @ layer.dequantized().double().t() + lin.bias.double()
+    full = x.double() @ w.t() + lin.bias.double()
     assert (got.double() - full).abs().max() <= 0.03 * full.abs().max()
 
 

@@ -355,10 +355,7 @@ class _StackPlan:
         return held, ptrs, [layer.__dict__["_modules"]["self_attn"].window for layer in layers]
 
     def still_valid(self, stack, store) -> bool:
-        layers = stack._modules.values()
-        if id(stack) != self.stack_id or len(layers) != len(self.plans) or not all(
-                map(operator.is_, layers, self.held)):  # the same layer objects first: then _held() exists
-            return False
+        """The full check, after :meth:`current` found the same layer objects (so each has ``_held()``)."""
         held, ptrs, windows = self._snapshot(stack, store)
         return (len(held) == len(self.held) and all(map(operator.is_, held, self.held)) and ptrs == self.ptrs
                 and windows == self.windows)
