@@ -312,38 +312,45 @@ static inline void store_tail(float *p, __m256 v, int n) {
 
 #define GELU_CHUNK 4096 /* values per OpenMP task */
 
-/* out = gelu(x) (dy NULL) or dy * gelu'(x), chunk by chunk over the threads; a chunk's last < 8 values go
- * through the same 8-lane code, zero-padded. */
-static void gelu_pass(long n, const float *x, const float *dy, float *out, int tanh_form, int threads) {
-    const long chunks = (n + GELU_CHUNK - 1) / GELU_CHUNK;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && chunks > 1)
-    for (long c = 0; c < chunks; c++) {
-        const long end = (c + 1) * GELU_CHUNK < n ? (c + 1) * GELU_CHUNK : n;
-        for (long i = c * GELU_CHUNK; i < end; i += 8) {
-            const int m = end - i < 8 ? (int)(end - i) : 8;
-            const __m256 v = m == 8 ? _mm256_loadu_ps(x + i) : load_tail(x + i, m);
-            __m256 phi, dphi;
-            gelu_phi8(v, tanh_form, &phi, &dphi);
-            __m256 r;
-            if (dy)
-                r = _mm256_mul_ps(m == 8 ? _mm256_loadu_ps(dy + i) : load_tail(dy + i, m), _mm256_fmadd_ps(v, dphi, phi));
-            else
-                r = _mm256_mul_ps(v, phi);
-            if (m == 8)
-                _mm256_storeu_ps(out + i, r);
-            else
-                store_tail(out + i, r, m);
-        }
+/* out[i .. end) = gelu(x) (backward 0) or dy * gelu'(x) (backward 1); the last < 8 values go through the
+ * same 8-lane code, zero-padded. backward is a constant where this is inlined. */
+static inline __attribute__((always_inline)) void gelu_range(long i, long end, const float *x, const float *dy,
+                                                             float *out, int tanh_form, const int backward) {
+    __m256 phi, dphi;
+    for (; i + 8 <= end; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        gelu_phi8(v, tanh_form, &phi, &dphi);
+        _mm256_storeu_ps(out + i, backward ? _mm256_mul_ps(_mm256_loadu_ps(dy + i), _mm256_fmadd_ps(v, dphi, phi))
+                                           : _mm256_mul_ps(v, phi));
+    }
+    if (i < end) {
+        const int m = (int)(end - i);
+        const __m256 v = load_tail(x + i, m);
+        gelu_phi8(v, tanh_form, &phi, &dphi);
+        store_tail(out + i, backward ? _mm256_mul_ps(load_tail(dy + i, m), _mm256_fmadd_ps(v, dphi, phi))
+                                     : _mm256_mul_ps(v, phi), m);
     }
 }
 
+/* Chunks of GELU_CHUNK values over the threads (the pragma stays in each caller: OpenMP outlines the loop
+ * before inlining, which would leave backward a variable). */
+#define GELU_CHUNKS(n, threads, BODY)                                                                       \
+    do {                                                                                                 \
+        const long chunks_ = ((n) + GELU_CHUNK - 1) / GELU_CHUNK;                                        \
+        _Pragma("omp parallel for num_threads(threads) schedule(static) if (threads > 1 && chunks_ > 1)") \
+        for (long c = 0; c < chunks_; c++) {                                                             \
+            const long start = c * GELU_CHUNK, end = start + GELU_CHUNK < (n) ? start + GELU_CHUNK : (n); \
+            BODY;                                                                                        \
+        }                                                                                                \
+    } while (0)
+
 int gptlab_gelu_forward(long n, const float *x, float *y, int tanh_form, int threads) {
-    gelu_pass(n, x, NULL, y, tanh_form, threads);
+    GELU_CHUNKS(n, threads, gelu_range(start, end, x, NULL, y, tanh_form, 0));
     return 0;
 }
 
 int gptlab_gelu_backward(long n, const float *x, const float *dy, float *dx, int tanh_form, int threads) {
-    gelu_pass(n, x, dy, dx, tanh_form, threads);
+    GELU_CHUNKS(n, threads, gelu_range(start, end, x, dy, dx, tanh_form, 1));
     return 0;
 }
 
