@@ -147,7 +147,8 @@ def run(argv: list[str]) -> int:
     func = None
     try:
         func = getattr(importlib.import_module(module), func_name)
-        result = func(**parse(func, rest, prog=f"gptlab {name}"))
+        # a settings command (training.settings.command) fills its own defaults and is told only what was given
+        result = func(**parse(func, rest, prog=f"gptlab {name}", fill=not getattr(func, "given_only", False)))
     except GptlabError as e:
         text = re.sub(r"\s*\n\s*", " ", str(e).strip())  # one line, whatever the message held
         print(f"error: {_flag_names(text, func) if func is not None else text}", file=sys.stderr)

@@ -303,8 +303,10 @@ def read_config(path: str, params: dict[str, Param]) -> dict[str, object]:
     return values
 
 
-def parse(func, args: list[str], prog: str) -> dict[str, object]:
-    """The keyword arguments that ``args`` give ``func`` (every parameter, defaults filled in).
+def parse(func, args: list[str], prog: str, *, fill: bool = True) -> dict[str, object]:
+    """The keyword arguments that ``args`` give ``func``: every parameter, defaults filled in, or with
+    ``fill=False`` only those a flag, a bare word or ``--config`` set (so ``func`` can tell a setting
+    given at its default from one left out, as ``--resume`` must).
 
     ``-h``/``--help`` prints the help and ``--print-config`` the settings as
     YAML; both then raise ``SystemExit(0)``, as argparse does.
@@ -368,7 +370,7 @@ def parse(func, args: list[str], prog: str) -> dict[str, object]:
 
         print(yaml.safe_dump(kwargs, sort_keys=False).rstrip())
         raise SystemExit(0)
-    return kwargs
+    return kwargs if fill else {n: v for n, v in kwargs.items() if n in values}
 
 
 def _fill(params: dict[str, Param], values: dict, flagged: set[str], bare: list[str], unknown: list[str],

@@ -122,6 +122,13 @@ def test_time_limit_between_evaluations_evaluates_the_final_state(tmp_path, monk
     assert state["step"] == 6 and state["best_step"] == res.best_step
 
 
+def test_an_epochs_limit_is_named_as_the_reason_it_stopped(tmp_path):
+    model, train, val = _setup()
+    res = train_loop(model, train, val, _cfg(max_steps=None, epochs=0.1), tmp_path, progress=False)
+    assert res.stopped_because == "epochs" and res.step == math.ceil(0.1 * len(train))
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == res.step
+
+
 def test_time_limit_before_the_first_evaluation_still_writes_metrics(tmp_path, monkeypatch):
     import gptlab.training.loop as loop
 

@@ -97,6 +97,8 @@ def test_the_lock_refuses_a_second_descriptor(tmp_path):
 @pytest.mark.parametrize("flags,msg", [
     (["--lr", "0.01"], "--lr 0.01 differs from the 0.001"),
     (["--batch-size", "2"], "--batch-size 2 differs from the 4"),
+    (["--batch-size", "8"], "--batch-size 8 differs from the 4"),  # the default, given: still a change
+    (["--mlp-act", "gelu"], "--mlp-act gelu differs from the default (not set) that"),
     (["--preset", "gpt2-micro"], "--preset gpt2-micro differs from the 'gpt2-nano'"),
     (["--data", "tinyshakespeare"], "--data tinyshakespeare differs from the"),
     (["--max-steps", "5"], "is already at step 5 (epoch 0.05); give a larger --max-steps/--epochs to continue"),
@@ -108,6 +110,19 @@ def test_train_resume_refuses_changed_settings_and_a_reached_limit(trained, caps
     assert run(["train", "--resume", str(trained), "--progress", "false", *flags]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and msg in err, err
+    assert _hash(trained) == before
+
+
+def test_resume_refuses_a_default_given_through_the_api_or_a_config_file(trained, tmp_path, capsys):
+    import gptlab
+
+    before = _hash(trained)
+    with pytest.raises(GptlabError, match="--batch-size 8 differs from the 4"):
+        gptlab.train(resume=str(trained), batch_size=8, max_steps=10, progress=False)
+    config = tmp_path / "more.yaml"
+    config.write_text("batch_size: 8\nmax_steps: 10\n")
+    assert run(["train", "--resume", str(trained), "--config", str(config), "--progress", "false"]) == 1
+    assert "--batch-size 8 differs from the 4" in capsys.readouterr().err
     assert _hash(trained) == before
 
 

@@ -30,7 +30,7 @@ from gptlab.training.batches import IndexedBatches
 from gptlab.training.loggers import check_logger_names
 from gptlab.training.loop import TrainConfig, TrainResult, train_loop
 from gptlab.training.rundir import RunDir
-from gptlab.training.settings import flag_name, refuse_changed, resumed_train_config
+from gptlab.training.settings import flag_name, given_names, refuse_changed, resumed_train_config
 
 
 log = get_logger(__name__)
@@ -101,7 +101,9 @@ def run_recipe(recipe: Recipe, s, *, is_main: bool = True) -> Any:
         from gptlab.refs import RUN_CONFIGS
 
         words = RUN_CONFIGS[recipe.config_file].split()[1:]  # "gptlab finetune classify" -> finetune classify
-        return D.launch(words, D.settings_for_workers(dataclasses.asdict(s)), nproc=s.nproc, nnodes=s.nnodes,
+        values, named = dataclasses.asdict(s), given_names(s)  # the workers see what was given, as given
+        values = {k: v for k, v in values.items() if named is None or k in named}
+        return D.launch(words, D.settings_for_workers(values), nproc=s.nproc, nnodes=s.nnodes,
                         rdzv_endpoint=s.rdzv_endpoint)
     d = D.setup(s.device)
     try:

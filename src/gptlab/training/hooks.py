@@ -266,7 +266,7 @@ class Evaluation:
         """After the loop. A time limit (or a resumed run already past --max-steps) may stop between
         evaluations: evaluate the final state too, so metrics.jsonl, loss.png, samples.txt and the
         checkpoint describe it; and write RUN/model if no evaluation did."""
-        if stopped in ("max_time", "max_steps") and self.last_step() != c.step and c.step > 0:
+        if stopped in ("max_time", "max_steps", "epochs") and self.last_step() != c.step and c.step > 0:
             self(c, lr, speed)
         if self.plotted_step != self.last_step():
             self.plot()

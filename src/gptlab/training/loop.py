@@ -194,7 +194,7 @@ class TrainResult:
     tokens: int
     best_val_loss: float | None
     best_step: int | None
-    stopped_because: str
+    stopped_because: str  # max_steps, epochs, max_time, early_stopping or interrupted
     diagnosis: Diagnosis | None
     records: list[dict] = field(default_factory=list)
 
@@ -220,9 +220,9 @@ class Schedule:
         return lr_at(step, lr=self.cfg.lr, warmup_steps=self.warmup, max_steps=self.horizon, min_lr=self.min_lr)
 
     def stop_reason(self, c: Counters, t_start: float) -> str | None:
-        """``"max_steps"`` / ``"max_time"`` once a limit is reached, else None."""
+        """``"max_steps"`` / ``"epochs"`` / ``"max_time"`` once that limit is reached, else None."""
         if self.max_steps is not None and c.step >= self.max_steps:
-            return "max_steps"
+            return "max_steps" if self.cfg.max_steps is not None else "epochs"
         if self.cfg.max_time is not None and time.perf_counter() - t_start >= self.cfg.max_time:
             return "max_time"
         return None

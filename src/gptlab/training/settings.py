@@ -147,10 +147,11 @@ def command(cls: type, run: Callable[[Any], Any], *, name: str) -> Callable[...,
     """
 
     def cmd(**kwargs) -> int:
-        result = run(cls(**kwargs))
+        result = run(given(cls(**kwargs), kwargs))
         return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
     cmd.__name__ = cmd.__qualname__ = name
+    cmd.given_only = True  # type: ignore[attr-defined]  # the CLI passes only the flags given (see given())
     return _describe(cmd, cls, _summary(cls), int)
 
 
@@ -166,10 +167,22 @@ def api(cls: type, run: Callable[..., Any], *, name: str, positional: Iterable[s
         values = dict(zip(order, args)) | kwargs
         if any(isinstance(values.get(k), Path) for k in values):
             values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
-        return run(cls(**values), **extra)
+        return run(given(cls(**values), values), **extra)
 
     fn.__name__ = fn.__qualname__ = name
     return _describe(fn, cls, summary or _summary(cls), returns, order)
+
+
+def given(s: Any, names: Iterable[str]) -> Any:
+    """``s``, remembering which of its settings were given (the CLI's flags and ``--config`` keys, the API's
+    keywords): on ``--resume`` a setting given at its default still counts as given."""
+    object.__setattr__(s, "_given", frozenset(names))
+    return s
+
+
+def given_names(s: Any) -> frozenset[str] | None:
+    """The settings given for ``s`` (see :func:`given`); None where not known (``s`` built directly)."""
+    return getattr(s, "_given", None)
 
 
 def train_config_from(s: Any, **overrides):
@@ -206,21 +219,24 @@ def flag_name(name: str) -> str:
 
 def refuse_changed(s: Any, meta: dict, run: Path, limits: Iterable[str], refs: dict[str, Iterable[str]]) -> None:
     """The one resume rule: every setting but the stopping ``limits`` comes from the run; refuse one given
-    differently. A setting left at its default (or empty) counts as not given; the references in ``refs``
+    differently. Which settings were given is known from the CLI's flags and the API's keywords (see
+    :func:`given`), a setting given at its default included; for settings built directly, one left at
+    its default counts as not given. None or empty counts as not given. The references in ``refs``
     (name -> names kept as typed) are compared as the run records them (local paths absolute)."""
     recorded = {**meta["train"], **meta["settings"]}
     limits = list(limits)
-    base = defaults(type(s))
+    base, named = defaults(type(s)), given_names(s)
     for name, value in dataclasses.asdict(s).items():
         if name in PER_PROCESS or name in limits or name not in recorded:
             continue
-        if value is None or value == "" or value == base.get(name):
+        if value is None or value == "" or (name not in named if named is not None else value == base.get(name)):
             continue
         if name in refs:
             value = recorded_ref(value, refs[name])
         if value != recorded[name]:
             flag = flag_name(name)
-            raise GptlabError(f"{flag} {value} differs from the {recorded[name]!r} that {run} was started with; a "
+            was = "default (not set)" if recorded[name] is None else repr(recorded[name])
+            raise GptlabError(f"{flag} {value} differs from the {was} that {run} was started with; a "
                               f"resumed run keeps its settings (only {'/'.join(map(flag_name, limits))} may change): "
                               f"drop {flag}, or start a new run with --out")
 
