@@ -212,3 +212,21 @@ def test_moe_micro_trains_and_logs_its_balancing_loss(tmp_path, capsys):
         assert 0.0 < r["train_aux_loss"] <= 0.04 and 0.0 < r["val_aux_loss"] <= 0.04
     model = load_model(out)
     assert (model.cfg.n_experts, model.cfg.experts_per_token, model.cfg.shared_expert_dim) == (4, 2, 256)
+
+
+def test_the_eval_sample_fits_a_small_context_without_a_warning_each_evaluation(caplog):
+    import logging
+
+    import torch
+
+    from gptlab.models import build_model, get_preset
+    from gptlab.tokenizers.char import CharTokenizer
+    from gptlab.training.commands import SAMPLE_TOKENS, _sampler
+
+    tok = CharTokenizer.from_text("The quick brown fox")
+    torch.manual_seed(0)
+    model = build_model(get_preset("gpt2-nano").replace(vocab_size=tok.vocab_size, context_length=16))
+    with caplog.at_level(logging.WARNING, logger="gptlab"):
+        text = _sampler(tok, "The")(model)
+    assert len(tok.encode(text)) == 16 < 3 + SAMPLE_TOKENS  # the prompt and as many new tokens as the context holds
+    assert not [r for r in caplog.records if "passes the model's context" in r.getMessage()]

@@ -339,8 +339,9 @@ def _sampler(tok, start_context: str):
 
     start_ids = torch.tensor([tok.encode(start_context) or [tok.eos_id or 0]], dtype=torch.long)
 
-    def sample(m: torch.nn.Module) -> str:
-        out_ids = generate(m, start_ids, SAMPLE_TOKENS, temperature=0.8, top_k=40, seed=0)
+    def sample(m: torch.nn.Module) -> str:  # (within the context: a small one is not warned about every eval)
+        new = max(1, min(SAMPLE_TOKENS, m.cfg.context_length - start_ids.shape[1]))
+        out_ids = generate(m, start_ids, new, temperature=0.8, top_k=40, seed=0)
         return tok.decode(out_ids[0].tolist())
 
     return sample
