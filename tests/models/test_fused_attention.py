@@ -58,12 +58,13 @@ def test_gpt2_training_step_takes_the_kernel_and_matches_sdpa(monkeypatch):
     calls = []
     real = fused_attention.packed_causal_attention
     monkeypatch.setattr(fused_attention, "packed_causal_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(fused_attention, "torch_cpu_capability", lambda: "AVX2")  # (preferred on any CPU)
     logits = model(x)
     logits.square().mean().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     assert len(calls) == 2  # one per layer
     model.zero_grad()
-    monkeypatch.setattr(fused_attention, "usable", lambda *a: False)  # the SDPA path
+    monkeypatch.setattr(fused_attention, "preferred", lambda *a: False)  # the SDPA path
     ref = model(x)
     ref.square().mean().backward()
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
@@ -82,6 +83,19 @@ def test_inputs_the_kernel_does_not_take_go_to_sdpa():
         assert not fused_attention.usable(torch.zeros(1, 8, 96), 4)
     with pytest.raises(ValueError, match="use SDPA"):
         fused_attention.packed_causal_attention(torch.zeros(1, 8, 3 * 2 * 12), 2)
+
+
+@needs_kernel
+def test_the_kernel_is_preferred_only_where_pytorch_runs_avx2_kernels(monkeypatch):
+    qkv = torch.zeros(1, 8, 96)
+    for isa, chosen in [("AVX2", True), ("AVX512", False), ("AVX512_BF16", False), ("DEFAULT", False)]:
+        monkeypatch.setattr(fused_attention, "torch_cpu_capability", lambda isa=isa: isa)
+        assert fused_attention.preferred(qkv, 4) is chosen
+    calls = []
+    monkeypatch.setattr(fused_attention, "packed_causal_attention", lambda *a: calls.append(1))
+    model = build_model(GPT2Config(vocab_size=50, context_length=32, emb_dim=64, n_layers=1, n_heads=2, drop_rate=0.0))
+    model(torch.randint(0, 50, (2, 16)))  # (AVX-512 kernels: SDPA)
+    assert calls == []
 
 
 def test_gpt2_with_attention_dropout_keeps_sdpa(monkeypatch):
@@ -128,6 +142,7 @@ def test_an_empty_batch_and_torch_compile_take_sdpa_or_return_empty(monkeypatch)
     calls = []
     real = fused_attention.packed_causal_attention
     monkeypatch.setattr(fused_attention, "packed_causal_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(fused_attention, "torch_cpu_capability", lambda: "AVX2")  # (preferred on any CPU)
     model = build_model(GPT2Config(vocab_size=50, context_length=32, emb_dim=64, n_layers=1, n_heads=2)).eval()
     x = torch.randint(0, 50, (2, 16))
     with torch.no_grad():

@@ -1,14 +1,15 @@
-"""GPT-2's GELU in one native pass each way (CPU training speed).
+"""GPT-2's tanh GELU in one native pass each way (CPU training speed).
 
-``F.gelu`` on an AVX2 CPU takes 1.5 ms forward + backward per (768 x 512) values
-with the tanh approximation (PyTorch's vector tanh is slow there) and 0.7 ms with
-the exact erf form; the kernels in ``gpt2_kernels.c`` compute Φ(x) and Φ'(x) from
-one exponential per value, forward and backward (see that file for the formulas).
+``F.gelu`` with the tanh approximation takes 1.5-1.6 ms forward + backward per
+(768 x 512) values on a CPU (PyTorch's vector tanh is slow: an AVX2 EPYC and an
+AVX-512 Xeon alike); the kernel in ``gpt2_kernels.c`` computes Φ(x) and Φ'(x) from
+one exponential per value, forward and backward: 0.6-0.8 ms. The exact (erf) GELU
+is PyTorch's own: 0.56-0.65 ms there, which a native erf form did not beat.
 
-:func:`gelu` is what GPT-2's MLP calls: the native kernels on the CPU in float32
-(no autocast, not inside torch.compile, an AVX2 CPU); ``F.gelu`` everywhere else.
-Same results to float rounding (tests/models/test_fused_gelu.py checks both
-directions against a float64 reference and against ``F.gelu``).
+:func:`gelu` is what GPT-2's MLP calls: the native kernel for the tanh form on the
+CPU in float32 (no autocast, not inside torch.compile, an AVX2 CPU); ``F.gelu``
+everywhere else. Same results to float rounding (tests/models/test_fused_gelu.py
+checks both directions against a float64 reference and against ``F.gelu``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from gptlab.models.gpt2_kernels import compiling, kernels
 
-FORMS = {"none": 0, "tanh": 1}  # F.gelu's ``approximate`` -> the kernels' form
+FORMS = ("none", "tanh")  # F.gelu's ``approximate``; the kernel computes "tanh"
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -31,12 +32,11 @@ def usable(x: torch.Tensor) -> bool:
 
 class _Gelu(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, form: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         y = torch.empty_like(x)
         if x.numel():
-            kernels().gptlab_gelu_forward(x.numel(), x.data_ptr(), y.data_ptr(), form, torch.get_num_threads())
-        ctx.form = form
+            kernels().gptlab_gelu_forward(x.numel(), x.data_ptr(), y.data_ptr(), torch.get_num_threads())
         ctx.save_for_backward(x)
         return y
 
@@ -47,15 +47,15 @@ class _Gelu(torch.autograd.Function):
         dy = dy.contiguous()
         dx = torch.empty_like(x)
         if x.numel():
-            kernels().gptlab_gelu_backward(x.numel(), x.data_ptr(), dy.data_ptr(), dx.data_ptr(), ctx.form,
+            kernels().gptlab_gelu_backward(x.numel(), x.data_ptr(), dy.data_ptr(), dx.data_ptr(),
                                            torch.get_num_threads())
-        return dx, None
+        return dx
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """``F.gelu(x, approximate=...)``, natively where :func:`usable` (x)."""
+    """``F.gelu(x, approximate=...)``; the tanh form natively where :func:`usable` (x)."""
     if approximate not in FORMS:
         raise ValueError(f"approximate={approximate!r} must be one of {', '.join(map(repr, FORMS))}")
-    if not usable(x):
+    if approximate != "tanh" or not usable(x):
         return F.gelu(x, approximate=approximate)
-    return _Gelu.apply(x, FORMS[approximate])
+    return _Gelu.apply(x)

@@ -26,7 +26,7 @@ from gptlab.models.fused_gelu import gelu
 
 # GELU variants by name -> F.gelu's ``approximate`` argument. With PyTorch's kernels the exact one is
 # 2.7x faster on CPUs without a fast vector tanh (AVX2: 0.56 vs 1.5 ms forward + backward for 768 x 512
-# values); gptlab's native GELU (fused_gelu.py) runs both forms at ~0.6 ms there.
+# values); gptlab's native tanh GELU (fused_gelu.py) runs at ~0.6-0.8 ms.
 GPT2_ACTS = {"gelu_tanh": "tanh", "gelu": "none"}
 
 
@@ -94,7 +94,7 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         qkv = self.qkv(x)  # (B, T, 3*H*hd)
         if cache is None and self.impl == "sdpa" and (self.drop_rate == 0 or not self.training) \
-                and fused_attention.usable(qkv, self.n_heads):  # CPU float32: one native call each way
+                and fused_attention.preferred(qkv, self.n_heads):  # CPU float32: one native call each way
             return self.resid_drop(self.proj(fused_attention.packed_causal_attention(qkv, self.n_heads)))
         q, k, v = qkv.split(self.n_heads * self.head_dim, dim=-1)
         # (B, T, H*hd) -> (B, H, T, hd)

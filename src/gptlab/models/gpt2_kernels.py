@@ -27,8 +27,8 @@ def kernels() -> ctypes.CDLL | None:
             lib.gptlab_causal_attention_backward.argtypes = [i, i, i, i, p, p, p, p, p, f, i]
             lib.gptlab_causal_attention_forward.restype = lib.gptlab_causal_attention_backward.restype = i
             lib.gptlab_attention_supports.argtypes, lib.gptlab_attention_supports.restype = [i], i
-            lib.gptlab_gelu_forward.argtypes = [n, p, p, i, i]
-            lib.gptlab_gelu_backward.argtypes = [n, p, p, p, i, i]
+            lib.gptlab_gelu_forward.argtypes = [n, p, p, i]
+            lib.gptlab_gelu_backward.argtypes = [n, p, p, p, i]
             lib.gptlab_gelu_forward.restype = lib.gptlab_gelu_backward.restype = i
             lib.gptlab_gelu_supported.argtypes, lib.gptlab_gelu_supported.restype = [], i
         _lib = lib or False
