@@ -47,6 +47,48 @@ def test_int4_kernel_equals_its_formula(m, n, k):
     assert (got.double() - full).abs().max() <= 0.03 * full.abs().max()
 
 
+needs_packing = pytest.mark.skipif(native.kernels() is None or not native.kernels().gptlab_q4_packs(64, 576),
+                                   reason="the packed int4 layout is for AVX-512 VNNI CPUs")
+
+
+@needs_packing
+@pytest.mark.parametrize("m,n,k", [(1, 576, 576), (8, 1536, 576), (3, 192, 1536), (9, 48, 64), (17, 32, 320)])
+def test_packed_int4_equals_its_formula_and_the_plain_layout(m, n, k):
+    """The outer-product kernel on the packed copy: the same formula as the plain layout's integer path
+    (x rounded to int8 per 32-group, the minimum against the exact Σx), to float32 accumulation."""
+    torch.manual_seed(m + n + k)
+    lin = nn.Linear(k, n)
+    layer = Int4Linear(lin)
+    x = torch.randn(m, k) * 3
+    packed = native.packed_int4(layer)
+    assert packed is not None and packed[0].shape == layer.codes.shape
+    assert native.packed_int4(layer)[0] is packed[0]  # made once
+    got = native.q4_matmul(x, layer.codes, layer.scale, layer.minimum, layer.bias, packed)
+    w = layer.dequantized().double()
+    mins = layer.minimum.double().repeat_interleave(32, dim=1)
+    ref = _x_quantized_per_group(x) @ (w - mins).t() + x.double() @ mins.t() + lin.bias.double()
+    assert (got.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+    plain = native.q4_matmul(x, layer.codes, layer.scale, layer.minimum, layer.bias)
+    assert (got - plain).abs().max() <= 1e-5 * plain.abs().max()
+    assert torch.equal(layer(x), got)  # the layer's own forward reads the packed copy
+    for i in range(m):  # and a row's result does not depend on the rows sharing its call
+        assert torch.equal(native.q4_matmul(x[i:i + 1], layer.codes, layer.scale, layer.minimum, layer.bias,
+                                            packed)[0], got[i])
+
+
+@needs_packing
+def test_the_packed_copy_follows_replaced_weights_and_stays_out_of_the_state_dict():
+    layer = Int4Linear(nn.Linear(576, 64))
+    x = torch.randn(2, 576)
+    first = native.packed_int4(layer)
+    layer.scale = layer.scale * 2  # a new tensor in the buffer's place
+    second = native.packed_int4(layer)
+    assert second[1] is not first[1] and torch.equal(second[1], first[1] * 2)
+    torch.testing.assert_close(layer(x), native.q4_matmul(x, layer.codes, layer.scale, layer.minimum, layer.bias))
+    assert set(layer.state_dict()) == {"codes", "scale", "minimum", "bias"}
+    assert native.packed_int4(Int4Linear(nn.Linear(576, 40))) is None  # rows not a multiple of 16
+
+
 @needs_kernels
 @pytest.mark.parametrize("rounded", [False, True], ids=["float-x", "rounded-x"])
 @pytest.mark.parametrize("m,n,k", SHAPES + [(2, 33, 50)])

@@ -272,6 +272,71 @@ static inline __attribute__((always_inline)) void q4_rows_vnni(const int mb, int
 }
 #endif
 
+#if defined(GPTLAB_VNNI)
+
+/* Packed int4 (VNNI): the outer-product form. A block of 16 output rows is stored group by group,
+ * 256 bytes a group: byte 64c + 4l + b holds, for output row n0 + l, code k = 32g + 4c + b in its low
+ * nibble and k + 16 in its high one (c = 0 .. 3). One 64-byte load thus gives, after a mask and a
+ * shift, two vectors of 16 rows x 4 codes, and one dpbusd with 4 bytes of x broadcast adds 4 inputs
+ * to 16 outputs at once: per row and group 8 dpbusd, a convert and two FMAs land 16 outputs in
+ * their lanes (no horizontal sums), against 4 operations per 64 inputs of each output above. Scale
+ * and minimum are float32, 16 a group, in the same order. gptlab_q4_pack makes this layout from
+ * the plain one; x comes in k order, rounded per 32-group (d, and Σx for the minimums). */
+static void quantize_plain_rows(int M, int K, const float *x, int8_t *xq, float *d, float *xsum) {
+    const int G = K / 32;
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < G; g++) {
+            const float *v = x + (size_t)m * K + 32 * g;
+            const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            const float dd = amax / 127.0f, id = dd > 0.0f ? 1.0f / dd : 0.0f;
+            const __m512 idv = _mm512_set1_ps(id);
+            int8_t *out = xq + (size_t)m * K + 32 * g;
+            _mm_storeu_si128((__m128i *)out, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, idv))));
+            _mm_storeu_si128((__m128i *)(out + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, idv))));
+            d[(size_t)m * G + g] = dd;
+            xsum[(size_t)m * G + g] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+        }
+}
+
+static inline __attribute__((always_inline)) void q4_rows_packed(const int mb, int K, int N, int m0, const int8_t *xq,
+                                                                   const float *d, const float *xsum,
+                                                                   const uint8_t *packed, const float *pscale,
+                                                                   const float *pmin, const float *bias, int n0,
+                                                                   float *y) {
+    const int G = K / 32, nb = n0 / 16;
+    const __m512i low4 = _mm512_set1_epi8(15);
+    __m512 acc[ROWS_IN];
+    for (int r = 0; r < mb; r++) acc[r] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        const size_t at = (size_t)nb * G + g;
+        const uint8_t *w = packed + at * 256;
+        __m512i wc[8];
+        for (int c = 0; c < 4; c++) {
+            const __m512i b = _mm512_loadu_si512((const void *)(w + 64 * c));
+            wc[c] = _mm512_and_si512(b, low4);
+            wc[c + 4] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
+        }
+        const __m512 sv = _mm512_loadu_ps(pscale + at * 16), mv = _mm512_loadu_ps(pmin + at * 16);
+        for (int r = 0; r < mb; r++) {
+            const int8_t *xr = xq + (size_t)(m0 + r) * K + 32 * g;
+            __m512i dot = _mm512_setzero_si512();
+            for (int j = 0; j < 8; j++) {
+                int32_t x4;
+                memcpy(&x4, xr + 4 * j, 4);
+                dot = _mm512_dpbusd_epi32(dot, wc[j], _mm512_set1_epi32(x4));
+            }
+            const size_t i = (size_t)(m0 + r) * G + g;
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sv, _mm512_set1_ps(d[i])), acc[r]);
+            acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum[i]), acc[r]);
+        }
+    }
+    const __m512 bv = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
+    for (int r = 0; r < mb; r++) _mm512_storeu_ps(y + (size_t)(m0 + r) * N + n0, _mm512_add_ps(acc[r], bv));
+}
+
+#endif
+
 #if defined(GPTLAB_AVX2)
 
 /* The integer path on AVX2 (no VNNI): the same idea, one group at a time. A group's 32 codes,
@@ -521,18 +586,18 @@ int gptlab_int4_integer_for(int K) {
 typedef struct {
     int M, K, path;
     const float *x;
-    int8_t *xq;
-    float *dx, *xsum;
+    int8_t *xq, *xp; /* xp, dp, sp: x in k order for packed weights (VNNI), when a job has them */
+    float *dx, *xsum, *dp, *sp;
 } q4_input;
 
 static void q4_release(q4_input *in) {
-    free(in->xq), free(in->dx), free(in->xsum);
-    in->xq = NULL, in->dx = in->xsum = NULL;
+    free(in->xq), free(in->dx), free(in->xsum), free(in->xp), free(in->dp), free(in->sp);
+    in->xq = in->xp = NULL, in->dx = in->xsum = in->dp = in->sp = NULL;
 }
 
-/* Returns 0, or -2 when out of memory. */
-static int q4_prepare(q4_input *in, int M, int K, const float *x) {
-    *in = (q4_input){M, K, 0, x, NULL, NULL, NULL};
+/* Returns 0, or -2 when out of memory. plain: a job has packed weights (gptlab_q4_pack). */
+static int q4_prepare(q4_input *in, int M, int K, const float *x, int plain) {
+    *in = (q4_input){M, K, 0, x, NULL, NULL, NULL, NULL, NULL, NULL};
     if (!gptlab_int4_integer_for(K)) return 0;
     const int G = K / 32;
     in->xq = malloc((size_t)M * K);
@@ -543,9 +608,20 @@ static int q4_prepare(q4_input *in, int M, int K, const float *x) {
         return -2;
     }
 #if defined(GPTLAB_VNNI)
+    if (plain) {
+        in->xp = malloc((size_t)M * K);
+        in->dp = malloc(sizeof(float) * (size_t)M * G);
+        in->sp = malloc(sizeof(float) * (size_t)M * G);
+        if (!in->xp || !in->dp || !in->sp) {
+            q4_release(in);
+            return -2;
+        }
+        quantize_plain_rows(M, K, x, in->xp, in->dp, in->sp);
+    }
     quantize_rows(M, K, x, in->xq, in->dx, in->xsum);
     in->path = 3;
 #elif defined(GPTLAB_AVX2)
+    (void)plain;
     if (G % 2 == 0) {
         quantize_pairs_avx2(M, K, x, in->xq, in->dx, in->xsum);
         in->path = 2;
@@ -564,6 +640,8 @@ typedef struct {
     const uint16_t *scale, *minimum;
     const float *bias;
     float *y;
+    const uint8_t *packed; /* NULL, or the same weights packed (gptlab_q4_pack: VNNI) */
+    const float *pscale, *pmin;
 } q4_job;
 
 static inline __attribute__((always_inline)) void q4_pass(const int mb, const q4_input *in, int m0, const q4_job *j,
@@ -571,6 +649,11 @@ static inline __attribute__((always_inline)) void q4_pass(const int mb, const q4
     switch (in->path) {
 #if defined(GPTLAB_VNNI)
         case 3:
+            if (j->packed && in->xp) {
+                q4_rows_packed(mb, in->K, j->N, m0, in->xp, in->dp, in->sp, j->packed, j->pscale, j->pmin, j->bias,
+                               n0, j->y);
+                return;
+            }
             q4_rows_vnni(mb, in->K, j->N, m0, in->xq, in->dx, in->xsum, j->codes, j->scale, j->minimum, j->bias, n0,
                          n1, j->y);
             return;
@@ -612,14 +695,52 @@ static void q4_run(const q4_input *in, const q4_job *jobs, int n_jobs, int threa
     }
 }
 
-/* y (M, N) = x (M, K) · Wᵀ + bias for int4 W; K a multiple of 32. Returns 0, -1 for a bad shape,
- * or -2 when out of memory. */
+/* 1 when int4 weights (N, K) take the packed layout here (gptlab_q4_pack): VNNI with the integer path
+ * on, N a multiple of 16; else 0. */
+int gptlab_q4_packs(int N, int K) {
+#if defined(GPTLAB_VNNI)
+    return N > 0 && N % 16 == 0 && K > 0 && K % 32 == 0 && gptlab_int4_integer_for(K);
+#else
+    (void)N, (void)K;
+    return 0;
+#endif
+}
+
+/* The packed layout of int4 weights (see q4_rows_packed): packed (N·K/2 bytes), pscale and pmin
+ * (N·K/32 float32 each). Returns 0, or -1 where gptlab_q4_packs(N, K) is 0. */
+int gptlab_q4_pack(int N, int K, const uint8_t *codes, const uint16_t *scale, const uint16_t *minimum,
+                   uint8_t *packed, float *pscale, float *pmin) {
+    if (!gptlab_q4_packs(N, K)) return -1;
+    const int G = K / 32;
+    for (int nb = 0; nb < N / 16; nb++)
+        for (int g = 0; g < G; g++) {
+            const size_t at = (size_t)nb * G + g;
+            uint8_t *out = packed + at * 256;
+            for (int l = 0; l < 16; l++) {
+                const size_t n = (size_t)nb * 16 + l;
+                const uint8_t *c = codes + n * (K / 2) + 16 * g; /* the group's 32 codes, two a byte */
+                for (int k = 0; k < 16; k++) {
+                    const uint8_t lo = (c[k / 2] >> (4 * (k & 1))) & 15;           /* code 32g + k */
+                    const uint8_t hi = (c[(k + 16) / 2] >> (4 * (k & 1))) & 15;    /* code 32g + k + 16 */
+                    out[64 * (k / 4) + 4 * l + k % 4] = (uint8_t)(lo | (hi << 4));
+                }
+                pscale[at * 16 + l] = bf16_to_f32(scale[n * G + g]);
+                pmin[at * 16 + l] = bf16_to_f32(minimum[n * G + g]);
+            }
+        }
+    return 0;
+}
+
+/* y (M, N) = x (M, K) · Wᵀ + bias for int4 W; K a multiple of 32; packed, pscale, pmin: NULL or the same
+ * weights in gptlab_q4_pack's layout (then used). Returns 0, -1 for a bad shape, or -2 when out of memory. */
 int gptlab_q4_matmul(int M, int N, int K, const float *x, const uint8_t *codes, const uint16_t *scale,
-                     const uint16_t *minimum, const float *bias, float *y, int threads) {
+                     const uint16_t *minimum, const float *bias, float *y, int threads, const uint8_t *packed,
+                     const float *pscale, const float *pmin) {
     if (M <= 0 || N <= 0 || K <= 0 || K % 32) return -1;
+    if (packed && !gptlab_q4_packs(N, K)) packed = NULL;
     q4_input in;
-    if (q4_prepare(&in, M, K, x)) return -2;
-    const q4_job job = {N, codes, scale, minimum, bias, y};
+    if (q4_prepare(&in, M, K, x, packed != NULL)) return -2;
+    const q4_job job = {N, codes, scale, minimum, bias, y, packed, pscale, pmin};
     q4_run(&in, &job, 1, threads);
     q4_release(&in);
     return 0;
@@ -702,6 +823,8 @@ typedef struct {
     const void *w;
     const uint16_t *scale, *minimum;
     const float *bias; /* NULL: none */
+    const uint8_t *packed; /* int4: NULL, or the weights in gptlab_q4_pack's layout, with pscale, pmin */
+    const float *pscale, *pmin;
 } gptlab_linear;
 
 typedef struct {
@@ -715,7 +838,8 @@ void gptlab_rms_norm(int M, int D, const float *x, const float *weight, float ep
 
 static int linear(const gptlab_linear *l, int M, const float *x, float *y, int threads) {
     if (l->kind == 4)
-        return gptlab_q4_matmul(M, l->n, l->k, x, (const uint8_t *)l->w, l->scale, l->minimum, l->bias, y, threads);
+        return gptlab_q4_matmul(M, l->n, l->k, x, (const uint8_t *)l->w, l->scale, l->minimum, l->bias, y, threads,
+                                l->packed, l->pscale, l->pmin);
     return gptlab_i8_matmul(M, l->n, l->k, x, (const int8_t *)l->w, l->scale, l->bias, y, threads);
 }
 
@@ -729,11 +853,16 @@ static int linears(const gptlab_linear *const *ls, int n, int M, const float *x,
         for (int i = 0; i < n; i++) rc |= linear(ls[i], M, x, ys[i], threads);
         return rc;
     }
+    int plain = 0;
+    for (int i = 0; i < n; i++) plain |= ls[i]->packed && gptlab_q4_packs(ls[i]->n, ls[i]->k);
     q4_input in;
-    if (q4_prepare(&in, M, ls[0]->k, x)) return -2;
+    if (q4_prepare(&in, M, ls[0]->k, x, plain)) return -2;
     q4_job jobs[Q4_MAX_JOBS];
-    for (int i = 0; i < n; i++)
-        jobs[i] = (q4_job){ls[i]->n, (const uint8_t *)ls[i]->w, ls[i]->scale, ls[i]->minimum, ls[i]->bias, ys[i]};
+    for (int i = 0; i < n; i++) {
+        const int packed = ls[i]->packed && gptlab_q4_packs(ls[i]->n, ls[i]->k);
+        jobs[i] = (q4_job){ls[i]->n, (const uint8_t *)ls[i]->w, ls[i]->scale, ls[i]->minimum, ls[i]->bias, ys[i],
+                           packed ? ls[i]->packed : NULL, ls[i]->pscale, ls[i]->pmin};
+    }
     q4_run(&in, jobs, n, threads);
     q4_release(&in);
     return 0;

@@ -43,7 +43,10 @@ def _load() -> ctypes.CDLL | None:
     if lib.gptlab_kernels_isa() == 0:
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.gptlab_q4_matmul.argtypes = [i, i, i, p, p, p, p, p, p, i]
+    lib.gptlab_q4_matmul.argtypes = [i, i, i, p, p, p, p, p, p, i, p, p, p]
+    lib.gptlab_q4_pack.argtypes = [i, i, p, p, p, p, p, p]
+    lib.gptlab_q4_packs.argtypes = [i, i]
+    lib.gptlab_q4_pack.restype = lib.gptlab_q4_packs.restype = i
     lib.gptlab_i8_matmul.argtypes = [i, i, i, p, p, p, p, p, i]
     lib.gptlab_i8_matmul_rounded.argtypes = [i, i, i, p, p, p, p, p, i]
     lib.gptlab_q4_matmul.restype = lib.gptlab_i8_matmul.restype = lib.gptlab_i8_matmul_rounded.restype = i
@@ -92,16 +95,46 @@ def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
     return x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
 
 
+def packed_int4(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """An int4 layer's weights in the packed layout of the AVX-512 VNNI kernel (``gptlab_q4_pack`` in
+    ``kernels.c``: blocks of 16 output rows, which one ``dpbusd`` fills at once), or None where that
+    layout does not apply here (no VNNI, ``GPTLAB_INT4_ACTIVATIONS=float``, rows not a multiple of 16).
+
+    Made on first use and kept on the layer (``_native_pack``, not in its state dict; remade when its
+    codes, scale or minimum are replaced): as many bytes as the codes again, plus the scales and
+    minimums as float32 (~1.5x the layer's int4 buffers in all)."""
+    lib = kernels()
+    codes, scale, minimum = layer.codes, layer.scale, layer.minimum
+    n, k = codes.shape[0], codes.shape[1] * 2
+    if lib is None or codes.device.type != "cpu" or not lib.gptlab_q4_packs(n, k) \
+            or not all(t.is_contiguous() for t in (codes, scale, minimum)):
+        return None
+    key = (id(codes), codes.data_ptr(), id(scale), scale.data_ptr(), id(minimum), minimum.data_ptr())
+    cached = layer.__dict__.get("_native_pack")
+    if cached is not None and cached[0] == key:
+        return cached[1:]
+    pc = torch.empty_like(codes)
+    ps, pm = torch.empty(n, k // 32), torch.empty(n, k // 32)
+    if lib.gptlab_q4_pack(n, k, codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), pc.data_ptr(),
+                          ps.data_ptr(), pm.data_ptr()):
+        return None
+    layer.__dict__["_native_pack"] = (key, pc, ps, pm)  # the key's tensors outlive it: ids are not reused
+    return pc, ps, pm
+
+
 def q4_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-              bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ Wᵀ + bias`` for an int4 layer's buffers (see ``kernels.c`` for the layout); float32 out."""
+              bias: torch.Tensor | None, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+              ) -> torch.Tensor:
+    """``x @ Wᵀ + bias`` for an int4 layer's buffers (see ``kernels.c`` for the layout); float32 out.
+    ``packed``: the same weights as :func:`packed_int4` gives them (then read instead)."""
     n, k = codes.shape[0], codes.shape[1] * 2
     x2 = _rows(x, k)
     y = torch.empty(x2.shape[0], n)
     b = bias.float().contiguous() if bias is not None else None
+    pc, ps, pm = (t.data_ptr() for t in packed) if packed is not None else (None, None, None)
     rc = kernels().gptlab_q4_matmul(x2.shape[0], n, k, x2.data_ptr(), codes.data_ptr(), scale.data_ptr(),
                                     minimum.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(),
-                                    torch.get_num_threads())
+                                    torch.get_num_threads(), pc, ps, pm)
     if rc:
         raise ValueError(f"int4 kernel refused shapes x {tuple(x2.shape)}, codes {tuple(codes.shape)}")
     return y.reshape(*x.shape[:-1], n)
@@ -172,7 +205,8 @@ def use_native_norms(model: nn.Module) -> nn.Module:
 
 class _Linear(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int), ("w", ctypes.c_void_p),
-                ("scale", ctypes.c_void_p), ("minimum", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+                ("scale", ctypes.c_void_p), ("minimum", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("packed", ctypes.c_void_p), ("pscale", ctypes.c_void_p), ("pmin", ctypes.c_void_p)]
 
 
 class _Layer(ctypes.Structure):
@@ -191,8 +225,10 @@ def _linear_struct(layer: nn.Module) -> _Linear | None:
     b = bias.data_ptr() if bias is not None else None
     if getattr(layer, "group_size", None) == 32 and hasattr(layer, "codes") and all(
             t.is_contiguous() for t in (layer.codes, layer.scale, layer.minimum)):
+        packed = packed_int4(layer)
+        pc, ps, pm = (t.data_ptr() for t in packed) if packed is not None else (None, None, None)
         return _Linear(4, layer.out_features, layer.in_features, layer.codes.data_ptr(), layer.scale.data_ptr(),
-                       layer.minimum.data_ptr(), b)
+                       layer.minimum.data_ptr(), b, pc, ps, pm)
     if hasattr(layer, "weight_int8") and layer.weight_int8.is_contiguous() and layer.scale.is_contiguous():
         return _Linear(8, layer.out_features, layer.in_features, layer.weight_int8.data_ptr(),
                        layer.scale.data_ptr(), None, b)
@@ -227,6 +263,7 @@ class NativeDecoderLayer(DecoderLayer):
         for mod in held[:9]:
             held += mod._buffers.values()
             held += mod._parameters.values()
+            held += mod.__dict__.get("_native_pack", ())[1:]  # (packed_int4: the plan points into it too)
         return held
 
     def _plan(self) -> _Layer | None:
@@ -246,6 +283,9 @@ class NativeDecoderLayer(DecoderLayer):
                           norms[1].weight.data_ptr(), *structs)
             if norms[1].eps != norms[0].eps:
                 plan = None
+        if any(s is not None and s.packed for s in structs):  # packed just now: what the plan points into
+            tensors = self._held()
+            key = tuple((id(t), t.data_ptr(), t.dtype) if isinstance(t, torch.Tensor) else id(t) for t in tensors)
         self.__dict__["_native_plan"] = (key, plan, tensors)  # the tensors: alive while their ids are the key
         return plan
 

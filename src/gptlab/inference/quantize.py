@@ -232,7 +232,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group_size == 32 and native.usable(x):  # gptlab's own kernel: reads the codes as they are
-            return native.q4_matmul(x, self.codes, self.scale, self.minimum, self.bias).to(x.dtype)
+            return native.q4_matmul(x, self.codes, self.scale, self.minimum, self.bias,
+                                    native.packed_int4(self)).to(x.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
         if self.out_features % 16 == 0 and _int4_kernel_works(x.device):  # the kernel packs rows in 16s
