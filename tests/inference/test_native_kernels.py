@@ -77,6 +77,29 @@ def test_packed_int4_equals_its_formula_and_the_plain_layout(m, n, k):
 
 
 @needs_packing
+@pytest.mark.parametrize("m,n,k", [(1, 576, 576), (8, 4096, 576), (3, 48, 64), (9, 32, 1536)])
+def test_packed_int8_head_equals_its_formula(m, n, k):
+    """An int4 model's int8 head on the packed copy: x rounded to int8 per 32-group, exact int32 dots."""
+    torch.manual_seed(m + n + k)
+    lin = nn.Linear(k, n)
+    layer = Int8Linear(lin)
+    layer.rounds_activations = True
+    x = torch.randn(m, k) * 3
+    packed = native.packed_int8(layer)
+    assert packed is not None and native.packed_int8(layer)[0] is packed[0]
+    got = native.i8_matmul(x, layer.weight_int8, layer.scale, layer.bias, True, packed)
+    ref = _x_quantized_per_group(x) @ layer.dequantized().double().t() + lin.bias.double()
+    assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.equal(layer(x), got)  # the head's own forward reads the packed copy
+    for i in range(m):
+        assert torch.equal(native.i8_matmul(x[i:i + 1], layer.weight_int8, layer.scale, layer.bias, True,
+                                            packed)[0], got[i])
+    plain = Int8Linear(lin)  # (an int8 model's layers keep float x and make no copy)
+    assert torch.equal(plain(x), native.i8_matmul(x, plain.weight_int8, plain.scale, plain.bias))
+    assert "_native_pack" not in plain.__dict__
+
+
+@needs_packing
 def test_the_packed_copy_follows_replaced_weights_and_stays_out_of_the_state_dict():
     layer = Int4Linear(nn.Linear(576, 64))
     x = torch.randn(2, 576)

@@ -756,6 +756,91 @@ int gptlab_i8_matmul(int M, int N, int K, const float *x, const int8_t *q, const
     return 0;
 }
 
+/* Packed int8 (VNNI), an int4 model's head: the outer-product form of q4_rows_packed for int8 weights
+ * with one scale per output row. A block of 16 rows holds, for every 4 inputs, 64 bytes: byte 4l + b
+ * is w[n0 + l][4j + b] + 128 (its sign bit flipped: dpbusd multiplies unsigned by signed bytes), and
+ * each group's sum starts at -128 · Σ of its x bytes, which takes the 128s back out exactly. x is
+ * rounded per 32-group, as the int4 layers round theirs. */
+int gptlab_i8_packs(int N, int K) {
+#if defined(GPTLAB_VNNI)
+    return N > 0 && N % 16 == 0 && K > 0 && K % 32 == 0 && int4_integer_path;
+#else
+    (void)N, (void)K;
+    return 0;
+#endif
+}
+
+/* packed: N·K bytes. Returns 0, or -1 where gptlab_i8_packs(N, K) is 0. */
+int gptlab_i8_pack(int N, int K, const int8_t *q, uint8_t *packed) {
+    if (!gptlab_i8_packs(N, K)) return -1;
+    for (int nb = 0; nb < N / 16; nb++)
+        for (int j = 0; j < K / 4; j++)
+            for (int l = 0; l < 16; l++)
+                for (int b = 0; b < 4; b++)
+                    packed[((size_t)nb * (K / 4) + j) * 64 + 4 * l + b] =
+                        (uint8_t)(q[((size_t)nb * 16 + l) * K + 4 * j + b]) ^ 0x80;
+    return 0;
+}
+
+#if defined(GPTLAB_VNNI)
+static inline __attribute__((always_inline)) void i8_rows_packed(const int mb, int K, int N, int m0, const int8_t *xq,
+                                                                   const float *d, const int32_t *neg,
+                                                                   const uint8_t *packed, const uint16_t *scale,
+                                                                   const float *bias, int n0, float *y) {
+    const int G = K / 32, nb = n0 / 16;
+    __m512 acc[ROWS_IN];
+    for (int r = 0; r < mb; r++) acc[r] = _mm512_setzero_ps();
+    const uint8_t *w = packed + (size_t)nb * 16 * K;
+    for (int g = 0; g < G; g++) {
+        __m512i dot[ROWS_IN];
+        for (int r = 0; r < mb; r++) dot[r] = _mm512_set1_epi32(neg[(size_t)(m0 + r) * G + g]);
+        for (int j = 0; j < 8; j++) {
+            const __m512i wv = _mm512_loadu_si512((const void *)(w + ((size_t)8 * g + j) * 64));
+            for (int r = 0; r < mb; r++) {
+                int32_t x4;
+                memcpy(&x4, xq + (size_t)(m0 + r) * K + 32 * g + 4 * j, 4);
+                dot[r] = _mm512_dpbusd_epi32(dot[r], wv, _mm512_set1_epi32(x4));
+            }
+        }
+        for (int r = 0; r < mb; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(d[(size_t)(m0 + r) * G + g]), acc[r]);
+    }
+    const __m512 sv = bf16x16(scale + n0), bv = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
+    for (int r = 0; r < mb; r++) _mm512_storeu_ps(y + (size_t)(m0 + r) * N + n0, _mm512_fmadd_ps(acc[r], sv, bv));
+}
+#endif
+
+/* y (M, N) = x (M, K) · Wᵀ + bias for int8 W in gptlab_i8_pack's layout, x rounded to int8 per 32-group.
+ * Returns 0, -1 where gptlab_i8_packs(N, K) is 0 or M <= 0, or -2 when out of memory. */
+int gptlab_i8_matmul_packed(int M, int N, int K, const float *x, const uint8_t *packed, const uint16_t *scale,
+                            const float *bias, float *y, int threads) {
+    if (M <= 0 || !gptlab_i8_packs(N, K)) return -1;
+#if defined(GPTLAB_VNNI)
+    const int G = K / 32;
+    int8_t *xq = malloc((size_t)M * K);
+    float *d = malloc(sizeof(float) * (size_t)M * G), *xsum = malloc(sizeof(float) * (size_t)M * G);
+    int32_t *neg = malloc(sizeof(int32_t) * (size_t)M * G);
+    if (!xq || !d || !xsum || !neg) {
+        free(xq), free(d), free(xsum), free(neg);
+        return -2;
+    }
+    quantize_plain_rows(M, K, x, xq, d, xsum);
+    for (int i = 0; i < M * G; i++) {
+        int32_t t = 0;
+        for (int k = 0; k < 32; k++) t += xq[(size_t)i * 32 + k];
+        neg[i] = -128 * t;
+    }
+#define I8_PACKED_PASS(mb, m0, n0, n1) ((void)(n1), i8_rows_packed(mb, K, N, m0, xq, d, neg, packed, scale, bias, n0, y))
+    EVERY_PASS(M, N, threads, ROWS_IN, I8_PACKED_PASS);
+#undef I8_PACKED_PASS
+    free(xq), free(d), free(xsum), free(neg);
+    return 0;
+#else
+    (void)x, (void)packed, (void)scale, (void)bias, (void)y, (void)threads;
+    return -1;
+#endif
+}
+
 /* 1 when gptlab_i8_matmul_rounded over K inputs rounds x to int8 (AVX2 with the integer path on, K a
  * multiple of 32), 0 when it is gptlab_i8_matmul. */
 int gptlab_i8_rounds_for(int K) {

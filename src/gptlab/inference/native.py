@@ -47,6 +47,9 @@ def _load() -> ctypes.CDLL | None:
     lib.gptlab_q4_pack.argtypes = [i, i, p, p, p, p, p, p]
     lib.gptlab_q4_packs.argtypes = [i, i]
     lib.gptlab_q4_pack.restype = lib.gptlab_q4_packs.restype = i
+    lib.gptlab_i8_pack.argtypes, lib.gptlab_i8_packs.argtypes = [i, i, p, p], [i, i]
+    lib.gptlab_i8_matmul_packed.argtypes = [i, i, i, p, p, p, p, p, i]
+    lib.gptlab_i8_pack.restype = lib.gptlab_i8_packs.restype = lib.gptlab_i8_matmul_packed.restype = i
     lib.gptlab_i8_matmul.argtypes = [i, i, i, p, p, p, p, p, i]
     lib.gptlab_i8_matmul_rounded.argtypes = [i, i, i, p, p, p, p, p, i]
     lib.gptlab_q4_matmul.restype = lib.gptlab_i8_matmul.restype = lib.gptlab_i8_matmul_rounded.restype = i
@@ -95,31 +98,63 @@ def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
     return x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
 
 
+def _cached_pack(layer: nn.Module, sources: tuple[torch.Tensor, ...], make) -> tuple[torch.Tensor, ...] | None:
+    """``layer``'s packed copy of ``sources``, made by ``make()`` (None: no copy) when there is none for
+    these very tensors at these addresses. Kept in ``layer.__dict__["_native_pack"]`` as (sources, their
+    addresses, *the copy): holding the sources, so a replaced one is never mistaken for its successor."""
+    ptrs = tuple(t.data_ptr() for t in sources)
+    cached = layer.__dict__.get("_native_pack")
+    if cached is not None and all(map(operator.is_, cached[0], sources)) and cached[1] == ptrs:
+        return cached[2:]
+    copy = make()
+    layer.__dict__["_native_pack"] = None if copy is None else (sources, ptrs, *copy)
+    return copy
+
+
+def packed_copy(layer: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The packed tensors a layer holds for the native kernels (empty when none): the plans point into them."""
+    cached = layer.__dict__.get("_native_pack")
+    return cached[2:] if cached is not None else ()
+
+
 def packed_int4(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """An int4 layer's weights in the packed layout of the AVX-512 VNNI kernel (``gptlab_q4_pack`` in
     ``kernels.c``: blocks of 16 output rows, which one ``dpbusd`` fills at once), or None where that
     layout does not apply here (no VNNI, ``GPTLAB_INT4_ACTIVATIONS=float``, rows not a multiple of 16).
 
-    Made on first use and kept on the layer (``_native_pack``, not in its state dict; remade when its
-    codes, scale or minimum are replaced): as many bytes as the codes again, plus the scales and
-    minimums as float32 (~1.5x the layer's int4 buffers in all)."""
+    Made on first use and kept on the layer (not in its state dict; remade when its codes, scale or
+    minimum are replaced): as many bytes as the codes again, plus the scales and minimums as float32
+    (~1.5x the layer's int4 buffers in all)."""
     lib = kernels()
     codes, scale, minimum = layer.codes, layer.scale, layer.minimum
     n, k = codes.shape[0], codes.shape[1] * 2
     if lib is None or codes.device.type != "cpu" or not lib.gptlab_q4_packs(n, k) \
             or not all(t.is_contiguous() for t in (codes, scale, minimum)):
         return None
-    key = (id(codes), codes.data_ptr(), id(scale), scale.data_ptr(), id(minimum), minimum.data_ptr())
-    cached = layer.__dict__.get("_native_pack")
-    if cached is not None and cached[0] == key:
-        return cached[1:]
-    pc = torch.empty_like(codes)
-    ps, pm = torch.empty(n, k // 32), torch.empty(n, k // 32)
-    if lib.gptlab_q4_pack(n, k, codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), pc.data_ptr(),
-                          ps.data_ptr(), pm.data_ptr()):
+
+    def make():
+        pc, ps, pm = torch.empty_like(codes), torch.empty(n, k // 32), torch.empty(n, k // 32)
+        rc = lib.gptlab_q4_pack(n, k, codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), pc.data_ptr(),
+                                ps.data_ptr(), pm.data_ptr())
+        return None if rc else (pc, ps, pm)
+    return _cached_pack(layer, (codes, scale, minimum), make)
+
+
+def packed_int8(layer: nn.Module) -> tuple[torch.Tensor] | None:
+    """An int8 layer's weights in the packed layout of the AVX-512 VNNI kernel (``gptlab_i8_pack``: blocks
+    of 16 output rows, each weight + 128), for an int4 model's head, whose input is rounded to int8 per
+    32-group as the int4 layers round theirs; None where it does not apply here. Kept as
+    :func:`packed_int4` keeps its copy: as many bytes as the weights again."""
+    lib = kernels()
+    q = layer.weight_int8
+    n, k = q.shape
+    if lib is None or q.device.type != "cpu" or not lib.gptlab_i8_packs(n, k) or not q.is_contiguous():
         return None
-    layer.__dict__["_native_pack"] = (key, pc, ps, pm)  # the key's tensors outlive it: ids are not reused
-    return pc, ps, pm
+
+    def make():
+        packed = torch.empty(n, k, dtype=torch.uint8)
+        return None if lib.gptlab_i8_pack(n, k, q.data_ptr(), packed.data_ptr()) else (packed,)
+    return _cached_pack(layer, (q,), make)
 
 
 def q4_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
@@ -148,16 +183,24 @@ def i8_rounds_activations(in_features: int) -> bool:
 
 
 def i8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-              rounded: bool = False) -> torch.Tensor:
+              rounded: bool = False, packed: tuple[torch.Tensor] | None = None) -> torch.Tensor:
     """``x @ Wᵀ + bias`` for an int8 layer with one bf16 scale per output row; float32 out. ``rounded``: x may
-    be rounded to int8 per 32-group first, as an int4 model's layers round theirs (an int4 model's head)."""
+    be rounded to int8 per 32-group first, as an int4 model's layers round theirs (an int4 model's head).
+    ``packed``: the same weights as :func:`packed_int8` gives them; then x is rounded so and the packed
+    copy read."""
     n, k = q.shape
     x2 = _rows(x, k)
     y = torch.empty(x2.shape[0], n)
     b = bias.float().contiguous() if bias is not None else None
-    call = kernels().gptlab_i8_matmul_rounded if rounded else kernels().gptlab_i8_matmul
-    rc = call(x2.shape[0], n, k, x2.data_ptr(), q.data_ptr(), scale.data_ptr(), b.data_ptr() if b is not None else None,
-              y.data_ptr(), torch.get_num_threads())
+    bp = b.data_ptr() if b is not None else None
+    lib = kernels()
+    if packed is not None:
+        rc = lib.gptlab_i8_matmul_packed(x2.shape[0], n, k, x2.data_ptr(), packed[0].data_ptr(), scale.data_ptr(),
+                                         bp, y.data_ptr(), torch.get_num_threads())
+    else:
+        call = lib.gptlab_i8_matmul_rounded if rounded else lib.gptlab_i8_matmul
+        rc = call(x2.shape[0], n, k, x2.data_ptr(), q.data_ptr(), scale.data_ptr(), bp, y.data_ptr(),
+                  torch.get_num_threads())
     if rc:
         raise ValueError(f"int8 kernel refused shapes x {tuple(x2.shape)}, weights {tuple(q.shape)}")
     return y.reshape(*x.shape[:-1], n)
@@ -263,7 +306,7 @@ class NativeDecoderLayer(DecoderLayer):
         for mod in held[:9]:
             held += mod._buffers.values()
             held += mod._parameters.values()
-            held += mod.__dict__.get("_native_pack", ())[1:]  # (packed_int4: the plan points into it too)
+            held += packed_copy(mod)  # (packed_int4: the plan points into it too)
         return held
 
     def _plan(self) -> _Layer | None:

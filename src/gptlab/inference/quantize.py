@@ -125,7 +125,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if native.usable(x):  # gptlab's own kernel (float32 activations)
-            return native.i8_matmul(x, self.weight_int8, self.scale, self.bias, self.rounds_activations).to(x.dtype)
+            packed = native.packed_int8(self) if self.rounds_activations else None
+            return native.i8_matmul(x, self.weight_int8, self.scale, self.bias, self.rounds_activations,
+                                    packed).to(x.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
         if _kernel_works(x.device):
