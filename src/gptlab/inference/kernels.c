@@ -953,6 +953,90 @@ static int linears(const gptlab_linear *const *ls, int n, int M, const float *x,
     return 0;
 }
 
+/* e^x for a vector of floats (Cephes' expf: n = round(x·log2 e), r = x - n·ln 2 in two parts, e^r by a
+ * degree-6 polynomial, times 2^n; within ~1 float step of expf), x clamped to ±88.376 (a NaN stays NaN).
+ * A decode step at 8 rows took ~1.5 ms of scalar expf in the layers' SiLU and softmax. */
+#if defined(GPTLAB_AVX512)
+#define VEXP_W 16
+typedef __m512 vexp_t;
+#define VX_SET1 _mm512_set1_ps
+#define VX_ADD _mm512_add_ps
+#define VX_MUL _mm512_mul_ps
+#define VX_FMA _mm512_fmadd_ps
+#define VX_FNMA _mm512_fnmadd_ps
+#define VX_LOAD _mm512_loadu_ps
+#define VX_STORE _mm512_storeu_ps
+#define VX_DIV _mm512_div_ps
+#define VX_SUM _mm512_reduce_add_ps
+static inline __m512 vx_clamp(__m512 x) {
+    return _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), _mm512_max_ps(_mm512_set1_ps(-88.3762626647949f), x));
+}
+static inline __m512 vx_floor(__m512 x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+static inline __m512 vx_pow2(__m512 n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+#else
+#define VEXP_W 8
+typedef __m256 vexp_t;
+#define VX_SET1 _mm256_set1_ps
+#define VX_ADD _mm256_add_ps
+#define VX_MUL _mm256_mul_ps
+#define VX_FMA _mm256_fmadd_ps
+#define VX_FNMA _mm256_fnmadd_ps
+#define VX_LOAD _mm256_loadu_ps
+#define VX_STORE _mm256_storeu_ps
+#define VX_DIV _mm256_div_ps
+#define VX_SUM hsum
+static inline __m256 vx_clamp(__m256 x) {
+    return _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x));
+}
+static inline __m256 vx_floor(__m256 x) { return _mm256_floor_ps(x); }
+static inline __m256 vx_pow2(__m256 n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+#endif
+
+static inline vexp_t vexp(vexp_t x) {
+    x = vx_clamp(x);
+    const vexp_t n = vx_floor(VX_FMA(x, VX_SET1(1.44269504088896341f), VX_SET1(0.5f)));
+    x = VX_FNMA(n, VX_SET1(0.693359375f), x);
+    x = VX_FNMA(n, VX_SET1(-2.12194440e-4f), x);
+    vexp_t y = VX_SET1(1.9875691500e-4f);
+    y = VX_FMA(y, x, VX_SET1(1.3981999507e-3f));
+    y = VX_FMA(y, x, VX_SET1(8.3334519073e-3f));
+    y = VX_FMA(y, x, VX_SET1(4.1665795894e-2f));
+    y = VX_FMA(y, x, VX_SET1(1.6666665459e-1f));
+    y = VX_FMA(y, x, VX_SET1(5.0000001201e-1f));
+    y = VX_FMA(y, VX_MUL(x, x), VX_ADD(x, VX_SET1(1.0f)));
+    return VX_MUL(y, vx_pow2(n));
+}
+
+/* g[i] = silu(g[i]) · u[i] over one row of n values (a fixed split into vectors and a scalar tail: a
+ * row's result never depends on the other rows). */
+static void silu_mul_row(float *g, const float *u, int n) {
+    int i = 0;
+    for (; i + VEXP_W <= n; i += VEXP_W) {
+        const vexp_t a = VX_LOAD(g + i);
+        const vexp_t e = vexp(VX_MUL(a, VX_SET1(-1.0f)));
+        VX_STORE(g + i, VX_MUL(VX_DIV(a, VX_ADD(VX_SET1(1.0f), e)), VX_LOAD(u + i)));
+    }
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* p[s] = e^(p[s] - mx) over one row of n values; returns their sum. */
+static float exp_row(float *p, int n, float mx) {
+    vexp_t acc = VX_SET1(0.0f);
+    int s = 0;
+    for (; s + VEXP_W <= n; s += VEXP_W) {
+        const vexp_t e = vexp(VX_ADD(VX_LOAD(p + s), VX_SET1(-mx)));
+        VX_STORE(p + s, e);
+        acc = VX_ADD(acc, e);
+    }
+    float sum = VX_SUM(acc);
+    for (; s < n; s++) sum += (p[s] = expf(p[s] - mx));
+    return sum;
+}
+
 /* "rotate half" RoPE of one head in place: t·cos + (-t[half:], t[:half])·sin */
 static void rope(float *t, const float *cos, const float *sin, int hd) {
     const int half = hd / 2;
@@ -1017,7 +1101,7 @@ int gptlab_decode_layer(const gptlab_layer *L, int B, float *x, const float *cos
                 p[s] = dot(qi, K + (size_t)s * hd, hd) * scale;
                 mx = p[s] > mx ? p[s] : mx;
             }
-            for (int s = 0; s < S; s++) sum += (p[s] = expf(p[s] - mx));
+            sum = exp_row(p, S, mx);
             float *o = att + (size_t)b * qd + i * hd;
             memset(o, 0, sizeof(float) * hd);
             for (int s = 0; s < S; s++) {
@@ -1040,12 +1124,13 @@ int gptlab_decode_layer(const gptlab_layer *L, int B, float *x, const float *cos
         float *out2[2] = {g, u};
         rc |= linears(gu, 2, B, h, out2, threads);
     }
-    for (size_t i = 0; i < (size_t)B * F; i++) {
-        const float a = g[i];
-        const float act = L->act == 0 ? a / (1.0f + expf(-a))
-                                      : 0.5f * a * (1.0f + tanhf(0.7978845608028654f * (a + 0.044715f * a * a * a)));
-        g[i] = act * u[i];
-    }
+    if (L->act == 0)
+        for (int b = 0; b < B; b++) silu_mul_row(g + (size_t)b * F, u + (size_t)b * F, F);
+    else
+        for (size_t i = 0; i < (size_t)B * F; i++) {
+            const float a = g[i];
+            g[i] = 0.5f * a * (1.0f + tanhf(0.7978845608028654f * (a + 0.044715f * a * a * a))) * u[i];
+        }
     rc |= linear(&L->down, B, g, out, threads);
     for (size_t i = 0; i < (size_t)B * d; i++) x[i] += out[i];
     free(buf);
