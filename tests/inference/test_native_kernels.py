@@ -210,15 +210,16 @@ def _tiny_llama(**kw):
     from gptlab.models.llama import LlamaConfig
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, emb_dim=128, n_heads=4, n_kv_heads=2, n_layers=2, hidden_dim=256,
-                      context_length=128, **kw)
+    cfg = LlamaConfig(**{**dict(vocab_size=300, emb_dim=128, n_heads=4, n_kv_heads=2, n_layers=2, hidden_dim=256,
+                                context_length=128), **kw})
     return build_model(cfg).eval()
 
 
 @needs_kernels
 @pytest.mark.parametrize("scheme,kw", [("int4", {}), ("int8", {}), ("int4", {"qkv_bias": True}),
-                                       ("int4", {"mlp_act": "gelu_tanh"})],
-                         ids=["int4", "int8", "int4-qkv-bias", "int4-gelu"])
+                                       ("int4", {"mlp_act": "gelu_tanh"}), ("int4", {"n_heads": 16, "n_kv_heads": 1}),
+                                       ("int4", {"hidden_dim": 200})],
+                         ids=["int4", "int8", "int4-qkv-bias", "int4-gelu", "int4-kv-rows-8", "int4-hidden-200"])
 def test_native_decoder_layer_equals_the_modules_own_forward(scheme, kw):
     """Rows in other slots at different positions, one new token each: same output and cache as the modules."""
     from gptlab.inference.quantize import apply_quantization

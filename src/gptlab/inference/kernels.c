@@ -595,7 +595,8 @@ static void q4_release(q4_input *in) {
     in->xq = in->xp = NULL, in->dx = in->xsum = in->dp = in->sp = NULL;
 }
 
-/* Returns 0, or -2 when out of memory. plain: a job has packed weights (gptlab_q4_pack). */
+/* Returns 0, or -2 when out of memory. plain: 0 no job has packed weights (gptlab_q4_pack), 1 every job
+ * has, 2 some have (VNNI: x is rounded into the layouts the jobs read). */
 static int q4_prepare(q4_input *in, int M, int K, const float *x, int plain) {
     *in = (q4_input){M, K, 0, x, NULL, NULL, NULL, NULL, NULL, NULL};
     if (!gptlab_int4_integer_for(K)) return 0;
@@ -618,7 +619,7 @@ static int q4_prepare(q4_input *in, int M, int K, const float *x, int plain) {
         }
         quantize_plain_rows(M, K, x, in->xp, in->dp, in->sp);
     }
-    quantize_rows(M, K, x, in->xq, in->dx, in->xsum);
+    if (plain != 1) quantize_rows(M, K, x, in->xq, in->dx, in->xsum);
     in->path = 3;
 #elif defined(GPTLAB_AVX2)
     (void)plain;
@@ -938,10 +939,10 @@ static int linears(const gptlab_linear *const *ls, int n, int M, const float *x,
         for (int i = 0; i < n; i++) rc |= linear(ls[i], M, x, ys[i], threads);
         return rc;
     }
-    int plain = 0;
-    for (int i = 0; i < n; i++) plain |= ls[i]->packed && gptlab_q4_packs(ls[i]->n, ls[i]->k);
+    int packed_jobs = 0;
+    for (int i = 0; i < n; i++) packed_jobs += ls[i]->packed && gptlab_q4_packs(ls[i]->n, ls[i]->k);
     q4_input in;
-    if (q4_prepare(&in, M, ls[0]->k, x, plain)) return -2;
+    if (q4_prepare(&in, M, ls[0]->k, x, packed_jobs == 0 ? 0 : packed_jobs == n ? 1 : 2)) return -2;
     q4_job jobs[Q4_MAX_JOBS];
     for (int i = 0; i < n; i++) {
         const int packed = ls[i]->packed && gptlab_q4_packs(ls[i]->n, ls[i]->k);
