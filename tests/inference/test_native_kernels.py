@@ -109,7 +109,24 @@ def test_the_packed_copy_follows_replaced_weights_and_stays_out_of_the_state_dic
     assert second[1] is not first[1] and torch.equal(second[1], first[1] * 2)
     torch.testing.assert_close(layer(x), native.q4_matmul(x, layer.codes, layer.scale, layer.minimum, layer.bias))
     assert set(layer.state_dict()) == {"codes", "scale", "minimum", "bias"}
+    other = Int4Linear(nn.Linear(576, 64))
+    layer.load_state_dict(other.state_dict())  # written in place: the same tensors at the same addresses
+    torch.testing.assert_close(layer(x), other(x))
+    import pickle
+
+    assert "_native_pack" not in pickle.loads(pickle.dumps(layer)).__dict__ and "_native_pack" in layer.__dict__
     assert native.packed_int4(Int4Linear(nn.Linear(576, 40))) is None  # rows not a multiple of 16
+
+
+@needs_packing
+def test_a_nan_reaching_the_packed_head_comes_out_nan():
+    head = Int8Linear(nn.Linear(576, 64))
+    head.rounds_activations = True
+    x = torch.randn(2, 576)
+    x[0, 100] = float("nan")
+    x[1, 7] = float("inf")
+    y = head(x)
+    assert "_native_pack" in head.__dict__ and y.isnan().all()
 
 
 @needs_kernels
@@ -360,6 +377,26 @@ def _modules_own_forward(model):
 
 
 @needs_kernels
+def test_weights_written_in_place_rebuild_the_native_plan():
+    """``load_state_dict`` writes into the same tensors: the plans (and any packed copy) must see it."""
+    model = quantize_int4(_tiny_llama())
+    other = quantize_int4(_tiny_llama(n_layers=2, vocab_size=300).apply(_scramble))
+    before = _step_logits(model)
+    model.load_state_dict(other.state_dict())
+    after = _step_logits(model)
+    reference = _step_logits(other)
+    assert not torch.allclose(before[-1], after[-1])
+    for a, r in zip(after, reference):
+        torch.testing.assert_close(a, r)
+
+
+def _scramble(m):
+    if isinstance(m, nn.Linear):
+        with torch.no_grad():
+            m.weight.mul_(-1.5)
+
+
+@needs_kernels
 def test_a_parameter_whose_storage_moves_rebuilds_the_native_plan():
     """``p.data = ...`` keeps the Parameter object (its id) but moves its memory: the plan must follow."""
     model = quantize_int4(_tiny_llama())
@@ -485,4 +522,4 @@ def test_a_request_joining_the_batch_runs_the_full_check_at_once():
             engine.step()
         engine.step()  # the first decode step with both rows
     now = store.__dict__["_native_stack"]
-    assert now is not first and norm.data_ptr() in now.ptrs
+    assert now is not first and norm.data_ptr() in [p[0] if isinstance(p, tuple) else p for p in now.ptrs]

@@ -827,6 +827,7 @@ int gptlab_i8_matmul_packed(int M, int N, int K, const float *x, const uint8_t *
     }
     quantize_plain_rows(M, K, x, xq, d, xsum);
     for (int i = 0; i < M * G; i++) {
+        if (!isfinite(xsum[i])) d[i] = NAN; /* a NaN or inf in x: NaN out, as the float head gives (the rounding drops it) */
         int32_t t = 0;
         for (int k = 0; k < 32; k++) t += xq[(size_t)i * 32 + k];
         neg[i] = -128 * t;

@@ -98,11 +98,17 @@ def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
     return x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
 
 
+def _version(t: torch.Tensor) -> int:
+    """How many in-place writes ``t`` has seen (-1 for an inference-mode tensor, which counts none)."""
+    return -1 if t.is_inference() else t._version
+
+
 def _cached_pack(layer: nn.Module, sources: tuple[torch.Tensor, ...], make) -> tuple[torch.Tensor, ...] | None:
     """``layer``'s packed copy of ``sources``, made by ``make()`` (None: no copy) when there is none for
-    these very tensors at these addresses. Kept in ``layer.__dict__["_native_pack"]`` as (sources, their
-    addresses, *the copy): holding the sources, so a replaced one is never mistaken for its successor."""
-    ptrs = tuple(t.data_ptr() for t in sources)
+    these very tensors at these addresses and versions (an in-place write counts). Kept in
+    ``layer.__dict__["_native_pack"]`` as (sources, their addresses and versions, *the copy): holding the
+    sources, so a replaced one is never mistaken for its successor."""
+    ptrs = tuple((t.data_ptr(), _version(t)) for t in sources)  # (the version: an in-place write, e.g. load_state_dict)
     cached = layer.__dict__.get("_native_pack")
     if cached is not None and all(map(operator.is_, cached[0], sources)) and cached[1] == ptrs:
         return cached[2:]
@@ -130,10 +136,12 @@ def packed_int4(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     n, k = codes.shape[0], codes.shape[1] * 2
     if lib is None or codes.device.type != "cpu" or not lib.gptlab_q4_packs(n, k) \
             or not all(t.is_contiguous() for t in (codes, scale, minimum)):
+        layer.__dict__.pop("_native_pack", None)  # (moved to a GPU, say: the old copy is not kept alive)
         return None
 
     def make():
-        pc, ps, pm = torch.empty_like(codes), torch.empty(n, k // 32), torch.empty(n, k // 32)
+        pc = torch.empty_like(codes)
+        ps, pm = torch.empty(n, k // 32, dtype=torch.float32), torch.empty(n, k // 32, dtype=torch.float32)
         rc = lib.gptlab_q4_pack(n, k, codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), pc.data_ptr(),
                                 ps.data_ptr(), pm.data_ptr())
         return None if rc else (pc, ps, pm)
@@ -149,6 +157,7 @@ def packed_int8(layer: nn.Module) -> tuple[torch.Tensor] | None:
     q = layer.weight_int8
     n, k = q.shape
     if lib is None or q.device.type != "cpu" or not lib.gptlab_i8_packs(n, k) or not q.is_contiguous():
+        layer.__dict__.pop("_native_pack", None)
         return None
 
     def make():
@@ -164,7 +173,7 @@ def q4_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum
     ``packed``: the same weights as :func:`packed_int4` gives them (then read instead)."""
     n, k = codes.shape[0], codes.shape[1] * 2
     x2 = _rows(x, k)
-    y = torch.empty(x2.shape[0], n)
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     b = bias.float().contiguous() if bias is not None else None
     pc, ps, pm = (t.data_ptr() for t in packed) if packed is not None else (None, None, None)
     rc = kernels().gptlab_q4_matmul(x2.shape[0], n, k, x2.data_ptr(), codes.data_ptr(), scale.data_ptr(),
@@ -190,7 +199,7 @@ def i8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch
     copy read."""
     n, k = q.shape
     x2 = _rows(x, k)
-    y = torch.empty(x2.shape[0], n)
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     b = bias.float().contiguous() if bias is not None else None
     bp = b.data_ptr() if b is not None else None
     lib = kernels()
@@ -312,7 +321,8 @@ class NativeDecoderLayer(DecoderLayer):
     def _plan(self) -> _Layer | None:
         tensors = self._held()
         linears, norms = tensors[:7], tensors[7:9]
-        key = tuple((id(t), t.data_ptr(), t.dtype) if isinstance(t, torch.Tensor) else id(t) for t in tensors)
+        key = tuple((id(t), t.data_ptr(), t.dtype, _version(t)) if isinstance(t, torch.Tensor) else id(t)
+                    for t in tensors)
         cached = self.__dict__.get("_native_plan")
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -328,7 +338,8 @@ class NativeDecoderLayer(DecoderLayer):
                 plan = None
         if any(s is not None and s.packed for s in structs):  # packed just now: what the plan points into
             tensors = self._held()
-            key = tuple((id(t), t.data_ptr(), t.dtype) if isinstance(t, torch.Tensor) else id(t) for t in tensors)
+            key = tuple((id(t), t.data_ptr(), t.dtype, _version(t)) if isinstance(t, torch.Tensor) else id(t)
+                    for t in tensors)
         self.__dict__["_native_plan"] = (key, plan, tensors)  # the tensors: alive while their ids are the key
         return plan
 
@@ -429,12 +440,15 @@ class _StackPlan:
 
     @staticmethod
     def _snapshot(stack, store) -> tuple[list, list[int], list]:
-        """(every layer and cache buffer and what each layer holds, their addresses, the layers' windows)."""
+        """(every layer and cache buffer and what each layer holds, their addresses (and the layers' tensors'
+        versions: an in-place write, e.g. ``load_state_dict``, counts as a change), the layers' windows)."""
         layers = list(stack._modules.values())
-        held = [*layers, *store.k, *store.v]
+        cache = [*store.k, *store.v]  # (written every step: their versions move)
+        held = [*layers, *cache]
         for layer in layers:
             held += layer._held()
-        ptrs = [t.data_ptr() for t in held if isinstance(t, torch.Tensor)]
+        ptrs = [t.data_ptr() for t in cache] + [(t.data_ptr(), _version(t)) for t in held[len(layers) + len(cache):]
+                                                if isinstance(t, torch.Tensor)]
         return held, ptrs, [layer.__dict__["_modules"]["self_attn"].window for layer in layers]
 
     def still_valid(self, stack, store) -> bool:

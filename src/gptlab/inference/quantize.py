@@ -87,6 +87,12 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows (shared with the head)"
 
 
+def _without_native_pack(state: dict) -> dict:
+    """A layer's pickled state without the native kernels' packed copy (``native.packed_int4``/``packed_int8``:
+    remade on first use)."""
+    return {k: v for k, v in state.items() if k != "_native_pack"}
+
+
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights and one bf16 scale per output feature.
 
@@ -122,6 +128,9 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The float weight this layer computes with, (out, in) fp32."""
         return self.weight_int8.float() * self.scale.float()[:, None]
+
+    def __getstate__(self):
+        return _without_native_pack(super().__getstate__())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if native.usable(x):  # gptlab's own kernel (float32 activations)
@@ -231,6 +240,9 @@ class Int4Linear(nn.Module):
             sz = torch.stack([self.scale, zero], dim=-1).transpose(0, 1).contiguous()  # (in/g, out, 2)
             self._packed = (key, packed, sz)
         return self._packed[1], self._packed[2]
+
+    def __getstate__(self):
+        return _without_native_pack(super().__getstate__())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group_size == 32 and native.usable(x):  # gptlab's own kernel: reads the codes as they are
