@@ -65,9 +65,12 @@ GPTLAB_QUANTS: dict[str, tuple[int, dict[str, int]]] = {
     "INT8": (0, {"q int8": 1, "scale bf16 per row": 2}),
     "INT4": (32, {"codes u4[32]": 16, "scale bf16": 2, "min bf16": 2}),
 }
-# gptlab's native CPU kernel (inference/kernels.c) and the CUDA path read Int4Linear's own buffers:
-# one copy of 5.0 bits is resident and read per token. (Only where the native kernels cannot be
-# built -- no C compiler, not x86 -- does PyTorch's CPU kernel pack a second copy at the first forward.)
+# gptlab's native CPU kernel (inference/kernels.c) on AVX2 and the CUDA path read Int4Linear's own
+# buffers: one copy of 5.0 bits is resident and read per token. (Where the native kernels cannot be
+# built -- no C compiler, not x86 -- PyTorch's CPU kernel packs a second copy at the first forward. On
+# AVX-512 VNNI CPUs the native kernels also pack one at the first forward -- 4-bit codes and float32
+# scale and minimum, 6.0 bits, plus a second int8 copy of an int4 model's head -- and read it instead:
+# not counted here yet.)
 INT4_RESIDENT_COPIES = 1
 
 
