@@ -223,7 +223,7 @@ def _held_bytes(model) -> int:
     for m in model.modules():
         packed = getattr(m, "_packed", None)
         if packed:
-            n += sum(x.numel() * x.element_size() for x in packed[1:])
+            n += sum(x.numel() * x.element_size() for x in packed[2:])  # (sources, their addresses, *copy)
     return n
 
 

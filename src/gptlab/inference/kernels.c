@@ -601,12 +601,20 @@ static int q4_prepare(q4_input *in, int M, int K, const float *x, int plain) {
     *in = (q4_input){M, K, 0, x, NULL, NULL, NULL, NULL, NULL, NULL};
     if (!gptlab_int4_integer_for(K)) return 0;
     const int G = K / 32;
-    in->xq = malloc((size_t)M * K);
-    in->dx = malloc(sizeof(float) * (size_t)M * G * 8); /* VNNI: 8 lanes per group, AVX2: 4 or 1 */
-    in->xsum = malloc(sizeof(float) * (size_t)M * G);
-    if (!in->xq || !in->dx || !in->xsum) {
-        q4_release(in);
-        return -2;
+#if defined(GPTLAB_VNNI)
+    const int pairs = plain != 1; /* a job reads the pair layout */
+#else
+    const int pairs = 1;
+    (void)plain;
+#endif
+    if (pairs) {
+        in->xq = malloc((size_t)M * K);
+        in->dx = malloc(sizeof(float) * (size_t)M * G * 8); /* VNNI: 8 lanes per group, AVX2: 4 or 1 */
+        in->xsum = malloc(sizeof(float) * (size_t)M * G);
+        if (!in->xq || !in->dx || !in->xsum) {
+            q4_release(in);
+            return -2;
+        }
     }
 #if defined(GPTLAB_VNNI)
     if (plain) {
@@ -619,10 +627,9 @@ static int q4_prepare(q4_input *in, int M, int K, const float *x, int plain) {
         }
         quantize_plain_rows(M, K, x, in->xp, in->dp, in->sp);
     }
-    if (plain != 1) quantize_rows(M, K, x, in->xq, in->dx, in->xsum);
+    if (pairs) quantize_rows(M, K, x, in->xq, in->dx, in->xsum);
     in->path = 3;
 #elif defined(GPTLAB_AVX2)
-    (void)plain;
     if (G % 2 == 0) {
         quantize_pairs_avx2(M, K, x, in->xq, in->dx, in->xsum);
         in->path = 2;

@@ -103,17 +103,19 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def _cached_pack(layer: nn.Module, sources: tuple[torch.Tensor, ...], make) -> tuple[torch.Tensor, ...] | None:
+def cached_pack(layer: nn.Module, sources: tuple[torch.Tensor, ...], make,
+                slot: str = "_native_pack") -> tuple[torch.Tensor, ...] | None:
     """``layer``'s packed copy of ``sources``, made by ``make()`` (None: no copy) when there is none for
     these very tensors at these addresses and versions (an in-place write counts). Kept in
-    ``layer.__dict__["_native_pack"]`` as (sources, their addresses and versions, *the copy): holding the
-    sources, so a replaced one is never mistaken for its successor."""
+    ``layer.__dict__[slot]`` as (sources, their addresses and versions, *the copy): holding the
+    sources, so a replaced one is never mistaken for its successor. (The native kernels' copies use
+    ``"_native_pack"``; ``Int4Linear`` keeps PyTorch's int4 packing the same way.)"""
     ptrs = tuple((t.data_ptr(), _version(t)) for t in sources)  # (the version: an in-place write, e.g. load_state_dict)
-    cached = layer.__dict__.get("_native_pack")
+    cached = layer.__dict__.get(slot)
     if cached is not None and all(map(operator.is_, cached[0], sources)) and cached[1] == ptrs:
         return cached[2:]
     copy = make()
-    layer.__dict__["_native_pack"] = None if copy is None else (sources, ptrs, *copy)
+    layer.__dict__[slot] = None if copy is None else (sources, ptrs, *copy)
     return copy
 
 
@@ -145,7 +147,7 @@ def packed_int4(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         rc = lib.gptlab_q4_pack(n, k, codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), pc.data_ptr(),
                                 ps.data_ptr(), pm.data_ptr())
         return None if rc else (pc, ps, pm)
-    return _cached_pack(layer, (codes, scale, minimum), make)
+    return cached_pack(layer, (codes, scale, minimum), make)
 
 
 def packed_int8(layer: nn.Module) -> tuple[torch.Tensor] | None:
@@ -163,7 +165,7 @@ def packed_int8(layer: nn.Module) -> tuple[torch.Tensor] | None:
     def make():
         packed = torch.empty(n, k, dtype=torch.uint8)
         return None if lib.gptlab_i8_pack(n, k, q.data_ptr(), packed.data_ptr()) else (packed,)
-    return _cached_pack(layer, (q,), make)
+    return cached_pack(layer, (q,), make)
 
 
 def q4_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
@@ -293,6 +295,12 @@ def _step_inputs(x: torch.Tensor, cos: torch.Tensor, cache) -> bool:
         and cos.dim() == 4 and usable(x)
 
 
+def _plan_key(held: list) -> tuple:
+    """What a layer's plan depends on: each module's identity, each tensor's identity, address, dtype
+    and version (an in-place write counts)."""
+    return tuple((id(t), t.data_ptr(), t.dtype, _version(t)) if isinstance(t, torch.Tensor) else id(t) for t in held)
+
+
 class NativeDecoderLayer(DecoderLayer):
     """A Llama decoder layer that decodes (one new token per row of a slot batch) in one native call.
 
@@ -321,8 +329,7 @@ class NativeDecoderLayer(DecoderLayer):
     def _plan(self) -> _Layer | None:
         tensors = self._held()
         linears, norms = tensors[:7], tensors[7:9]
-        key = tuple((id(t), t.data_ptr(), t.dtype, _version(t)) if isinstance(t, torch.Tensor) else id(t)
-                    for t in tensors)
+        key = _plan_key(tensors)
         cached = self.__dict__.get("_native_plan")
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -338,8 +345,7 @@ class NativeDecoderLayer(DecoderLayer):
                 plan = None
         if any(s is not None and s.packed for s in structs):  # packed just now: what the plan points into
             tensors = self._held()
-            key = tuple((id(t), t.data_ptr(), t.dtype, _version(t)) if isinstance(t, torch.Tensor) else id(t)
-                    for t in tensors)
+            key = _plan_key(tensors)
         self.__dict__["_native_plan"] = (key, plan, tensors)  # the tensors: alive while their ids are the key
         return plan
 

@@ -201,7 +201,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("minimum", minimum)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self._packed: tuple | None = None  # (key, packed codes, scales_and_zeros) for the CPU kernel
+        self._packed: tuple | None = None  # PyTorch's int4 packing for its CPU kernel (native.cached_pack)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
@@ -233,13 +233,11 @@ class Int4Linear(nn.Module):
         return w.reshape(self.out_features, self.in_features)
 
     def _kernel_args(self) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (self.codes.data_ptr(), self.scale.data_ptr(), self.minimum.data_ptr())
-        if self._packed is None or self._packed[0] != key:
+        def make():
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked_codes().to(torch.int32), 1)
             zero = (self.minimum.float() + 8.0 * self.scale.float()).to(torch.bfloat16)
-            sz = torch.stack([self.scale, zero], dim=-1).transpose(0, 1).contiguous()  # (in/g, out, 2)
-            self._packed = (key, packed, sz)
-        return self._packed[1], self._packed[2]
+            return packed, torch.stack([self.scale, zero], dim=-1).transpose(0, 1).contiguous()  # (in/g, out, 2)
+        return native.cached_pack(self, (self.codes, self.scale, self.minimum), make, slot="_packed")
 
     def __getstate__(self):
         return _without_native_pack(super().__getstate__())
