@@ -40,6 +40,7 @@ import torch
 
 from gptlab.errors import GptlabError
 from gptlab.inference.events import CANCELLED, LENGTH, GenerationEvent, token_event
+from gptlab.inference.graphs import DecodeGraph, graphs_apply
 from gptlab.inference.requests import (MAX_LOGPROBS, Handle, Request, SequenceState, common_prefix,
                                        top_alternatives)
 
@@ -56,17 +57,24 @@ class Engine:
         max_len: tokens per sequence, prompt included (default and at most: the model's context).
         prefill_chunk: prompt tokens prefilled per step, over all new requests.
         prefix_reuse: start a prompt after the longest prefix a free slot still holds.
+        static_decode: decode through :class:`~gptlab.inference.graphs.DecodeGraph`, every slot in fixed
+            shapes, captured as a CUDA graph on a GPU. None (default): on CUDA (``GPTLAB_CUDA_GRAPHS=0``
+            turns it off); True elsewhere runs the same step uncaptured. Not with a sliding-window ring.
     """
 
     def __init__(self, model, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
-                 prefill_chunk: int = 256, prefix_reuse: bool = True):
+                 prefill_chunk: int = 256, prefix_reuse: bool = True, static_decode: bool | None = None):
         if max_batch < 1 or prefill_chunk < 1:
             raise GptlabError(f"max_batch={max_batch} and prefill_chunk={prefill_chunk} must be >= 1")
         if max_len is not None and max_len < 2:
             raise GptlabError(f"max_len={max_len} must be >= 2 (a prompt token and a new one)")
         self.model, self.tokenizer, self.prefill_chunk = model.eval(), tokenizer, prefill_chunk
-        self.cache = model.new_slot_cache(max_batch, max_len)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        static = graphs_apply(device) if static_decode is None else static_decode
+        self.cache = (model.new_slot_cache(max_batch, max_len, spare=True) if static
+                      else model.new_slot_cache(max_batch, max_len))
         self.device = self.cache.k[0].device
+        self.graph = DecodeGraph(model, self.cache) if self.cache.spare else None
         self.prefix_reuse = prefix_reuse
         self.free = list(range(max_batch))  # free slots, lowest first
         self.slot_ids: list[list[int]] = [[] for _ in range(max_batch)]  # ids cached in each free slot
@@ -151,8 +159,7 @@ class Engine:
         decoding = sorted((s for s in self.running if not s.prefilling and s.pending == 1),
                           key=lambda s: s.handle.slot)
         if decoding:
-            logits = self._forward(decoding, 1)  # (B, V)
-            out += self._emit(decoding, logits)
+            out += self._emit(decoding, self._decode(decoding))
         return out
 
     # ---- inside a step ----
@@ -199,6 +206,16 @@ class Engine:
         nxt = seq.ids[first:first + logprobs.shape[0]]
         for i, token in enumerate(nxt):
             handle.prompt_logprobs.append((float(logprobs[i, token]), top_alternatives(logprobs[i], top)))
+
+    def _decode(self, seqs: list[SequenceState]) -> torch.Tensor:
+        """One new token for each decoding row: float logits (B, V), through the captured step if there is one."""
+        if self.graph is None:
+            return self._forward(seqs, 1)
+        logits = self.graph([s.handle.slot for s in seqs], [s.ids[s.base + s.pos] for s in seqs],
+                            [s.pos for s in seqs])
+        for s in seqs:
+            s.pos += 1
+        return logits
 
     def _forward(self, seqs: list[SequenceState], T: int, head: bool | str = True) -> torch.Tensor | None:
         """Feed each row's next T ids at its own positions. ``head``: True -> float logits at each row's

@@ -1,13 +1,12 @@
 """gptlab's own CPU kernels for int4/int8 weights (``kernels.c``), built on first use and cached.
 
-The C file ships with the package and is built on first use for this CPU
-(:func:`gptlab.ccompile.compiled`: cached on disk, off with ``GPTLAB_NATIVE=0``). Where it
-cannot be built, or the CPU has neither AVX-512 nor AVX2, :func:`kernels` returns None and the
-layers use PyTorch's kernels instead (same results to float rounding).
+The C file ships with the package and is built on first use for this CPU (:func:`gptlab.ccompile.compiled`:
+cached on disk, off with ``GPTLAB_NATIVE=0``). Where it cannot be built, or the CPU has neither AVX-512 nor
+AVX2, :func:`kernels` returns None and the layers use PyTorch's kernels instead (same results to float rounding).
 
-The layers call :func:`q4_matmul` / :func:`i8_matmul` for float32 activations on the
-CPU. OpenMP threads: ``torch.get_num_threads()``; the library links the OpenMP runtime
-that PyTorch already loaded, so both share one thread pool.
+The layers call :func:`q4_matmul` / :func:`i8_matmul` for float32 activations on the CPU. OpenMP threads:
+``torch.get_num_threads()``; the library links the OpenMP runtime that PyTorch already loaded, so both
+share one thread pool.
 """
 
 from __future__ import annotations
@@ -304,11 +303,10 @@ def _plan_key(held: list) -> tuple:
 class NativeDecoderLayer(DecoderLayer):
     """A Llama decoder layer that decodes (one new token per row of a slot batch) in one native call.
 
-    Everything else (prefill, training, a ring cache, float projections) runs the
-    module's own forward. The kernel holds pointers to this layer's tensors: the
-    plan is rebuilt whenever one of them is replaced or moves (a reload, ``.to()``,
-    ``p.data = ...``: the key is each tensor's identity, address and dtype), and
-    holds them alive while it is cached. Copies and pickles leave the plan behind.
+    Everything else (prefill, training, a ring cache, float projections) runs the module's own forward.
+    The kernel holds pointers to this layer's tensors: the plan is rebuilt whenever one of them is replaced
+    or moves (a reload, ``.to()``, ``p.data = ...``: the key is each tensor's identity, address and dtype),
+    and holds them alive while it is cached. Copies and pickles leave the plan behind.
     """
 
     act: int = 0  # 0: SiLU, 1: GELU (tanh)
@@ -409,12 +407,11 @@ class _StackPlan:
     and every module and tensor a layer holds are the same objects (identity) at the same addresses,
     with the same attention windows; any change rebuilds the plans, every layer's own checks included.
     It touches ~1,800 objects that the step's weight traffic has pushed out of the CPU caches: ~1.2 ms,
-    an eighth of a batch-1 step of a 30-layer model. So it runs when the plan is new, when the batch's
-    rows change (a request joins or leaves: weights swapped between requests are seen at once) and
-    every :data:`FULL_CHECK_EVERY` steps; the other steps check the layer objects and the cache's
-    buffers only. A weight
-    replaced in the middle of a batch is used from the next full check on, and the kernel never reads
-    freed memory meanwhile: the plan keeps every storage it points into alive (``pinned``).
+    an eighth of a batch-1 step of a 30-layer model. So it runs when the plan is new, when the batch's rows
+    change (a request joins or leaves: weights swapped between requests are seen at once) and every
+    :data:`FULL_CHECK_EVERY` steps; the other steps check the layer objects and the cache's buffers only.
+    A weight replaced in the middle of a batch is used from the next full check on, and the kernel never
+    reads freed memory meanwhile: the plan keeps every storage it points into alive (``pinned``).
     """
 
     def __init__(self, stack: "NativeLayerStack", store, plans: list):
@@ -429,8 +426,7 @@ class _StackPlan:
         self.unchecked = 0  # steps since the last full check
 
     def current(self, stack, store, slots: torch.Tensor) -> bool:
-        """Whether this plan may run the step: the same layer objects, and the full check passing when
-        it is due (see the class docstring)."""
+        """May this plan run the step? The same layer objects, and the full check passing when it is due."""
         layers, n = stack._modules.values(), len(self.plans)
         if id(stack) != self.stack_id or len(layers) != n or not all(map(operator.is_, layers, self.held)) \
                 or not all(map(operator.is_, [*store.k, *store.v], self.held[n:3 * n])):
@@ -439,7 +435,7 @@ class _StackPlan:
         self.unchecked += 1
         if rows == self.rows and self.unchecked < FULL_CHECK_EVERY:
             return True
-        if not self.still_valid(stack, store):
+        if not self.still_valid(stack, store):  # a full check (see the class docstring)
             return False
         self.rows, self.unchecked = rows, 0
         return True

@@ -35,12 +35,19 @@ class SlotCache:
     window whatever the sequence length. ``kpos`` (N, W) then records the
     absolute position held at each index (-1: empty), from which the masks
     are built.
+
+    With ``spare=True`` each slot has one more index, ``max_len``, that no
+    sequence uses: a :class:`StaticBatch`'s idle rows write their keys there.
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int,
-                 head_dim: int, *, dtype: torch.dtype, device: torch.device | str, ring: int | None = None):
+                 head_dim: int, *, dtype: torch.dtype, device: torch.device | str, ring: int | None = None,
+                 spare: bool = False):
         self.ring = ring if ring is not None and ring < max_len else None
-        shape = (batch, n_kv_heads, self.ring or max_len, head_dim)
+        if spare and self.ring:
+            raise ValueError("a ring cache (sliding window) has no spare index: make it without spare=True")
+        self.spare = spare
+        shape = (batch, n_kv_heads, (self.ring or max_len) + int(spare), head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_batch, self.max_len = batch, max_len
@@ -202,6 +209,49 @@ class RingBatch(SlotBatch):
             W = window or self.cache.ring
             allowed = (k_pos >= 0) & (k_pos <= q_pos) & (k_pos > q_pos - W)
             self._masks[window] = allowed.unsqueeze(1)
+        return self._masks[window]
+
+
+class StaticBatch(SlotBatch):
+    """Every slot of a ``spare=True`` :class:`SlotCache`, one new token each, in shapes that never change:
+    the view a captured decode step (a CUDA graph) replays with new contents.
+
+    Row b is slot b; ``positions`` (N, 1) is a buffer the caller fills before each call, where an idle
+    row holds ``max_len`` (the spare index): it writes its keys there and touches no slot's tokens. Each
+    row attends over all ``max_len + 1`` stored keys, masked to its own position. Nothing here reads a
+    tensor back to the host, so the step can be captured once and replayed.
+    """
+
+    def __init__(self, cache: SlotCache, positions: torch.Tensor):
+        if not cache.spare:
+            raise ValueError("a static batch needs a slot cache made with spare=True (no sliding-window ring)")
+        if positions.shape != (cache.max_batch, 1):
+            raise ValueError(f"positions must be ({cache.max_batch}, 1), one per slot; got {tuple(positions.shape)}")
+        self.cache, self.pos, self.S, self.slots = cache, positions, cache.max_len, None
+        self._masks = {}
+
+    def positions(self, T: int, device) -> torch.Tensor:
+        """(N, 1) positions for embeddings and rotation; an idle row's spare index becomes the last real one."""
+        if T != 1:
+            raise ValueError(f"a static batch feeds one token per row; the call has {T}")
+        return self.pos.clamp(max=self.cache.max_len - 1)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write each row's k/v (N, Hkv, 1, hd) at its position; return every slot's keys (N, Hkv, max_len + 1, hd)."""
+        at = self.pos.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])  # (N, Hkv, 1, hd)
+        self.cache.k[layer].scatter_(2, at, k.to(self.cache.k[layer].dtype))
+        self.cache.v[layer].scatter_(2, at, v.to(self.cache.v[layer].dtype))
+        return self.cache.k[layer], self.cache.v[layer]
+
+    def mask(self, T: int, window: int | None) -> torch.Tensor:
+        """(N, 1, 1, max_len + 1) bool: row b sees keys 0..positions[b] (the last ``window`` of them)."""
+        if window not in self._masks:
+            q_pos = self.pos.view(-1, 1, 1, 1)  # (N, 1, 1, 1)
+            k_pos = torch.arange(self.cache.max_len + 1, device=self.pos.device)  # (max_len + 1,)
+            allowed = k_pos <= q_pos
+            if window is not None:
+                allowed &= k_pos > q_pos - window
+            self._masks[window] = allowed
         return self._masks[window]
 
 

@@ -175,17 +175,19 @@ class LanguageModel(nn.Module):
                        self.cfg.head_dim, dtype=dtype or p.dtype, device=device or p.device)
 
     def new_slot_cache(self, max_batch: int, max_len: int | None = None, *, dtype=None,
-                       device=None) -> SlotCache:
+                       device=None, spare: bool = False) -> SlotCache:
         """An empty slot cache: ``max_batch`` independent sequences of up to ``max_len`` tokens (default: the context).
 
         With a sliding window W < max_len the cache keeps a ring of each sequence's last W tokens.
+        ``spare``: one more index per slot for a :class:`~gptlab.models.attention.StaticBatch` (a captured
+        decode step); not with a ring (the cache's ``spare`` says whether it has one).
         """
         p = self.get_final_norm().weight  # the activations' dtype (the embedding may be an int8 table)
         max_len = min(max_len or self.cfg.context_length, self.cfg.context_length)
         window = self.cfg.attended_tokens(max_len)  # < max_len for a sliding window: keep a ring of W
         return SlotCache(self.cfg.n_layers, max_batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
                          dtype=dtype or p.dtype, device=device or p.device,
-                         ring=window if window < max_len else None)
+                         ring=window if window < max_len else None, spare=spare and window >= max_len)
 
     def positions(self, T: int, cache: CacheView | None, device) -> torch.Tensor:
         """Absolute positions of a call's T new tokens, checked against the context window.
