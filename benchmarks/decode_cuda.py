@@ -5,21 +5,23 @@ prompt, greedy, a fixed number of new tokens. Rows, each at 1 and at 8 concurren
 
 - gptlab, the engine's default on CUDA: the static decode step captured once as a CUDA graph and
   replayed (``Engine(static_decode=None)``);
-- gptlab uncaptured: the same static step launched op by op (``GPTLAB_CUDA_GRAPHS=0`` does this);
-- gptlab's dynamic slot batch (``static_decode=False``, the path the CPU runs);
+- gptlab uncaptured: the same static step launched op by op;
+- gptlab's dynamic slot batch (``static_decode=False``, the path the CPU runs; ``GPTLAB_CUDA_GRAPHS=0``
+  gives it on CUDA);
 - transformers' ``generate`` on the same weights in bf16 (batch 1; skipped if transformers is absent).
 
 Tokens/s count the decode steps alone (from every sequence's first token to the end); each engine is
 reused across repeats, so the one capture is not timed; runs alternate and each keeps its best. The
 tokens of every gptlab row are compared with the dynamic path's. Without CUDA it says so and exits 2.
+``--random``: SmolLM2-135M's shape with random weights and a random 40-token prompt (for a machine
+without the GGUF file; no transformers row).
 
-    .venv/bin/python benchmarks/decode_cuda.py [--new-tokens 128] [--repeats 3]
+    .venv/bin/python benchmarks/decode_cuda.py [--new-tokens 128] [--repeats 3] [--random]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -55,28 +57,37 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--random", action="store_true", help="SmolLM2-135M's shape, random weights, no GGUF file")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark measures the captured decode step on a GPU (see decode_vs_llamacpp.py "
               "for the CPU)")
         raise SystemExit(2)
-    from gptlab.tokenizers import load_tokenizer
-    from gptlab.tokenizers.chat_template import ChatTemplate
-    from gptlab.weights.gguf import load_gguf
+    n = args.new_tokens
+    if args.random:
+        from gptlab.models import build_model
+        from gptlab.models.config import get_preset
 
-    n, path = args.new_tokens, find_model()
-    tok = load_tokenizer(str(path))
-    prompt = tok.encode(ChatTemplate.for_tokenizer(tok).render(PROMPT_MESSAGES, add_generation_prompt=True))
-    model = load_gguf(path).to(device="cuda", dtype=torch.bfloat16).eval()
-    print(f"model {path.name} (bf16 on {torch.cuda.get_device_name()}); prompt {len(prompt)} tokens; {n} new tokens "
+        torch.manual_seed(0)
+        model = build_model(get_preset("smollm2-135m")).to(device="cuda", dtype=torch.bfloat16).eval()
+        prompt, name, args.skip_transformers = torch.randint(0, 49152, (40,)).tolist(), "random SmolLM2-135M", True
+    else:
+        from gptlab.tokenizers import load_tokenizer
+        from gptlab.tokenizers.chat_template import ChatTemplate
+        from gptlab.weights.gguf import load_gguf
+
+        path = find_model()
+        tok = load_tokenizer(str(path))
+        prompt = tok.encode(ChatTemplate.for_tokenizer(tok).render(PROMPT_MESSAGES, add_generation_prompt=True))
+        model, name = load_gguf(path).to(device="cuda", dtype=torch.bfloat16).eval(), path.name
+    print(f"model {name} (bf16 on {torch.cuda.get_device_name()}); prompt {len(prompt)} tokens; {n} new tokens "
           f"greedy; torch {torch.__version__}")
     rows = {}
     for batch in (1, 8):
         for name, static in (("captured", None), ("uncaptured", True), ("dynamic", False)):
-            if name == "uncaptured":
-                os.environ["GPTLAB_CUDA_GRAPHS"] = "0"
             engine, go = engine_runner(model, prompt, n, batch, static)
-            os.environ.pop("GPTLAB_CUDA_GRAPHS", None)
+            if name == "uncaptured":
+                engine.graph.capture = False  # the same static step, launched op by op
             rows[(name, batch)] = (engine, go)
     best, tokens = {k: float("inf") for k in rows}, {}
     for k, (_, go) in rows.items():
@@ -99,6 +110,7 @@ def main() -> None:
             print("transformers is not installed: its row is skipped (pip install transformers)")
             return
         from gptlab.weights.export import export_hf
+        from gptlab.weights.gguf import load_gguf
 
         transformers.logging.set_verbosity_error()
         tmp = Path(tempfile.mkdtemp()) / "hf"

@@ -14,7 +14,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gptlab.inference.engine import Engine, Request
 from gptlab.inference.graphs import DecodeGraph
+from gptlab.models import build_model
 from gptlab.models.attention import SlotCache, StaticBatch
+from gptlab.models.llama import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_engine import V, _prompt, _tiny  # noqa: E402
@@ -22,10 +24,12 @@ from test_engine import V, _prompt, _tiny  # noqa: E402
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def _mixed_run(model, static: bool, sampled: bool) -> list[list[int]]:
+def _mixed_run(model, static: bool, sampled: bool, capture_after: int | None = None, engine=None) -> list[list[int]]:
     """Requests of mixed prompt lengths that join and leave mid-way; each request's tokens."""
-    engine = Engine(model, max_batch=3, static_decode=static)
+    engine = engine or Engine(model, max_batch=3, static_decode=static)
     assert (engine.graph is not None) == static
+    if capture_after is not None:
+        engine.graph.capture_after = capture_after
     kw = {"temperature": 0.9, "top_k": 20} if sampled else {}
     handles = [engine.submit(Request(_prompt(n, seed=n), max_tokens=m, seed=n, **kw))
                for n, m in ((5, 12), (11, 4), (2, 9))]
@@ -85,7 +89,7 @@ def test_the_static_step_reads_nothing_back_to_the_host(family):
     step = DecodeGraph(model, cache, capture=False)
     step.pos[:, 0] = torch.tensor([4, 16, 9])  # row 1 idle
     with torch.inference_mode(), _HostReads() as mode:
-        logits = step._step()
+        logits = step._step(16)
     assert logits.shape == (3, V)
     assert mode.seen == []
     # the same check catches the engine's usual slot batch, which does read positions back
@@ -129,37 +133,100 @@ def test_a_sliding_window_ring_decodes_without_the_static_step():
     assert len(h.tokens) == 5
 
 
-def test_the_engine_uses_the_static_step_only_on_cuda_by_default(monkeypatch):
-    assert Engine(_tiny("gpt2"), max_batch=2).graph is None  # CPU: the native/dynamic path
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_static_step_runs_on_the_meta_device(family):
+    """On meta tensors any read of a value (``item``, ``tolist``, a mask index, a host tensor) fails."""
+    model = _tiny(family).to("meta")
+    cache = model.new_slot_cache(3, 16, spare=True)
+    assert cache.k[0].is_meta
+    step = DecodeGraph(model, cache, capture=False)
+    with torch.inference_mode():
+        assert step._step(8).shape == (3, V)
+
+
+def test_attended_lengths_grow_by_doubling_and_give_the_full_lengths_logits():
+    torch.manual_seed(0)
+    model = build_model(LlamaConfig(vocab_size=V, context_length=512, emb_dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    hidden_dim=64)).eval()
+    cache = model.new_slot_cache(2, 300, spare=True)
+    step = DecodeGraph(model, cache, capture=False)
+    assert [step.length([p]) for p in (0, 63, 64, 127, 128, 299)] == [64, 64, 128, 128, 256, 300]
+    with torch.inference_mode():
+        ids = _prompt(70, 3)
+        model.features(torch.tensor([ids]), cache.rows(torch.tensor([1]), torch.arange(70)[None]))
+        step.ids[:, 0] = torch.tensor([0, 5])
+        step.pos[:, 0] = torch.tensor([300, 70])
+        short, full = step._step(128), step._step(300)  # the second rewrites the same keys
+    torch.testing.assert_close(short[1], full[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="1..300"):
+        StaticBatch(cache, step.pos, 301)
+
+
+def test_the_engine_decodes_with_the_slot_batch_by_default_on_cpu():
+    engine = Engine(_tiny("gpt2"), max_batch=2)
+    assert engine.graph is None and not engine.cache.spare
+    forced = Engine(_tiny("gpt2"), max_batch=2, static_decode=True)
+    assert forced.graph is not None and not forced.graph.capture  # CPU: the static step, uncaptured
+
+
+def test_a_mixture_of_experts_keeps_the_slot_batch_unless_asked(monkeypatch):
+    from gptlab.inference import graphs
+
+    monkeypatch.setattr(graphs, "capture_applies", lambda device: True)  # as on a GPU
+    assert graphs.static_applies(_tiny("llama"), torch.device("cpu"))
+    assert not graphs.static_applies(_tiny("llama", n_experts=4, experts_per_token=2), torch.device("cpu"))
+
+
+def test_a_failed_capture_falls_back_to_the_slot_batch(monkeypatch):
+    model = _tiny("llama")
+    engine = Engine(model, max_batch=2, static_decode=True)
+    engine.graph.failed = True
+    h = engine.submit(Request(_prompt(5, 1), max_tokens=6))
+    list(engine.run())
+    assert h.tokens == _mixed_ref_alone(model, _prompt(5, 1), 6)
+
+
+def _mixed_ref_alone(model, prompt, n):
+    engine = Engine(model, max_batch=1)
+    h = engine.submit(Request(prompt, max_tokens=n))
+    list(engine.run())
+    return h.tokens
 
 
 @cuda
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_cuda_graph_replays_give_the_uncaptured_tokens(family):
+def test_cuda_graph_replays_give_the_uncaptured_tokens(family, monkeypatch):
+    monkeypatch.delenv("GPTLAB_CUDA_GRAPHS", raising=False)
     model = _tiny(family).cuda()
     engine = Engine(model, max_batch=3)
     assert engine.graph is not None and engine.graph.capture
-    got = _mixed_run(model, True, sampled=False)
-    want = _mixed_run(model, False, sampled=False)
-    assert got == want
-    h = engine.submit(Request(_prompt(5, 5), max_tokens=6))
-    list(engine.run())
-    assert engine.graph.captures == 1 and engine.graph.replays >= 5
+    captured = _mixed_run(model, True, sampled=False, capture_after=2, engine=engine)
+    assert engine.graph.captures == 1 and engine.graph.replays >= 5 and not engine.graph.failed
+    uncaptured = Engine(model, max_batch=3, static_decode=True)
+    uncaptured.graph.capture = False
+    assert captured == _mixed_run(model, True, sampled=False, engine=uncaptured)
+    assert captured == _mixed_run(model, False, sampled=False)
+    monkeypatch.setenv("GPTLAB_CUDA_GRAPHS", "0")
+    assert Engine(model, max_batch=3).graph is None
 
 
 @cuda
-def test_cuda_graph_is_recaptured_when_a_weight_is_replaced():
+def test_cuda_graph_is_recaptured_when_a_weight_is_replaced(monkeypatch):
+    from gptlab.inference.graphs import CHECK_EVERY
+
+    monkeypatch.delenv("GPTLAB_CUDA_GRAPHS", raising=False)
     model = _tiny("llama").cuda()
     engine = Engine(model, max_batch=2)
+    engine.graph.capture_after = 0
     engine.submit(Request(_prompt(5, 1), max_tokens=3))
     list(engine.run())
     assert engine.graph.captures == 1
     with torch.no_grad():
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 2)
-    h = engine.submit(Request(_prompt(5, 1), max_tokens=3))
+    h = engine.submit(Request(_prompt(5, 1), max_tokens=CHECK_EVERY + 4))
     list(engine.run())
     assert engine.graph.captures == 2
     alone = Engine(model, max_batch=2, static_decode=False)
-    h2 = alone.submit(Request(_prompt(5, 1), max_tokens=3))
+    h2 = alone.submit(Request(_prompt(5, 1), max_tokens=CHECK_EVERY + 4))
     list(alone.run())
-    assert h.tokens == h2.tokens
+    assert h.tokens[CHECK_EVERY:] == h2.tokens[CHECK_EVERY:]

@@ -40,7 +40,7 @@ import torch
 
 from gptlab.errors import GptlabError
 from gptlab.inference.events import CANCELLED, LENGTH, GenerationEvent, token_event
-from gptlab.inference.graphs import DecodeGraph, graphs_apply
+from gptlab.inference.graphs import DecodeGraph, capture_applies, static_applies
 from gptlab.inference.requests import (MAX_LOGPROBS, Handle, Request, SequenceState, common_prefix,
                                        top_alternatives)
 
@@ -58,8 +58,9 @@ class Engine:
         prefill_chunk: prompt tokens prefilled per step, over all new requests.
         prefix_reuse: start a prompt after the longest prefix a free slot still holds.
         static_decode: decode through :class:`~gptlab.inference.graphs.DecodeGraph`, every slot in fixed
-            shapes, captured as a CUDA graph on a GPU. None (default): on CUDA (``GPTLAB_CUDA_GRAPHS=0``
-            turns it off); True elsewhere runs the same step uncaptured. Not with a sliding-window ring.
+            shapes, captured as CUDA graphs where :func:`~gptlab.inference.graphs.capture_applies` (CUDA,
+            unless ``GPTLAB_CUDA_GRAPHS=0``). None (default): where it is captured (not for a mixture of
+            experts); True: also elsewhere, uncaptured. Never with a sliding-window ring.
     """
 
     def __init__(self, model, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
@@ -70,11 +71,11 @@ class Engine:
             raise GptlabError(f"max_len={max_len} must be >= 2 (a prompt token and a new one)")
         self.model, self.tokenizer, self.prefill_chunk = model.eval(), tokenizer, prefill_chunk
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        static = graphs_apply(device) if static_decode is None else static_decode
+        static = static_applies(model, device) if static_decode is None else static_decode
         self.cache = (model.new_slot_cache(max_batch, max_len, spare=True) if static
                       else model.new_slot_cache(max_batch, max_len))
         self.device = self.cache.k[0].device
-        self.graph = DecodeGraph(model, self.cache) if self.cache.spare else None
+        self.graph = DecodeGraph(model, self.cache, capture_applies(device)) if self.cache.spare else None
         self.prefix_reuse = prefix_reuse
         self.free = list(range(max_batch))  # free slots, lowest first
         self.slot_ids: list[list[int]] = [[] for _ in range(max_batch)]  # ids cached in each free slot
@@ -209,7 +210,7 @@ class Engine:
 
     def _decode(self, seqs: list[SequenceState]) -> torch.Tensor:
         """One new token for each decoding row: float logits (B, V), through the captured step if there is one."""
-        if self.graph is None:
+        if self.graph is None or self.graph.failed:  # (a failed capture: the usual slot batch, on the same cache)
             return self._forward(seqs, 1)
         logits = self.graph([s.handle.slot for s in seqs], [s.ids[s.base + s.pos] for s in seqs],
                             [s.pos for s in seqs])

@@ -218,16 +218,21 @@ class StaticBatch(SlotBatch):
 
     Row b is slot b; ``positions`` (N, 1) is a buffer the caller fills before each call, where an idle
     row holds ``max_len`` (the spare index): it writes its keys there and touches no slot's tokens. Each
-    row attends over all ``max_len + 1`` stored keys, masked to its own position. Nothing here reads a
-    tensor back to the host, so the step can be captured once and replayed.
+    row attends over the first ``S`` stored keys (default: all ``max_len``; every active row's position
+    must be below S), masked to its own position. Nothing here reads a tensor back to the host, so the
+    step can be captured once and replayed. (A spare cache has no ring, so a sliding window never
+    reaches back past S: the window needs no mask of its own.)
     """
 
-    def __init__(self, cache: SlotCache, positions: torch.Tensor):
+    def __init__(self, cache: SlotCache, positions: torch.Tensor, S: int | None = None):
         if not cache.spare:
             raise ValueError("a static batch needs a slot cache made with spare=True (no sliding-window ring)")
         if positions.shape != (cache.max_batch, 1):
             raise ValueError(f"positions must be ({cache.max_batch}, 1), one per slot; got {tuple(positions.shape)}")
-        self.cache, self.pos, self.S, self.slots = cache, positions, cache.max_len, None
+        S = cache.max_len if S is None else S
+        if not 1 <= S <= cache.max_len:
+            raise ValueError(f"the attended length {S} must be in 1..{cache.max_len} (the cache's max_len)")
+        self.cache, self.pos, self.S, self.slots = cache, positions, S, None
         self._masks = {}
 
     def positions(self, T: int, device) -> torch.Tensor:
@@ -237,22 +242,18 @@ class StaticBatch(SlotBatch):
         return self.pos.clamp(max=self.cache.max_len - 1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write each row's k/v (N, Hkv, 1, hd) at its position; return every slot's keys (N, Hkv, max_len + 1, hd)."""
+        """Write each row's k/v (N, Hkv, 1, hd) at its position; return every slot's first S keys (N, Hkv, S, hd)."""
         at = self.pos.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])  # (N, Hkv, 1, hd)
         self.cache.k[layer].scatter_(2, at, k.to(self.cache.k[layer].dtype))
         self.cache.v[layer].scatter_(2, at, v.to(self.cache.v[layer].dtype))
-        return self.cache.k[layer], self.cache.v[layer]
+        return self.cache.k[layer][:, :, :self.S], self.cache.v[layer][:, :, :self.S]
 
     def mask(self, T: int, window: int | None) -> torch.Tensor:
-        """(N, 1, 1, max_len + 1) bool: row b sees keys 0..positions[b] (the last ``window`` of them)."""
-        if window not in self._masks:
-            q_pos = self.pos.view(-1, 1, 1, 1)  # (N, 1, 1, 1)
-            k_pos = torch.arange(self.cache.max_len + 1, device=self.pos.device)  # (max_len + 1,)
-            allowed = k_pos <= q_pos
-            if window is not None:
-                allowed &= k_pos > q_pos - window
-            self._masks[window] = allowed
-        return self._masks[window]
+        """(N, 1, 1, S) bool: row b sees keys 0..positions[b] (an idle row sees them all)."""
+        if None not in self._masks:
+            k_pos = torch.arange(self.S, device=self.pos.device)  # (S,)
+            self._masks[None] = k_pos <= self.pos.view(-1, 1, 1, 1)
+        return self._masks[None]
 
 
 CacheView = KVCache | SlotBatch  # what a model call takes as ``cache``
