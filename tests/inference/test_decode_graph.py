@@ -19,7 +19,7 @@ from gptlab.models.attention import SlotCache, StaticBatch
 from gptlab.models.llama import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_engine import V, _prompt, _tiny  # noqa: E402
+from test_engine import V, _alone, _prompt, _tiny  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -177,20 +177,13 @@ def test_a_mixture_of_experts_keeps_the_slot_batch_unless_asked(monkeypatch):
     assert not graphs.static_applies(_tiny("llama", n_experts=4, experts_per_token=2), torch.device("cpu"))
 
 
-def test_a_failed_capture_falls_back_to_the_slot_batch(monkeypatch):
+def test_a_failed_capture_falls_back_to_the_slot_batch():
     model = _tiny("llama")
     engine = Engine(model, max_batch=2, static_decode=True)
     engine.graph.failed = True
     h = engine.submit(Request(_prompt(5, 1), max_tokens=6))
     list(engine.run())
-    assert h.tokens == _mixed_ref_alone(model, _prompt(5, 1), 6)
-
-
-def _mixed_ref_alone(model, prompt, n):
-    engine = Engine(model, max_batch=1)
-    h = engine.submit(Request(prompt, max_tokens=n))
-    list(engine.run())
-    return h.tokens
+    assert h.tokens == _alone(model, Request(_prompt(5, 1), max_tokens=6))
 
 
 @cuda
