@@ -1,10 +1,13 @@
 """The one estimator: KV cache, weights, training memory, activations, speed."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from gptlab.errors import GptlabError
 from gptlab.fit.catalog import spec_from_config, spec_from_ref
+from gptlab.fit.hardware import native_int4_packs
 from gptlab.fit.estimate import (EAGER_OPS, activation_elements_per_token, bytes_per_token, decode_tokens_per_s,
                                  inference_memory, kv_cache_bytes, prefill_seconds, train_tokens_per_s,
                                  training_memory, weights_bytes)
@@ -213,15 +216,21 @@ def test_sizes_are_the_configs_methods():
     assert flops_per_token(moe, 100) == 2 * (moe.params_active - moe.params_embedding + 320 * 64) + 4 * 3 * 100 * 64
 
 
-def _held_bytes(model) -> int:
-    """Bytes a model holds: parameters and buffers once each, plus the CPU int4 kernel's packed copies."""
+def _held_bytes(model, slot: str = "_packed") -> int:
+    """Bytes a model holds: parameters and buffers once each, plus the packed copies kept in ``slot``
+    (``_packed``: PyTorch's int4 CPU kernel's; ``_native_pack``: the VNNI kernels')."""
     seen, n = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             n += t.numel() * t.element_size()
+    return n + _packed_bytes(model, slot)
+
+
+def _packed_bytes(model, slot: str) -> int:
+    n = 0
     for m in model.modules():
-        packed = getattr(m, "_packed", None)
+        packed = m.__dict__.get(slot)
         if packed:
             n += sum(x.numel() * x.element_size() for x in packed[2:])  # (sources, their addresses, *copy)
     return n
@@ -244,9 +253,62 @@ def test_gptlab_quantize_is_planned_at_the_bytes_it_holds(preset, quant, hw):
         pytest.skip("without gptlab's native kernels PyTorch's int4 kernel holds a second copy")
     assert weights_bytes(spec, quant) == pytest.approx(_held_bytes(model), rel=0.01)
     m = inference_memory(spec, hw, quant, 64, engine="gptlab")
-    assert m.weights == weights_bytes(spec, quant)
+    assert m.weights == weights_bytes(spec, quant) and m.cpu_packed == 0  # (hw: a machine without VNNI)
+    here = inference_memory(spec, replace(hw, int4_packed=native_int4_packs()), quant, 64, engine="gptlab")
+    assert here.cpu_packed == pytest.approx(_packed_bytes(model, "_native_pack"), rel=0.01, abs=1)
     # A decode step reads one row of the embedding and one copy of the codes.
     assert bytes_per_token(spec, quant, 1) < m.weights
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_vnni_packed_copies_are_planned_at_the_bytes_they_hold(family, hw):
+    """On an AVX-512 VNNI CPU an int4 model's first forward packs its block layers and its int8 head again:
+    fit's CPU-only path counts exactly those bytes (a model whose every layer and head packs)."""
+    from gptlab.fit.plan import run_paths
+    from gptlab.inference import native
+    from gptlab.inference.quantize import apply_quantization
+    from gptlab.models.gpt2 import GPT2Config
+    from gptlab.models.llama import LlamaConfig
+
+    if not (native_int4_packs() and native.kernels() is not None):
+        pytest.skip("the packed copies are made on AVX-512 VNNI CPUs with gptlab's native kernels only")
+    cfg = (LlamaConfig(vocab_size=512, context_length=64, emb_dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                       hidden_dim=256) if family == "llama" else
+           GPT2Config(vocab_size=512, context_length=64, emb_dim=128, n_layers=2, n_heads=4))
+    model = build_model(cfg).to(torch.bfloat16).eval()
+    apply_quantization(model, "int4")
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    held = _packed_bytes(model, "_native_pack")
+    spec, vnni = spec_from_config(cfg), replace(hw, int4_packed=True)
+    head = 512 * 128  # the int8 head's packed copy: a byte a weight
+    assert native.packed_copy(model.get_head()) and held > 2 * head
+    m = inference_memory(spec, vnni, "INT4", 64, engine="gptlab")
+    assert m.cpu_packed == pytest.approx(held, rel=0.01)
+    assert m.cpu_total == m.total + m.cpu_packed
+    cpu = next(p for p in run_paths(spec, vnni, "INT4", 64, "gptlab") if p.name == "CPU-only")
+    assert cpu.needed_gib == pytest.approx(m.cpu_total / 2**30)
+    for q, machine, engine in (("INT8", vnni, "gptlab"), ("INT4", hw, "gptlab"), ("Q4_1", vnni, "llama.cpp")):
+        assert inference_memory(spec, machine, q, 64, engine=engine).cpu_packed == 0  # nothing packed there
+
+
+def test_native_int4_packs_follows_the_switches(monkeypatch):
+    """No packed copies with native code off or int4 activations kept in float, whatever the CPU."""
+    monkeypatch.setenv("GPTLAB_NATIVE", "0")
+    assert not native_int4_packs()
+    monkeypatch.delenv("GPTLAB_NATIVE")
+    monkeypatch.setenv("GPTLAB_INT4_ACTIVATIONS", "float")
+    assert not native_int4_packs()
+    monkeypatch.delenv("GPTLAB_INT4_ACTIVATIONS")
+    from gptlab.inference import native
+
+    lib = native.kernels()
+    if lib is not None:  # the kernels' own answer
+        before = native.set_int4_activations("int8")
+        try:
+            assert native_int4_packs() == bool(lib.gptlab_q4_packs(16, 64))
+        finally:
+            native.set_int4_activations(before)
 
 
 def test_gptlab_formats_belong_to_the_gptlab_engine(hw):

@@ -29,7 +29,7 @@ from gptlab.fileio import atomic_write_json, cache_root
 from gptlab.fit.benchmarks import calibrate, measure_runtime_rss
 from gptlab.fit.calibration_check import LIMITS, calibration_problems
 from gptlab.fit.hardware import (DEFAULT_SPEEDS, GPU, Hardware, apply_gpu_speeds, cpu_name, detect_devices,
-                                 ollama_running, simulate, speeds_from, usable_cores)
+                                 native_int4_packs, ollama_running, simulate, speeds_from, usable_cores)
 from gptlab.logs import get_logger
 
 # Measurements per calibration before its figures are given up on.
@@ -173,7 +173,7 @@ def detect_hardware(calibrate_now: bool = False, measure: bool = True, ram: floa
     hw = Hardware(
         cpu_name=cpu_name(), cores=n_cores, ram_total=vm.total, ram_available=vm.available, gpus=gpus,
         unified_memory=unified, ollama=ollama_running(),
-        **speeds_from(figures), calibrated=calibrated, assumptions=notes,
+        **speeds_from(figures), calibrated=calibrated, assumptions=notes, int4_packed=native_int4_packs(),
     )
     apply_gpu_speeds(hw, figures.get("gpus", {}))
     return simulate(hw, ram=ram, vram=vram, cores=cores)

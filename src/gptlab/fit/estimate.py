@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass
 from gptlab.errors import GptlabError
 from gptlab.fit.catalog import ModelSpec
 from gptlab.fit.hardware import GPU, Hardware, bandwidth_at_width
-from gptlab.fit.quant import (GPTLAB_QUANTS, INT4_RESIDENT_COPIES, TORCH_DTYPES, canonical_name, get_quant,
-                              gptlab_quant_bits, kv_bytes_per_element)
+from gptlab.fit.quant import (GPTLAB_QUANTS, INT4_RESIDENT_COPIES, INT4_VNNI_PACKED_BITS, INT8_VNNI_PACKED_BITS,
+                              TORCH_DTYPES, canonical_name, get_quant, gptlab_quant_bits, kv_bytes_per_element)
 
 GiB = 2**30
 
@@ -131,12 +131,35 @@ def gptlab_quant_bytes(spec: ModelSpec, quant: str, resident: bool = True) -> fl
     """
     d = spec.emb_dim
     head = spec.params_lm_head * gptlab_quant_bits("INT8", d) / 8
-    blocks = spec.params_active - spec.params_embedding - (0 if spec.tied else spec.params_lm_head)
+    blocks = _block_params(spec)
     per_weight = gptlab_quant_bits(quant, d) / 8
     if quant == "INT4" and resident:
         per_weight *= INT4_RESIDENT_COPIES
     embedding = 2.0 * spec.params_embedding if resident else 2.0 * d
     return blocks * per_weight + head + embedding
+
+
+def _block_params(spec: ModelSpec) -> int:
+    """Weights of the linear layers in the blocks (all but the embedding and an untied head)."""
+    return spec.params_active - spec.params_embedding - (0 if spec.tied else spec.params_lm_head)
+
+
+def cpu_packed_bytes(spec: ModelSpec, hw: Hardware, quant: str, engine: str) -> float:
+    """The packed copies gptlab's native kernels add at the first forward on an AVX-512 VNNI CPU
+    (``Hardware.int4_packed``), for a model run there at ``--quantize int4``: each block layer whose
+    rows hold an even number of 32-groups (inputs a multiple of 64) and whose outputs are a multiple
+    of 16, again at 6.0 bits (``INT4_VNNI_PACKED_BITS``), and the int8 head once more where its
+    vocabulary is a multiple of 16. Zero elsewhere (the CUDA path, other formats, llama.cpp, AVX2): a
+    CPU-only run path adds it (``InferenceMemory.cpu_total``)."""
+    if engine != "gptlab" or canonical_name(quant) != "INT4" or not hw.int4_packed:
+        return 0.0
+    d, F, a, kv = spec.emb_dim, _mlp_width(spec), spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    mlp_in = [(d, F)] * (1 if spec.family == "gpt2" else 2)  # (inputs, outputs): fc, or gate and up
+    layers = [(d, a), (d, kv), (d, kv), (a, d), *mlp_in, (F, d)]
+    share = sum(k * n for k, n in layers if k % 64 == 0 and n % 16 == 0) / sum(k * n for k, n in layers)
+    blocks = _block_params(spec) * share * INT4_VNNI_PACKED_BITS / 8
+    head = spec.params_lm_head * INT8_VNNI_PACKED_BITS / 8 if spec.vocab_size % 16 == 0 and d % 32 == 0 else 0.0
+    return blocks + head
 
 
 def weights_bytes(spec: ModelSpec, quant: str) -> float:
@@ -205,10 +228,16 @@ class InferenceMemory:
     compute: float
     runtime: float
     load_buffers: float = 0.0
+    cpu_packed: float = 0.0  # the native kernels' packed copies, made only when the model runs on the CPU
 
     @property
     def total(self) -> float:
         return self.weights + self.kv_cache + self.compute + self.runtime + self.load_buffers
+
+    @property
+    def cpu_total(self) -> float:
+        """What a CPU-only run holds: ``total`` and the packed copies (``cpu_packed_bytes``)."""
+        return self.total + self.cpu_packed
 
     @property
     def device(self) -> float:
@@ -219,6 +248,7 @@ class InferenceMemory:
         d = {f"{k}_gib": v / GiB for k, v in asdict(self).items()}
         d["kv_cache_gib"] = d.pop("kv_cache_gib")
         d["total_gib"] = self.total / GiB
+        d["cpu_total_gib"] = self.cpu_total / GiB
         return d
 
 
@@ -233,6 +263,7 @@ def inference_memory(spec: ModelSpec, hw: Hardware, quant: str, context: int, ba
         compute=compute_buffer_bytes(spec, context, eng, batch),
         runtime=runtime_bytes(hw, eng),
         load_buffers=load_buffer_bytes(spec, eng),
+        cpu_packed=cpu_packed_bytes(spec, hw, q, engine),
     )
 
 
@@ -349,7 +380,7 @@ def _mlp_width(spec: ModelSpec) -> int:
     if spec.config is not None and spec.config.hidden_dim:
         return spec.config.hidden_dim
     # Recover F from the counts: per-layer MLP params ≈ 3·d·F (gated) or 2·d·F (GPT-2).
-    per_layer = (spec.params_active - spec.params_embedding - (0 if spec.tied else spec.params_lm_head)) / spec.n_layers
+    per_layer = _block_params(spec) / spec.n_layers
     attn = 2 * spec.emb_dim * (spec.n_heads + spec.n_kv_heads) * spec.head_dim
     return max(1, int((per_layer - attn) / ((2 if spec.family == "gpt2" else 3) * spec.emb_dim)))
 

@@ -83,6 +83,7 @@ class Hardware:
     calibrated: bool = False
     simulated: bool = False
     assumptions: list[str] = field(default_factory=list)
+    int4_packed: bool = False  # gptlab's int4 layers keep a second, VNNI-packed copy here (native_int4_packs)
 
     @property
     def gpu(self) -> GPU | None:
@@ -126,6 +127,25 @@ def mig_line(gpus: list[GPU], chosen: GPU | None) -> str:
 
 
 # ---------------------------------------------------------------- detection
+def native_int4_packs() -> bool:
+    """Whether gptlab's native kernels pack a second copy of int4 weights on this machine: an x86-64 CPU
+    with AVX-512 (F, BW) and VNNI, a C compiler, native code on (``GPTLAB_NATIVE``) and int4 activations
+    rounded to int8 (``GPTLAB_INT4_ACTIVATIONS``), as ``inference/kernels.c`` decides it (read from
+    /proc/cpuinfo rather than by building the kernels)."""
+    if os.environ.get("GPTLAB_NATIVE", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    if os.environ.get("GPTLAB_INT4_ACTIVATIONS", "int8").strip().lower() == "float":
+        return False
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(ln.split(":", 1)[1].split()) for ln in f if ln.startswith("flags")), set())
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512_vnni"} <= flags
+
+
 def cpu_name() -> str:
     """The CPU model name (Linux /proc/cpuinfo, macOS sysctl, else platform)."""
     try:

@@ -85,11 +85,12 @@ def run_paths(spec: ModelSpec, hw: Hardware, quant: str, context: int, engine: s
     else:
         paths.append(RunPath("GPU", False, "Too tight", None, mem.device / GiB, 0.0, "VRAM", "no GPU detected"))
     if not hw.unified_memory:
-        fit = level_for(mem.total, hw.ram_available)
+        fit = level_for(mem.cpu_total, hw.ram_available)
         if g is not None:
             fit = cap(fit, "Marginal")
         tps = decode_tokens_per_s(spec, hw, quant, context, engine, None, kv_quant)
-        paths.append(RunPath("CPU-only", fit != "Too tight", fit, tps, mem.total / GiB, hw.ram_available / GiB, "RAM"))
+        paths.append(RunPath("CPU-only", fit != "Too tight", fit, tps, mem.cpu_total / GiB, hw.ram_available / GiB,
+                             "RAM"))
     if target_tps is not None:
         for p in paths:
             if p.possible and p.tokens_per_s is not None and p.tokens_per_s < target_tps:
@@ -208,14 +209,13 @@ def make_plan(spec: ModelSpec, hw: Hardware, context: int | None = None, quant: 
     g = hw.gpu
     gpu_need = mem.total if hw.unified_memory else mem.device
     cores = _cores_needed(hw)
-    minimum = {"vram_gib": gpu_need / GiB,
-               "ram_gib": (mem.runtime if g is not None and not hw.unified_memory else mem.total) / GiB,
-               "ram_cpu_only_gib": mem.total / GiB, "cpu_cores": 1}
+    ram = mem.runtime if g is not None and not hw.unified_memory else mem.cpu_total  # (unified: no VNNI)
+    minimum = {"vram_gib": gpu_need / GiB, "ram_gib": ram / GiB, "ram_cpu_only_gib": mem.cpu_total / GiB,
+               "cpu_cores": 1}
     rec = THRESHOLDS["Perfect"]
-    recommended = {"vram_gib": gpu_need / rec / GiB,
-                   "ram_gib": (mem.runtime if g is not None and not hw.unified_memory else mem.total) / rec / GiB,
-                   "ram_cpu_only_gib": mem.total / rec / GiB, "cpu_cores": cores}
-    upgrades = upgrade_deltas(hw, best, gpu_need, mem.total)
+    recommended = {"vram_gib": gpu_need / rec / GiB, "ram_gib": ram / rec / GiB,
+                   "ram_cpu_only_gib": mem.cpu_total / rec / GiB, "cpu_cores": cores}
+    upgrades = upgrade_deltas(hw, best, gpu_need, mem.cpu_total)
     maxctx = {qq: max_context(spec, hw, qq, engine, kv_quant, batch) for qq in quants_for(engine, spec)
               if _quant_ok(spec, qq, eng)}
     pre = prefill_seconds(spec, hw, q, min(prompt_tokens, ctx), engine, g if best.name == "GPU" else None)
@@ -329,9 +329,10 @@ def table_row(spec: ModelSpec, hw: Hardware, context: int | None = None, engine:
     best = best_path(run_paths(spec, hw, q, ctx, engine, kv_quant))
     pct = 100 * best.needed_gib / best.available_gib if best.available_gib else float("inf")
     if not best.possible:  # nothing fits: report against RAM
-        pct = 100 * mem.total / hw.ram_available
+        pct = 100 * mem.cpu_total / hw.ram_available
+    total = mem.cpu_total if best.name == "CPU-only" or not best.possible else mem.total
     return Row(spec.name, spec.family, spec.source, spec.params_total, spec.params_active, q,
-               best.name if best.possible else "-", ctx, mem.weights / GiB, mem.kv_cache / GiB, mem.total / GiB,
+               best.name if best.possible else "-", ctx, mem.weights / GiB, mem.kv_cache / GiB, total / GiB,
                pct, best.tokens_per_s if best.possible else None, best.fit)
 
 

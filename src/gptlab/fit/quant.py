@@ -67,10 +67,13 @@ GPTLAB_QUANTS: dict[str, tuple[int, dict[str, int]]] = {
 }
 # gptlab's native CPU kernel (inference/kernels.c) on AVX2 and the CUDA path read Int4Linear's own
 # buffers: one copy of 5.0 bits is resident and read per token. (Where the native kernels cannot be
-# built -- no C compiler, not x86 -- PyTorch's CPU kernel packs a second copy at the first forward. On
-# AVX-512 VNNI CPUs the native kernels also pack one at the first forward -- 4-bit codes and float32
-# scale and minimum, 6.0 bits, plus a second int8 copy of an int4 model's head -- and read it instead:
-# not counted here yet.)
+# built -- no C compiler, not x86 -- PyTorch's CPU kernel packs a second copy at the first forward.)
+# On AVX-512 VNNI CPUs the native kernels also pack a copy at the first forward and read it instead:
+# the 4-bit codes again with a float32 scale and minimum per 32 weights (INT4_VNNI_PACKED_BITS), and
+# an int4 model's int8 head once more (INT8_VNNI_PACKED_BITS); ``estimate.cpu_packed_bytes`` counts them
+# where ``Hardware.int4_packed``.
+INT4_VNNI_PACKED_BITS = 4 + (32 + 32) / 32  # codes u4, then a float32 scale and minimum per 32 weights: 6.0
+INT8_VNNI_PACKED_BITS = 8
 INT4_RESIDENT_COPIES = 1
 
 

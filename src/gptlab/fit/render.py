@@ -50,7 +50,9 @@ def render_plan(p: Plan) -> str:
              f"engine {i['engine']} | target {i['target_tps'] or '<none>'} tok/s",
              f"Memory: weights {p.memory['weights_gib']:.2f} GiB + KV cache {p.memory['kv_cache_gib']:.2f} GiB "
              f"+ compute {p.memory['compute_gib']:.2f} GiB + runtime {p.memory['runtime_gib']:.2f} GiB "
-             f"= {p.memory['total_gib']:.2f} GiB",
+             f"= {p.memory['total_gib']:.2f} GiB" + (
+                 f" (CPU-only: + {p.memory['cpu_packed_gib']:.2f} GiB of packed int4 copies = "
+                 f"{p.memory['cpu_total_gib']:.2f} GiB)" if p.memory.get("cpu_packed_gib") else ""),
              f"Speed: decode {fmt_tps(p.decode_tokens_per_s)} tok/s, prefill of {i['prompt_tokens']} tokens "
              + (f"{p.prefill_seconds:.2f} s" if p.prefill_seconds is not None else "-"),
              f"Fit: {p.fit} ({p.mode})", "", "Run paths:"]
