@@ -42,6 +42,25 @@ def cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
+def _native_on() -> bool:
+    return os.environ.get("GPTLAB_NATIVE", "1") != "0" and platform.machine().lower() in ("x86_64", "amd64")
+
+
+def compiler() -> str | None:
+    """The C compiler native code would be built with here, or None where it is off (``GPTLAB_NATIVE=0``),
+    the CPU is not x86-64 or there is none (``$CC``, else ``cc``, else ``gcc``)."""
+    return (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")) if _native_on() else None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (what ``-march=native`` builds for); empty where unreadable."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
+
+
 def _build(cc: str, source: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".build-", suffix=".so")
@@ -58,11 +77,10 @@ def _build(cc: str, source: Path, out: Path) -> None:
 def compiled(source: Path, what: str) -> ctypes.CDLL | None:
     """``source`` built for this machine and loaded, or None where native code is off or cannot be built
     (``what`` names the callers' fallback in the log line: "int4/int8 layers")."""
-    if os.environ.get("GPTLAB_NATIVE", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = compiler()
     if cc is None:
-        log.info("no C compiler found: %s use PyTorch's kernels", what)
+        if _native_on():
+            log.info("no C compiler found: %s use PyTorch's kernels", what)
         return None
     key = hashlib.sha256(source.read_bytes() + " ".join([cc, *FLAGS]).encode() + cpu_id().encode())
     path = cache_root() / "kernels" / f"gptlab-{source.stem}-{key.hexdigest()[:16]}.so"

@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 
 from gptlab import mig
+from gptlab.ccompile import compiler, cpu_flags
 
 GiB = 2**30
 
@@ -132,18 +133,9 @@ def native_int4_packs() -> bool:
     with AVX-512 (F, BW) and VNNI, a C compiler, native code on (``GPTLAB_NATIVE``) and int4 activations
     rounded to int8 (``GPTLAB_INT4_ACTIVATIONS``), as ``inference/kernels.c`` decides it (read from
     /proc/cpuinfo rather than by building the kernels)."""
-    if os.environ.get("GPTLAB_NATIVE", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+    if compiler() is None or os.environ.get("GPTLAB_INT4_ACTIVATIONS", "int8").strip().lower() == "float":
         return False
-    if os.environ.get("GPTLAB_INT4_ACTIVATIONS", "int8").strip().lower() == "float":
-        return False
-    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((set(ln.split(":", 1)[1].split()) for ln in f if ln.startswith("flags")), set())
-    except OSError:
-        return False
-    return {"avx512f", "avx512bw", "avx512_vnni"} <= flags
+    return {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags()
 
 
 def cpu_name() -> str:
