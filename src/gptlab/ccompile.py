@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 from gptlab.fileio import cache_root
 
@@ -61,12 +62,12 @@ def cpu_flags() -> set[str]:
     return next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
 
 
-def _build(cc: str, source: Path, out: Path) -> None:
+def _build(cc: str, source: Path, out: Path, flags: Sequence[str] = ()) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, str(source), "-o", tmp], check=True, capture_output=True, text=True,
+        subprocess.run([cc, *FLAGS, *flags, str(source), "-o", tmp], check=True, capture_output=True, text=True,
                        timeout=120)
         os.replace(tmp, out)  # atomic: a concurrent process sees the old file or the whole new one
     finally:
@@ -74,19 +75,20 @@ def _build(cc: str, source: Path, out: Path) -> None:
             os.unlink(tmp)
 
 
-def compiled(source: Path, what: str) -> ctypes.CDLL | None:
+def compiled(source: Path, what: str, flags: Sequence[str] = ()) -> ctypes.CDLL | None:
     """``source`` built for this machine and loaded, or None where native code is off or cannot be built
-    (``what`` names the callers' fallback in the log line: "int4/int8 layers")."""
+    (``what`` names the callers' fallback in the log line: "int4/int8 layers"). ``flags`` go after
+    :data:`FLAGS` (tests build the AVX2 code of an AVX-512 machine with ``-mno-avx512f``)."""
     cc = compiler()
     if cc is None:
         if _native_on():
             log.info("no C compiler found: %s use PyTorch's kernels", what)
         return None
-    key = hashlib.sha256(source.read_bytes() + " ".join([cc, *FLAGS]).encode() + cpu_id().encode())
+    key = hashlib.sha256(source.read_bytes() + " ".join([cc, *FLAGS, *flags]).encode() + cpu_id().encode())
     path = cache_root() / "kernels" / f"gptlab-{source.stem}-{key.hexdigest()[:16]}.so"
     try:
         if not path.exists():
-            _build(cc, source, path)
+            _build(cc, source, path, flags)
         return ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or str(e)

@@ -8,24 +8,26 @@
  *                    projection reads, so no transpose or copy follows
  *   lse  (B, H, T)   each row's log-sum-exp, kept for the backward pass
  *
- * One (batch, head) pair is one task; OpenMP spreads the B*H tasks over the threads. A task copies its
- * K (and V) into transposed scratch (D x Tp, T rounded up to 8) so that the scores of 8 keys are one
- * vector, accumulated over d in registers. Forward takes one query row at a time over the keys it may
- * see (j <= i). Backward recomputes each row's probabilities from lse (as FlashAttention does), keeps
- * the (T, T) p and ds of the task in scratch, then forms dK and dV column by column:
- *   p_ij = exp(scale q_i.k_j - lse_i),  dp_ij = do_i.v_j,  ds_ij = scale p_ij (dp_ij - do_i.o_i)
- *   dq_i = sum_j ds_ij k_j,  dk_j = sum_i ds_ij q_i,  dv_j = sum_i p_ij do_i
- * exp: Cephes' expf polynomial, 8 lanes at a time (relative error < 2e-7).
- *
- * AVX2 + FMA only, head widths D = 8, 16, ..., 64 (gptlab_attention_supports); elsewhere the caller
- * uses PyTorch's SDPA.
+ * One (batch, head) pair is one task; OpenMP spreads the B*H tasks over the threads, each with one
+ * scratch buffer for all its tasks. A task copies its head's q, k, v (and do) into zero-padded rows and
+ * k, v into transposed blocks, then every product is a register-blocked micro-kernel (mkernel): MR = 4
+ * rows at a time, each vector of the other operand loaded once for the four. Rows are taken in blocks
+ * of 4 queries, over the keys the block may see (j <= i, rounded up to a vector):
+ *   forward:  s = scale q k^T, p = exp(s - max) zero past i, o = p v / sum, lse = max + log(sum)
+ *   backward: p = exp(scale q k^T - lse) (recomputed, as FlashAttention does), dp = do v^T,
+ *             ds = p (dp - do_i.o_i) scale; dq = ds k by query blocks; then by key blocks
+ *             dk_j = sum_{i >= j} ds_ij q_i, dv_j = sum_{i >= j} p_ij do_i (p and ds kept, T x T)
+ * exp: Cephes' expf polynomial (relative error < 2e-7). Vectors are AVX-512 (16 floats) where the build
+ * has it, else AVX2 + FMA (8); head widths D = 8, 16, ..., 64 (gptlab_attention_supports); elsewhere
+ * the caller uses PyTorch's SDPA.
  *
  * ---- GELU (read with models/fused_gelu.py) ----
  * GPT-2's tanh form y = x Φ(x), Φ(x) ≈ (1 + tanh(u)) / 2 = σ(2u), u = √(2/π) (x + 0.044715 x³);
  * dx = dy (Φ + x Φ'). One exponential per value and one pass over memory each way instead of
- * PyTorch's (its AVX2 tanh is slow). (An erf form measured no faster than PyTorch's own erf GELU
- * on an AVX2 EPYC in a training step, and slower on an AVX-512 Xeon: 0.80 against 0.65 ms forward
- * and backward per 768 x 512; the exact GELU is PyTorch's.)
+ * PyTorch's (its AVX2 tanh is slow). (An exact (erf) form, 16 floats at a time with Φ and φ sharing one
+ * exponential, measured 0.41 against PyTorch's 0.51 ms forward + backward per 768 x 512 on an AVX-512
+ * Xeon but no faster in the Shakespeare step, 48.8 against 48.5 ms, both memory-bound: the exact GELU is
+ * PyTorch's.)
  */
 #include <math.h>
 #include <stdlib.h>
@@ -33,123 +35,159 @@
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-#define MAXV 8 /* D / 8 at most: the accumulators of one row stay in registers */
 
-int gptlab_attention_supports(int D) { return D > 0 && D % 8 == 0 && D / 8 <= MAXV; }
+int gptlab_attention_supports(int D) { return D > 0 && D % 8 == 0 && D <= 64; }
 
-/* e^x, 8 at a time: x = k ln2 + r with |r| <= ln2/2, e^r by Cephes' expf polynomial, 2^k in the exponent bits. */
+/* Cephes' expf: x = k ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial, 2^k in the exponent bits. */
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO -2.12194440e-4f
+#define EXP_P0 1.9875691500e-4f
+#define EXP_P1 1.3981999507e-3f
+#define EXP_P2 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P4 1.6666665459e-1f
+#define EXP_P5 5.0000001201e-1f
+
+/* e^x, 8 at a time (the GELU's, and the attention's on AVX2). */
 static inline __m256 exp8(__m256 x) {
     x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x); /* this operand order passes a NaN through */
     const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(EXP_LN2_HI), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(EXP_LN2_LO), r);
+    __m256 p = _mm256_set1_ps(EXP_P0);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P5));
     p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-static inline float hsum8(__m256 v) {
+/* ---- attention ---- */
+
+/* One vector `vec` of VL floats: AVX-512 where the build has it (-march=native), else AVX2. */
+#if defined(__AVX512F__)
+#define VL 16
+#define NB 4 /* vectors per micro-kernel row: MR x NB accumulators stay in registers */
+typedef __m512 vec;
+#define vzero _mm512_setzero_ps
+#define vset1 _mm512_set1_ps
+#define vload _mm512_loadu_ps
+#define vstore _mm512_storeu_ps
+#define vfmadd _mm512_fmadd_ps
+#define vadd _mm512_add_ps
+#define vsub _mm512_sub_ps
+#define vmul _mm512_mul_ps
+#define vmax _mm512_max_ps
+#define vhsum _mm512_reduce_add_ps
+#define vhmax _mm512_reduce_max_ps
+
+/* v with its lanes j0 + l > last set to fill. */
+static inline vec vkeep(vec v, int j0, int last, float fill) {
+    const int n = last - j0 + 1;
+    const __mmask16 m = n >= VL ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+    return _mm512_mask_blend_ps(m, vset1(fill), v);
+}
+
+/* e^x, 16 at a time: exp8's steps on 512-bit vectors. */
+static inline vec vexp(vec x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x); /* this operand order passes a NaN through */
+    const vec k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vec r = _mm512_fnmadd_ps(k, _mm512_set1_ps(EXP_LN2_HI), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(EXP_LN2_LO), r);
+    vec p = _mm512_set1_ps(EXP_P0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P5));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#else
+#define VL 8
+#define NB 2
+typedef __m256 vec;
+#define vzero _mm256_setzero_ps
+#define vset1 _mm256_set1_ps
+#define vload _mm256_loadu_ps
+#define vstore _mm256_storeu_ps
+#define vfmadd _mm256_fmadd_ps
+#define vadd _mm256_add_ps
+#define vsub _mm256_sub_ps
+#define vmul _mm256_mul_ps
+#define vmax _mm256_max_ps
+#define vexp exp8
+
+static inline float vhsum(vec v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* s[0 .. 8*nb) = scale * x . key_j, from xt (D x Tp, key j in column j); four 8-key blocks at a time. */
-static void scores(const float *x, const float *xt, int Tp, int D, int nb, float scale, float *s) {
-    int b = 0;
-    for (; b + 4 <= nb; b += 4) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        const float *col = xt + 8 * b;
-        for (int d = 0; d < D; d++, col += Tp) {
-            const __m256 xd = _mm256_set1_ps(x[d]);
-            a0 = _mm256_fmadd_ps(xd, _mm256_loadu_ps(col), a0);
-            a1 = _mm256_fmadd_ps(xd, _mm256_loadu_ps(col + 8), a1);
-            a2 = _mm256_fmadd_ps(xd, _mm256_loadu_ps(col + 16), a2);
-            a3 = _mm256_fmadd_ps(xd, _mm256_loadu_ps(col + 24), a3);
-        }
-        const __m256 sc = _mm256_set1_ps(scale);
-        _mm256_storeu_ps(s + 8 * b, _mm256_mul_ps(a0, sc));
-        _mm256_storeu_ps(s + 8 * b + 8, _mm256_mul_ps(a1, sc));
-        _mm256_storeu_ps(s + 8 * b + 16, _mm256_mul_ps(a2, sc));
-        _mm256_storeu_ps(s + 8 * b + 24, _mm256_mul_ps(a3, sc));
-    }
-    if (b < nb) { /* the last 1-3 blocks together: independent chains */
-        const int r = nb - b;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0;
-        const float *col = xt + 8 * b;
-        for (int d = 0; d < D; d++, col += Tp) {
-            const __m256 xd = _mm256_set1_ps(x[d]);
-            a0 = _mm256_fmadd_ps(xd, _mm256_loadu_ps(col), a0);
-            if (r > 1) a1 = _mm256_fmadd_ps(xd, _mm256_loadu_ps(col + 8), a1);
-            if (r > 2) a2 = _mm256_fmadd_ps(xd, _mm256_loadu_ps(col + 16), a2);
-        }
-        const __m256 sc = _mm256_set1_ps(scale);
-        _mm256_storeu_ps(s + 8 * b, _mm256_mul_ps(a0, sc));
-        if (r > 1) _mm256_storeu_ps(s + 8 * b + 8, _mm256_mul_ps(a1, sc));
-        if (r > 2) _mm256_storeu_ps(s + 8 * b + 16, _mm256_mul_ps(a2, sc));
-    }
-}
-
-/* dst (D floats) = times * sum_{j < n} w[j] * rows[j * stride ...], accumulated in registers. */
-static void weighted_rows(const float *w, const float *rows, size_t stride, int n, int D, float times, float *dst) {
-    const int V = D / 8;
-    __m256 a[MAXV], c[MAXV];
-    for (int u = 0; u < V; u++) a[u] = c[u] = _mm256_setzero_ps();
-    int j = 0;
-    for (; j + 2 <= n; j += 2) { /* two sets of accumulators: even and odd j */
-        const __m256 w0 = _mm256_set1_ps(w[j]), w1 = _mm256_set1_ps(w[j + 1]);
-        const float *r0 = rows + (size_t)j * stride, *r1 = r0 + stride;
-        for (int u = 0; u < V; u++) {
-            a[u] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(r0 + 8 * u), a[u]);
-            c[u] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(r1 + 8 * u), c[u]);
-        }
-    }
-    if (j < n) {
-        const __m256 w0 = _mm256_set1_ps(w[j]);
-        const float *r0 = rows + (size_t)j * stride;
-        for (int u = 0; u < V; u++) a[u] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(r0 + 8 * u), a[u]);
-    }
-    const __m256 t = _mm256_set1_ps(times);
-    for (int u = 0; u < V; u++) _mm256_storeu_ps(dst + 8 * u, _mm256_mul_ps(_mm256_add_ps(a[u], c[u]), t));
-}
-
-/* Copy the D columns of one head out of a strided (T, stride) matrix into a transposed (D, Tp) block. */
-static void transpose_head(const float *src, size_t stride, int T, int Tp, int D, float *dst) {
-    for (int j = 0; j < T; j++)
-        for (int d = 0; d < D; d++) dst[(size_t)d * Tp + j] = src[(size_t)j * stride + d];
-}
-
-/* The largest of s[0 .. n), after setting s[n .. 8*nb) to -inf (s has room). */
-static float masked_max(float *s, int n, int nb) {
-    for (int j = n; j < 8 * nb; j++) s[j] = -INFINITY;
-    __m256 m = _mm256_loadu_ps(s);
-    for (int b = 1; b < nb; b++) m = _mm256_max_ps(m, _mm256_loadu_ps(s + 8 * b));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+static inline float vhmax(vec v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 }
 
-/* Row i's probabilities over keys 0..i in p[0 .. 8*nb): exp(s - shift), zero past i (set to -inf first). */
-static void masked_exp(float *p, int nb, float shift) {
-    const __m256 sh = _mm256_set1_ps(shift);
-    for (int b = 0; b < nb; b++) {
-        const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(p + 8 * b), sh);
-        /* -inf - shift stays -inf; exp8 clamps it to e^-87 ~ 1.6e-38: zeroed exactly below (a NaN stays NaN) */
-        _mm256_storeu_ps(p + 8 * b, _mm256_and_ps(exp8(x), _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_UQ)));
+static inline vec vkeep(vec v, int j0, int last, float fill) {
+    const __m256 lane = _mm256_add_ps(_mm256_set1_ps((float)j0), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_blendv_ps(vset1(fill), v, _mm256_cmp_ps(lane, _mm256_set1_ps((float)last), _CMP_LE_OQ));
+}
+#endif
+
+#define MR 4 /* rows per micro-kernel call */
+
+int gptlab_attention_lanes(void) { return VL; }
+
+static inline int round_up(int n, int m) { return (n + m - 1) / m * m; }
+
+/* c[r * ldc + 0 .. nv * VL) = alpha * sum_{k < K} a[r * ar + k * ak] * b[k * ldb + 0 .. nv * VL) for the MR
+ * rows r: each vector of b's row k is loaded once for all MR rows. Inlined with nv a constant. */
+static inline __attribute__((always_inline)) void mkernel(const int nv, int K, const float *a, size_t ar,
+                                                          size_t ak, const float *b, size_t ldb, float alpha,
+                                                          float *c, size_t ldc) {
+    vec acc[MR][NB];
+    for (int r = 0; r < MR; r++)
+        for (int v = 0; v < nv; v++) acc[r][v] = vzero();
+    for (int k = 0; k < K; k++) {
+        vec bv[NB];
+        for (int v = 0; v < nv; v++) bv[v] = vload(b + (size_t)k * ldb + v * VL);
+        for (int r = 0; r < MR; r++) {
+            const vec x = vset1(a[r * ar + (size_t)k * ak]);
+            for (int v = 0; v < nv; v++) acc[r][v] = vfmadd(x, bv[v], acc[r][v]);
+        }
+    }
+    const vec s = vset1(alpha);
+    for (int r = 0; r < MR; r++)
+        for (int v = 0; v < nv; v++) vstore(c + r * ldc + v * VL, vmul(acc[r][v], s));
+}
+
+/* The MR rows of c = alpha * A B over n columns (a multiple of VL), NB vectors at a time (see mkernel). */
+static void gemm_rows(int n, int K, const float *a, size_t ar, size_t ak, const float *b, size_t ldb, float alpha,
+                      float *c, size_t ldc) {
+    for (int col = 0; col < n; col += NB * VL) {
+        const int nv = (n - col) / VL < NB ? (n - col) / VL : NB;
+        if (nv == 1) mkernel(1, K, a, ar, ak, b + col, ldb, alpha, c + col, ldc);
+        else if (nv == 2) mkernel(2, K, a, ar, ak, b + col, ldb, alpha, c + col, ldc);
+#if NB > 2
+        else if (nv == 3) mkernel(3, K, a, ar, ak, b + col, ldb, alpha, c + col, ldc);
+        else mkernel(4, K, a, ar, ak, b + col, ldb, alpha, c + col, ldc);
+#endif
     }
 }
 
 /* One call's shapes and tensors (see the top of the file); each (batch, head) task reads what it needs. */
 typedef struct {
-    int B, T, H, D, C, Tp;
-    size_t row; /* 3C: the stride of qkv and dqkv */
+    int B, T, H, D, C;
+    int Tr, Tp, Dp; /* T rounded up to MR rows and to VL columns, D to VL columns */
+    size_t row;     /* 3C: the stride of qkv and dqkv */
     float scale;
     const float *qkv, *out, *dout, *lse;
     float *o, *l, *dqkv; /* written: forward's out and lse, backward's dqkv */
@@ -157,91 +195,139 @@ typedef struct {
 
 static Attn attn_of(int B, int T, int H, int D, float scale) {
     Attn a = {0};
-    a.B = B, a.T = T, a.H = H, a.D = D, a.C = H * D, a.Tp = (T + 7) / 8 * 8;
+    a.B = B, a.T = T, a.H = H, a.D = D, a.C = H * D;
+    a.Tr = round_up(T, MR), a.Tp = round_up(T, VL), a.Dp = round_up(D, VL);
     a.row = 3 * (size_t)a.C, a.scale = scale;
     return a;
 }
 
-/* Run task(a, b, h) for every (batch, head) over the threads: 0, 1 (head width not supported) or 2 (out of
- * memory in some task). */
-static int run_tasks(const Attn *a, int (*task)(const Attn *, int, int), int threads) {
+/* Floats of one thread's scratch (the backward's; the forward uses less). */
+static size_t scratch_floats(const Attn *a) {
+    return 3 * (size_t)a->Tr * a->Dp + 2 * (size_t)a->D * a->Tp + 2 * (size_t)a->Tr * a->Tp + MR * (size_t)a->Dp;
+}
+
+/* A head's D columns of rows 0 .. T-1 (row stride `stride`) into dst (Tr x Dp), zero-padded. */
+static void copy_rows(const Attn *a, const float *src, size_t stride, float *dst) {
+    for (int i = 0; i < a->Tr; i++) {
+        float *d = dst + (size_t)i * a->Dp;
+        const int n = i < a->T ? a->D : 0;
+        if (n) memcpy(d, src + (size_t)i * stride, sizeof(float) * (size_t)n);
+        memset(d + n, 0, sizeof(float) * (size_t)(a->Dp - n));
+    }
+}
+
+/* The same columns transposed: dst (D x Tp), row j of src in column j, zero past T. */
+static void copy_transposed(const Attn *a, const float *src, size_t stride, float *dst) {
+    for (int d = 0; d < a->D; d++) {
+        float *t = dst + (size_t)d * a->Tp;
+        for (int j = 0; j < a->T; j++) t[j] = src[(size_t)j * stride + d];
+        memset(t + a->T, 0, sizeof(float) * (size_t)(a->Tp - a->T));
+    }
+}
+
+/* Rows i0 .. i0+MR-1 of blk (MR x Dp) times mul[r] into dst's rows (stride `stride`), those below T. */
+static void store_rows(const Attn *a, const float *blk, int i0, const float *mul, float *dst, size_t stride) {
+    for (int r = 0; r < MR && i0 + r < a->T; r++) {
+        float *d = dst + (size_t)(i0 + r) * stride;
+        for (int c = 0; c < a->D; c++) d[c] = blk[r * a->Dp + c] * (mul ? mul[r] : 1.0f);
+    }
+}
+
+static void forward_task(const Attn *a, int b, int h, float *w) {
+    const int T = a->T, D = a->D, C = a->C, Tp = a->Tp, Dp = a->Dp;
+    const size_t row = a->row;
+    const float *q = a->qkv + (size_t)b * T * row + (size_t)h * D, *k = q + C, *v = q + 2 * C;
+    float *qs = w, *vs = qs + (size_t)a->Tr * Dp, *kt = vs + (size_t)a->Tr * Dp, *P = kt + (size_t)D * Tp;
+    float *blk = P + (size_t)a->Tr * Tp, *l = a->l + ((size_t)b * a->H + h) * T;
+    copy_rows(a, q, row, qs);
+    copy_rows(a, v, row, vs);
+    copy_transposed(a, k, row, kt);
+    for (int i0 = 0; i0 < T; i0 += MR) {
+        const int keys = i0 + MR < T ? i0 + MR : T, ncol = round_up(keys, VL);
+        float inv[MR] = {0};
+        gemm_rows(ncol, D, qs + (size_t)i0 * Dp, Dp, 1, kt, Tp, a->scale, P + (size_t)i0 * Tp, Tp);
+        for (int r = 0; r < MR && i0 + r < T; r++) { /* row i's softmax over keys 0 .. i, zero past i */
+            const int i = i0 + r;
+            float *s = P + (size_t)i * Tp;
+            vec m = vset1(-INFINITY), sum = vzero();
+            for (int j = 0; j < ncol; j += VL) m = vmax(vkeep(vload(s + j), j, i, -INFINITY), m);
+            const vec mx = vset1(vhmax(m));
+            for (int j = 0; j < ncol; j += VL) {
+                const vec e = vkeep(vexp(vsub(vload(s + j), mx)), j, i, 0.0f);
+                vstore(s + j, e);
+                sum = vadd(sum, e);
+            }
+            const float total = vhsum(sum);
+            l[i] = vhmax(mx) + logf(total);
+            inv[r] = 1.0f / total;
+        }
+        gemm_rows(Dp, keys, P + (size_t)i0 * Tp, Tp, 1, vs, Dp, 1.0f, blk, Dp);
+        store_rows(a, blk, i0, inv, a->o + (size_t)b * T * C + (size_t)h * D, C);
+    }
+}
+
+static void backward_task(const Attn *a, int b, int h, float *w) {
+    const int T = a->T, D = a->D, C = a->C, Tp = a->Tp, Dp = a->Dp, Tr = a->Tr;
+    const size_t row = a->row, base = (size_t)b * T * row + (size_t)h * D, ob = (size_t)b * T * C + (size_t)h * D;
+    const float *q = a->qkv + base, *k = q + C, *v = q + 2 * C, *o = a->out + ob, *go = a->dout + ob;
+    const float *l = a->lse + ((size_t)b * a->H + h) * T;
+    float *dq = a->dqkv + base, *dk = dq + C, *dv = dq + 2 * C;
+    float *qs = w, *ks = qs + (size_t)Tr * Dp, *dos = ks + (size_t)Tr * Dp, *kt = dos + (size_t)Tr * Dp;
+    float *vt = kt + (size_t)D * Tp, *P = vt + (size_t)D * Tp, *dS = P + (size_t)Tr * Tp, *blk = dS + (size_t)Tr * Tp;
+    copy_rows(a, q, row, qs);
+    copy_rows(a, k, row, ks);
+    copy_rows(a, go, C, dos);
+    copy_transposed(a, k, row, kt);
+    copy_transposed(a, v, row, vt);
+    for (int i0 = 0; i0 < T; i0 += MR) { /* P and dS by rows, and dq = dS k */
+        const int keys = i0 + MR < T ? i0 + MR : T, ncol = round_up(keys, VL);
+        gemm_rows(ncol, D, qs + (size_t)i0 * Dp, Dp, 1, kt, Tp, a->scale, P + (size_t)i0 * Tp, Tp);
+        gemm_rows(ncol, D, dos + (size_t)i0 * Dp, Dp, 1, vt, Tp, 1.0f, dS + (size_t)i0 * Tp, Tp); /* dp */
+        for (int r = 0; r < MR && i0 + r < T; r++) {
+            const int i = i0 + r;
+            float *p = P + (size_t)i * Tp, *ds = dS + (size_t)i * Tp;
+            float di = 0.0f; /* do_i . o_i */
+            for (int d = 0; d < D; d++) di += go[(size_t)i * C + d] * o[(size_t)i * C + d];
+            const vec li = vset1(l[i]), dv8 = vset1(di), sc = vset1(a->scale);
+            for (int j = 0; j < ncol; j += VL) { /* zero past i, exactly: dk and dv read these columns */
+                const vec pj = vkeep(vexp(vsub(vload(p + j), li)), j, i, 0.0f);
+                vstore(p + j, pj);
+                vstore(ds + j, vkeep(vmul(vmul(pj, vsub(vload(ds + j), dv8)), sc), j, i, 0.0f));
+            }
+            memset(p + ncol, 0, sizeof(float) * (size_t)(Tp - ncol));
+            memset(ds + ncol, 0, sizeof(float) * (size_t)(Tp - ncol));
+        }
+        gemm_rows(Dp, keys, dS + (size_t)i0 * Tp, Tp, 1, ks, Dp, 1.0f, blk, Dp);
+        store_rows(a, blk, i0, NULL, dq, row);
+    }
+    for (int j0 = 0; j0 < T; j0 += MR) { /* dk_j = sum_{i >= j} ds_ij q_i, dv_j = sum_{i >= j} p_ij do_i */
+        const size_t at = (size_t)j0 * Tp + j0; /* A(r, k) = dS[j0 + k][j0 + r] */
+        gemm_rows(Dp, T - j0, dS + at, 1, Tp, qs + (size_t)j0 * Dp, Dp, 1.0f, blk, Dp);
+        store_rows(a, blk, j0, NULL, dk, row);
+        gemm_rows(Dp, T - j0, P + at, 1, Tp, dos + (size_t)j0 * Dp, Dp, 1.0f, blk, Dp);
+        store_rows(a, blk, j0, NULL, dv, row);
+    }
+}
+
+/* Run task(a, b, h, scratch) for every (batch, head) over the threads, one scratch per thread: 0, 1 (head
+ * width not supported) or 2 (out of memory). */
+static int run_tasks(const Attn *a, void (*task)(const Attn *, int, int, float *), int threads) {
     if (!gptlab_attention_supports(a->D)) return 1;
     int failed = 0;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int t = 0; t < a->B * a->H; t++) {
-        if (task(a, t / a->H, t % a->H)) {
+    const size_t floats = scratch_floats(a);
+#pragma omp parallel num_threads(threads)
+    {
+        float *w = malloc(sizeof(float) * floats);
+        if (w == NULL) {
 #pragma omp atomic write
             failed = 2;
         }
+#pragma omp for schedule(dynamic, 1)
+        for (int t = 0; t < a->B * a->H; t++)
+            if (w != NULL) task(a, t / a->H, t % a->H, w);
+        free(w);
     }
     return failed;
-}
-
-static int forward_task(const Attn *a, int b, int h) {
-    const int T = a->T, D = a->D, C = a->C, Tp = a->Tp;
-    const size_t row = a->row;
-    const float *q = a->qkv + (size_t)b * T * row + (size_t)h * D, *v = q + 2 * C;
-    float *o = a->o + (size_t)b * T * C + (size_t)h * D, *l = a->l + ((size_t)b * a->H + h) * T;
-    float *kt = calloc((size_t)D * Tp + Tp, sizeof(float));
-    if (kt == NULL) return 2;
-    float *s = kt + (size_t)D * Tp;
-    transpose_head(q + C, row, T, Tp, D, kt);
-    for (int i = 0; i < T; i++) {
-        const int n = i + 1, nb = (n + 7) / 8;
-        scores(q + (size_t)i * row, kt, Tp, D, nb, a->scale, s);
-        const float m = masked_max(s, n, nb);
-        masked_exp(s, nb, m);
-        __m256 acc = _mm256_setzero_ps();
-        for (int bb = 0; bb < nb; bb++) acc = _mm256_add_ps(acc, _mm256_loadu_ps(s + 8 * bb));
-        const float sum = hsum8(acc);
-        weighted_rows(s, v, row, n, D, 1.0f / sum, o + (size_t)i * C);
-        l[i] = m + logf(sum);
-    }
-    free(kt);
-    return 0;
-}
-
-static int backward_task(const Attn *a, int b, int h) {
-    const int T = a->T, D = a->D, C = a->C, Tp = a->Tp;
-    const size_t row = a->row, base = (size_t)b * T * row + (size_t)h * D;
-    const float scale = a->scale;
-    const float *q = a->qkv + base, *k = q + C, *v = q + 2 * C;
-    const float *o = a->out + (size_t)b * T * C + (size_t)h * D, *go = a->dout + (size_t)b * T * C + (size_t)h * D;
-    const float *l = a->lse + ((size_t)b * a->H + h) * T;
-    float *dq = a->dqkv + base, *dk = dq + C, *dv = dq + 2 * C;
-    /* scratch: k^T, v^T (D x Tp each); P and dS (T x Tp each, row i valid for j <= i); a column (T) */
-    float *kt = malloc(sizeof(float) * (2 * (size_t)D * Tp + 2 * (size_t)T * Tp + T));
-    if (kt == NULL) return 2;
-    float *vt = kt + (size_t)D * Tp, *P = vt + (size_t)D * Tp, *dS = P + (size_t)T * Tp, *col = dS + (size_t)T * Tp;
-    memset(kt, 0, sizeof(float) * 2 * (size_t)D * Tp);
-    transpose_head(k, row, T, Tp, D, kt);
-    transpose_head(v, row, T, Tp, D, vt);
-    for (int i = 0; i < T; i++) {
-        const int n = i + 1, nb = (n + 7) / 8;
-        const float *qi = q + (size_t)i * row, *goi = go + (size_t)i * C, *oi = o + (size_t)i * C;
-        float *p = P + (size_t)i * Tp, *ds = dS + (size_t)i * Tp;
-        float di = 0.0f;
-        for (int d = 0; d < D; d++) di += goi[d] * oi[d];
-        scores(qi, kt, Tp, D, nb, scale, p);
-        for (int j = n; j < 8 * nb; j++) p[j] = -INFINITY;
-        masked_exp(p, nb, l[i]);
-        scores(goi, vt, Tp, D, nb, 1.0f, ds); /* ds <- dp_ij = do_i . v_j */
-        const __m256 dv8 = _mm256_set1_ps(di), sc = _mm256_set1_ps(scale);
-        for (int bb = 0; bb < nb; bb++) { /* p is 0 past i, so ds is too */
-            const __m256 p8 = _mm256_loadu_ps(p + 8 * bb), d8 = _mm256_loadu_ps(ds + 8 * bb);
-            _mm256_storeu_ps(ds + 8 * bb, _mm256_mul_ps(_mm256_mul_ps(p8, _mm256_sub_ps(d8, dv8)), sc));
-        }
-        weighted_rows(ds, k, row, n, D, 1.0f, dq + (size_t)i * row);
-    }
-    for (int j = 0; j < T; j++) { /* dk_j = sum_{i >= j} ds_ij q_i; dv_j = sum_{i >= j} p_ij do_i */
-        const int n = T - j;
-        for (int i = j; i < T; i++) col[i - j] = dS[(size_t)i * Tp + j];
-        weighted_rows(col, q + (size_t)j * row, row, n, D, 1.0f, dk + (size_t)j * row);
-        for (int i = j; i < T; i++) col[i - j] = P[(size_t)i * Tp + j];
-        weighted_rows(col, go + (size_t)j * C, C, n, D, 1.0f, dv + (size_t)j * row);
-    }
-    free(kt);
-    return 0;
 }
 
 int gptlab_causal_attention_forward(int B, int T, int H, int D, const float *qkv, float *out, float *lse,
@@ -338,6 +424,7 @@ int gptlab_gelu_supported(void) { return 1; }
 
 #else
 int gptlab_attention_supports(int D) { (void)D; return 0; }
+int gptlab_attention_lanes(void) { return 0; }
 int gptlab_causal_attention_forward(int B, int T, int H, int D, const float *qkv, float *out, float *lse,
                                     float scale, int threads) {
     (void)B; (void)T; (void)H; (void)D; (void)qkv; (void)out; (void)lse; (void)scale; (void)threads;
