@@ -87,7 +87,8 @@ def gptlab_worker(a, t0: float) -> None:
                                    drop_rate=0.0, mlp_act=a.mlp_act))
     cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch, lr=a.lr, min_lr=a.min_lr, warmup_steps=a.warmup,
                       beta2=0.99, weight_decay=0.1, grad_clip=1.0, precision=a.precision, compile=a.compile,
-                      eval_every=a.eval_every, eval_iters=20, log_every=10**9, device="cpu")
+                      eval_every=a.eval_every, eval_iters=20, log_every=10**9, device="cpu",
+                      flush_denormals=not a.keep_denormals)
     with tempfile.TemporaryDirectory() as run:
         def on_checkpoint():
             rec = json.loads((Path(run) / "metrics.jsonl").read_text().splitlines()[-1])
@@ -104,7 +105,7 @@ def hf_worker(a, t0: float) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from gptlab.training.optim import build_optimizer, lr_at
-    from gptlab.training.speed import match_threads
+    from gptlab.training.speed import flush_denormals, match_threads
 
     match_threads(a.threads)
     train_ids, val_ids, vocab = _char_data()
@@ -122,25 +123,26 @@ def hf_worker(a, t0: float) -> None:
         return rows[:, :-1], rows[:, 1:]
 
     amp = torch.bfloat16 if a.precision == "bf16" else None
-    for step in range(1, a.steps + 1):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step - 1, lr=a.lr, warmup_steps=a.warmup, max_steps=a.steps, min_lr=a.min_lr)
-        x, y = batch(train_ids, a.batch)
-        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
-            loss = F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % a.eval_every == 0 or step == a.steps:
-            model.eval()
-            with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
-                losses = []
-                for _ in range(20):
-                    x, y = batch(val_ids, 12)
-                    losses.append(float(F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())))
-            model.train()
-            _report(step, sum(losses) / len(losses), t0)
+    with flush_denormals("cpu", on=not a.keep_denormals):  # gptlab's CPU default, on both sides
+        for step in range(1, a.steps + 1):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step - 1, lr=a.lr, warmup_steps=a.warmup, max_steps=a.steps, min_lr=a.min_lr)
+            x, y = batch(train_ids, a.batch)
+            with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+                loss = F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step % a.eval_every == 0 or step == a.steps:
+                model.eval()
+                with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+                    losses = []
+                    for _ in range(20):
+                        x, y = batch(val_ids, 12)
+                        losses.append(float(F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())))
+                model.train()
+                _report(step, sum(losses) / len(losses), t0)
 
 
 # nanoGPT's README, "I only have a macbook": the CPU command for this recipe.
@@ -223,6 +225,9 @@ def main() -> None:
                     help="0: the physical cores (2 threads: ~40 ms a step, 1: ~75, on a quiet 2-core CPU; on a "
                          "busy one 1 thread won, as OpenMP threads spin while descheduled)")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--keep-denormals", action="store_true",
+                    help="keep IEEE denormal floats (default: flushed to zero while training, gptlab's default "
+                         "on a CPU, on the gptlab and transformers sides; nanoGPT runs its own code)")
     ap.add_argument("--mlp-act", default="gelu", choices=["gelu", "gelu_tanh"],
                     help="gelu (default): nanoGPT's nn.GELU(), exact; gelu_tanh: GPT-2's tanh approximation")
     ap.add_argument("--target", type=float, default=TARGET, help="the validation loss to reach (default: %(default)s)")
@@ -253,6 +258,7 @@ def main() -> None:
             f"--mlp-act={a.mlp_act}"]
     argv += [f"--threads={a.threads}"]
     argv += ["--compile"] if a.compile else []
+    argv += ["--keep-denormals"] if a.keep_denormals else []
     print(f"recipe: {' '.join(argv)}; target val loss {a.target}; load average {os.getloadavg()[0]:.2f}")
     results = {}
     for side in sides:

@@ -11,6 +11,7 @@ from gptlab.models import build_model, get_preset
 from gptlab.training import TrainConfig, train_loop, window_batches
 from gptlab.training.hooks import Counters, Progress, Throughput, to_device
 from gptlab.training.ladder import RUNGS, Settings, Shape, build, ladder_command, run_ladder, run_rung
+from gptlab.training import loop, speed
 from gptlab.training.speed import CompiledModel, compile_cache_dir, match_threads, physical_cores
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -76,6 +77,74 @@ def test_compiled_model_keeps_the_model_reachable():
     from gptlab.training.losses import plain_head
 
     assert plain_head(wrapped) is model.get_head().weight
+
+
+# ---- denormals ----
+TINY_FLOAT = 1e-39  # below float32's smallest normal, 1.18e-38: a denormal
+
+
+def _denormal_survives(n: int = 1) -> bool:
+    """Whether multiplying n denormals by 1 keeps them (on threads that do not flush them). A million
+    values spread over every intra-op thread."""
+    return bool((torch.full((n,), TINY_FLOAT) * 1.0).ne(0).all())
+
+
+needs_native = pytest.mark.skipif(speed._denormals() is None, reason="no native code here (x86-64 and a C compiler)")
+
+
+@needs_native
+def test_flush_denormals_sets_every_thread_and_puts_them_back():
+    threads = torch.get_num_threads()
+    assert speed.denormals_flushed() == 0 and _denormal_survives(1 << 20)
+    with speed.flush_denormals("cpu") as on:
+        assert on and speed.denormals_flushed() == threads
+        assert not (torch.full((1 << 20,), TINY_FLOAT) * 1.0).any()  # flushed on every thread of the op
+        assert torch.tensor([1e-30]).mul(2.0).item() == pytest.approx(2e-30)  # normal floats unchanged
+        with speed.flush_denormals("cpu"):  # nested: the outer block's state comes back
+            pass
+        assert speed.denormals_flushed() == threads
+    assert speed.denormals_flushed() == 0 and _denormal_survives(1 << 20)
+
+
+def test_flush_denormals_leaves_other_devices_and_off_alone():
+    for device, on in (("cuda", True), ("mps", True), ("cpu", False)):
+        with speed.flush_denormals(device, on=on) as took:
+            assert took is False and _denormal_survives()
+
+
+def test_flush_denormals_without_native_code_sets_the_calling_thread(monkeypatch):
+    monkeypatch.setattr(speed, "_denormals", lambda: None)
+    with speed.flush_denormals("cpu") as took:
+        assert took == torch.set_flush_denormal(True)  # what torch can do here: this thread only
+        if took:
+            assert torch.tensor([TINY_FLOAT]).mul(1.0).item() == 0.0
+    assert _denormal_survives()
+
+
+@needs_native
+@pytest.mark.parametrize("flush", [True, False])
+def test_train_loop_flushes_denormals_while_it_trains(tmp_path, monkeypatch, flush):
+    seen = []
+    real = loop.optimizer_step
+    monkeypatch.setattr(loop, "optimizer_step", lambda *a: seen.append(speed.denormals_flushed()) or real(*a))
+    model = _nano("cpu")
+    train = window_batches(torch.randint(0, 97, (2000,)), 16, 16, batch_size=4, seed=1)
+    cfg = TrainConfig(max_steps=3, eval_every=3, eval_iters=1, device="cpu", flush_denormals=flush)
+    train_loop(model, train, None, cfg, tmp_path, progress=False, echo=lambda m: None)
+    assert seen == [torch.get_num_threads() if flush else 0] * 3
+    assert speed.denormals_flushed() == 0  # the process as it was
+
+
+def test_the_cli_takes_flush_denormals_and_passes_it_to_the_loop():
+    from gptlab.cli_parser import parse
+    from gptlab.training.commands import train
+    from gptlab.training.settings import train_config_from
+
+    assert parse(train, [], "gptlab train")["flush_denormals"] is True
+    kw = parse(train, ["--flush-denormals", "false"], "gptlab train")
+    assert kw["flush_denormals"] is False
+    assert TrainConfig().flush_denormals is True
+    assert train_config_from(type("S", (), {"flush_denormals": False})()).flush_denormals is False
 
 
 # ---- CUDA paths ----

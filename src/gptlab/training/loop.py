@@ -37,7 +37,7 @@ from gptlab.training.hooks import Counters, Evaluation, Progress, Samples, Throu
 from gptlab.training.parallel import Parallel, load_full_optimizer, single
 from gptlab.training.losses import lm_cross_entropy
 from gptlab.training.optim import build_optimizer, lr_at
-from gptlab.training.speed import compile_model
+from gptlab.training.speed import compile_model, flush_denormals
 from gptlab.training.report import Diagnosis, diagnose
 from gptlab.weights.native import save_model_dir
 
@@ -68,6 +68,7 @@ class TrainConfig:
     patience: int | None = None  # early stopping: evaluations without val improvement
     seed: int = 123
     device: str = "auto"
+    flush_denormals: bool = True  # CPU: denormal floats read and written as zero while training (speed.flush_denormals)
     world_size: int = 1  # processes the run started with: its global batch is batch_size x world_size
 
     def for_world(self, world: int) -> "TrainConfig":
@@ -369,23 +370,23 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
                             samples=Samples(run, sample_fn, resumed_at, is_main), progress=bar,
                             resumed_at=resumed_at, is_main=is_main, on_checkpoint=on_checkpoint, loggers=loggers,
                             aux=aux, parallel=par)
-    lr, speed, stopped = sched.lr(max(c.step - 1, 0)), Throughput(), None
-    t_start = time.perf_counter() - c.elapsed
+    lr, speed, stopped, t_start = sched.lr(max(c.step - 1, 0)), Throughput(), None, time.perf_counter() - c.elapsed
     step_rng, tokens_at_step_start = rng_state(), c.tokens
     try:
-        while (stopped := agree(sched.stop_reason(c, t_start), par.dist, cfg.max_time is not None)) is None:
-            t0 = time.perf_counter()
-            step_rng, tokens_at_step_start = rng_state(), c.tokens  # to replay this step exactly if it is interrupted
-            lr = sched.lr(c.step)
-            loss, n_tokens = optimizer_step(par, trained, train, task, optimizer, scaler, cfg, c, lr, autocast, run)
-            c.step, c.tokens = c.step + 1, c.tokens + n_tokens
-            speed.add(n_tokens, time.perf_counter() - t0)
-            c.elapsed = time.perf_counter() - t_start
-            bar.update(c, loss, speed)
-            if (c.step % cfg.eval_every == 0 or c.step == sched.max_steps) and evaluation(c, lr, speed):
-                stopped = "early_stopping"
-                bar.write(f"early stopping: no val improvement in {cfg.patience} evaluations (best step {c.best_step})")
-                break
+        with flush_denormals(next(model.parameters()).device, cfg.flush_denormals):
+            while (stopped := agree(sched.stop_reason(c, t_start), par.dist, cfg.max_time is not None)) is None:
+                t0 = time.perf_counter()
+                step_rng, tokens_at_step_start = rng_state(), c.tokens  # to replay this step exactly if interrupted
+                lr = sched.lr(c.step)
+                loss, n_tokens = optimizer_step(par, trained, train, task, optimizer, scaler, cfg, c, lr, autocast, run)
+                c.step, c.tokens = c.step + 1, c.tokens + n_tokens
+                speed.add(n_tokens, time.perf_counter() - t0)
+                c.elapsed = time.perf_counter() - t_start
+                bar.update(c, loss, speed)
+                if (c.step % cfg.eval_every == 0 or c.step == sched.max_steps) and evaluation(c, lr, speed):
+                    stopped = "early_stopping"
+                    bar.write(f"early stopping: no val improvement in {cfg.patience} evaluations (best step {c.best_step})")
+                    break
     except KeyboardInterrupt:
         stopped = "interrupted"
         optimizer.zero_grad(set_to_none=True)

@@ -27,7 +27,7 @@ from gptlab.training.loggers import LoggerName
 
 # Settings that may differ on --resume: how and where this process runs (the limits are per recipe).
 PER_PROCESS = {"device", "progress", "out", "resume", "overwrite", "logger", "nproc", "nnodes", "rdzv_endpoint",
-               "strategy", "activation_checkpointing"}
+               "strategy", "activation_checkpointing", "flush_denormals"}
 
 
 @dataclass
@@ -54,6 +54,8 @@ class RunSettings:
             (FSDP2: parameters, gradients and optimizer state sharded across processes).
         activation_checkpointing: recompute each block's activations in backward (less memory, about one
             more forward pass per step).
+        flush_denormals: on a CPU, treat floats below 2^-126 as zero while training (their microcode
+            assists slow a step down as the model learns: docs/training-speed.md); false keeps IEEE denormals.
     """
 
     out: str = "runs/default"
@@ -69,6 +71,7 @@ class RunSettings:
     rdzv_endpoint: str | None = None
     strategy: str = "auto"
     activation_checkpointing: bool = False
+    flush_denormals: bool = True
 
     # Settings that count or scale something: refused unless > 0 (None, "not set", is fine).
     POSITIVE: ClassVar[tuple[str, ...]] = ()

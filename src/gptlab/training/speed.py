@@ -7,17 +7,27 @@
   (``$GPTLAB_CACHE/inductor``, kept across runs), so a second run with the same shapes starts fast.
 - :func:`physical_cores` / :func:`match_threads`: intra-op threads = physical cores (a hyper-thread
   sibling shares the core's matmul units and slows a compute-bound step down).
+- :func:`flush_denormals`: floats below 2^-126 read and written as zero on the CPU threads while a run
+  trains (``denormals.c``): on x86 each denormal costs a microcode assist, and a model in training
+  makes more of them as it learns.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 
+from gptlab.ccompile import compiled
 from gptlab.models.base import LanguageModel
+
+_DENORMALS = Path(__file__).with_name("denormals.c")
+_denormals_lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable here
 
 
 def compile_cache_dir() -> Path:
@@ -90,3 +100,52 @@ def match_threads(threads: int | None = None) -> int:
         return torch.get_num_threads()
     torch.set_num_threads(threads or physical_cores())
     return torch.get_num_threads()
+
+
+def _denormals() -> ctypes.CDLL | None:
+    global _denormals_lib
+    if _denormals_lib is None:
+        lib = compiled(_DENORMALS, "float denormals")
+        if lib is not None:
+            lib.gptlab_flush_denormals.argtypes = [ctypes.c_int, ctypes.c_int]
+            lib.gptlab_denormals_flushed.argtypes = [ctypes.c_int]
+        _denormals_lib = lib or False
+    return _denormals_lib or None
+
+
+def denormals_flushed() -> int:
+    """How many of the intra-op threads have flush-to-zero and denormals-are-zero set now (0 where it
+    cannot be read: no native code)."""
+    lib = _denormals()
+    return lib.gptlab_denormals_flushed(torch.get_num_threads()) if lib is not None else 0
+
+
+@contextlib.contextmanager
+def flush_denormals(device: torch.device | str, on: bool = True) -> Iterator[bool]:
+    """Within the block, CPU float math on every intra-op thread treats denormals (below 2^-126) as zero
+    and flushes results below it to zero (MXCSR's DAZ and FTZ bits), then puts the threads back as they
+    were. Yields whether it took effect: a CUDA or MPS device, ``on=False`` and no native code (a CPU
+    other than x86-64, ``GPTLAB_NATIVE=0``, no compiler: there ``torch.set_flush_denormal`` sets the
+    calling thread alone) leave the threads as they are (the last: yields whether torch took it).
+
+    On x86 an operation that reads or makes a denormal takes a microcode assist, tens of times a normal
+    one; training makes more of them as the model learns (near-zero attention probabilities, AdamW's
+    second moments of tiny gradients): the Shakespeare model's step drifted from ~40 to ~100 ms over 600
+    steps with them, and stayed at ~42 without (``benchmarks/time_to_loss.py``; docs/training-speed.md).
+    A flushed value is below 1.2e-38: the loss and the weights do not see it."""
+    if not on or torch.device(device).type != "cpu":
+        yield False
+        return
+    lib, threads = _denormals(), torch.get_num_threads()
+    if lib is None:
+        before = torch.set_flush_denormal(True)  # (the calling thread; False where the CPU cannot)
+        try:
+            yield before
+        finally:
+            torch.set_flush_denormal(False)
+        return
+    before = lib.gptlab_flush_denormals(1, threads)
+    try:
+        yield True
+    finally:
+        lib.gptlab_flush_denormals(before, threads)
