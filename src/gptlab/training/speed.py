@@ -123,16 +123,16 @@ def denormals_flushed() -> int:
 @contextlib.contextmanager
 def flush_denormals(device: torch.device | str, on: bool = True) -> Iterator[bool]:
     """Within the block, CPU float math on every intra-op thread treats denormals (below 2^-126) as zero
-    and flushes results below it to zero (MXCSR's DAZ and FTZ bits), then puts the threads back as they
-    were. Yields whether it took effect: a CUDA or MPS device, ``on=False`` and no native code (a CPU
-    other than x86-64, ``GPTLAB_NATIVE=0``, no compiler: there ``torch.set_flush_denormal`` sets the
-    calling thread alone) leave the threads as they are (the last: yields whether torch took it).
+    and flushes results below it to zero (MXCSR's DAZ and FTZ bits); after it the threads are put back as
+    they were. Yields True where that took effect. A CUDA or MPS device and ``on=False`` change nothing
+    (False). Without native code (a CPU other than x86-64, ``GPTLAB_NATIVE=0``, no C compiler)
+    ``torch.set_flush_denormal`` sets the calling thread alone; it yields whether torch could.
 
     On x86 an operation that reads or makes a denormal takes a microcode assist, tens of times a normal
-    one; training makes more of them as the model learns (near-zero attention probabilities, AdamW's
-    second moments of tiny gradients): the Shakespeare model's step drifted from ~40 to ~100 ms over 600
-    steps with them, and stayed at ~42 without (``benchmarks/time_to_loss.py``; docs/training-speed.md).
-    A flushed value is below 1.2e-38: the loss and the weights do not see it."""
+    one, and training makes more of them as the model learns (near-zero attention probabilities and their
+    products, AdamW's second moments of tiny gradients). In a plain loop of the Shakespeare model at a
+    constant lr 4e-3 its step drifted from ~84 to ~100 ms over 600 steps with them and stayed at ~45
+    without (docs/training-speed.md, the levers table). A flushed value is below 1.2e-38."""
     if not on or torch.device(device).type != "cpu":
         yield False
         return
