@@ -11,17 +11,18 @@
 
 #define FTZ_DAZ 0x8040u /* MXCSR bit 15: flush to zero; bit 6: denormals are zero */
 
+static void set_bits(int on) {
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(on ? csr | FTZ_DAZ : csr & ~FTZ_DAZ);
+}
+
 /* Set (on = 1) or clear (on = 0) both bits on the calling thread and the `threads` threads of its team.
  * Returns 1 if both were set on the calling thread before, else 0. */
 int gptlab_flush_denormals(int on, int threads) {
     const int before = (_mm_getcsr() & FTZ_DAZ) == FTZ_DAZ;
 #pragma omp parallel num_threads(threads)
-    {
-        const unsigned csr = _mm_getcsr();
-        _mm_setcsr(on ? csr | FTZ_DAZ : csr & ~FTZ_DAZ);
-    }
-    const unsigned csr = _mm_getcsr(); /* the calling thread, also where the region ran with one thread */
-    _mm_setcsr(on ? csr | FTZ_DAZ : csr & ~FTZ_DAZ);
+    set_bits(on);
+    set_bits(on); /* the calling thread, also where the region ran with one thread */
     return before;
 }
 

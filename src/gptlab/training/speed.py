@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 from pathlib import Path
 from typing import Iterator
@@ -27,7 +28,6 @@ from gptlab.ccompile import compiled
 from gptlab.models.base import LanguageModel
 
 _DENORMALS = Path(__file__).with_name("denormals.c")
-_denormals_lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable here
 
 
 def compile_cache_dir() -> Path:
@@ -102,15 +102,13 @@ def match_threads(threads: int | None = None) -> int:
     return torch.get_num_threads()
 
 
+@functools.cache
 def _denormals() -> ctypes.CDLL | None:
-    global _denormals_lib
-    if _denormals_lib is None:
-        lib = compiled(_DENORMALS, "float denormals")
-        if lib is not None:
-            lib.gptlab_flush_denormals.argtypes = [ctypes.c_int, ctypes.c_int]
-            lib.gptlab_denormals_flushed.argtypes = [ctypes.c_int]
-        _denormals_lib = lib or False
-    return _denormals_lib or None
+    lib = compiled(_DENORMALS, "float denormals")
+    if lib is not None:
+        lib.gptlab_flush_denormals.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.gptlab_denormals_flushed.argtypes = [ctypes.c_int]
+    return lib
 
 
 def denormals_flushed() -> int:
