@@ -174,6 +174,34 @@ def test_early_stopping_on_val(tmp_path):
     assert res.best_step == 4 and res.step == 12
 
 
+def test_target_loss_stops_at_the_first_evaluation_that_reaches_it(tmp_path):
+    model, train, val = _setup()
+
+    class ValFalls(LanguageModeling):
+        calls = 0
+
+        def evaluate(self, m, batches):
+            ValFalls.calls += 1  # train then val at each evaluation: val is 3.0, 2.0, 1.0, ...
+            return {"loss": 4.0 - ValFalls.calls // 2}
+
+    lines = []
+    res = train_loop(model, train, val, _cfg(max_steps=40, target_loss=2.0), tmp_path, task=ValFalls(),
+                     progress=False, echo=lines.append)
+    assert res.stopped_because == "target_loss"
+    assert res.step == 8 and [r["val_loss"] for r in res.records] == [3.0, 2.0]  # evaluations at steps 4 and 8
+    assert (tmp_path / "model" / "config.json").exists() and latest_checkpoint(tmp_path).name == "step-000008"
+    assert any("reached the target: val loss 2.0000 <= 2 at step 8" in ln for ln in lines)
+
+
+def test_target_loss_needs_validation_data_and_a_finite_value(tmp_path):
+    model, train, _ = _setup()
+    with pytest.raises(GptlabError, match="target_loss=2 stops at a validation loss, but this run has no validation"):
+        train_loop(model, train, None, _cfg(target_loss=2.0), tmp_path, progress=False)
+    assert not (tmp_path / "metrics.jsonl").exists()
+    with pytest.raises(GptlabError, match="target_loss=nan must be a finite validation loss"):
+        _cfg(target_loss=float("nan")).validate()
+
+
 def test_gradient_accumulation_matches_big_batch(tmp_path):
     # Without dropout, 2 micro-batches of 2 == 1 batch of 4 (same windows, same order).
     m1, _, _ = _setup(drop=0.0)
@@ -195,10 +223,12 @@ def test_bad_settings_are_clear():
     for bad, msg in [(dict(epochs=0), "epochs=0 must be > 0"), (dict(max_time=0), "max_time=0 must be > 0"),
                      (dict(max_time=-1.5), "max_time=-1.5 must be > 0"), (dict(patience=0), "patience=0 must be >= 1"),
                      (dict(warmup_steps=-1), "warmup_steps=-1 must be >= 0"),
+                     (dict(grad_clip=-1.0), r"grad_clip=-1.0 must be >= 0 \(0 or None turns clipping off\)"),
                      (dict(lr=1e-3, min_lr=0.01), "min_lr=0.01 must be between 0 and lr=0.001")]:
         with pytest.raises(GptlabError, match=msg):
             TrainConfig(**{"max_steps": 1, **bad}).validate()
     TrainConfig(max_steps=1, lr=1e-3, min_lr=1e-3, warmup_steps=0).validate()  # a flat schedule is fine
+    TrainConfig(max_steps=1, grad_clip=0.0).validate()  # clipping off, as its message says
     with pytest.raises(GptlabError, match="has 10 tokens but one window needs 17"):
         window_batches(np.arange(10), 16, 16, 2)
 

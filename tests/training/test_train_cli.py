@@ -180,6 +180,17 @@ def test_bad_limits_are_refused_before_any_work(tmp_path, capsys, flags, msg):
     assert not out.exists()
 
 
+def test_target_loss_stops_the_run_where_it_is_reached(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["train", "--data", str(VERDICT), "--out", str(out), "--max-steps", "50", "--target-loss", "100",
+                *TINY]) == 0  # any first evaluation is below a loss of 100
+    text = capsys.readouterr().out
+    assert "reached the target: val loss" in text and "stopped (target_loss) at step 5" in text
+    assert [r["step"] for r in _metrics(out)] == [5] and (out / "model" / "config.json").exists()
+    assert run(["train", "--data", str(VERDICT), "--out", str(tmp_path / "nan"), "--target-loss", "nan", *TINY]) == 2
+    assert "--target-loss expects a number, got 'nan'" in capsys.readouterr().err
+
+
 def test_bad_limit_on_resume_is_refused_before_loading(tmp_path, capsys):
     assert run(["train", "--resume", str(tmp_path / "no-run"), "--epochs", "0"]) == 1
     assert capsys.readouterr().err.startswith("error: --epochs 0 must be > 0")

@@ -70,10 +70,11 @@ class PretrainSettings(RunSettings):
         eval_every: evaluate, sample and checkpoint every N steps.
         eval_iters: batches per evaluation.
         patience: stop after N evaluations without validation improvement.
+        target_loss: stop at the first evaluation whose validation loss is at or below this.
         compile: use torch.compile.
         start_context: text the samples start from.
         resume: continue the run in this directory from its latest checkpoint (exact); only
-            --max-steps, --epochs, --max-time and --patience may change.
+            --max-steps, --epochs, --max-time, --patience and --target-loss may change.
     """
 
     data: list[str] | None = None
@@ -102,6 +103,7 @@ class PretrainSettings(RunSettings):
     eval_every: int = 50
     eval_iters: int = 10
     patience: int | None = None
+    target_loss: float | None = None
     compile: bool = False
     start_context: str = DEFAULT_START
 
@@ -232,7 +234,7 @@ class Pretraining:
 
     config_file = "train_config.yaml"
     what = "gptlab train"  # "... is not a gptlab train run (no train_config.yaml)"
-    limits = ("max_steps", "epochs", "max_time", "patience")
+    limits = ("max_steps", "epochs", "max_time", "patience", "target_loss")
     refs = {"data": ("the-verdict", "tinyshakespeare")}
 
     def __init__(self, train_cfg: TrainConfig | None = None):

@@ -94,7 +94,7 @@ def run_recipe(recipe: Recipe, s, *, is_main: bool = True) -> Any:
     """Run one recipe end to end (see the module docstring); returns what ``recipe.report`` returns
     (a run this call launches in several processes: the launcher's exit status, 0; a rank other than 0
     of a multi-process run: None, the report being rank 0's)."""
-    TrainConfig(**{n: getattr(s, n, None) for n in ("max_steps", "epochs", "max_time", "patience")}
+    TrainConfig(**{n: getattr(s, n, None) for n in ("max_steps", "epochs", "max_time", "patience", "target_loss")}
                 ).validate_limits()  # a bad limit is refused before anything is read
     check_logger_names(s.logger)  # and a logger that is unknown or not installed
     if _launches(s):

@@ -175,7 +175,8 @@ PLOT_EVERY_S = 60.0
 class Evaluation:
     """What happens every ``eval_every`` steps, in order: evaluate train/val, log the metrics, print a line,
     sample, plot (at most every ``PLOT_EVERY_S`` seconds, and at the end), keep the best model, write a
-    checkpoint; :meth:`__call__` says whether patience ran out."""
+    checkpoint; :meth:`__call__` says whether to stop: ``"early_stopping"`` (patience ran out),
+    ``"target_loss"`` (the val loss reached ``cfg.target_loss``) or None."""
 
     def __init__(self, run: Path, model: nn.Module, task, train: IndexedBatches, val: IndexedBatches | None,
                  cfg, optimizer, tokenizer, *, save_model: Callable[[nn.Module, Path], None],
@@ -242,7 +243,7 @@ class Evaluation:
         saved = self.is_main and (self.run / "model" / "config.json").exists()
         return bool(broadcast_object(saved, self.parallel.dist) if self.parallel is not None else saved)
 
-    def __call__(self, c: Counters, lr: float, speed: Throughput) -> bool:
+    def __call__(self, c: Counters, lr: float, speed: Throughput) -> str | None:
         tr, va = self.evaluate()
         rec = self.record(c, lr, tr, va, speed)
         speed.reset()
@@ -260,7 +261,11 @@ class Evaluation:
         if improved or not self.has_val:
             self.export_model()
         self.checkpoint(c)
-        return self.cfg.patience is not None and c.bad_evals >= self.cfg.patience
+        if self.cfg.patience is not None and c.bad_evals >= self.cfg.patience:
+            return "early_stopping"
+        if self.cfg.target_loss is not None and va and va["loss"] <= self.cfg.target_loss:
+            return "target_loss"
+        return None
 
     def finish(self, c: Counters, lr: float, speed: Throughput, stopped: str) -> None:
         """After the loop. A time limit (or a resumed run already past --max-steps) may stop between

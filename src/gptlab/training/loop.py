@@ -66,6 +66,7 @@ class TrainConfig:
     eval_iters: int = 10
     log_every: int = 10
     patience: int | None = None  # early stopping: evaluations without val improvement
+    target_loss: float | None = None  # stop at the first evaluation whose val loss is at or below it
     seed: int = 123
     device: str = "auto"
     flush_denormals: bool = True  # CPU: denormal floats read and written as zero while training (speed.flush_denormals)
@@ -104,6 +105,8 @@ class TrainConfig:
             raise GptlabError(f"max_time={self.max_time:g} must be > 0 seconds")
         if self.patience is not None and self.patience < 1:
             raise GptlabError(f"patience={self.patience} must be >= 1 evaluation (omit it to never stop early)")
+        if self.target_loss is not None and not math.isfinite(self.target_loss):
+            raise GptlabError(f"target_loss={self.target_loss} must be a finite validation loss (e.g. 1.886)")
 
     def validate(self) -> None:
         """Raise a GptlabError naming the first setting that cannot work."""
@@ -117,8 +120,8 @@ class TrainConfig:
             raise GptlabError(f"lr={self.lr} must be > 0")
         if not self.weight_decay >= 0:
             raise GptlabError(f"weight_decay={self.weight_decay} must be >= 0 (0 turns it off)")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise GptlabError(f"grad_clip={self.grad_clip} must be > 0 (or 0/None to turn clipping off)")
+        if self.grad_clip is not None and not self.grad_clip >= 0:
+            raise GptlabError(f"grad_clip={self.grad_clip} must be >= 0 (0 or None turns clipping off)")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise GptlabError(f"warmup_steps={self.warmup_steps} must be >= 0 (0 means no warmup)")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
@@ -195,7 +198,7 @@ class TrainResult:
     tokens: int
     best_val_loss: float | None
     best_step: int | None
-    stopped_because: str  # max_steps, epochs, max_time, early_stopping or interrupted
+    stopped_because: str  # max_steps, epochs, max_time, early_stopping, target_loss or interrupted
     diagnosis: Diagnosis | None
     records: list[dict] = field(default_factory=list)
 
@@ -353,6 +356,9 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
     par = parallel or single(model)
     is_main = is_main and par.dist.is_main
     cfg.validate()
+    if cfg.target_loss is not None and val is None:
+        raise GptlabError(f"target_loss={cfg.target_loss:g} stops at a validation loss, but this run has no "
+                          "validation data: give it some (e.g. --val-ratio), or drop the target")
     echo = (echo or (lambda msg: print(msg, flush=True))) if is_main else (lambda msg: None)
     task, run = task or LanguageModeling(cfg.chunked_loss, cfg.vocab_multiple), Path(run_dir)
     if is_main:
@@ -383,9 +389,12 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
                 speed.add(n_tokens, time.perf_counter() - t0)
                 c.elapsed = time.perf_counter() - t_start
                 bar.update(c, loss, speed)
-                if (c.step % cfg.eval_every == 0 or c.step == sched.max_steps) and evaluation(c, lr, speed):
-                    stopped = "early_stopping"
-                    bar.write(f"early stopping: no val improvement in {cfg.patience} evaluations (best step {c.best_step})")
+                if (c.step % cfg.eval_every == 0 or c.step == sched.max_steps) and (why := evaluation(c, lr, speed)):
+                    stopped = why
+                    bar.write(f"early stopping: no val improvement in {cfg.patience} evaluations (best step {c.best_step})"
+                              if why == "early_stopping" else
+                              f"reached the target: val loss {evaluation.log.records[-1]['val_loss']:.4f} <= "
+                              f"{cfg.target_loss:g} at step {c.step}")
                     break
     except KeyboardInterrupt:
         stopped = "interrupted"
