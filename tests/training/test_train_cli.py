@@ -137,11 +137,17 @@ def test_yaml_config_with_command_line_override(tmp_path):
     cfg.write_text(f"data: {VERDICT}\nmax_steps: 50\nbatch_size: 4\npreset: gpt2-nano\ncontext_length: 32\n"
                    "vocab_size: 300\neval_every: 5\neval_iters: 2\nprecision: fp32\nprogress: false\n")
     out = tmp_path / "r"
-    assert run(["train", "--config", str(cfg), "--max-steps", "5", "--out", str(out)]) == 0
+    assert run(["train", "--config", str(cfg), "--max-steps", "5", "--beta1", "0.7", "--out", str(out)]) == 0
+    import torch
     import yaml
 
     saved = yaml.safe_load((out / "train_config.yaml").read_text())
     assert saved["train"]["max_steps"] == 5 and saved["train"]["batch_size"] == 4
+    assert (saved["train"]["beta1"], saved["train"]["beta2"]) == (0.7, 0.95)
+    from gptlab.training.checkpoint import latest_checkpoint
+
+    state = torch.load(latest_checkpoint(out) / "state.pt", weights_only=False)
+    assert {tuple(g["betas"]) for g in state["optimizer"]["param_groups"]} == {(0.7, 0.95)}  # what AdamW ran with
     assert saved["model"]["context_length"] == 32
 
 
@@ -170,6 +176,8 @@ def test_time_limit_before_the_first_step_claims_no_files(tmp_path, capsys, monk
     (["--max-time", "-5"], "--max-time -5 must be > 0 seconds"),
     (["--patience", "0"], "--patience 0 must be >= 1"),
     (["--warmup-steps", "-1"], "--warmup-steps -1 must be >= 0"),
+    (["--beta1", "1"], "--beta1 1.0 must be in [0, 1)"),
+    (["--beta2", "-0.1"], "--beta2 -0.1 must be in [0, 1)"),
     (["--lr", "0.001", "--min-lr", "0.01"], "--min-lr 0.01 must be between 0 and --lr 0.001"),
 ])
 def test_bad_limits_are_refused_before_any_work(tmp_path, capsys, flags, msg):

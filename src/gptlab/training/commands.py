@@ -56,6 +56,9 @@ class PretrainSettings(RunSettings):
         min_lr: floor of the cosine decay (default lr/10).
         warmup_steps: linear warmup steps (default 5% of max_steps).
         weight_decay: AdamW weight decay on 2-D weights.
+        beta1: AdamW's first-moment decay (0.7 trains nanoGPT's Shakespeare model faster, see
+            docs/training-speed.md).
+        beta2: AdamW's second-moment decay.
         grad_clip: clip the gradient norm to this (0 or None disables).
         context_length: override the preset's context length.
         n_layers: override the preset's number of layers.
@@ -91,6 +94,8 @@ class PretrainSettings(RunSettings):
     min_lr: float | None = None
     warmup_steps: int | None = None
     weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
     grad_clip: float | None = 1.0
     context_length: int | None = None
     n_layers: int | None = None

@@ -118,6 +118,10 @@ class TrainConfig:
                 raise GptlabError(f"{f}={getattr(self, f)} must be >= 1")
         if not self.lr > 0:
             raise GptlabError(f"lr={self.lr} must be > 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise GptlabError(f"{name}={getattr(self, name)} must be in [0, 1) (AdamW's moment decay, "
+                                  "e.g. 0.9 and 0.95)")
         if not self.weight_decay >= 0:
             raise GptlabError(f"weight_decay={self.weight_decay} must be >= 0 (0 turns it off)")
         if self.grad_clip is not None and not self.grad_clip >= 0:
