@@ -261,11 +261,16 @@ class Evaluation:
         if improved or not self.has_val:
             self.export_model()
         self.checkpoint(c)
+        why = None
         if self.cfg.patience is not None and c.bad_evals >= self.cfg.patience:
-            return "early_stopping"
-        if self.cfg.target_loss is not None and va and va["loss"] <= self.cfg.target_loss:
-            return "target_loss"
-        return None
+            why = "early_stopping"
+            line = f"early stopping: no val improvement in {self.cfg.patience} evaluations (best step {c.best_step})"
+        elif self.cfg.target_loss is not None and va and va["loss"] <= self.cfg.target_loss:
+            why = "target_loss"
+            line = f"reached the target: val loss {va['loss']:.4f} <= {self.cfg.target_loss:g} at step {c.step}"
+        if why and self.is_main:
+            self.progress.write(line)
+        return why
 
     def finish(self, c: Counters, lr: float, speed: Throughput, stopped: str) -> None:
         """After the loop. A time limit (or a resumed run already past --max-steps) may stop between

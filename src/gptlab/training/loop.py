@@ -108,11 +108,15 @@ class TrainConfig:
         if self.target_loss is not None and not math.isfinite(self.target_loss):
             raise GptlabError(f"target_loss={self.target_loss} must be a finite validation loss (e.g. 1.886)")
 
-    def validate(self) -> None:
-        """Raise a GptlabError naming the first setting that cannot work."""
+    def validate(self, has_val: bool = True) -> None:
+        """Raise a GptlabError naming the first setting that cannot work (``has_val``: the run has
+        validation data)."""
         if self.max_steps is None and self.epochs is None and self.max_time is None:
             raise GptlabError("say how long to train: give max_steps, epochs or max_time")
         self.validate_limits()
+        if self.target_loss is not None and not has_val:
+            raise GptlabError(f"target_loss={self.target_loss:g} stops at a validation loss, but this run has no "
+                              "validation data: give it some (e.g. --val-ratio), or drop the target")
         for f in ("batch_size", "grad_accum", "eval_every", "eval_iters", "log_every", "vocab_multiple"):
             if getattr(self, f) < 1:
                 raise GptlabError(f"{f}={getattr(self, f)} must be >= 1")
@@ -359,10 +363,7 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
     """
     par = parallel or single(model)
     is_main = is_main and par.dist.is_main
-    cfg.validate()
-    if cfg.target_loss is not None and val is None:
-        raise GptlabError(f"target_loss={cfg.target_loss:g} stops at a validation loss, but this run has no "
-                          "validation data: give it some (e.g. --val-ratio), or drop the target")
+    cfg.validate(has_val=val is not None)
     echo = (echo or (lambda msg: print(msg, flush=True))) if is_main else (lambda msg: None)
     task, run = task or LanguageModeling(cfg.chunked_loss, cfg.vocab_multiple), Path(run_dir)
     if is_main:
@@ -394,11 +395,7 @@ def train_loop(model: nn.Module, train: IndexedBatches, val: IndexedBatches | No
                 c.elapsed = time.perf_counter() - t_start
                 bar.update(c, loss, speed)
                 if (c.step % cfg.eval_every == 0 or c.step == sched.max_steps) and (why := evaluation(c, lr, speed)):
-                    stopped = why
-                    bar.write(f"early stopping: no val improvement in {cfg.patience} evaluations (best step {c.best_step})"
-                              if why == "early_stopping" else
-                              f"reached the target: val loss {evaluation.log.records[-1]['val_loss']:.4f} <= "
-                              f"{cfg.target_loss:g} at step {c.step}")
+                    stopped = why  # early_stopping or target_loss
                     break
     except KeyboardInterrupt:
         stopped = "interrupted"
