@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -254,6 +255,12 @@ def main() -> None:
     a.steps, a.lr, a.warmup, a.beta1 = (v if v is not None else d
                                         for v, d in zip((a.steps, a.lr, a.warmup, a.beta1), defaults))
     a.min_lr = a.lr / 10 if a.min_lr is None else a.min_lr
+    for bad, msg in [(not 0 <= a.beta1 < 1, f"--beta1 {a.beta1} must be in [0, 1)"),
+                     (not (a.target > 0 and math.isfinite(a.target)), f"--target {a.target} must be a finite loss > 0"),
+                     (a.steps < 1 or a.batch < 1 or a.eval_every < 1, "--steps, --batch and --eval-every must be >= 1"),
+                     (not 0 < a.lr, f"--lr {a.lr} must be > 0")]:
+        if bad:
+            raise SystemExit(msg)
     if a.worker:
         (gptlab_worker if a.worker == "gptlab" else hf_worker)(a, a.t0)
         return

@@ -198,8 +198,9 @@ def test_target_loss_needs_validation_data_and_a_finite_value(tmp_path):
     with pytest.raises(GptlabError, match="target_loss=2 stops at a validation loss, but this run has no validation"):
         train_loop(model, train, None, _cfg(target_loss=2.0), tmp_path, progress=False)
     assert not (tmp_path / "metrics.jsonl").exists()
-    with pytest.raises(GptlabError, match="target_loss=nan must be a finite validation loss"):
-        _cfg(target_loss=float("nan")).validate()
+    for bad in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(GptlabError, match=f"target_loss={bad} must be a finite validation loss > 0"):
+            _cfg(target_loss=bad).validate()
 
 
 def test_gradient_accumulation_matches_big_batch(tmp_path):

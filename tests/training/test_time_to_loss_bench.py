@@ -38,6 +38,8 @@ def test_char_ids_are_nanogpts(monkeypatch):
     (["--nanogpt", "--beta1", "0.8"], "--nanogpt runs nanoGPT's 2,000 steps"),
     (["--sides", "gptlab,tf"], "--sides: unknown side 'tf'"),
     (["--sides", "nanogpt"], "the nanogpt side needs --nanogpt-dir"),
+    (["--beta1", "1"], "--beta1 1.0 must be in [0, 1)"),
+    (["--target", "nan"], "--target nan must be a finite loss > 0"),
 ])
 def test_bad_flags_are_refused_before_any_run(flags, msg):
     r = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=60)

@@ -177,6 +177,8 @@ def test_time_limit_before_the_first_step_claims_no_files(tmp_path, capsys, monk
     (["--patience", "0"], "--patience 0 must be >= 1"),
     (["--warmup-steps", "-1"], "--warmup-steps -1 must be >= 0"),
     (["--beta1", "1"], "--beta1 1.0 must be in [0, 1)"),
+    (["--target-loss", "-1"], "--target-loss -1.0 must be a finite validation loss > 0"),
+    (["--val-ratio", "0.001", "--target-loss", "4.9"], "--target-loss 4.9 stops at a validation loss, but this run has no"),
     (["--beta2", "-0.1"], "--beta2 -0.1 must be in [0, 1)"),
     (["--lr", "0.001", "--min-lr", "0.01"], "--min-lr 0.01 must be between 0 and --lr 0.001"),
 ])
@@ -197,6 +199,35 @@ def test_target_loss_stops_the_run_where_it_is_reached(tmp_path, capsys):
     assert [r["step"] for r in _metrics(out)] == [5] and (out / "model" / "config.json").exists()
     assert run(["train", "--data", str(VERDICT), "--out", str(tmp_path / "nan"), "--target-loss", "nan", *TINY]) == 2
     assert "--target-loss expects a number, got 'nan'" in capsys.readouterr().err
+
+
+def test_resuming_a_run_at_its_target_is_refused_and_a_lower_target_trains_on(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["train", "--data", str(VERDICT), "--out", str(out), "--max-steps", "50", "--target-loss", "100",
+                *TINY]) == 0
+    capsys.readouterr()
+    saved = (out / "train_config.yaml").read_text()
+    assert run(["train", "--resume", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} already reached its target loss 100 (val loss ") and "at step 5)" in err
+    assert "give a lower --target-loss to train on" in err and (out / "train_config.yaml").read_text() == saved
+    assert run(["train", "--resume", str(out), "--target-loss", "0.01", "--max-steps", "10"]) == 0
+    text = capsys.readouterr().out
+    assert "stopped (max_steps) at step 10" in text
+    assert "target loss 0.01 not reached (best val loss " in text and f"--resume {out}" in text
+    assert [r["step"] for r in _metrics(out)] == [5, 10]
+
+
+def test_a_target_on_resume_without_validation_data_leaves_the_run_as_it_was(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["train", "--data", str(VERDICT), "--out", str(out), "--max-steps", "5", "--val-ratio", "0.001",
+                *TINY]) == 0
+    saved = (out / "train_config.yaml").read_text()
+    capsys.readouterr()
+    assert run(["train", "--resume", str(out), "--max-steps", "10", "--target-loss", "4.9"]) == 1
+    assert "--target-loss 4.9 stops at a validation loss, but this run has no" in capsys.readouterr().err
+    assert (out / "train_config.yaml").read_text() == saved  # the refused limits were not recorded
+    assert run(["train", "--resume", str(out), "--max-steps", "10"]) == 0
 
 
 def test_bad_limit_on_resume_is_refused_before_loading(tmp_path, capsys):

@@ -56,9 +56,9 @@ class PretrainSettings(RunSettings):
         min_lr: floor of the cosine decay (default lr/10).
         warmup_steps: linear warmup steps (default 5% of max_steps).
         weight_decay: AdamW weight decay on 2-D weights.
-        beta1: AdamW's first-moment decay (0.7 trains nanoGPT's Shakespeare model faster, see
-            docs/training-speed.md).
-        beta2: AdamW's second-moment decay.
+        beta1: AdamW's first-moment decay, in [0, 1) (0.7 trains nanoGPT's Shakespeare model faster,
+            see docs/training-speed.md).
+        beta2: AdamW's second-moment decay, in [0, 1).
         grad_clip: clip the gradient norm to this (0 or None disables).
         context_length: override the preset's context length.
         n_layers: override the preset's number of layers.
@@ -73,7 +73,9 @@ class PretrainSettings(RunSettings):
         eval_every: evaluate, sample and checkpoint every N steps.
         eval_iters: batches per evaluation.
         patience: stop after N evaluations without validation improvement.
-        target_loss: stop at the first evaluation whose validation loss is at or below this.
+        target_loss: stop at the first evaluation (every --eval-every steps) whose validation loss is at or
+            below this; needs validation data. A resumed run that already reached it is refused: give a lower one.
+            The run's other limits (--max-steps, ...) still apply.
         compile: use torch.compile.
         start_context: text the samples start from.
         resume: continue the run in this directory from its latest checkpoint (exact); only
@@ -310,6 +312,10 @@ class Pretraining:
 
     def report(self, s: PretrainSettings, cfg: TrainConfig, job: Job, result: TrainResult, run: Path) -> TrainResult:
         _print_report(result, run, s.start_context)
+        if cfg.target_loss is not None and result.stopped_because != "target_loss" and result.step > 0:
+            best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "none"
+            print(f"target loss {cfg.target_loss:g} not reached (best val loss {best}); continue with --resume {run} "
+                  "and a larger --max-steps/--epochs", flush=True)
         return result
 
 

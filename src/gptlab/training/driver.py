@@ -178,13 +178,14 @@ def _run(recipe: Recipe, s, d: D.Dist, is_main: bool) -> Any:
             given = resumed_train_config(meta["train"], s, recipe.limits)
             cfg = given.for_world(d.world)
             run.refuse_reached_limit(cfg, meta.get("steps_per_epoch"), flags)  # before anything is loaded
-            if d.is_main:  # (rank 0 holds the lock)
-                run.record_limits(meta, given, recipe.limits)
             if is_main:
                 _note_ignored_out(s)
             s = resumed
             late = "steps_per_epoch" not in meta  # recorded before it was: an epochs limit is checked when known
             job = _build(recipe, s, cfg, d, run, lambda n: run.refuse_reached_limit(cfg, n, flags) if late else None)
+            cfg.validate(has_val=job.val is not None)  # (a --target-loss needs validation data)
+            if d.is_main:  # the new limits, once they can run (rank 0 holds the lock)
+                run.record_limits(meta, given, recipe.limits)
             return _train(recipe, s, cfg, job, run, d, is_main)
     s.check_positive()
     recipe.check(s)
@@ -192,6 +193,7 @@ def _run(recipe: Recipe, s, d: D.Dist, is_main: bool) -> Any:
     cfg = dataclasses.replace(recipe.train_config(s, device), world_size=d.world)
     cfg.validate()
     job = _build(recipe, s, cfg, d, None, lambda n: None)
+    cfg.validate(has_val=job.val is not None)
     with run:
         if d.is_main:
             run.create({"settings": recipe.record(s), "train": dataclasses.asdict(cfg),

@@ -105,8 +105,9 @@ class TrainConfig:
             raise GptlabError(f"max_time={self.max_time:g} must be > 0 seconds")
         if self.patience is not None and self.patience < 1:
             raise GptlabError(f"patience={self.patience} must be >= 1 evaluation (omit it to never stop early)")
-        if self.target_loss is not None and not math.isfinite(self.target_loss):
-            raise GptlabError(f"target_loss={self.target_loss} must be a finite validation loss (e.g. 1.886)")
+        if self.target_loss is not None and not (self.target_loss > 0 and math.isfinite(self.target_loss)):
+            raise GptlabError(f"target_loss={self.target_loss} must be a finite validation loss > 0 (e.g. 1.886): "
+                              "a cross-entropy never goes below 0")
 
     def validate(self, has_val: bool = True) -> None:
         """Raise a GptlabError naming the first setting that cannot work (``has_val``: the run has
