@@ -152,8 +152,8 @@ def hf_worker(a, t0: float) -> None:
                         x, y = batch(val_ids, 12)
                         losses.append(float(F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())))
                 model.train()
-                _report(step, sum(losses) / len(losses), t0)
-                if sum(losses) / len(losses) <= a.target:  # as gptlab's target_loss: stop where it is reached
+                _report(step, val := sum(losses) / len(losses), t0)
+                if val <= a.target:  # as gptlab's target_loss: stop where it is reached
                     break
 
 

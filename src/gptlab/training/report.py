@@ -10,6 +10,14 @@ from pathlib import Path
 from gptlab.fileio import atomic_save, atomic_write_text
 
 
+def read_records(path: Path, up_to_step: int) -> list[dict]:
+    """The records of ``metrics.jsonl`` at ``path`` up to step ``up_to_step`` (none if it does not exist)."""
+    if not path.exists():
+        return []
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [r for r in records if r.get("step", 0) <= up_to_step]
+
+
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per line, flushed as it goes.
 
@@ -21,11 +29,7 @@ class MetricsLog:
         self.path, self.write = path, write  # write=False: records kept in memory only (not the main rank)
         self.records: list[dict] = []
         if resume_step is not None and path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    if rec.get("step", 0) <= resume_step:
-                        self.records.append(rec)
+            self.records = read_records(path, resume_step)
             if write:
                 atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
         elif path.exists() and write:

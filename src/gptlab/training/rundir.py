@@ -28,6 +28,7 @@ import yaml
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_write_text
 from gptlab.refs import RUN_CONFIGS
+from gptlab.training.report import read_records
 
 LOCK = ".lock"
 
@@ -203,25 +204,17 @@ class RunDir:
         if step is not None and target is not None and step >= target:
             epoch = f" (epoch {round(step / steps_per_epoch, 2):g})" if steps_per_epoch else ""
             raise GptlabError(f"{self.path} is already at step {step}{epoch}; give a larger {flags} to continue")
-        reached = self.reached_val_loss(getattr(cfg, "target_loss", None), step)
+        reached = self.reached_val_loss(cfg.target_loss, step)
         if reached is not None:
             raise GptlabError(f"{self.path} already reached its target loss {cfg.target_loss:g} (val loss "
                               f"{reached[1]:.4f} at step {reached[0]}); give a lower --target-loss to train on")
 
     def reached_val_loss(self, target: float | None, step: int | None) -> tuple[int, float] | None:
         """(step, val loss) of the first evaluation up to checkpoint ``step`` at or below ``target``, or None."""
-        metrics = self.path / "metrics.jsonl"
-        if target is None or step is None or not metrics.is_file():
+        if target is None or step is None:
             return None
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:  # a line cut short by a crash: not an evaluation
-                continue
-            val = rec.get("val_loss")
-            if rec.get("step", step + 1) <= step and val is not None and val <= target:
-                return rec["step"], val
-        return None
+        return next(((r["step"], r["val_loss"]) for r in read_records(self.path / "metrics.jsonl", step)
+                     if r.get("val_loss") is not None and r["val_loss"] <= target), None)
 
     # ---- the lock -------------------------------------------------------------------------------
 

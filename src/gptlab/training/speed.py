@@ -136,9 +136,9 @@ def flush_denormals(device: torch.device | str, on: bool = True) -> Iterator[boo
         return
     lib, threads = _denormals(), torch.get_num_threads()
     if lib is None:
-        before = torch.set_flush_denormal(True)  # (the calling thread; False where the CPU cannot)
+        took = torch.set_flush_denormal(True)  # (the calling thread; False where the CPU cannot)
         try:
-            yield before
+            yield took
         finally:
             torch.set_flush_denormal(False)
         return
